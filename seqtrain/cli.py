@@ -1,0 +1,224 @@
+"""The command line: each command parses, validates and calls one function.
+
+torch, datasets and rich are imported inside the commands, so `--help` and config errors answer
+at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from seqtrain import __version__
+from seqtrain.errors import SeqtrainError
+
+app = typer.Typer(
+    name="seqtrain",
+    help="Train, evaluate and use recurrent sentiment classifiers (RNN, LSTM, GRU) from a YAML config.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(msg: str, code: int) -> typer.Exit:
+    from seqtrain import console
+
+    console.error(msg)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"seqtrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+def _train_epilog() -> str:
+    from seqtrain.config import SECTIONS
+
+    return (
+        "Config sections: top level (name, output_dir, seed), " + ", ".join(SECTIONS)
+        + ". Run `seqtrain config-help` for every key with its default and meaning."
+    )
+
+
+@app.command(epilog=_train_epilog())
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. model.cell=gru train.lr=3e-4.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")] = False,
+) -> None:
+    """Train a model as CONFIG says: progress on screen, checkpoints and metrics in the run directory."""
+    from seqtrain.config import dump_yaml, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from seqtrain import console
+        from seqtrain.train import train as run_training
+
+        console.print_config(dump_yaml(cfg))
+        run_training(cfg, resume=resume, config_path=str(config))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted.", 130) from None
+
+
+@app.command("config-help")
+def config_help() -> None:
+    """List every config key with its type, default and meaning."""
+    from seqtrain.config import help_text
+
+    typer.echo(help_text())
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
+    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the config's eval split).")] = None,
+    data: Annotated[str | None, typer.Option(help="Evaluate on another dataset: Hub id, folder or data files.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object to stdout.")] = False,
+) -> None:
+    """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix; writes eval-<split>.json."""
+    try:
+        import dataclasses
+
+        from seqtrain import console
+        from seqtrain.checkpoint import write_json_atomic
+        from seqtrain.inference import evaluate, load_run
+
+        if checkpoint not in ("best", "last"):
+            raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
+        run, warnings = load_run(run_dir, checkpoint)
+        for w in warnings:
+            console.warn(w)
+        split_name = split or run.config.data.eval_split
+        data_cfg = run.config.data
+        if data is not None:
+            data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None)
+        report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg)
+        report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if run.checkpoint.is_relative_to(run_dir.resolve()) else str(run.checkpoint)
+        report["data"] = data_cfg.path
+        write_json_atomic(run_dir / f"eval-{split_name}.json", report)
+        if as_json:
+            sys.stdout.write(json.dumps(report) + "\n")
+        else:
+            console.print_eval(report, f"{run_dir} ({run.checkpoint.name}) on {split_name}")
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+def _read_texts(path: str, text_column: str, bad: list[str]) -> Iterator[str]:
+    """Texts from stdin (-), .txt (a line each), .jsonl or .csv; malformed lines are reported in `bad`."""
+    suffix = Path(path).suffix.lower() if path != "-" else ".txt"
+    if path != "-" and not Path(path).is_file():
+        raise SeqtrainError(f"--input {path!r} does not exist.")
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="strict", newline="")  # noqa: SIM115
+    try:
+        if suffix == ".csv":
+            reader = csv.DictReader(stream)
+            if reader.fieldnames is None or text_column not in reader.fieldnames:
+                raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
+            for row in reader:
+                text = row.get(text_column)
+                if not text:
+                    bad.append(f"line {reader.line_num}: empty {text_column!r}")
+                    continue
+                yield text
+        elif suffix in (".jsonl", ".json"):
+            for n, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj[text_column] if isinstance(obj, dict) else None
+                except (ValueError, KeyError):
+                    text = None
+                if not isinstance(text, str) or not text.strip():
+                    bad.append(f"line {n}: not a JSON object with a non-empty string {text_column!r}")
+                    continue
+                yield text
+        else:
+            for line in stream:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+    except UnicodeDecodeError as e:
+        raise SeqtrainError(f"{path} is not valid UTF-8 ({e}).") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv), or - for stdin.")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write results; - is stdout.")] = "-",
+    format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: from --output's extension, else jsonl).")] = None,
+    text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv input.")] = "text",
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 256,
+) -> None:
+    """Classify texts; one result per text, in input order: {"text", "label", "probs"}."""
+    try:
+        from seqtrain import console
+        from seqtrain.inference import load_run, predict_stream
+
+        fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
+        if fmt not in ("jsonl", "csv"):
+            raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
+        if not texts and input is None:
+            raise _fail("give texts as arguments, or --input FILE (or - for stdin).", 2)
+        run, warnings = load_run(run_dir, checkpoint)
+        for w in warnings:
+            console.warn(w)
+        bad: list[str] = []
+        source: Iterator[str] = iter(texts or []) if input is None else _read_texts(input, text_column, bad)
+        names = run.labels.names
+        sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        try:
+            writer = csv.writer(sink) if fmt == "csv" else None
+            if writer:
+                writer.writerow(["text", "label", *(f"prob_{n}" for n in names)])
+            for text, probs in predict_stream(run, source, batch_size=batch_size):
+                label = names[int(probs.argmax())]
+                if writer:
+                    writer.writerow([text, label, *(f"{p:.6f}" for p in probs)])
+                else:
+                    sink.write(json.dumps({"text": text, "label": label, "probs": {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}}) + "\n")
+                sink.flush() if output == "-" else None
+        finally:
+            if sink is not sys.stdout:
+                sink.close()
+        if bad:
+            console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

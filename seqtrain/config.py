@@ -1,0 +1,424 @@
+"""Typed configuration: dataclasses that mirror the YAML one to one.
+
+Each field's docstring (the string literal under it) is its help text: `seqtrain train --help`
+and error messages read them from here. Loading validates every key and value and raises
+`ConfigError` with the dotted path, what is allowed, and a did-you-mean for unknown keys.
+
+This module must stay cheap to import (no torch, no datasets): it runs before `--help`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from seqtrain.errors import ConfigError
+
+Cell = Literal["rnn", "lstm", "gru"]
+Pooling = Literal["last", "mean", "max", "attention"]
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sst2"
+    """Hub id (`stanfordnlp/imdb`), a local dataset folder in the Hub layout, or a data file / glob (.parquet, .csv, .jsonl, .txt)."""
+    eval_path: str | None = None
+    """Data file / glob for the eval split when `path` is a single file (else the eval split is read from `path`)."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label (integers or strings)."""
+    label_names: list[str] | None = None
+    """Class names in label order; default: the dataset's ClassLabel names, else the sorted label values."""
+    train_split: str = "train"
+    """Split to train on."""
+    eval_split: str = "validation"
+    """Split evaluated during and after training (best checkpoint is chosen on it)."""
+    max_length: int = 400
+    """Texts are cut to this many tokens."""
+    truncation: Literal["head", "tail", "head+tail"] = "head"
+    """Which tokens survive truncation: the first, the last, or half of each."""
+    chunk_size: int = 4096
+    """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then shuffled."""
+    num_workers: int = 1
+    """DataLoader worker processes that stream, tokenize and batch ahead of the model (0 = in the main process)."""
+    max_train_examples: int | None = None
+    """Read only the first N training rows (quick experiments and tests)."""
+    max_eval_examples: int | None = None
+    """Evaluate on only the first N rows of the eval split."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """Empty texts, null fields or unknown labels: stop with an error naming the row, or skip and count them."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["word", "bpe"] = "word"
+    """`word`: whole words and punctuation; `bpe`: a subword vocabulary, so rare or misspelt words are not <unk>."""
+    vocab_size: int = 30000
+    """Largest vocabulary, special tokens included."""
+    min_frequency: int = 2
+    """Tokens seen fewer times than this in the training split become <unk>."""
+    lowercase: bool = True
+    """Lower-case text before tokenizing."""
+    max_examples: int | None = None
+    """Build the vocabulary from at most this many training texts (default: all)."""
+
+
+@dataclass
+class ModelConfig:
+    cell: Cell = "lstm"
+    """Recurrent cell."""
+    embedding_dim: int = 128
+    """Size of the token embeddings."""
+    hidden_size: int = 256
+    """Hidden units per direction and layer."""
+    num_layers: int = 1
+    """Stacked recurrent layers."""
+    bidirectional: bool = False
+    """Also read each text right to left (within its own length, so padding never enters)."""
+    dropout: float = 0.2
+    """Dropout between recurrent layers and before the classifier."""
+    embedding_dropout: float = 0.0
+    """Dropout on the embedded tokens."""
+    pooling: Pooling = "last"
+    """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    """Texts per training step."""
+    epochs: int = 3
+    """Passes over the training split."""
+    max_steps: int | None = None
+    """Stop after this many steps, whatever `epochs` says."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (adamw) or L2 (adam, sgd); not applied to biases and embeddings' padding row."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay after warm-up: none, linear to zero, or cosine to zero."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from zero to `lr`."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient's global norm to this (recurrent gradients explode); null turns it off."""
+    label_smoothing: float = 0.0
+    """Label smoothing for the cross-entropy loss."""
+    eval_every: int = 0
+    """Evaluate (and write `last/`) every N steps; 0 = at the end of each epoch."""
+    log_every: int = 50
+    """Write a training line to metrics.jsonl every N steps."""
+    patience: int | None = None
+    """Stop after this many evaluations without improvement of `monitor`; null = never stop early."""
+    monitor: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
+    """Eval metric that picks `best/` and drives early stopping."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to train; `auto` takes CUDA when present, else the CPU."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision on CUDA; the CPU always trains in fp32."""
+    num_threads: int | None = None
+    """Intra-op threads; default: the physical cores."""
+    keep_last: int = 1
+    """Periodic checkpoints kept besides `best/`."""
+    deterministic: bool = False
+    """Turn on torch.use_deterministic_algorithms."""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """Run name; the default output directory is runs/<name>."""
+    output_dir: str | None = None
+    """Run directory (default: runs/<name>)."""
+    seed: int = 0
+    """Seed for weights, dropout and data order."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir if self.output_dir is not None else f"runs/{self.name}")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+
+
+# --------------------------------------------------------------------------- help text
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source with `ast`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_type(tp: Any) -> str:
+    """A short human description of an annotation: `int`, `one of 'rnn', 'lstm'`, `a float or null`."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        inner = " or ".join(describe_type(a) for a in args)
+        return f"{inner} or null" if len(args) < len(get_args(tp)) else inner
+    if origin is list:
+        return f"a list of {describe_type(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def help_text() -> str:
+    """Every config key with its default and help, section by section (for `train --help`)."""
+    lines: list[str] = []
+    for section, cls in [("", Config), *SECTIONS.items()]:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        lines.append(f"{section or 'top level'}:")
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {(section + '.' if section else '') + f.name} ({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader (no python tags, nothing executed) that also refuses duplicate keys."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: each key may appear once.")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)  # type: ignore[arg-type]
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file safely; every failure becomes a ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML (python tags are refused): {e}") from None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str, help_: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = get_origin(tp)
+    bad = ConfigError(
+        f"{where} must be {describe_type(tp)}, got {value!r}." + (f" ({where}: {help_})" if help_ else "")
+    )
+    if origin is Literal:
+        if value not in get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            raise ConfigError(str(bad) + (f" Did you mean {close[0]!r}?" if close else ""))
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, help_)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, get_args(tp)[0], f"{where}[{i}]", help_) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            raise ConfigError(
+                f"unknown config key {where!r}.{_suggest(where, valid)} Valid keys here: {', '.join(names)}."
+            )
+        if key in SECTIONS and cls is Config:
+            kwargs[key] = _build(SECTIONS[key], value if value is not None else {}, f"{key}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], where, docs.get(key, ""))
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Range checks that a type alone cannot express."""
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "data.chunk_size": cfg.data.chunk_size,
+        "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
+        "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
+        "model.embedding_dim": cfg.model.embedding_dim,
+        "model.hidden_size": cfg.model.hidden_size,
+        "model.num_layers": cfg.model.num_layers,
+        "train.batch_size": cfg.train.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+    }
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be at least 1, got {v}.")
+    optional_positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.patience": cfg.train.patience,
+        "train.num_threads": cfg.train.num_threads,
+        "data.max_train_examples": cfg.data.max_train_examples,
+        "data.max_eval_examples": cfg.data.max_eval_examples,
+        "tokenizer.max_examples": cfg.tokenizer.max_examples,
+    }
+    for key, opt in optional_positive.items():
+        if opt is not None and opt < 1:
+            raise ConfigError(f"{key} must be at least 1 or null, got {opt}.")
+    for key, p in {
+        "model.dropout": cfg.model.dropout,
+        "model.embedding_dropout": cfg.model.embedding_dropout,
+        "train.label_smoothing": cfg.train.label_smoothing,
+    }.items():
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {p}.")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}.")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be positive or null, got {cfg.train.grad_clip}.")
+    for key, n in {"train.eval_every": cfg.train.eval_every, "train.warmup_steps": cfg.train.warmup_steps,
+                   "data.num_workers": cfg.data.num_workers}.items():
+        if n < 0:
+            raise ConfigError(f"{key} must be >= 0, got {n}.")
+    if cfg.data.label_names is not None and len(set(cfg.data.label_names)) != len(cfg.data.label_names):
+        raise ConfigError(f"data.label_names has duplicates: {cfg.data.label_names}.")
+    if cfg.data.text_column == cfg.data.label_column:
+        raise ConfigError("data.text_column and data.label_column name the same column.")
+
+
+def from_dict(raw: Any) -> Config:
+    """Validate a plain dict (parsed YAML) into a Config."""
+    cfg = _build(Config, raw if raw is not None else {}, "")
+    _check_values(cfg)
+    return cfg  # type: ignore[no-any-return]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.cell=gru.")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.load(text, Loader=_StrictLoader) if text else None  # noqa: S506
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section.")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config file; errors name the file and the key."""
+    raw = read_yaml(Path(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values (name:, data:, model:, ...).")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,97 @@
+"""Everything the user sees in the terminal. The only module that imports rich.
+
+Human output (progress, tables, messages) goes to stderr so that stdout stays clean for data:
+`eval --json` and `predict` write machine-readable results there.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def info(msg: str) -> None:
+    err.print(escape(msg))
+
+
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(msg)}")
+
+
+def error(msg: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {escape(msg)}", soft_wrap=True)
+
+
+def print_config(yaml_text: str) -> None:
+    err.print(Syntax(yaml_text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+
+
+class TrainProgress:
+    """A live bar: step, epoch, loss, accuracy, real tokens/s and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int = 0) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("acc {task.fields[acc]:.3f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch=0, loss=0.0, acc=0.0, tps=0.0)
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.stop()
+
+    def update(self, step: int, **fields: Any) -> None:
+        self.progress.update(self.task, completed=step, **fields)
+
+    def log(self, msg: str) -> None:
+        self.progress.console.print(escape(msg))
+
+
+def print_eval(report: dict[str, Any], title: str) -> None:
+    """Summary, per-class table and confusion matrix."""
+    summary = Table(title=title, show_header=True)
+    for col in ("n", "loss", "accuracy", "precision (macro)", "recall (macro)", "F1 (macro)"):
+        summary.add_column(col, justify="right")
+    summary.add_row(
+        f"{report['n']:,}", f"{report['loss']:.4f}", f"{report['accuracy']:.4f}",
+        f"{report['precision_macro']:.4f}", f"{report['recall_macro']:.4f}", f"{report['f1_macro']:.4f}",
+    )
+    out.print(summary)
+    per_class = Table(title="per class")
+    for col in ("label", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="right" if col != "label" else "left")
+    for name, row in report["per_class"].items():
+        per_class.add_row(escape(name), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", f"{row['support']:,}")
+    out.print(per_class)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for name in report["labels"]:
+        cm.add_column(escape(name), justify="right")
+    for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
+        cm.add_row(escape(name), *(f"{v:,}" for v in row))
+    out.print(cm)
+    extra = {k: v for k, v in report.items() if k in ("unk_rate", "truncated_rate", "examples_per_sec")}
+    if extra:
+        out.print("  ".join(f"{k}: {v:.4g}" for k, v in extra.items()))

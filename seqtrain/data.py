@@ -1,0 +1,476 @@
+"""From a Hugging Face dataset to padded, length-bucketed batches.
+
+    open_split         stream one split (Hub id, local folder or data files) with `datasets`
+    build_vocab        stream the training split once: tokenizer (HF `tokenizers`), labels, row count
+    BatchStream        a torch IterableDataset: read a chunk of rows -> tokenize -> shuffle -> sort
+                       by length -> cut batches -> shuffle the batches -> yield; resumable per batch
+    sorted_batches     batches of already-encoded texts, by length, for eval and predict
+
+Why chunks: a CPU recurrent kernel costs the same for a pad as for a token, so each batch should
+hold texts of similar length (a few percent of padding instead of ~40%). Sorting a chunk of a few
+thousand rows gives that, and shuffling the batches cut from it keeps the order random. A chunk
+never spans two shards, so the stream position of any batch is tiny: (shard, the `datasets`
+state at the chunk's start, batches already taken from the chunk).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from seqtrain.config import Config, DataConfig, TokenizerConfig
+from seqtrain.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+    from tokenizers import Tokenizer
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+CHARS_PER_TOKEN = 32  # texts are clipped to max_length * this many characters before tokenizing
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _data_files(path: str) -> list[str]:
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(path))
+    return [path] if Path(path).is_file() else []
+
+
+def open_split(data: DataConfig, split: str, limit: int | None = None) -> datasets.IterableDataset:
+    """Stream one split. The same call serves a Hub id online and a folder or files offline."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    path = data.eval_path if (split == data.eval_split and data.eval_path) else data.path
+    files = _data_files(path)
+    try:
+        if files:
+            suffix = Path(files[0]).suffix.lower()
+            if suffix not in FILE_BUILDERS:
+                raise DataError(f"data.path {path!r}: cannot read {suffix!r} files; use one of {', '.join(FILE_BUILDERS)}.")
+            kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+            ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files={split: files}, split=split, streaming=True, **kwargs)
+        elif Path(path).is_dir() or not _looks_like_hub_id(path):
+            if not Path(path).exists():
+                raise DataError(
+                    f"data.path {path!r} does not exist. Give a local dataset folder, data files, or a Hub id"
+                    " like 'stanfordnlp/imdb' (run `make data` to fetch the shipped datasets into data/)."
+                )
+            ds = datasets.load_dataset(path, split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(path, split=split, streaming=True)
+    except DataError:
+        raise
+    except ValueError as e:
+        msg = str(e)
+        if "split" in msg.lower():
+            raise DataError(f"dataset {path!r} has no split {split!r}: {msg}") from None
+        raise DataError(f"cannot load dataset {path!r} (split {split!r}): {msg}") from None
+    except Exception as e:  # network, missing repo, malformed files: all user-facing
+        raise DataError(f"cannot load dataset {path!r} (split {split!r}): {type(e).__name__}: {e}") from None
+    if limit is not None:
+        ds = ds.take(limit)
+    return ds
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") <= 1 and not path.startswith((".", "/", "~"))
+
+
+def check_columns(ds: datasets.IterableDataset, data: DataConfig, split: str, need_label: bool = True) -> None:
+    """Fail before training if the configured columns are not in the split."""
+    columns = list(ds.column_names or (ds.features or {}).keys())
+    if not columns:
+        try:
+            columns = list(next(iter(ds)).keys())
+        except StopIteration:
+            raise DataError(f"split {split!r} of {data.path!r} is empty.") from None
+    wanted = [("data.text_column", data.text_column)]
+    if need_label:
+        wanted.append(("data.label_column", data.label_column))
+    for key, col in wanted:
+        if col not in columns:
+            raise DataError(
+                f"split {split!r} of {data.path!r} has no column {col!r} ({key}); its columns are: "
+                f"{', '.join(columns)}. Set {key} to one of them."
+            )
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@dataclass
+class Labels:
+    """Class names in index order, and the raw dataset value that maps to each index."""
+
+    names: list[str]
+    values: list[Any]
+    _index: dict[Any, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {v: i for i, v in enumerate(self.values)}
+
+    def index(self, value: Any) -> int | None:
+        return self._index.get(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": self.names, "values": self.values}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Labels:
+        return cls(names=list(d["names"]), values=list(d["values"]))
+
+
+def resolve_labels(ds: datasets.IterableDataset, data: DataConfig, seen: Iterable[Any]) -> Labels:
+    """Class names from the dataset's ClassLabel feature, else `data.label_names`, else the values seen."""
+    seen_set = {v for v in seen if v is not None}
+    feature = (ds.features or {}).get(data.label_column)
+    feature_names = getattr(feature, "names", None)
+    if feature_names:
+        names = list(data.label_names or feature_names)
+        return Labels(names=names, values=list(range(len(names))))
+    if data.label_names:
+        names = list(data.label_names)
+        if all(isinstance(v, int) for v in seen_set):
+            bad = sorted(v for v in seen_set if not 0 <= v < len(names))
+            if bad:
+                raise DataError(
+                    f"label column {data.label_column!r} holds {bad[:5]} but data.label_names has {len(names)} names "
+                    f"(integer labels must be 0..{len(names) - 1})."
+                )
+            return Labels(names=names, values=list(range(len(names))))
+        bad = sorted(str(v) for v in seen_set - set(names))
+        if bad:
+            raise DataError(f"label column {data.label_column!r} holds {bad[:5]}, which are not in data.label_names {names}.")
+        return Labels(names=names, values=names)
+    if not seen_set:
+        raise DataError(f"no labels found in column {data.label_column!r} of split {data.train_split!r}.")
+    values = sorted(seen_set, key=lambda v: (isinstance(v, str), v))
+    return Labels(names=[str(v) for v in values], values=values)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def new_tokenizer(tok: TokenizerConfig) -> tuple[Tokenizer, Any]:
+    """An untrained tokenizer and its trainer. Normalization strips HTML line breaks (IMDB has them)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE, WordLevel
+
+    norm = [normalizers.Replace(Regex(r"<br\s*/?>"), " "), normalizers.NFKC()]
+    if tok.lowercase:
+        norm.append(normalizers.Lowercase())
+    specials = [PAD, UNK]
+    if tok.kind == "word":
+        tokenizer = Tokenizer(WordLevel(unk_token=UNK))
+        trainer: Any = trainers.WordLevelTrainer(
+            vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, special_tokens=specials, show_progress=False
+        )
+    else:
+        tokenizer = Tokenizer(BPE(unk_token=UNK, continuing_subword_prefix="##"))
+        trainer = trainers.BpeTrainer(
+            vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, special_tokens=specials,
+            continuing_subword_prefix="##", show_progress=False,
+        )
+    tokenizer.normalizer = normalizers.Sequence(norm)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer, trainer
+
+
+@dataclass
+class Vocab:
+    """What one pass over the training split yields."""
+
+    tokenizer: Tokenizer
+    labels: Labels
+    num_examples: int
+    bad_rows: Counter[str]
+    chunk_rows: list[int]  # usable rows in each chunk BatchStream will read
+
+
+def bad_row_reason(text: Any, label: Any, need_label: bool = True) -> str | None:
+    if text is None:
+        return "null text"
+    if not isinstance(text, str):
+        return "text is not a string"
+    if not text.strip():
+        return "empty text"
+    if need_label and label is None:
+        return "null label"
+    return None
+
+
+def build_vocab(cfg: Config) -> Vocab:
+    """Stream the training split once: train the tokenizer, collect the labels, count the rows.
+
+    Rows are read shard by shard in chunks exactly as `BatchStream` will read them, so the number
+    of batches per epoch (and with it the LR schedule and the progress bar) is exact.
+    """
+    data = cfg.data
+    ds = open_split(data, data.train_split, data.max_train_examples)
+    check_columns(ds, data, data.train_split)
+    ds = ds.select_columns([data.text_column, data.label_column])
+    n_shards = 1 if data.max_train_examples else ds.n_shards
+    tokenizer, trainer = new_tokenizer(cfg.tokenizer)
+    seen: set[Any] = set()
+    bad: Counter[str] = Counter()
+    chunk_rows: list[int] = []
+    count = 0
+    cap = cfg.tokenizer.max_examples
+
+    def texts() -> Iterator[str]:
+        nonlocal count
+        row = 0
+        for index in range(n_shards):
+            shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
+            for i, ex in enumerate(shard):
+                if i % data.chunk_size == 0:
+                    chunk_rows.append(0)
+                row += 1
+                text, label = ex[data.text_column], ex[data.label_column]
+                reason = bad_row_reason(text, label)
+                if reason:
+                    if data.on_bad_rows == "error":
+                        raise DataError(
+                            f"split {data.train_split!r} of {data.path!r}, row {row - 1} (shard {index}, row {i}): {reason}. "
+                            "Fix the row, or set data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
+                        )
+                    bad[reason] += 1
+                    continue
+                if isinstance(label, float) and label.is_integer():
+                    label = int(label)
+                seen.add(label)
+                count += 1
+                chunk_rows[-1] += 1
+                if cap is None or count <= cap:
+                    yield _clip(text, data)
+
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    if count == 0:
+        raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
+    labels = resolve_labels(ds, data, seen)
+    if len(labels.names) < 2:
+        raise DataError(f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more.")
+    return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
+
+
+def _clip(text: str, data: DataConfig) -> str:
+    """Cut absurdly long texts before tokenizing, so a 10-million-character row costs nothing."""
+    budget = data.max_length * CHARS_PER_TOKEN
+    if len(text) <= budget:
+        return text
+    if data.truncation == "head":
+        return text[:budget]
+    if data.truncation == "tail":
+        return text[-budget:]
+    return text[: budget // 2] + " " + text[-budget // 2 :]
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], data: DataConfig) -> list[list[int]]:
+    """Token ids, truncated to `data.max_length`; an empty result becomes a single <unk>."""
+    encodings = tokenizer.encode_batch([_clip(t, data) for t in texts], add_special_tokens=False)
+    n = data.max_length
+    out: list[list[int]] = []
+    for e in encodings:
+        ids = e.ids
+        if len(ids) > n:
+            if data.truncation == "head":
+                ids = ids[:n]
+            elif data.truncation == "tail":
+                ids = ids[-n:]
+            else:
+                ids = ids[: n - n // 2] + ids[len(ids) - n // 2 :]
+        out.append(ids or [UNK_ID])
+    return out
+
+
+def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest: ids (B, T) and lengths (B,)."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    ids = np.full((len(seqs), int(lengths.max())), PAD_ID, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+def sorted_batches(seqs: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """For eval and predict: (row indices, ids, lengths) of batches of similar length."""
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, lengths = pad([seqs[i] for i in idx])
+        yield idx, ids, lengths
+
+
+# --------------------------------------------------------------------------- the training stream
+
+
+def identity(x: Any) -> Any:
+    """DataLoader collate for already-built batches (a module-level function, so workers can pickle it)."""
+    return x
+
+
+class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Batches for one epoch of one split, each carrying the stream position right after it.
+
+    Each item is a dict: ids (B, T), lengths (B,), labels (B,), `position` (what resumes the stream
+    right after this batch) and `bad_rows` (rows skipped so far, by reason). With DataLoader
+    workers, each worker reads its own shards; the position records which shard and where.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        split: str,
+        tokenizer: Tokenizer,
+        labels: Labels,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        limit: int | None = None,
+        resume: dict[str, Any] | None = None,
+        slot_offset: int = 0,
+    ) -> None:
+        self.data, self.split, self.tokenizer, self.labels = data, split, tokenizer, labels
+        self.batch_size, self.shuffle, self.seed, self.epoch, self.limit = batch_size, shuffle, seed, epoch, limit
+        self.resume = resume or {}  # slot -> position
+        # Worker i plays slot (i + slot_offset) % workers: on resume, the slot due next becomes
+        # worker 0, which the DataLoader asks first, so the round-robin order continues unchanged.
+        self.slot_offset = slot_offset
+        self.need_label = True
+
+    def _shards(self, worker: int, workers: int) -> tuple[datasets.IterableDataset, list[int]]:
+        ds = open_split(self.data, self.split, self.limit)
+        ds = ds.select_columns([self.data.text_column, self.data.label_column])
+        order = list(range(1 if self.limit else ds.n_shards))  # a row cap reads one logical shard
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+        return ds, order[worker::workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # the main process owns the cores for the model
+        slot = (worker + self.slot_offset) % workers
+        ds, shards = self._shards(slot, workers)
+        position = self.resume.get(str(slot))
+        bad: Counter[str] = Counter(position["bad_rows"]) if position else Counter()
+        start_shard = position["shard_pos"] if position else 0
+        for shard_pos in range(start_shard, len(shards)):
+            shard = ds if self.limit or ds.n_shards == 1 else ds.shard(num_shards=ds.n_shards, index=shards[shard_pos])
+            resuming = position is not None and shard_pos == start_shard
+            if resuming:
+                assert position is not None
+                shard.load_state_dict(position["chunk_state"])
+            chunk_idx = position["chunk_idx"] if resuming and position else 0
+            skip = position["batches_done"] if resuming and position else 0
+            rows = iter(shard)
+            while True:
+                chunk_state = shard.state_dict()
+                chunk = _take(rows, self.data.chunk_size)
+                if not chunk:
+                    break
+                batches = self._chunk_batches(chunk, bad, shards[shard_pos], chunk_idx)
+                for k, batch in enumerate(batches):
+                    if k < skip:
+                        continue
+                    batch["position"] = {
+                        "slot": slot, "shard_pos": shard_pos, "chunk_idx": chunk_idx,
+                        "chunk_state": chunk_state, "batches_done": k + 1, "bad_rows": dict(bad),
+                    }
+                    yield batch
+                skip = 0
+                chunk_idx += 1
+            position = None
+
+    def _chunk_batches(self, chunk: list[dict[str, Any]], bad: Counter[str], shard: int, chunk_idx: int) -> list[dict[str, Any]]:
+        data = self.data
+        texts: list[str] = []
+        targets: list[int] = []
+        for ex in chunk:
+            text, label = ex[data.text_column], ex[data.label_column]
+            reason = bad_row_reason(text, label, self.need_label)
+            target = -1
+            if reason is None and self.need_label:
+                if isinstance(label, float) and label.is_integer():
+                    label = int(label)
+                found = self.labels.index(label)
+                if found is None:
+                    reason = "unknown label"
+                else:
+                    target = found
+            if reason:
+                if data.on_bad_rows == "error":
+                    raise DataError(
+                        f"split {self.split!r} of {data.path!r}: a row has {reason} (label {label!r}; known labels: "
+                        f"{self.labels.values}). Fix the data or set data.on_bad_rows: skip."
+                    )
+                bad[reason] += 1
+                continue
+            texts.append(text)
+            targets.append(target)
+        if not texts:
+            return []
+        seqs = encode(self.tokenizer, texts, data)
+        lengths = np.array([len(s) for s in seqs])
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, shard, chunk_idx])
+            perm = rng.permutation(len(seqs))
+            order = perm[np.argsort(lengths[perm], kind="stable")]  # random among equal lengths
+        else:
+            order = np.argsort(lengths, kind="stable")
+        cuts = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(cuts)  # type: ignore[arg-type]
+        out = []
+        for idx in cuts:
+            ids, lens = pad([seqs[i] for i in idx])
+            out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=torch.long)})
+        return out
+
+
+def _take(rows: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    out = []
+    for ex in rows:
+        out.append(ex)
+        if len(out) == n:
+            break
+    return out
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process decides when to stop, not the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+    """A DataLoader that runs the stream in `num_workers` processes ahead of the model."""
+    if num_workers > 0:
+        # The parent trained the tokenizer with Rust threads; forked workers must not reuse that pool.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=identity,
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=False,
+    )

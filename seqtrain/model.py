@@ -1,0 +1,116 @@
+"""Embedding -> recurrent layers -> pooled real steps -> Linear.
+
+Batches are right-padded and sorted by length, and go straight into PyTorch's fused
+`nn.RNN` / `nn.LSTM` / `nn.GRU` kernels (a PackedSequence leaves the fused CPU kernel and ran
+~17x slower here). Padding never reaches the result:
+
+- forward direction: padding comes after the real steps, so the state at step `length - 1` has
+  read exactly the text; we gather it.
+- backward direction: each row is reversed *within its own length* (padding stays on the right),
+  run left to right, and reversed back. Its state at position 0 has read the whole text backwards.
+- mean / max / attention pooling mask the padded positions.
+
+So a text's logits do not depend on the other texts in its batch, and every call starts from a
+zero hidden state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqtrain.config import ModelConfig
+from seqtrain.data import PAD_ID
+
+CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def reverse_within_length(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """Index (B, T) that reverses each row's first `length` steps and leaves the padding in place."""
+    t = torch.arange(T, device=lengths.device).unsqueeze(0)  # (1, T)
+    last = (lengths - 1).unsqueeze(1)  # (B, 1)
+    return torch.where(t <= last, last - t, t)  # (B, T); an involution: applying it twice is the identity
+
+
+class Classifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.directions = 2 if cfg.bidirectional else 1
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
+        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
+        cell = CELLS[cfg.cell]
+        # One single-layer, single-direction fused kernel per (layer, direction): the backward
+        # direction needs its own within-length reversal, which nn.LSTM(bidirectional=True) cannot do.
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                cell(cfg.embedding_dim if i == 0 else H * self.directions, H, batch_first=True)
+                for _ in range(self.directions)
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        out = H * self.directions
+        self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" else None
+        self.head = nn.Linear(out, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for layer in self.layers:
+            for rnn in layer:  # type: ignore[union-attr]
+                for name, p in rnn.named_parameters():
+                    if name.startswith("weight_hh"):
+                        # Orthogonal recurrence keeps gradients from vanishing or exploding early on.
+                        for gate in p.data.chunk(p.shape[0] // p.shape[1]):
+                            nn.init.orthogonal_(gate)
+                    elif name.startswith("bias"):
+                        nn.init.zeros_(p)
+                        if isinstance(rnn, nn.LSTM) and name.startswith("bias_ih"):
+                            H = p.shape[0] // 4
+                            p.data[H : 2 * H] = 1.0  # forget gate open at the start
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C)."""
+        B, T = ids.shape
+        x = self.embedding_dropout(self.embedding(ids))  # (B, T, E)
+        rev = reverse_within_length(lengths, T) if self.directions == 2 else None
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = self.dropout(x)
+            fwd, _ = layer[0](x)  # type: ignore[index]  # (B, T, H)
+            if rev is None:
+                x = fwd
+                continue
+            idx = rev.unsqueeze(-1)  # (B, T, 1)
+            bwd, _ = layer[1](x.gather(1, idx.expand(-1, -1, x.shape[-1])))  # type: ignore[index]
+            bwd = bwd.gather(1, idx.expand(-1, -1, bwd.shape[-1]))  # back to reading order
+            x = torch.cat([fwd, bwd], dim=-1)  # (B, T, 2H)
+        return self.head(self.dropout(self.pool(x, lengths)))
+
+    def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, D), reading only the real steps."""
+        B, T, D = x.shape
+        if self.cfg.pooling == "last":
+            rows = torch.arange(B, device=x.device)
+            H = self.cfg.hidden_size
+            last = x[rows, lengths - 1, :H]  # forward state after the last real token
+            if self.directions == 1:
+                return last
+            return torch.cat([last, x[:, 0, H:]], dim=-1)  # backward state after reading back to token 0
+        mask = (torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
+        if self.cfg.pooling == "mean":
+            return (x * mask).sum(1) / lengths.unsqueeze(1).to(x.dtype)
+        if self.cfg.pooling == "max":
+            return x.masked_fill(~mask, float("-inf")).amax(1)
+        assert self.attention is not None
+        scores = self.attention(x).masked_fill(~mask, float("-inf"))  # (B, T, 1)
+        return (torch.softmax(scores, dim=1) * x).sum(1)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> Classifier:
+    return Classifier(cfg, vocab_size, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

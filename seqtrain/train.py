@@ -1,0 +1,322 @@
+"""The training loop. Read it top to bottom: setup, one loop over epochs and batches, evaluation
+and checkpoints inside it, and a final summary. No callbacks, no trainer class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seqtrain import checkpoint, console
+from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
+from seqtrain.data import Labels, BatchStream, build_vocab, make_loader
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
+from seqtrain.inference import evaluate, load_tokenizer, pick_device
+from seqtrain.metrics import MetricsLog, is_better
+from seqtrain.model import build_model, count_parameters
+
+# Keys that may differ between the first run and a --resume; everything else must match.
+RESUMABLE_CHANGES = {
+    "name", "output_dir", "train.epochs", "train.max_steps", "train.lr", "train.eval_every", "train.log_every",
+    "train.patience", "train.keep_last", "train.device", "train.num_threads", "data.max_eval_examples",
+}
+
+
+class Interrupted(SeqtrainError):
+    exit_code = 130
+
+
+def physical_cores() -> int:
+    """Physical cores visible to us (hyper-threads do not speed up GEMMs)."""
+    try:
+        pairs = set()
+        phys = core = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                pairs.add((phys, core))
+        n = len(pairs) or os.cpu_count() or 1
+    except OSError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
+
+
+def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then constant, linear or cosine decay to zero at `total_steps`."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    if t.lr_schedule == "linear":
+        return t.lr * (1.0 - progress)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norms (1-D) — decaying them only hurts.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return (
+        {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},  # type: ignore[index, misc]
+        {"torch": torch.get_rng_state()},
+    )
+
+
+def _set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))  # type: ignore[arg-type]
+    torch.set_rng_state(tensors["torch"])
+
+
+def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
+    """Train as `cfg` says; return the best evaluation report."""
+    t = cfg.train
+    run_dir = cfg.run_dir
+    device = pick_device(t.device)
+    torch.set_num_threads(t.num_threads or physical_cores())
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    # ---- vocabulary, labels and run directory (fresh) or the checkpoint to continue from (resume)
+    ckpt_state: dict[str, Any] | None = None
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml. Start without --resume.")
+        saved = to_dict(from_dict(read_yaml(run_dir / "config.yaml")))
+        changed = [k for k in _config_diff(saved, to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {run_dir}: {', '.join(changed)} differ from the run's config.yaml. Only these may change "
+                f"on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
+            )
+        ckpt, warnings = checkpoint.find(run_dir, "last")
+        for w in warnings:
+            console.warn(w)
+        weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+        run_info = json.loads((run_dir / "run.json").read_text())
+        console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
+        log.truncate_after(ckpt_state["step"])
+    else:
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise ConfigError(
+                f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, or pick "
+                f"another output_dir (e.g. name=... or output_dir=...), or delete the folder."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        vocab = build_vocab(cfg)
+        tokenizer, labels = vocab.tokenizer, vocab.labels
+        steps_per_epoch = sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows)
+        run_info = {
+            "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
+            "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        }
+        checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
+        checkpoint.write_json_atomic(run_dir / "labels.json", labels.to_json())
+        checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
+        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+        console.info(
+            f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, {vocab.num_examples:,} training rows"
+            f"{f', skipped {dict(vocab.bad_rows)}' if vocab.bad_rows else ''} ({time.perf_counter() - t0:.1f}s)"
+        )
+
+    # ---- model and optimizer; seeded so the same config and seed give the same weights
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), len(labels.names)).to(device)
+    optimizer = make_optimizer(model, t)
+    steps_per_epoch = run_info["steps_per_epoch"]
+    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
+    s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0}
+    if ckpt_state is not None:
+        model.load_state_dict(weights)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        for k in s:
+            s[k] = ckpt_state["train_state"][k]
+        _set_rng_state(ckpt_state["rng"], rng)
+    console.info(
+        f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
+        f"{torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+    )
+
+    # ---- Ctrl-C / SIGTERM: finish the step, write last/, exit non-zero
+    stop: list[str] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    use_amp = device.type == "cuda" and t.precision != "fp32"
+    amp_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.precision == "fp16")
+    reports: dict[int, dict[str, Any]] = {}
+
+    def save(best: bool) -> None:
+        rng_json, rng_tensors = _rng_state()
+        state = {
+            "step": s["step"], "epoch": s["epoch"], "train_state": dict(s), "rng": rng_json, "_rng_tensors": rng_tensors,
+            "metrics": reports.get(s["step"], {}), "model": to_dict(cfg)["model"],
+            "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names,
+        }
+        checkpoint.save(run_dir, s["step"], model, optimizer, state, best=best, keep_last=t.keep_last)
+
+    def run_eval() -> bool:
+        """Evaluate, log, checkpoint; True when early stopping says stop."""
+        report = evaluate(model, cfg, tokenizer, labels, cfg.data.eval_split, device, cfg.data.max_eval_examples)
+        reports[s["step"]] = report
+        log.write({"step": s["step"], "epoch": s["epoch"], "split": cfg.data.eval_split, "loss": report["loss"],
+                   "accuracy": report["accuracy"], "f1_macro": report["f1_macro"]})
+        value = report[t.monitor]
+        improved = is_better(t.monitor, value, s["best"])
+        if improved:
+            s["best"], s["best_step"], s["bad_evals"] = value, s["step"], 0
+        else:
+            s["bad_evals"] += 1
+        save(best=improved)
+        bar.log(
+            f"step {s['step']:,} epoch {s['epoch']}: {cfg.data.eval_split} loss {report['loss']:.4f} "
+            f"accuracy {report['accuracy']:.4f} f1 {report['f1_macro']:.4f}{'  (best)' if improved else ''}"
+        )
+        return t.patience is not None and s["bad_evals"] >= t.patience
+
+    # ---- the loop
+    model.train()
+    last_eval_step = s["step"] if ckpt_state is not None else -1
+    early_stop = False
+    window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+    try:
+        with console.TrainProgress(total_steps, s["step"]) as bar:
+            while s["epoch"] < t.epochs and s["step"] < total_steps and not early_stop:
+                stream = BatchStream(
+                    cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
+                    epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
+                )
+                loader = iter(make_loader(stream, cfg.data.num_workers))
+                while s["step"] < total_steps:
+                    tw = time.perf_counter()
+                    batch = next(loader, None)
+                    window["wait"] += time.perf_counter() - tw
+                    if batch is None:
+                        break
+                    ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
+
+                    lr = lr_at(s["step"], t, total_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        logits = model(ids, lengths)  # (B, C)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if t.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+
+                    s["step"] += 1
+                    pos = batch["position"]
+                    s["positions"][str(pos["slot"])] = pos
+                    s["next_slot"] = (pos["slot"] + 1) % max(1, cfg.data.num_workers)
+                    window["tokens"] += int(batch["lengths"].sum())
+                    window["padded"] += batch["ids"].numel()
+                    window["loss"] += loss.item() * len(y)
+                    window["correct"] += int((logits.argmax(-1) == y).sum())
+                    window["n"] += len(y)
+                    window["steps"] += 1
+
+                    if s["step"] % t.log_every == 0 or s["step"] == total_steps:
+                        elapsed = time.perf_counter() - window["t0"]
+                        record = {
+                            "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
+                            "accuracy": window["correct"] / window["n"], "lr": lr,
+                            "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
+                            "data_wait": window["wait"] / elapsed, "bad_rows": pos["bad_rows"],
+                        }
+                        log.write(record)
+                        bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=record["accuracy"], tps=record["tokens_per_sec"])
+                        window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+                    else:
+                        bar.update(s["step"])
+
+                    if t.eval_every and s["step"] % t.eval_every == 0:
+                        last_eval_step = s["step"]
+                        if run_eval():
+                            early_stop = True
+                            break
+                    if stop:
+                        save(best=False)
+                        raise Interrupted(
+                            f"stopped by {stop[0]} at step {s['step']}; last/ is saved. Resume with: "
+                            f"seqtrain train {config_path} --resume"
+                        )
+                else:
+                    break  # reached total_steps inside the epoch
+                # the epoch's stream is exhausted
+                s["epoch"] += 1
+                s["positions"], s["next_slot"] = {}, 0
+                if not t.eval_every and s["step"] != last_eval_step:
+                    last_eval_step = s["step"]
+                    early_stop = run_eval()
+            if s["step"] != last_eval_step:
+                run_eval()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+    best = reports.get(s["best_step"]) if s["best_step"] is not None else None
+    if best is None:  # best was found before a resume: read it from its checkpoint
+        best_dir = (run_dir / "best").resolve()
+        best = json.loads((best_dir / "state.json").read_text()).get("metrics") or {}
+    if best:
+        checkpoint.write_json_atomic(run_dir / f"eval-{cfg.data.eval_split}.json", {**best, "checkpoint": f"best ({s['best_step']})"})
+        console.print_eval(best, f"{cfg.name}: best checkpoint (step {s['best_step']}) on {cfg.data.eval_split}")
+    console.info(f"run directory: {run_dir}  (best: {run_dir / 'best'}, last: {run_dir / 'last'})")
+    return best
