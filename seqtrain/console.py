@@ -40,16 +40,12 @@ class TrainProgress:
 
     def __init__(self, total_steps: int, start_step: int = 0) -> None:
         self.progress = Progress(
-            TextColumn("[bold]train[/bold]"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("epoch {task.fields[epoch]}"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("acc {task.fields[acc]:.3f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("ep {task.fields[epoch]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=err,
             transient=False,
         )

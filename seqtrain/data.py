@@ -237,27 +237,28 @@ def build_vocab(cfg: Config) -> Vocab:
         row = 0
         for index in range(n_shards):
             shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
-            for i, ex in enumerate(shard):
-                if i % data.chunk_size == 0:
-                    chunk_rows.append(0)
-                row += 1
-                text, label = ex[data.text_column], ex[data.label_column]
-                reason = bad_row_reason(text, label)
-                if reason:
-                    if data.on_bad_rows == "error":
-                        raise DataError(
-                            f"split {data.train_split!r} of {data.path!r}, row {row - 1} (shard {index}, row {i}): {reason}. "
-                            "Fix the row, or set data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
-                        )
-                    bad[reason] += 1
-                    continue
-                if isinstance(label, float) and label.is_integer():
-                    label = int(label)
-                seen.add(label)
-                count += 1
-                chunk_rows[-1] += 1
-                if cap is None or count <= cap:
-                    yield _clip(text, data)
+            i = 0  # row within the shard
+            for chunk in shard.iter(batch_size=data.chunk_size):
+                chunk_rows.append(0)
+                for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
+                    row, i = row + 1, i + 1
+                    reason = bad_row_reason(text, label)
+                    if reason:
+                        if data.on_bad_rows == "error":
+                            where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
+                            raise DataError(
+                                f"split {data.train_split!r} of {data.path!r}, {where}: {reason}. Fix the row, or set "
+                                "data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
+                            )
+                        bad[reason] += 1
+                        continue
+                    if isinstance(label, float) and label.is_integer():
+                        label = int(label)
+                    seen.add(label)
+                    count += 1
+                    chunk_rows[-1] += 1
+                    if cap is None or count <= cap:
+                        yield _clip(text, data)
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
@@ -381,10 +382,12 @@ class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                 shard.load_state_dict(position["chunk_state"])
             chunk_idx = position["chunk_idx"] if resuming and position else 0
             skip = position["batches_done"] if resuming and position else 0
-            rows = iter(shard)
+            # `.iter(batch_size=...)` reads columnar chunks and, unlike `iter(shard)`, does not
+            # re-split shards between DataLoader workers (we assigned them ourselves above).
+            chunks = shard.iter(batch_size=self.data.chunk_size)
             while True:
                 chunk_state = shard.state_dict()
-                chunk = _take(rows, self.data.chunk_size)
+                chunk = next(chunks, None)
                 if not chunk:
                     break
                 batches = self._chunk_batches(chunk, bad, shards[shard_pos], chunk_idx)
@@ -400,12 +403,12 @@ class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                 chunk_idx += 1
             position = None
 
-    def _chunk_batches(self, chunk: list[dict[str, Any]], bad: Counter[str], shard: int, chunk_idx: int) -> list[dict[str, Any]]:
+    def _chunk_batches(self, chunk: dict[str, list[Any]], bad: Counter[str], shard: int, chunk_idx: int) -> list[dict[str, Any]]:
+        """One chunk (column -> values) -> shuffled, length-bucketed batches."""
         data = self.data
         texts: list[str] = []
         targets: list[int] = []
-        for ex in chunk:
-            text, label = ex[data.text_column], ex[data.label_column]
+        for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
             reason = bad_row_reason(text, label, self.need_label)
             target = -1
             if reason is None and self.need_label:
@@ -444,15 +447,6 @@ class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             ids, lens = pad([seqs[i] for i in idx])
             out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=torch.long)})
         return out
-
-
-def _take(rows: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    out = []
-    for ex in rows:
-        out.append(ex)
-        if len(out) == n:
-            break
-    return out
 
 
 def _worker_init(worker_id: int) -> None:

@@ -1,0 +1,40 @@
+# seqtrain: `make demo` trains, evaluates and predicts on real data; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install data demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python data/fetch.py
+
+demo: install data
+	rm -rf runs/quickstart
+	$(BIN)/seqtrain train configs/quickstart.yaml
+	$(BIN)/seqtrain eval runs/quickstart
+	$(BIN)/seqtrain predict runs/quickstart \
+		"a gripping, beautifully acted film that stays with you" \
+		"tedious, overlong and not even funny" \
+		"the plot is thin but the performances are wonderful"
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check seqtrain tests bench data
+	$(BIN)/mypy
+
+bench: install data
+	$(BIN)/python -m bench.bench
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

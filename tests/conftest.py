@@ -1,0 +1,71 @@
+"""Shared fixtures: small datasets written in the Hub layout, and small configs that train in seconds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from seqtrain.config import Config, from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+REAL_DATA = next((p for p in (ROOT / "data", SHARED) if (p / "sst2").is_dir()), SHARED)
+
+POSITIVE = "great wonderful superb moving brilliant delightful charming excellent".split()
+NEGATIVE = "awful boring dull terrible tedious clumsy bland dreadful".split()
+FILLER = "the film movie plot actors story was is and a with its this of".split()
+
+
+def synthetic_rows(n: int, seed: int, string_labels: bool = False) -> list[dict[str, Any]]:
+    """Sentences whose label is decided by sentiment words; lengths vary from 3 to ~60 tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 50))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": ("pos" if label else "neg") if string_labels else label})
+    return rows
+
+
+def write_hub_folder(root: Path, splits: dict[str, list[dict[str, Any]]], shards: int = 1) -> Path:
+    """Write `<split>-NNNNN-of-NNNNN.parquet` files, like a Hub dataset repository."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        n = shards if split == "train" else 1
+        for i in range(n):
+            part = rows[i::n]
+            table = pa.Table.from_pylist(part)
+            pq.write_table(table, root / f"{split}-{i:05d}-of-{n:05d}.parquet")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_hub_folder(
+        tmp_path / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)}, shards=2
+    )
+
+
+def tiny_config(data_path: Path, out: Path, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "seed": 0,
+        "data": {"path": str(data_path), "max_length": 64, "chunk_size": 128, "num_workers": 0},
+        "tokenizer": {"vocab_size": 500, "min_frequency": 1},
+        "model": {"cell": "gru", "embedding_dim": 16, "hidden_size": 16},
+        "train": {"batch_size": 16, "epochs": 1, "lr": 0.01, "log_every": 5},
+    }
+    for key, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(key, {}).update(values)
+        else:
+            raw[key] = values
+    return from_dict(raw)
