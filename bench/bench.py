@@ -69,8 +69,11 @@ TARGET_A_B, TARGET_A_C, TARGET_A_D, TARGET_PREDICT, TARGET_HELP_S = 15.0, 1.3, 0
 START_ENV = dict(os.environ)
 
 
+_T0 = time.perf_counter()
+
+
 def say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- settings
@@ -429,6 +432,8 @@ class CellResult:
 
 def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple[list[str], list[int]],
                valid_texts: list[str], seqs_cache: dict[str, list[list[int]]], notes: list[str]) -> CellResult:
+    from tokenizers import Tokenizer
+
     cfg = bench_config(cell, data, tmp / f"run-{cell}", s)
     say(f"{cell}: (a) seqtrain train, {s.warmup} + {s.steps} steps")
     a, seq_batches, a_notes = bench_seqtrain(cfg, s)
@@ -441,7 +446,7 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
         say("tokenizing the training split for the references (untimed)")
         seqs_cache[key] = pretokenize(tokenizer_json, train_split[0])
     seqs, labels = seqs_cache[key], train_split[1]
-    vocab_size = json.loads(key)["model"]["vocab"].__len__()
+    vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
 
     rand = random_batches(seqs, labels, max(s.packed_warmup + s.packed_steps, s.warmup + s.steps))
     say(f"{cell}: (b) packed reference, {s.packed_warmup} + {s.packed_steps} steps")

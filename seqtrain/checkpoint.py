@@ -124,7 +124,7 @@ def save(
         tmp.mkdir()
         files: dict[str, bytes | None] = {}
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "seqtrain", "step": str(step)})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files["model.safetensors"] = None
         if optimizer is not None:
             opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())

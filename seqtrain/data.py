@@ -466,5 +466,8 @@ def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataL
         collate_fn=identity,
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        # Its own generator: creating the iterator must not draw from the global RNG that dropout
+        # uses, or a resumed run would see a shifted dropout stream.
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )

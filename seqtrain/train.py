@@ -206,6 +206,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
             "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names,
         }
         checkpoint.save(run_dir, s["step"], model, optimizer, state, best=best, keep_last=t.keep_last)
+        if os.environ.get("SEQTRAIN_KILL_AFTER_SAVE") == str(s["step"]):  # fault injection for the resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def run_eval() -> bool:
         """Evaluate, log, checkpoint; True when early stopping says stop."""
@@ -239,11 +241,15 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
                 )
                 loader = iter(make_loader(stream, cfg.data.num_workers))
-                while s["step"] < total_steps:
+                epoch_done = False
+                while True:
                     tw = time.perf_counter()
                     batch = next(loader, None)
                     window["wait"] += time.perf_counter() - tw
                     if batch is None:
+                        epoch_done = True
+                        break
+                    if s["step"] >= total_steps:
                         break
                     ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
 
@@ -297,9 +303,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                             f"stopped by {stop[0]} at step {s['step']}; last/ is saved. Resume with: "
                             f"seqtrain train {config_path} --resume"
                         )
-                else:
-                    break  # reached total_steps inside the epoch
-                # the epoch's stream is exhausted
+                if not epoch_done or early_stop:
+                    break  # max_steps or early stopping, inside the epoch
                 s["epoch"] += 1
                 s["positions"], s["next_slot"] = {}, 0
                 if not t.eval_every and s["step"] != last_eval_step:

@@ -61,7 +61,7 @@ def tiny_config(data_path: Path, out: Path, **sections: dict[str, Any]) -> Confi
         "data": {"path": str(data_path), "max_length": 64, "chunk_size": 128, "num_workers": 0},
         "tokenizer": {"vocab_size": 500, "min_frequency": 1},
         "model": {"cell": "gru", "embedding_dim": 16, "hidden_size": 16},
-        "train": {"batch_size": 16, "epochs": 1, "lr": 0.01, "log_every": 5},
+        "train": {"batch_size": 16, "epochs": 1, "lr": 0.01, "log_every": 5, "num_threads": 1},
     }
     for key, values in sections.items():
         if isinstance(values, dict):

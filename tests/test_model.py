@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqtrain.config import ModelConfig
+from seqtrain.model import build_model, reverse_within_length
+
+
+def test_reverse_within_length_keeps_padding_and_is_an_involution() -> None:
+    lengths = torch.tensor([3, 5, 1])
+    idx = reverse_within_length(lengths, 5)
+    assert idx.tolist() == [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
+    assert torch.equal(idx.gather(1, idx), torch.arange(5).expand(3, 5))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+def test_prediction_does_not_depend_on_the_batch(cell: str, bidirectional: bool, pooling: str) -> None:
+    """A short text alone and inside a batch of long, padded texts gets the same logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, bidirectional=bidirectional, pooling=pooling, num_layers=2,  # type: ignore[arg-type]
+                      embedding_dim=16, hidden_size=24)
+    model = build_model(cfg, vocab_size=50, num_classes=3).eval()
+    short = torch.randint(2, 50, (1, 4))
+    batch = torch.zeros(6, 30, dtype=torch.long)
+    batch[:5] = torch.randint(2, 50, (5, 30))
+    batch[5, :4] = short
+    lengths = torch.tensor([30, 25, 30, 17, 30, 4])
+    with torch.no_grad():
+        alone = model(short, torch.tensor([4]))
+        inside = model(batch, lengths)[5:]
+        twice = model(short, torch.tensor([4]))  # no state carried between calls
+    assert torch.allclose(alone, inside, atol=1e-5), (alone - inside).abs().max()
+    assert torch.equal(alone, twice)
+
+
+def test_padding_tokens_do_not_change_the_result() -> None:
+    """Garbage in the padded positions (not just zeros) never reaches the output."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="lstm", bidirectional=True, pooling="last"), 50, 2).eval()
+    ids = torch.randint(2, 50, (2, 10))
+    lengths = torch.tensor([10, 6])
+    noisy = ids.clone()
+    noisy[1, 6:] = torch.randint(2, 50, (4,))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, lengths), model(noisy, lengths), atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_each_cell_learns_a_few_steps(cell: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell=cell, embedding_dim=16, hidden_size=16, dropout=0.0), 20, 2)  # type: ignore[arg-type]
+    ids = torch.randint(2, 20, (32, 12))
+    y = (ids[:, 0] < 10).long()  # the label is in the first token: the last step must carry it
+    lengths = torch.full((32,), 12)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(model(ids, lengths), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

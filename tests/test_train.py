@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqtrain.config import to_dict
+from seqtrain.errors import ConfigError
+from seqtrain.metrics import read_metrics
+from seqtrain.train import lr_at, train
+from tests.conftest import ROOT, tiny_config
+
+
+def test_tiny_run_writes_a_complete_run_directory(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 2, "eval_every": 0})
+    report = train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "tokenizer.json", "labels.json", "metrics.jsonl", "run.json", "eval-validation.json",
+                 "best/model.safetensors", "last/model.safetensors", "last/optimizer.safetensors", "last/state.json"):
+        assert (run / name).exists(), name
+    lines = read_metrics(run / "metrics.jsonl")
+    train_lines = [r for r in lines if r["split"] == "train"]
+    eval_lines = [r for r in lines if r["split"] == "validation"]
+    assert train_lines and all({"step", "epoch", "loss", "tokens_per_sec"} <= r.keys() for r in train_lines)
+    assert [r["epoch"] for r in eval_lines] == [1, 2], "an epoch-end evaluation counts the finished epoch"
+    assert all({"loss", "accuracy", "f1_macro"} <= r.keys() for r in eval_lines)
+    assert report["accuracy"] > 0.8, "the synthetic task is easy"
+    steps = json.loads((run / "run.json").read_text())["steps_per_epoch"]
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 2 * steps
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_data: Path, tmp_path: Path) -> None:
+    a = tmp_path / "a" / "last" / "model.safetensors"
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(tiny_config(tiny_data, tmp_path / name, seed=seed, train={"max_steps": 15}))
+    assert a.read_bytes() == (tmp_path / "b" / "last" / "model.safetensors").read_bytes()
+    assert a.read_bytes() != (tmp_path / "c" / "last" / "model.safetensors").read_bytes()
+
+
+def test_existing_run_is_not_overwritten(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 3})
+    train(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+
+
+def test_resume_refuses_a_different_model(tiny_data: Path, tmp_path: Path) -> None:
+    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 3}))
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        train(tiny_config(tiny_data, tmp_path / "run", model={"hidden_size": 32}), resume=True)
+
+
+def test_lr_schedule_warms_up_and_decays() -> None:
+    from seqtrain.config import TrainConfig
+
+    t = TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="cosine")
+    assert lr_at(0, t, 100) == pytest.approx(0.1) and lr_at(9, t, 100) == pytest.approx(1.0)
+    assert lr_at(55, t, 100) == pytest.approx(0.5) and lr_at(100, t, 100) == pytest.approx(0.0)
+
+
+def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if kill_after is not None:
+        env["SEQTRAIN_KILL_AFTER_SAVE"] = str(kill_after)
+    return subprocess.run([sys.executable, "-m", "seqtrain", "train", str(config), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("workers,kills", [(0, [10]), (2, [10]), (0, [10, 30]), (0, ["epoch"])])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path, workers: int, kills: list) -> None:
+    """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
+    the final weights equal an uninterrupted run's, byte for byte."""
+    def config(out: str) -> Path:
+        cfg = tiny_config(tiny_data, tmp_path / out, data={"num_workers": workers},
+                          train={"epochs": 2, "eval_every": 10, "log_every": 5})
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        return path
+
+    straight = run_cli(config("straight"))
+    assert straight.returncode == 0, straight.stderr
+    steps = json.loads((tmp_path / "straight" / "run.json").read_text())["steps_per_epoch"]
+    cfg = config("killed")
+    for i, k in enumerate(kills):
+        at = steps if k == "epoch" else k
+        proc = run_cli(cfg, *(["--resume"] if i else []), "train.eval_every=" + str(at if k == "epoch" else 10), kill_after=at)
+        assert proc.returncode == -9, proc.stderr
+    final = run_cli(cfg, "--resume")
+    assert final.returncode == 0, final.stderr
+    a = (tmp_path / "straight" / "last" / "model.safetensors").read_bytes()
+    b = (tmp_path / "killed" / "last" / "model.safetensors").read_bytes()
+    assert a == b
+    lines = [r for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in lines] == sorted({r["step"] for r in lines}), "no step is logged twice"
