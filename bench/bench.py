@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 from seqtrain.config import Config, from_dict
-from seqtrain.data import PAD_ID, BatchStream, Labels, encode, open_split, sorted_batches
+from seqtrain.data import PAD_ID, UNK_ID, BatchStream, Labels, encode, open_split, sorted_batches
 from seqtrain.metrics import read_metrics
 from seqtrain.train import physical_cores
 from seqtrain.train import train as seqtrain_train
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## CPU speed (make bench)"
 CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
-# The shapes issue 3 fixes.
+# The shapes issue 3 fixes (--quick cuts texts to QUICK_MAX_LENGTH tokens instead of MAX_LENGTH).
 EMBEDDING, HIDDEN, BATCH, MAX_LENGTH = 128, 256, 64, 400
 PREDICT_BATCH, PREDICT_CHUNK = 256, 2048  # what `seqtrain predict` uses (cli -> predict_stream)
 
@@ -89,6 +89,7 @@ class Settings:
     predict_texts: int | None  # validation reviews for the predict benchmark (None: all 5,000)
     help_runs: int
     max_train_examples: int | None  # None (the full training stream) except in --quick
+    max_length: int  # MAX_LENGTH except in --quick
     quick: bool
 
 
@@ -96,7 +97,9 @@ class Settings:
 # warm-up 3 + 64 measured steps crosses one chunk boundary (where the worker tokenizes a new chunk).
 FULL = {"warmup": 3, "steps": 64, "packed_warmup": 1, "packed_steps": 5, "predict_texts": None, "help_runs": 5}
 QUICK = {"warmup": 1, "steps": 2, "packed_warmup": 0, "packed_steps": 1, "predict_texts": 256, "help_runs": 2}
-QUICK_TRAIN_EXAMPLES = 1024  # --quick only: a short stream, so the vocabulary pass takes a second
+# --quick only: a short training stream (the vocabulary pass takes a second) and short texts (one
+# packed LSTM step on 64 x 400 tokens takes 20-40 s on 2 cores; on 64 x 64 a few seconds).
+QUICK_TRAIN_EXAMPLES, QUICK_MAX_LENGTH = 1024, 64
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
@@ -129,6 +132,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
         predict_texts=pick("predict_texts"),
         help_runs=int(profile["help_runs"]),  # type: ignore[call-overload]
         max_train_examples=QUICK_TRAIN_EXAMPLES if a.quick else None,
+        max_length=QUICK_MAX_LENGTH if a.quick else MAX_LENGTH,
         quick=a.quick,
     )
     if s.steps < 1 or s.packed_steps < 1 or s.warmup < 0 or s.packed_warmup < 0:
@@ -151,7 +155,7 @@ def bench_config(cell: str, data: Path, run_dir: Path, s: Settings) -> Config:
         "output_dir": str(run_dir),
         "seed": 0,
         "data": {
-            "path": str(data), "label_names": ["negative", "positive"], "max_length": MAX_LENGTH,
+            "path": str(data), "label_names": ["negative", "positive"], "max_length": s.max_length,
             "truncation": "head", "num_workers": 1, "max_eval_examples": 64,
             "max_train_examples": s.max_train_examples,
         },
@@ -249,7 +253,13 @@ def bench_seqtrain(cfg: Config, s: Settings) -> tuple[Rate, list[Batch], list[st
     total tokens / total seconds (not an average of rates). Each window's padding recomputed from the
     rebuilt batches must equal the logged one: that checks they are the batches seqtrain trained on.
     """
-    seqtrain_train(cfg)
+    from seqtrain import console
+
+    console.out.quiet = True  # the final eval report would land on stdout, in the middle of our tables
+    try:
+        seqtrain_train(cfg)
+    finally:
+        console.out.quiet = False
     labels = Labels.from_json(json.loads((cfg.run_dir / "labels.json").read_text()))
     batches = seqtrain_batches(cfg, labels, s.warmup + s.steps)
     lines = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("split") == "train"]
@@ -344,13 +354,13 @@ def read_split(cfg: Config, split: str, limit: int | None) -> tuple[list[str], l
     return texts, labels
 
 
-def pretokenize(tokenizer_json: Path, texts: list[str]) -> list[list[int]]:
-    """Token ids with the run's tokenizer, cut to MAX_LENGTH (the head), as a tutorial would."""
+def pretokenize(tokenizer_json: Path, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids with the run's tokenizer, cut to `max_length` (the head), as a tutorial would."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    return [e.ids[:MAX_LENGTH] or [1] for e in encodings]  # an empty text would be a single <unk> (id 1)
+    return [e.ids[:max_length] or [UNK_ID] for e in encodings]  # an empty text becomes one <unk>, as in seqtrain
 
 
 # --------------------------------------------------------------------------- prediction
@@ -444,7 +454,7 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     key = tokenizer_json.read_text()  # every cell trains the same vocabulary: tokenize the split once
     if key not in seqs_cache:
         say("tokenizing the training split for the references (untimed)")
-        seqs_cache[key] = pretokenize(tokenizer_json, train_split[0])
+        seqs_cache[key] = pretokenize(tokenizer_json, train_split[0], s.max_length)
     seqs, labels = seqs_cache[key], train_split[1]
     vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
 
@@ -546,7 +556,7 @@ def environment(s: Settings, data: Path) -> list[str]:
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}` (`make bench`)",
         f"- Setup: IMDB ({os.path.relpath(data, ROOT) if data.is_relative_to(ROOT) else data}), embedding {EMBEDDING}, "
-        f"hidden {HIDDEN}, batch {BATCH}, max_length {MAX_LENGTH}, unidirectional, pooling last, fp32. "
+        f"hidden {HIDDEN}, batch {BATCH}, max_length {s.max_length}, unidirectional, pooling last, fp32. "
         f"(a), (c), (d): {s.warmup} warm-up + {s.steps} measured steps; (b): {s.packed_warmup} + {s.packed_steps}."
         + (f" Training stream cut to {s.max_train_examples} rows." if s.max_train_examples else ""),
     ]

@@ -1,0 +1,126 @@
+"""The command line through Typer's test runner: exit codes, messages, outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seqtrain.cli import app
+from seqtrain.config import to_dict
+from tests.conftest import ROOT, tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import synthetic_rows, write_hub_folder
+
+    tmp = tmp_path_factory.mktemp("cli")
+    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)})
+    cfg = tiny_config(data, tmp / "run", data={"label_names": ["negative", "positive"]}, train={"epochs": 3})
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def test_train_prints_resolved_config_and_writes_run(trained: Path) -> None:
+    assert (trained / "best" / "model.safetensors").exists()
+    assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["cell"] == "gru"
+
+
+def test_eval_json_is_one_object(trained: Path) -> None:
+    result = runner.invoke(app, ["eval", str(trained), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"accuracy", "f1_macro", "loss", "n"} <= report.keys() and report["n"] == 200
+    assert report["accuracy"] > 0.8
+    assert json.loads((trained / "eval-validation.json").read_text())["accuracy"] == report["accuracy"]
+
+
+def test_eval_tables(trained: Path) -> None:
+    result = runner.invoke(app, ["eval", str(trained), "--split", "train", "--limit", "100"])
+    assert result.exit_code == 0, result.output
+    assert "confusion matrix" in result.stdout and "negative" in result.stdout
+    assert (trained / "eval-train.json").exists()
+
+
+def test_predict_arguments_jsonl(trained: Path) -> None:
+    result = runner.invoke(app, ["predict", str(trained), "great wonderful film", "awful boring dull"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["positive", "negative"]
+    assert rows[0]["text"] == "great wonderful film"
+    assert abs(sum(rows[0]["probs"].values()) - 1) < 1e-4
+
+
+def test_predict_stdin_and_files_keep_order(trained: Path, tmp_path: Path) -> None:
+    texts = ["great superb", "awful " * 50, "dull", "the film was brilliant and moving"]
+    result = runner.invoke(app, ["predict", str(trained), "--input", "-"], input="\n".join(texts) + "\n")
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == texts
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]) + "not json\n" + json.dumps({"text": texts[2]}) + "\n")
+    out = tmp_path / "out.csv"
+    result = runner.invoke(app, ["predict", str(trained), "--input", str(jsonl), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "line 3" in result.output  # the malformed line is reported, the rest predicted in order
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["text"] for r in rows] == texts[:3] and set(rows[0]) == {"text", "label", "prob_negative", "prob_positive"}
+    csv_in = tmp_path / "in.csv"
+    csv_in.write_text("id,review\n1,great superb\n2,awful dull\n")
+    result = runner.invoke(app, ["predict", str(trained), "-i", str(csv_in), "--text-column", "review"])
+    assert [json.loads(line)["label"] for line in result.stdout.splitlines()] == ["positive", "negative"]
+
+
+def test_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hiden_size: 3\n")
+    result = runner.invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert "model.hidden_size" in result.output and "Traceback" not in result.output
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    for cmd in (["eval", str(tmp_path / "nope")], ["predict", str(tmp_path / "nope"), "hi"]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_data_error_names_the_column(tmp_path: Path, trained: Path) -> None:
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    cfg["data"]["text_column"] = "review"
+    cfg["output_dir"] = str(tmp_path / "r")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 1 and "'review'" in result.output and "Traceback" not in result.output
+
+
+def test_help_and_version_are_fast() -> None:
+    exe = Path(sys.executable).parent / "seqtrain"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "seqtrain"]
+    subprocess.run([*cmd, "--help"], capture_output=True, check=True)  # warm the file cache
+    start = time.perf_counter()
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    assert "train" in out.stdout and "predict" in out.stdout
+    assert elapsed < 1.0, f"--help took {elapsed:.2f}s; torch must not be imported for it"
+    version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("seqtrain ")
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from seqtrain import cli; import seqtrain.config; print('torch' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False False"
