@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -55,7 +56,7 @@ from seqtrain.train import train as seqtrain_train
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## CPU speed (make bench)"
-CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+CELLS: dict[str, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 # The shapes issue 3 fixes (--quick cuts texts to QUICK_MAX_LENGTH tokens instead of MAX_LENGTH).
 EMBEDDING, HIDDEN, BATCH, MAX_LENGTH = 128, 256, 64, 400
@@ -93,10 +94,20 @@ class Settings:
     quick: bool
 
 
-# Full run: ~10-15 minutes on a 2-core machine. A chunk of 4,096 rows makes 64 batches, so
-# warm-up 3 + 64 measured steps crosses one chunk boundary (where the worker tokenizes a new chunk).
-FULL = {"warmup": 3, "steps": 64, "packed_warmup": 1, "packed_steps": 5, "predict_texts": None, "help_runs": 5}
-QUICK = {"warmup": 1, "steps": 2, "packed_warmup": 0, "packed_steps": 1, "predict_texts": 256, "help_runs": 2}
+@dataclass(frozen=True)
+class Counts:
+    warmup: int
+    steps: int
+    packed_warmup: int
+    packed_steps: int
+    predict_texts: int | None
+    help_runs: int
+
+
+# Full run: ~10-15 minutes on an idle 2-core machine, most of it in (b). A chunk of 4,096 rows makes
+# 64 batches, so warm-up 3 + 64 measured steps cross one chunk boundary (the worker tokenizes a new chunk).
+FULL = Counts(warmup=3, steps=64, packed_warmup=1, packed_steps=5, predict_texts=None, help_runs=5)
+QUICK = Counts(warmup=1, steps=2, packed_warmup=0, packed_steps=1, predict_texts=256, help_runs=2)
 # --quick only: a short training stream (the vocabulary pass takes a second) and short texts (one
 # packed LSTM step on 64 x 400 tokens takes 20-40 s on 2 cores; on 64 x 64 a few seconds).
 QUICK_TRAIN_EXAMPLES, QUICK_MAX_LENGTH = 1024, 64
@@ -106,10 +117,10 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 1 minute): tiny step counts, meaningless numbers")
     p.add_argument("--cells", nargs="+", default=None, help="cells to run (lstm gru rnn; commas also work)")
-    p.add_argument("--steps", type=int, default=None, help=f"measured steps of (a), (c), (d) (default {FULL['steps']})")
-    p.add_argument("--warmup", type=int, default=None, help=f"warm-up steps of (a), (c), (d) (default {FULL['warmup']})")
-    p.add_argument("--packed-steps", type=int, default=None, help=f"measured steps of (b) (default {FULL['packed_steps']})")
-    p.add_argument("--packed-warmup", type=int, default=None, help=f"warm-up steps of (b) (default {FULL['packed_warmup']})")
+    p.add_argument("--steps", type=int, default=None, help=f"measured steps of (a), (c), (d) (default {FULL.steps})")
+    p.add_argument("--warmup", type=int, default=None, help=f"warm-up steps of (a), (c), (d) (default {FULL.warmup})")
+    p.add_argument("--packed-steps", type=int, default=None, help=f"measured steps of (b) (default {FULL.packed_steps})")
+    p.add_argument("--packed-warmup", type=int, default=None, help=f"warm-up steps of (b) (default {FULL.packed_warmup})")
     p.add_argument("--predict-texts", type=int, default=None, help="validation reviews to predict (default: all)")
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to write (default: BENCHMARKS.md)")
     a = p.parse_args(argv)
@@ -119,18 +130,14 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
         if c not in CELLS:
             p.error(f"unknown cell {c!r}; choose from {', '.join(CELLS)}")
 
-    def pick(name: str) -> int | None:
-        value = getattr(a, name)
-        return profile[name] if value is None else value
-
     s = Settings(
         cells=cells,
-        warmup=pick("warmup"),  # type: ignore[arg-type]
-        steps=pick("steps"),  # type: ignore[arg-type]
-        packed_warmup=pick("packed_warmup"),  # type: ignore[arg-type]
-        packed_steps=pick("packed_steps"),  # type: ignore[arg-type]
-        predict_texts=pick("predict_texts"),
-        help_runs=int(profile["help_runs"]),  # type: ignore[call-overload]
+        warmup=profile.warmup if a.warmup is None else a.warmup,
+        steps=profile.steps if a.steps is None else a.steps,
+        packed_warmup=profile.packed_warmup if a.packed_warmup is None else a.packed_warmup,
+        packed_steps=profile.packed_steps if a.packed_steps is None else a.packed_steps,
+        predict_texts=profile.predict_texts if a.predict_texts is None else a.predict_texts,
+        help_runs=profile.help_runs,
         max_train_examples=QUICK_TRAIN_EXAMPLES if a.quick else None,
         max_length=QUICK_MAX_LENGTH if a.quick else MAX_LENGTH,
         quick=a.quick,
@@ -363,6 +370,39 @@ def pretokenize(tokenizer_json: Path, texts: list[str], max_length: int) -> list
     return [e.ids[:max_length] or [UNK_ID] for e in encodings]  # an empty text becomes one <unk>, as in seqtrain
 
 
+# --------------------------------------------------------------------------- other work on the machine
+
+
+@dataclass
+class CpuSnapshot:
+    busy: float  # CPU-seconds all CPUs spent busy (or stolen by the hypervisor) since boot
+    ours: float  # CPU-seconds of this process and its reaped children (DataLoader worker, subprocesses)
+    wall: float
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    try:
+        # cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user)
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+    return CpuSnapshot(busy, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, time.perf_counter())
+
+
+def others_share(start: CpuSnapshot | None, end: CpuSnapshot | None) -> float | None:
+    """Share of the machine's CPU capacity used by other processes between two snapshots.
+
+    The benchmark owns every core (torch threads = physical cores); anything else running makes
+    the multi-threaded kernels wait on each other, and the numbers are then not worth keeping.
+    """
+    if start is None or end is None or end.wall <= start.wall:
+        return None
+    others = (end.busy - start.busy) - (end.ours - start.ours)
+    return max(0.0, others) / ((end.wall - start.wall) * (os.cpu_count() or 1))
+
+
 # --------------------------------------------------------------------------- prediction
 
 
@@ -438,6 +478,10 @@ class CellResult:
     c: Rate
     d: Rate
     predict: PredictResult
+    others: float | None  # CPU share other processes took while this cell ran
+
+
+OTHERS_WARN = 0.05  # flag cells during which other processes used more than this share of the CPUs
 
 
 def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple[list[str], list[int]],
@@ -445,6 +489,7 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     from tokenizers import Tokenizer
 
     cfg = bench_config(cell, data, tmp / f"run-{cell}", s)
+    snap = cpu_snapshot()
     say(f"{cell}: (a) seqtrain train, {s.warmup} + {s.steps} steps")
     a, seq_batches, a_notes = bench_seqtrain(cfg, s)
     notes += a_notes
@@ -475,7 +520,10 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     say(f"{cell}: seqtrain predict on {len(valid_texts):,} validation reviews")
     pred = bench_predict(cfg, valid_texts, tmp)
     say(f"{cell}: predict {pred.cli_per_sec:,.0f} texts/s, ceiling {pred.ceiling_per_sec:,.0f} texts/s")
-    return CellResult(cell, a, b, c, d, pred)
+    others = others_share(snap, cpu_snapshot())
+    if others is not None and others > OTHERS_WARN:
+        notes.append(f"{cell}: other processes used {others:.0%} of the CPUs meanwhile; its numbers are unreliable.")
+    return CellResult(cell, a, b, c, d, pred, others)
 
 
 # --------------------------------------------------------------------------- report
@@ -495,6 +543,7 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
             r.cell.upper(), f"{r.a.per_sec:,.0f}", f"{r.b.per_sec:,.0f}", f"{r.c.per_sec:,.0f}", f"{r.d.per_sec:,.0f}",
             f"{r.a.padding:.1%}", f"{r.c.padding:.1%}", f"{r.a.data_wait:.1%}",
             f"{ab:.1f} {check(ab, TARGET_A_B)}", f"{ac:.2f} {check(ac, TARGET_A_C)}", f"{ad:.2f} {check(ad, TARGET_A_D)}",
+            "?" if r.others is None else f"{r.others:.0%}",
         ])
     pred_rows = []
     for r in results:
@@ -506,7 +555,7 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
     return [
         ("Training, real tokens per second",
          ["cell", "a seqtrain", "b packed ref", "c padded ref", "d ceiling", "padding a", "padding c", "data wait a",
-          f"a/b (≥ {TARGET_A_B:g})", f"a/c (≥ {TARGET_A_C:g})", f"a/d (≥ {TARGET_A_D:.2f})"],
+          f"a/b (≥ {TARGET_A_B:g})", f"a/c (≥ {TARGET_A_C:g})", f"a/d (≥ {TARGET_A_D:.2f})", "others' CPU"],
          train_rows),
         ("Prediction, texts per second",
          ["cell", "texts", "seqtrain predict", "ceiling", f"ratio (≥ {TARGET_PREDICT:.2f})"],
@@ -568,7 +617,8 @@ LEGEND = [
     "`pack_padded_sequence`, h_n -> Linear, AdamW; (c) the same on the same random batches, padded, not packed; "
     "(d) ceiling: bare Embedding -> cell -> Linear, forward + backward + AdamW on the exact batches seqtrain "
     "trained on in (a). Tokens/s count real (non-padding) tokens. Padding: share of pad positions in the batches; "
-    "data wait: share of (a)'s time spent waiting for the next batch.",
+    "data wait: share of (a)'s time spent waiting for the next batch. Others' CPU: share of the machine other "
+    "processes used while the cell ran (from /proc/stat); above 5% the cell's numbers are not trustworthy.",
     "Prediction: `seqtrain predict RUN_DIR --input reviews.txt --output out.jsonl` timed as a subprocess (start-up, "
     "loading, tokenizing, JSONL included) on the validation reviews, against forward-only Embedding -> cell -> "
     "Linear under `torch.inference_mode` on the same length-sorted batches of 256.",

@@ -194,7 +194,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} is missing from the checkpoint.")
         if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match its SHA-256 in manifest.json: the file is truncated or altered.")
-    return manifest  # type: ignore[no-any-return]
+    return manifest
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -325,7 +325,7 @@ def identity(x: Any) -> Any:
     return x
 
 
-class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+class BatchStream(torch.utils.data.IterableDataset):
     """Batches for one epoch of one split, each carrying the stream position right after it.
 
     Each item is a dict: ids (B, T), lengths (B,), labels (B,), `position` (what resumes the stream
@@ -441,7 +441,7 @@ class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             order = np.argsort(lengths, kind="stable")
         cuts = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
-            rng.shuffle(cuts)  # type: ignore[arg-type]
+            rng.shuffle(cuts)
         out = []
         for idx in cuts:
             ids, lens = pad([seqs[i] for i in idx])
@@ -454,7 +454,7 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader that runs the stream in `num_workers` processes ahead of the model."""
     if num_workers > 0:
         # The parent trained the tokenizer with Rust threads; forked workers must not reuse that pool.

@@ -16,13 +16,15 @@ zero hidden state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from seqtrain.config import ModelConfig
 from seqtrain.data import PAD_ID
 
-CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+CELLS: dict[str, Callable[..., nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
 def reverse_within_length(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -57,8 +59,8 @@ class Classifier(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for layer in self.layers:
-            for rnn in layer:  # type: ignore[union-attr]
+        for rnn in self.modules():
+            if isinstance(rnn, nn.RNNBase):
                 for name, p in rnn.named_parameters():
                     if name.startswith("weight_hh"):
                         # Orthogonal recurrence keeps gradients from vanishing or exploding early on.
@@ -72,7 +74,7 @@ class Classifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C)."""
-        B, T = ids.shape
+        T = ids.shape[1]
         x = self.embedding_dropout(self.embedding(ids))  # (B, T, E)
         rev = reverse_within_length(lengths, T) if self.directions == 2 else None
         for i, layer in enumerate(self.layers):
@@ -90,7 +92,7 @@ class Classifier(nn.Module):
 
     def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, D), reading only the real steps."""
-        B, T, D = x.shape
+        B, T, _ = x.shape
         if self.cfg.pooling == "last":
             rows = torch.arange(B, device=x.device)
             H = self.cfg.hidden_size

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from seqtrain import checkpoint, console
 from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
-from seqtrain.data import Labels, BatchStream, build_vocab, make_loader
+from seqtrain.data import BatchStream, Labels, build_vocab, make_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.inference import evaluate, load_tokenizer, pick_device
 from seqtrain.metrics import MetricsLog, is_better
@@ -91,10 +91,10 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py = random.getstate()
     return (
-        {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},  # type: ignore[index, misc]
+        {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
         {"torch": torch.get_rng_state()},
     )
 
@@ -103,7 +103,7 @@ def _set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))  # type: ignore[arg-type]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     torch.set_rng_state(tensors["torch"])
 
 

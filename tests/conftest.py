@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 REAL_DATA = next((p for p in (ROOT / "data", SHARED) if (p / "sst2").is_dir()), SHARED)
 
-POSITIVE = "great wonderful superb moving brilliant delightful charming excellent".split()
-NEGATIVE = "awful boring dull terrible tedious clumsy bland dreadful".split()
-FILLER = "the film movie plot actors story was is and a with its this of".split()
+POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful", "charming", "excellent"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "tedious", "clumsy", "bland", "dreadful"]
+FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "and", "a", "with", "its", "this", "of"]
 
 
 def synthetic_rows(n: int, seed: int, string_labels: bool = False) -> list[dict[str, Any]]:
