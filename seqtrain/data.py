@@ -452,6 +452,9 @@ class BatchStream(torch.utils.data.IterableDataset):
 def _worker_init(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process decides when to stop, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The model's OpenMP threads wait for each other at every time step: a worker that preempts
+    # one of them stalls all of them. At low priority it runs in the gaps the model leaves.
+    os.nice(19)
 
 
 def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
