@@ -126,46 +126,76 @@ def eval_(
         raise _fail(str(e), e.exit_code) from None
 
 
-def _read_texts(path: str, text_column: str, bad: list[str]) -> Iterator[str]:
-    """Texts from stdin (-), .txt (a line each), .jsonl or .csv; malformed lines are reported in `bad`."""
+class MalformedInput(SeqtrainError):
+    pass
+
+
+def _decoded_lines(raw: Iterator[bytes], bad: list[str], strict: bool) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line; lines that are not UTF-8 are reported, not fatal."""
+    for n, line in enumerate(raw, 1):
+        try:
+            yield n, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _bad(bad, f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})", strict)
+
+
+def _bad(bad: list[str], msg: str, strict: bool) -> None:
+    if strict:
+        raise MalformedInput(f"{msg}. Fix the input, or drop --strict to skip such lines and predict the rest.")
+    bad.append(msg)
+
+
+def _read_texts(path: str, text_column: str, bad: list[str], strict: bool = False) -> Iterator[str]:
+    """Texts from stdin (-), .txt (a line each), .jsonl or .csv, read as a stream.
+
+    Malformed lines (not UTF-8, not JSON, no text) are reported in `bad` with their line numbers
+    and skipped, or stop everything with `strict`.
+    """
     suffix = Path(path).suffix.lower() if path != "-" else ".txt"
     if path != "-" and not Path(path).is_file():
         raise SeqtrainError(f"--input {path!r} does not exist.")
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="strict", newline="")  # noqa: SIM115
+    raw = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
     try:
+        lines = _decoded_lines(iter(raw), bad, strict)
         if suffix == ".csv":
-            reader = csv.DictReader(stream)
+            numbered = iter(lines)
+            current = [0]
+
+            def text_lines() -> Iterator[str]:
+                for n, line in numbered:
+                    current[0] = n
+                    yield line
+
+            reader = csv.DictReader(text_lines())
             if reader.fieldnames is None or text_column not in reader.fieldnames:
                 raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
             for row in reader:
                 text = row.get(text_column)
-                if not text:
-                    bad.append(f"line {reader.line_num}: empty {text_column!r}")
+                if not text or not text.strip():
+                    _bad(bad, f"line {current[0]}: empty {text_column!r}", strict)
                     continue
                 yield text
         elif suffix in (".jsonl", ".json"):
-            for n, line in enumerate(stream, 1):
+            for n, line in lines:
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
-                    text = obj[text_column] if isinstance(obj, dict) else None
-                except (ValueError, KeyError):
+                    text = obj.get(text_column) if isinstance(obj, dict) else None
+                except ValueError:
                     text = None
                 if not isinstance(text, str) or not text.strip():
-                    bad.append(f"line {n}: not a JSON object with a non-empty string {text_column!r}")
+                    _bad(bad, f"line {n}: not a JSON object with a non-empty string {text_column!r}", strict)
                     continue
                 yield text
         else:
-            for line in stream:
+            for _, line in lines:
                 line = line.rstrip("\r\n")
                 if line.strip():
                     yield line
-    except UnicodeDecodeError as e:
-        raise SeqtrainError(f"{path} is not valid UTF-8 ({e}).") from None
     finally:
-        if stream is not sys.stdin:
-            stream.close()
+        if raw is not sys.stdin.buffer:
+            raw.close()
 
 
 @app.command()
@@ -178,6 +208,7 @@ def predict(
     text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv input.")] = "text",
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 256,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
 ) -> None:
     """Classify texts; one result per text, in input order: {"text", "label", "probs"}."""
     try:
@@ -193,7 +224,7 @@ def predict(
         for w in warnings:
             console.warn(w)
         bad: list[str] = []
-        source: Iterator[str] = iter(texts or []) if input is None else _read_texts(input, text_column, bad)
+        source: Iterator[str] = iter(texts or []) if input is None else _read_texts(input, text_column, bad, strict)
         names = run.labels.names
         sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
         try:

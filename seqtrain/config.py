@@ -52,8 +52,8 @@ class DataConfig:
     """Which tokens survive truncation: the first, the last, or half of each."""
     chunk_size: int = 4096
     """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then shuffled."""
-    num_workers: int = 1
-    """DataLoader worker processes that stream, tokenize and batch ahead of the model (0 = in the main process)."""
+    num_workers: int | None = None
+    """DataLoader worker processes that stream, tokenize and batch ahead of the model; 0 = in the main process; null = 1 when there are more than 2 physical cores, else 0 (on 2 cores the model's threads use both, and a worker only preempts them)."""
     max_train_examples: int | None = None
     """Read only the first N training rows (quick experiments and tests)."""
     max_eval_examples: int | None = None
@@ -136,6 +136,8 @@ class TrainConfig:
     """Periodic checkpoints kept besides `best/`."""
     deterministic: bool = False
     """Turn on torch.use_deterministic_algorithms."""
+    trace_examples: bool = False
+    """Write trained-examples.tsv: the step and a hash of every example trained on (audits resume: no replay, no gap)."""
 
 
 @dataclass
@@ -372,7 +374,7 @@ def _check_values(cfg: Config) -> None:
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip must be positive or null, got {cfg.train.grad_clip}.")
     for key, n in {"train.eval_every": cfg.train.eval_every, "train.warmup_steps": cfg.train.warmup_steps,
-                   "data.num_workers": cfg.data.num_workers}.items():
+                   "data.num_workers": cfg.data.num_workers or 0}.items():
         if n < 0:
             raise ConfigError(f"{key} must be >= 0, got {n}.")
     if cfg.data.label_names is not None and len(set(cfg.data.label_names)) != len(cfg.data.label_names):

@@ -4,6 +4,7 @@ and checkpoints inside it, and a final summary. No callbacks, no trainer class.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,22 @@ RESUMABLE_CHANGES = {
 
 
 class Interrupted(SeqtrainError):
-    exit_code = 130
+    """Stopped by a signal after saving last/; exits with 128 + the signal number, like the shell."""
+
+    def __init__(self, msg: str, signum: int) -> None:
+        super().__init__(msg)
+        self.exit_code = 128 + signum
+
+
+def example_hashes(ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """A short hash of each row's real token ids."""
+    return [hashlib.blake2b(row[:n].numpy().tobytes(), digest_size=8).hexdigest() for row, n in zip(ids, lengths.tolist(), strict=True)]
+
+
+def truncate_trace(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if int(line.split("\t", 1)[0]) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def physical_cores() -> int:
@@ -53,6 +69,13 @@ def physical_cores() -> int:
     except OSError:
         n = os.cpu_count() or 1
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
+
+
+def resolve_workers(requested: int | None) -> int:
+    """data.num_workers: null means a worker only where a core is left over for it."""
+    if requested is not None:
+        return requested
+    return 1 if physical_cores() > 2 else 0
 
 
 def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
@@ -116,6 +139,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    workers = resolve_workers(cfg.data.num_workers)
 
     # ---- vocabulary, labels and run directory (fresh) or the checkpoint to continue from (resume)
     ckpt_state: dict[str, Any] | None = None
@@ -138,6 +162,12 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         run_info = json.loads((run_dir / "run.json").read_text())
         console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
         log.truncate_after(ckpt_state["step"])
+        truncate_trace(run_dir / "trained-examples.tsv", ckpt_state["step"])
+        if run_info.get("workers") is not None and run_info["workers"] != workers:
+            raise ConfigError(
+                f"cannot resume {run_dir} with {workers} data workers: it was trained with {run_info['workers']}, and "
+                f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
+            )
     else:
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
             raise ConfigError(
@@ -153,6 +183,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         run_info = {
             "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
             "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
+            "workers": workers,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         }
         checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
@@ -182,14 +213,14 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         _set_rng_state(ckpt_state["rng"], rng)
     console.info(
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
-        f"{torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+        f"{torch.get_num_threads()} threads, {workers} data workers; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
 
     # ---- Ctrl-C / SIGTERM: finish the step, write last/, exit non-zero
-    stop: list[str] = []
+    stop: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.append(signal.Signals(signum).name)
+        stop.append(signum)
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -240,7 +271,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
                     epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
                 )
-                loader = iter(make_loader(stream, cfg.data.num_workers))
+                loader = iter(make_loader(stream, workers))
                 epoch_done = False
                 while True:
                     tw = time.perf_counter()
@@ -270,13 +301,16 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     s["step"] += 1
                     pos = batch["position"]
                     s["positions"][str(pos["slot"])] = pos
-                    s["next_slot"] = (pos["slot"] + 1) % max(1, cfg.data.num_workers)
+                    s["next_slot"] = (pos["slot"] + 1) % max(1, workers)
                     window["tokens"] += int(batch["lengths"].sum())
                     window["padded"] += batch["ids"].numel()
                     window["loss"] += loss.item() * len(y)
                     window["correct"] += int((logits.argmax(-1) == y).sum())
                     window["n"] += len(y)
                     window["steps"] += 1
+                    if t.trace_examples:
+                        with open(run_dir / "trained-examples.tsv", "a") as trace:
+                            trace.writelines(f"{s['step']}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
 
                     if s["step"] % t.log_every == 0 or s["step"] == total_steps:
                         elapsed = time.perf_counter() - window["t0"]
@@ -300,8 +334,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     if stop:
                         save(best=False)
                         raise Interrupted(
-                            f"stopped by {stop[0]} at step {s['step']}; last/ is saved. Resume with: "
-                            f"seqtrain train {config_path} --resume"
+                            f"stopped by {signal.Signals(stop[0]).name} at step {s['step']}; last/ is saved. Resume with: "
+                            f"seqtrain train {config_path} --resume",
+                            stop[0],
                         )
                 if not epoch_done or early_stop:
                     break  # max_steps or early stopping, inside the epoch

@@ -1,0 +1,161 @@
+"""Fault injection: signals, kills during saves, a full disk, hostile files and inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seqtrain import checkpoint
+from seqtrain.cli import app
+from seqtrain.config import to_dict
+from seqtrain.errors import CheckpointError
+from seqtrain.train import train
+from tests.conftest import ROOT, tiny_config
+
+runner = CliRunner()
+
+
+def write_config(tmp_path: Path, data: Path, out: str, **sections: dict) -> Path:
+    cfg = tiny_config(data, tmp_path / out, **sections)
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def start(config: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "seqtrain", "train", str(config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        trace = run / "trained-examples.tsv"
+        if trace.exists() and trace.stat().st_size and int(trace.read_text().splitlines()[-1].split("\t")[0]) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(tiny_data: Path, tmp_path: Path) -> None:
+    train_cfg = {"epochs": 2, "eval_every": 1000, "trace_examples": True}
+    straight = write_config(tmp_path, tiny_data, "straight", train=train_cfg)
+    proc = start(straight)
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+
+    cfg = write_config(tmp_path, tiny_data, "stopped", train=train_cfg)
+    proc = start(cfg)
+    wait_for_step(tmp_path / "stopped", 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "--resume" in err and "Traceback" not in err
+    stopped_at = json.loads((tmp_path / "stopped" / "last" / "state.json").read_text())["step"]
+    assert 20 <= stopped_at < 76
+    proc = start(cfg, "--resume")
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+
+    a = (tmp_path / "straight" / "trained-examples.tsv").read_text().splitlines()
+    b = (tmp_path / "stopped" / "trained-examples.tsv").read_text().splitlines()
+    assert a == b, "the interrupted-plus-resumed run trained on exactly the same examples, in order"
+    hashes = [line.split("\t")[1] for line in a]
+    assert len(hashes) == 2 * 600 and len(set(hashes[:600])) == len(set(hashes[600:]))
+    assert (tmp_path / "straight" / "last" / "model.safetensors").read_bytes() == \
+        (tmp_path / "stopped" / "last" / "model.safetensors").read_bytes()
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    """A checkpoint every step, killed at random moments (many during a save)."""
+    cfg = write_config(tmp_path, tiny_data, "run", train={"epochs": 3, "eval_every": 1})
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    resumed = False
+    for _ in range(5):
+        proc = start(cfg, *(["--resume"] if resumed else []))
+        deadline = time.time() + 120
+        while not (run / "last").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.kill()
+        proc.wait()
+        ckpt, warnings = checkpoint.find(run, "last")
+        checkpoint.load(ckpt)  # verified and readable
+        resumed = True
+    proc = start(cfg, "--resume")
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5})
+    import seqtrain.checkpoint as ck
+
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors: dict, path: str, metadata: dict | None = None) -> None:
+        calls["n"] += 1
+        if calls["n"] > 4:  # the second checkpoint's files
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", flaky)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is untouched"):
+        train(cfg)
+    ckpt, warnings = checkpoint.find(tmp_path / "run", "last")
+    assert ckpt.name == "step-00000005" and not warnings
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, tiny_data, "never")
+    result = runner.invoke(app, ["train", str(cfg), "--resume"])
+    assert result.exit_code != 0 and "nothing to resume" in result.output
+
+
+def test_resume_with_changed_lr_is_allowed(tiny_data: Path, tmp_path: Path) -> None:
+    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 5}))
+    report = train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "lr": 0.005}), resume=True)
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 10 and report
+
+
+def test_predict_and_eval_refuse_a_pickled_model(tiny_data: Path, tmp_path: Path) -> None:
+    import pickle
+
+    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 3}))
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    for link in ("best", "last"):
+        (tmp_path / "run" / link / "model.safetensors").resolve().write_bytes(pickle.dumps(Exploit()))
+    for cmd in (["eval", str(tmp_path / "run")], ["predict", str(tmp_path / "run"), "hello"]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code != 0 and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_predict_reports_undecodable_lines_and_keeps_order(tiny_data: Path, tmp_path: Path) -> None:
+    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 3}))
+    txt = tmp_path / "in.txt"
+    txt.write_bytes(b"first text\n\xff\xfe broken\nthird text\n")
+    result = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", str(txt)])
+    assert result.exit_code == 0
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["first text", "third text"]
+    assert "line 2: not valid UTF-8" in result.output
+    strict = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", str(txt), "--strict"])
+    assert strict.exit_code == 1 and "line 2" in strict.output
