@@ -60,7 +60,7 @@ def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(tiny_data:
     proc = start(cfg)
     wait_for_step(tmp_path / "stopped", 20, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in err and "Traceback" not in err
     stopped_at = json.loads((tmp_path / "stopped" / "last" / "state.json").read_text())["step"]
@@ -91,7 +91,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_data
         time.sleep(rng.uniform(0.05, 0.6))
         proc.kill()
         proc.wait()
-        ckpt, warnings = checkpoint.find(run, "last")
+        ckpt, _warnings = checkpoint.find(run, "last")
         checkpoint.load(ckpt)  # verified and readable
         resumed = True
     proc = start(cfg, "--resume")
