@@ -209,8 +209,9 @@ def predict(
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 256,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Also list the k most likely labels with their probabilities.")] = None,
 ) -> None:
-    """Classify texts; one result per text, in input order: {"text", "label", "probs"}."""
+    """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
         from seqtrain import console
         from seqtrain.inference import load_run, predict_stream
@@ -226,17 +227,26 @@ def predict(
         bad: list[str] = []
         source: Iterator[str] = iter(texts or []) if input is None else _read_texts(input, text_column, bad, strict)
         names = run.labels.names
+        regression = run.labels.task == "regression"
         sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
         try:
             writer = csv.writer(sink) if fmt == "csv" else None
             if writer:
-                writer.writerow(["text", "label", *(f"prob_{n}" for n in names)])
+                writer.writerow(["text", "score"] if regression else ["text", "label", *(f"prob_{n}" for n in names)])
             for text, probs in predict_stream(run, source, batch_size=batch_size):
+                if regression:
+                    score = round(float(probs[0]), 6)
+                    writer.writerow([text, score]) if writer else sink.write(json.dumps({"text": text, "score": score}) + "\n")
+                    continue
                 label = names[int(probs.argmax())]
                 if writer:
                     writer.writerow([text, label, *(f"{p:.6f}" for p in probs)])
                 else:
-                    sink.write(json.dumps({"text": text, "label": label, "probs": {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}}) + "\n")
+                    record: dict[str, Any] = {"text": text, "label": label, "probs": {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}}
+                    if top_k:
+                        best = probs.argsort()[::-1][:top_k]
+                        record["top_k"] = [{"label": names[i], "prob": round(float(probs[i]), 6)} for i in best]
+                    sink.write(json.dumps(record) + "\n")
                 sink.flush() if output == "-" else None
         finally:
             if sink is not sys.stdout:

@@ -78,6 +78,8 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    task: Literal["classification", "regression"] = "classification"
+    """classification: one class per text (any number of classes); regression: one number per text (a score, stars)."""
     cell: Cell = "lstm"
     """Recurrent cell."""
     embedding_dim: int = 128
@@ -94,6 +96,12 @@ class ModelConfig:
     """Dropout on the embedded tokens."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
+    regression_loss: Literal["mse", "huber"] = "mse"
+    """Regression loss (huber is less hurt by outliers)."""
+    standardize_targets: bool = True
+    """Regression: train on (target - mean) / std of the training targets; predictions are mapped back."""
+    bounded: bool = False
+    """Regression: squash the output with a sigmoid into [0, 1] (for scores in [0, 1]; turns standardising off)."""
 
 
 @dataclass
@@ -118,14 +126,16 @@ class TrainConfig:
     """Clip the gradient's global norm to this (recurrent gradients explode); null turns it off."""
     label_smoothing: float = 0.0
     """Label smoothing for the cross-entropy loss."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Classification: `balanced` weighs each class's loss by n / (classes * count), for imbalanced labels."""
     eval_every: int = 0
     """Evaluate (and write `last/`) every N steps; 0 = at the end of each epoch."""
     log_every: int = 50
     """Write a training line to metrics.jsonl every N steps."""
     patience: int | None = None
     """Stop after this many evaluations without improvement of `monitor`; null = never stop early."""
-    monitor: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
-    """Eval metric that picks `best/` and drives early stopping."""
+    monitor: Literal["auto", "accuracy", "f1_macro", "loss", "mae", "rmse", "r2", "spearman"] = "auto"
+    """Eval metric that picks `best/` and drives early stopping; auto = accuracy (classification) or mae (regression)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; `auto` takes CUDA when present, else the CPU."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -379,6 +389,11 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {n}.")
     if cfg.data.label_names is not None and len(set(cfg.data.label_names)) != len(cfg.data.label_names):
         raise ConfigError(f"data.label_names has duplicates: {cfg.data.label_names}.")
+    regression_metrics = {"mae", "rmse", "r2", "spearman"}
+    if cfg.model.task == "classification" and cfg.train.monitor in regression_metrics:
+        raise ConfigError(f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss.")
+    if cfg.model.task == "regression" and cfg.train.monitor in {"accuracy", "f1_macro"}:
+        raise ConfigError(f"train.monitor {cfg.train.monitor!r} needs classes; for regression use mae, rmse, r2, spearman or loss.")
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
 

@@ -45,11 +45,11 @@ def print_config(yaml_text: str) -> None:
 class TrainProgress:
     """A live bar: step, epoch, loss, accuracy, real tokens/s and ETA."""
 
-    def __init__(self, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, total_steps: int, start_step: int = 0, metric: str = "acc") -> None:
         self.progress = Progress(
             BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("ep {task.fields[epoch]} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
+            TextColumn("ep {task.fields[epoch]} loss {task.fields[loss]:.3f} " + metric + " {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(compact=True),
@@ -73,7 +73,16 @@ class TrainProgress:
 
 
 def print_eval(report: dict[str, Any], title: str) -> None:
-    """Summary, per-class table and confusion matrix."""
+    """Summary, per-class table and confusion matrix (classification) or error measures (regression)."""
+    if report.get("task") == "regression":
+        table = Table(title=title)
+        cols = ["n", "loss", "MAE", "RMSE", "R²", "Spearman"] + (["rounded accuracy"] if "accuracy_rounded" in report else [])
+        for col in cols:
+            table.add_column(col, justify="right")
+        row = [f"{report['n']:,}"] + [f"{report[k]:.4f}" for k in ("loss", "mae", "rmse", "r2", "spearman")]
+        table.add_row(*row, *([f"{report['accuracy_rounded']:.4f}"] if "accuracy_rounded" in report else []))
+        out.print(table)
+        return
     summary = Table(title=title, show_header=True)
     for col in ("n", "loss", "accuracy", "precision (macro)", "recall (macro)", "F1 (macro)"):
         summary.add_column(col, justify="right")
@@ -95,6 +104,6 @@ def print_eval(report: dict[str, Any], title: str) -> None:
     for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
         cm.add_row(escape(name), *(f"{v:,}" for v in row))
     out.print(cm)
-    extra = {k: v for k, v in report.items() if k in ("unk_rate", "truncated_rate", "examples_per_sec")}
+    extra = {k: v for k, v in report.items() if k in ("top_k_accuracy", "unk_rate", "truncated_rate", "examples_per_sec")}
     if extra:
         out.print("  ".join(f"{k}: {v:.4g}" for k, v in extra.items()))

@@ -16,6 +16,7 @@ state at the chunk's start, batches already taken from the chunk).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import signal
 from collections import Counter
@@ -115,24 +116,81 @@ def check_columns(ds: datasets.IterableDataset, data: DataConfig, split: str, ne
 
 @dataclass
 class Labels:
-    """Class names in index order, and the raw dataset value that maps to each index."""
+    """What the label column means.
+
+    classification: class names in index order, the raw dataset value that maps to each index,
+    and the training count of each class (for class weights).
+    regression: one number per row; `mean`/`std` of the training targets (for standardising) and
+    whether they are all integers (then the rounded prediction's accuracy is reported too).
+    """
 
     names: list[str]
     values: list[Any]
+    task: str = "classification"
+    counts: list[int] = field(default_factory=list)
+    mean: float = 0.0
+    std: float = 1.0
+    integer: bool = False
+    low: float = 0.0
+    high: float = 0.0
     _index: dict[Any, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {v: i for i, v in enumerate(self.values)}
 
+    @property
+    def outputs(self) -> int:
+        """Width of the model's last layer."""
+        return 1 if self.task == "regression" else len(self.names)
+
     def index(self, value: Any) -> int | None:
         return self._index.get(value)
 
+    def target(self, value: Any) -> float | int | None:
+        """Training target for a raw label value; None when it is not a known class / not a number."""
+        if self.task == "regression":
+            return _number(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return self._index.get(value)
+
     def to_json(self) -> dict[str, Any]:
-        return {"names": self.names, "values": self.values}
+        d: dict[str, Any] = {"task": self.task, "names": self.names, "values": self.values, "counts": self.counts}
+        if self.task == "regression":
+            d.update(mean=self.mean, std=self.std, integer=self.integer, low=self.low, high=self.high)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Labels:
-        return cls(names=list(d["names"]), values=list(d["values"]))
+        return cls(
+            names=list(d["names"]), values=list(d["values"]), task=d.get("task", "classification"),
+            counts=list(d.get("counts", [])), mean=d.get("mean", 0.0), std=d.get("std", 1.0),
+            integer=d.get("integer", False), low=d.get("low", 0.0), high=d.get("high", 0.0),
+        )
+
+
+def _number(value: Any) -> float | None:
+    """A regression target: ints, floats and numeric strings; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+    return None
+
+
+def regression_labels(values: list[float], data: DataConfig) -> Labels:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std())
+    return Labels(
+        names=[data.label_column], values=[], task="regression", mean=float(arr.mean()), std=std if std > 0 else 1.0,
+        integer=bool(np.all(arr == np.round(arr))), low=float(arr.min()), high=float(arr.max()),
+    )
 
 
 def resolve_labels(ds: datasets.IterableDataset, data: DataConfig, seen: Iterable[Any]) -> Labels:
@@ -226,7 +284,9 @@ def build_vocab(cfg: Config) -> Vocab:
     ds = ds.select_columns([data.text_column, data.label_column])
     n_shards = 1 if data.max_train_examples else ds.n_shards
     tokenizer, trainer = new_tokenizer(cfg.tokenizer)
-    seen: set[Any] = set()
+    regression = cfg.model.task == "regression"
+    seen: Counter[Any] = Counter()
+    numbers: list[float] = []  # regression targets (8 bytes a row: fine even for millions of rows)
     bad: Counter[str] = Counter()
     chunk_rows: list[int] = []
     count = 0
@@ -252,9 +312,19 @@ def build_vocab(cfg: Config) -> Vocab:
                             )
                         bad[reason] += 1
                         continue
-                    if isinstance(label, float) and label.is_integer():
-                        label = int(label)
-                    seen.add(label)
+                    if regression:
+                        x = _number(label)
+                        if x is None:
+                            where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
+                            raise DataError(
+                                f"model.task is regression but column {data.label_column!r} holds {label!r} at {where} of split "
+                                f"{data.train_split!r}: targets must be numbers. Pick a numeric data.label_column."
+                            )
+                        numbers.append(x)
+                    else:
+                        if isinstance(label, float) and label.is_integer():
+                            label = int(label)
+                        seen[label] += 1
                     count += 1
                     chunk_rows[-1] += 1
                     if cap is None or count <= cap:
@@ -263,7 +333,16 @@ def build_vocab(cfg: Config) -> Vocab:
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
         raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
+    if regression:
+        labels = regression_labels(numbers, data)
+        if cfg.model.bounded and not (labels.low >= 0.0 and labels.high <= 1.0):
+            raise DataError(
+                f"model.bounded squashes predictions into [0, 1], but column {data.label_column!r} ranges from "
+                f"{labels.low:g} to {labels.high:g}. Rescale the targets or set model.bounded: false."
+            )
+        return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
     labels = resolve_labels(ds, data, seen)
+    labels.counts = [seen.get(v, 0) for v in labels.values]
     if len(labels.names) < 2:
         raise DataError(f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more.")
     return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
@@ -407,16 +486,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         """One chunk (column -> values) -> shuffled, length-bucketed batches."""
         data = self.data
         texts: list[str] = []
-        targets: list[int] = []
+        targets: list[float | int] = []
         for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
             reason = bad_row_reason(text, label, self.need_label)
-            target = -1
+            target: float | int = -1
             if reason is None and self.need_label:
-                if isinstance(label, float) and label.is_integer():
-                    label = int(label)
-                found = self.labels.index(label)
+                found = self.labels.target(label)
                 if found is None:
-                    reason = "unknown label"
+                    reason = "target that is not a number" if self.labels.task == "regression" else "unknown label"
                 else:
                     target = found
             if reason:
@@ -445,7 +522,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         out = []
         for idx in cuts:
             ids, lens = pad([seqs[i] for i in idx])
-            out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=torch.long)})
+            dtype = torch.float32 if self.labels.task == "regression" else torch.long
+            out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=dtype)})
         return out
 
 

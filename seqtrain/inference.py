@@ -21,7 +21,7 @@ from seqtrain import checkpoint
 from seqtrain.config import Config, from_dict, read_yaml
 from seqtrain.data import UNK_ID, BatchStream, Labels, encode, sorted_batches
 from seqtrain.errors import CheckpointError, DataError
-from seqtrain.metrics import classification_report, confusion
+from seqtrain.metrics import classification_report, confusion, regression_report, top_k_accuracy
 from seqtrain.model import Classifier, build_model
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
     labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
     ckpt, warnings = checkpoint.find(run_dir, which)
     weights = checkpoint.load_tensors(ckpt / "model.safetensors")
-    model = build_model(cfg.model, tokenizer.get_vocab_size(), len(labels.names))
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -78,6 +78,27 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
     dev = pick_device(device)
     model.to(dev).eval()
     return Run(run_dir, cfg, tokenizer, labels, model, ckpt, dev), warnings
+
+
+def to_scores(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
+    """Regression outputs (B, 1) -> predictions in the target's own units (B,)."""
+    pred = out.squeeze(-1).float()
+    if cfg.model.standardize_targets and not cfg.model.bounded:
+        pred = pred * labels.std + labels.mean
+    return pred
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, labels: Labels, cfg: Config, reduction: str = "mean",
+              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: cross-entropy for classes; MSE or Huber (on standardised targets) for regression."""
+    if labels.task == "regression":
+        pred = out.squeeze(-1).float()
+        if cfg.model.standardize_targets and not cfg.model.bounded:
+            y = (y - labels.mean) / labels.std
+        fn = F.mse_loss if cfg.model.regression_loss == "mse" else F.huber_loss
+        return fn(pred, y, reduction=reduction)
+    smoothing = cfg.train.label_smoothing if reduction == "mean" else 0.0
+    return F.cross_entropy(out.float(), y, weight=class_weights, label_smoothing=smoothing, reduction=reduction)
 
 
 @torch.inference_mode()
@@ -90,46 +111,72 @@ def evaluate(
     device: torch.device,
     limit: int | None = None,
     data_cfg: Any = None,
+    collect: bool = False,
 ) -> dict[str, Any]:
-    """Stream a split in length-sorted batches; loss, accuracy, macro P/R/F1, confusion matrix."""
+    """Stream a split in length-sorted batches and score it.
+
+    classification: loss, accuracy, macro P/R/F1, per class, confusion matrix (+ top-k for many classes);
+    regression: loss, MAE, RMSE, R², Spearman (+ rounded accuracy for integer targets).
+    With `collect`, report["arrays"] holds per-row outputs, targets and token lengths (numpy).
+    """
     was_training = model.training
     model.eval()
-    stream = BatchStream(data_cfg or cfg.data, split, tokenizer, labels, cfg.train.batch_size * 2, shuffle=False, limit=limit)
-    C = len(labels.names)
-    cm = np.zeros((C, C), dtype=np.int64)
-    loss_sum, n, tokens, unk = 0.0, 0, 0, 0
+    data = data_cfg or cfg.data
+    stream = BatchStream(data, split, tokenizer, labels, cfg.train.batch_size * 2, shuffle=False, limit=limit)
+    outputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    lengths_all: list[np.ndarray] = []
+    loss_sum, tokens, unk = 0.0, 0, 0
     start = time.perf_counter()
     bad: dict[str, int] = {}
     for batch in stream:
         ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
-        logits = model(ids, lengths).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        cm += confusion(y.cpu().numpy(), logits.argmax(-1).cpu().numpy(), C)
-        n += len(y)
+        out = model(ids, lengths)
+        loss_sum += task_loss(out, y, labels, cfg, reduction="sum").item()
+        if labels.task == "regression":
+            outputs.append(to_scores(out, labels, cfg).cpu().numpy())
+        else:
+            outputs.append(torch.softmax(out.float(), -1).cpu().numpy())
+        targets.append(batch["labels"].numpy())
+        lengths_all.append(batch["lengths"].numpy())
         tokens += int(lengths.sum())
         unk += int((batch["ids"] == UNK_ID).sum())
         bad = batch["position"]["bad_rows"]
-    if n == 0:
-        raise DataError(f"split {split!r} of {(data_cfg or cfg.data).path!r} has no usable rows to evaluate.")
     model.train(was_training)
-    report = classification_report(cm, labels.names)
+    if not targets:
+        raise DataError(f"split {split!r} of {data.path!r} has no usable rows to evaluate.")
+    out_all, y_all = np.concatenate(outputs), np.concatenate(targets)
+    n = len(y_all)
+    if labels.task == "regression":
+        report = regression_report(out_all, y_all.astype(np.float64), labels.integer, labels.low, labels.high)
+    else:
+        C = len(labels.names)
+        report = classification_report(confusion(y_all, out_all.argmax(1), C), labels.names)
+        if C > 2:
+            report["top_k"] = min(3, C - 1)
+            report["top_k_accuracy"] = top_k_accuracy(out_all, y_all, report["top_k"])
     report.update(
-        loss=loss_sum / n, split=split, unk_rate=unk / max(tokens, 1),
+        loss=loss_sum / n, split=split, task=labels.task, unk_rate=unk / max(tokens, 1),
         examples_per_sec=n / (time.perf_counter() - start), bad_rows=bad,
     )
+    if collect:
+        report["arrays"] = {"outputs": out_all, "targets": y_all, "lengths": np.concatenate(lengths_all)}
     return report
 
 
 @torch.inference_mode()
 def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, C) for texts, in input order; batched by length."""
-    probs = np.zeros((len(texts), len(run.labels.names)), dtype=np.float32)
+    """Class probabilities (N, C) — or, for regression, scores (N, 1) — in input order; batched by length."""
+    probs = np.zeros((len(texts), run.labels.outputs), dtype=np.float32)
     if not texts:
         return probs
     seqs = encode(run.tokenizer, texts, run.config.data)
     for idx, ids, lengths in sorted_batches(seqs, batch_size):
-        logits = run.model(ids.to(run.device), lengths.to(run.device)).float()
-        probs[idx] = torch.softmax(logits, -1).cpu().numpy()
+        out = run.model(ids.to(run.device), lengths.to(run.device)).float()
+        if run.labels.task == "regression":
+            probs[idx, 0] = to_scores(out, run.labels, run.config).cpu().numpy()
+        else:
+            probs[idx] = torch.softmax(out, -1).cpu().numpy()
     return probs
 
 

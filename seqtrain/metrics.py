@@ -40,10 +40,47 @@ def classification_report(cm: np.ndarray, names: list[str]) -> dict[str, Any]:
     }
 
 
+def top_k_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the k most probable."""
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as Spearman's correlation needs)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def regression_report(pred: np.ndarray, target: np.ndarray, integer: bool, low: float, high: float) -> dict[str, Any]:
+    """MAE, RMSE, R², Spearman; with integer targets also the accuracy of the rounded prediction."""
+    err = pred - target
+    var = float(((target - target.mean()) ** 2).sum())
+    rp, rt = _ranks(pred), _ranks(target)
+    denom = float(np.sqrt(((rp - rp.mean()) ** 2).sum() * ((rt - rt.mean()) ** 2).sum()))
+    report: dict[str, Any] = {
+        "n": len(target),
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "r2": 1.0 - float((err**2).sum()) / var if var > 0 else 0.0,
+        "spearman": float(((rp - rp.mean()) * (rt - rt.mean())).sum() / denom) if denom > 0 else 0.0,
+    }
+    if integer:
+        report["accuracy_rounded"] = float((np.clip(np.round(pred), low, high) == target).mean())
+    return report
+
+
+LOWER_IS_BETTER = {"loss", "mae", "rmse"}
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
-    return new < old if metric == "loss" else new > old
+    return new < old if metric in LOWER_IS_BETTER else new > old
 
 
 class MetricsLog:

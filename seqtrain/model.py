@@ -36,6 +36,7 @@ def reverse_within_length(lengths: torch.Tensor, T: int) -> torch.Tensor:
 
 class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_classes: int) -> None:
+        """num_classes: width of the output (1 for regression)."""
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
@@ -88,7 +89,10 @@ class Classifier(nn.Module):
             bwd, _ = layer[1](x.gather(1, idx.expand(-1, -1, x.shape[-1])))  # type: ignore[index]
             bwd = bwd.gather(1, idx.expand(-1, -1, bwd.shape[-1]))  # back to reading order
             x = torch.cat([fwd, bwd], dim=-1)  # (B, T, 2H)
-        return self.head(self.dropout(self.pool(x, lengths)))
+        out = self.head(self.dropout(self.pool(x, lengths)))  # (B, classes) or (B, 1)
+        if self.cfg.task == "regression" and self.cfg.bounded:
+            out = torch.sigmoid(out)  # a score in [0, 1]
+        return out
 
     def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, D), reading only the real steps."""

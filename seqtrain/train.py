@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from seqtrain import checkpoint, console
 from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
 from seqtrain.data import BatchStream, Labels, build_vocab, make_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.inference import evaluate, load_tokenizer, pick_device
+from seqtrain.inference import evaluate, load_tokenizer, pick_device, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters
 
@@ -199,7 +198,13 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer.get_vocab_size(), len(labels.names)).to(device)
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs).to(device)
+    regression = labels.task == "regression"
+    monitor = t.monitor if t.monitor != "auto" else ("mae" if regression else "accuracy")
+    class_weights = None
+    if t.class_weights == "balanced" and not regression:
+        counts = torch.tensor(labels.counts, dtype=torch.float32).clamp(min=1)
+        class_weights = (counts.sum() / (len(counts) * counts)).to(device)  # n / (C * count_c)
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
@@ -244,28 +249,27 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         """Evaluate, log, checkpoint; True when early stopping says stop."""
         report = evaluate(model, cfg, tokenizer, labels, cfg.data.eval_split, device, cfg.data.max_eval_examples)
         reports[s["step"]] = report
+        keys = ("mae", "rmse", "r2", "spearman", "accuracy_rounded") if regression else ("accuracy", "f1_macro", "top_k_accuracy")
         log.write({"step": s["step"], "epoch": s["epoch"], "split": cfg.data.eval_split, "loss": report["loss"],
-                   "accuracy": report["accuracy"], "f1_macro": report["f1_macro"]})
-        value = report[t.monitor]
-        improved = is_better(t.monitor, value, s["best"])
+                   **{k: report[k] for k in keys if k in report}})
+        value = report[monitor]
+        improved = is_better(monitor, value, s["best"])
         if improved:
             s["best"], s["best_step"], s["bad_evals"] = value, s["step"], 0
         else:
             s["bad_evals"] += 1
         save(best=improved)
-        bar.log(
-            f"step {s['step']:,} epoch {s['epoch']}: {cfg.data.eval_split} loss {report['loss']:.4f} "
-            f"accuracy {report['accuracy']:.4f} f1 {report['f1_macro']:.4f}{'  (best)' if improved else ''}"
-        )
+        shown = " ".join(f"{k} {report[k]:.4f}" for k in keys[:4] if k in report)
+        bar.log(f"step {s['step']:,} epoch {s['epoch']}: {cfg.data.eval_split} loss {report['loss']:.4f} {shown}{'  (best)' if improved else ''}")
         return t.patience is not None and s["bad_evals"] >= t.patience
 
     # ---- the loop
     model.train()
     last_eval_step = s["step"] if ckpt_state is not None else -1
     early_stop = False
-    window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+    window: dict[str, float] = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
     try:
-        with console.TrainProgress(total_steps, s["step"]) as bar:
+        with console.TrainProgress(total_steps, s["step"], "mae" if regression else "acc") as bar:
             while s["epoch"] < t.epochs and s["step"] < total_steps and not early_stop:
                 stream = BatchStream(
                     cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
@@ -289,7 +293,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         group["lr"] = lr
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         logits = model(ids, lengths)  # (B, C)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                        loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     if t.grad_clip is not None:
@@ -305,7 +309,10 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     window["tokens"] += int(batch["lengths"].sum())
                     window["padded"] += batch["ids"].numel()
                     window["loss"] += loss.item() * len(y)
-                    window["correct"] += int((logits.argmax(-1) == y).sum())
+                    if regression:  # the window's "accuracy" is the mean absolute error, in the target's units
+                        window["correct"] += float((to_scores(logits.detach(), labels, cfg) - y).abs().sum())
+                    else:
+                        window["correct"] += int((logits.argmax(-1) == y).sum())
                     window["n"] += len(y)
                     window["steps"] += 1
                     if t.trace_examples:
@@ -316,12 +323,12 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         elapsed = time.perf_counter() - window["t0"]
                         record = {
                             "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
-                            "accuracy": window["correct"] / window["n"], "lr": lr,
+                            ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
                             "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
                             "data_wait": window["wait"] / elapsed, "bad_rows": pos["bad_rows"],
                         }
                         log.write(record)
-                        bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=record["accuracy"], tps=record["tokens_per_sec"])
+                        bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=window["correct"] / window["n"], tps=record["tokens_per_sec"])
                         window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
                     else:
                         bar.update(s["step"])

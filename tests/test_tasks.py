@@ -1,0 +1,108 @@
+"""Beyond binary: many classes and regression, with the same commands."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from seqtrain.cli import app
+from seqtrain.data import build_vocab
+from seqtrain.errors import DataError
+from seqtrain.metrics import regression_report, top_k_accuracy
+from seqtrain.train import train
+from tests.conftest import FILLER, tiny_config, write_hub_folder
+
+runner = CliRunner()
+# Five grades of sentiment words: the rating is the grade of the words in the text.
+GRADES = [["dreadful", "awful"], ["dull", "weak"], ["okay", "fine"], ["good", "nice"], ["superb", "brilliant"]]
+
+
+def rated_rows(n: int, seed: int, as_string: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        stars = rng.randint(1, 5)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 20))]
+        for _ in range(2):
+            words.insert(rng.randint(0, len(words)), rng.choice(GRADES[stars - 1]))
+        rows.append({"text": " ".join(words), "stars": f"{stars} stars" if as_string else stars})
+    return rows
+
+
+@pytest.fixture
+def rated(tmp_path: Path) -> Path:
+    return write_hub_folder(tmp_path / "rated", {"train": rated_rows(1500, 0), "validation": rated_rows(300, 1)})
+
+
+def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, train={"epochs": 4, "class_weights": "balanced"})
+    report = train(cfg)
+    counts = np.bincount([r["stars"] for r in rated_rows(300, 1)])
+    majority = counts.max() / counts.sum()
+    assert report["accuracy"] >= majority + 0.3, (report["accuracy"], majority)  # a margin of 30 points over the majority class
+    assert report["top_k"] == 3 and report["top_k_accuracy"] >= report["accuracy"]
+    assert len(report["per_class"]) == 5
+    out = runner.invoke(app, ["predict", str(tmp_path / "run"), "brilliant superb", "--top-k", "2"])
+    rec = json.loads(out.stdout)
+    assert rec["label"] == "5" and [t["label"] for t in rec["top_k"]][0] == "5" and len(rec["top_k"]) == 2
+
+
+def test_string_labels_are_discovered_for_many_classes(tmp_path: Path) -> None:
+    data = write_hub_folder(tmp_path / "s", {"train": rated_rows(200, 0, as_string=True), "validation": rated_rows(20, 1, True)})
+    vocab = build_vocab(tiny_config(data, tmp_path / "run", data={"label_column": "stars"}))
+    assert vocab.labels.names == ["1 stars", "2 stars", "3 stars", "4 stars", "5 stars"]
+    assert sum(vocab.labels.counts) == 200
+
+
+def test_regression_learns_better_than_the_mean(rated: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression"},
+                      train={"epochs": 4})
+    report = train(cfg)
+    targets = np.array([r["stars"] for r in rated_rows(300, 1)], dtype=float)
+    mean_mae = np.abs(targets - np.mean([r["stars"] for r in rated_rows(1500, 0)])).mean()
+    assert report["mae"] < 0.5 * mean_mae, (report["mae"], mean_mae)  # at most half the error of predicting the mean
+    assert report["spearman"] > 0.8 and "accuracy_rounded" in report
+    out = runner.invoke(app, ["predict", str(tmp_path / "run"), "superb brilliant film", "dreadful awful"])
+    scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]
+    assert scores[0] > 4 and scores[1] < 2
+    ev = runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"])
+    assert {"mae", "rmse", "r2", "spearman", "loss", "n"} <= json.loads(ev.stdout).keys()
+
+
+def test_bounded_regression_needs_targets_in_unit_interval(rated: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression", "bounded": True})
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        build_vocab(cfg)
+
+
+def test_text_in_a_regression_target_names_column_and_row(tmp_path: Path) -> None:
+    rows = rated_rows(50, 0)
+    rows[13]["stars"] = "great"  # type: ignore[assignment]
+    for r in rows:
+        r["stars"] = str(r["stars"])
+    data = write_hub_folder(tmp_path / "bad", {"train": rows, "validation": rated_rows(5, 1)})
+    cfg = tiny_config(data, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression"})
+    with pytest.raises(DataError) as e:
+        build_vocab(cfg)
+    assert "'stars'" in str(e.value) and "'great'" in str(e.value) and "row 13" in str(e.value)
+
+
+def test_monitor_must_fit_the_task(tmp_path: Path) -> None:
+    from seqtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="regression metric"):
+        tiny_config(tmp_path, tmp_path / "r", train={"monitor": "mae"})
+
+
+def test_regression_metrics_and_top_k() -> None:
+    pred = np.array([1.0, 2.0, 3.0, 4.0])
+    target = np.array([1.0, 2.0, 3.0, 5.0])
+    r = regression_report(pred, target, integer=True, low=1, high=5)
+    assert r["mae"] == pytest.approx(0.25) and r["spearman"] == pytest.approx(1.0) and r["accuracy_rounded"] == 0.75
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    assert top_k_accuracy(probs, np.array([1, 0]), 2) == 0.5
