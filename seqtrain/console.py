@@ -26,6 +26,12 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
+def quiet() -> None:
+    """Silence this process (the non-zero ranks of a distributed run)."""
+    err.quiet = True
+    out.quiet = True
+
+
 def info(msg: str) -> None:
     err.print(escape(msg))
 
@@ -107,3 +113,49 @@ def print_eval(report: dict[str, Any], title: str) -> None:
     extra = {k: v for k, v in report.items() if k in ("top_k_accuracy", "unk_rate", "truncated_rate", "examples_per_sec")}
     if extra:
         out.print("  ".join(f"{k}: {v:.4g}" for k, v in extra.items()))
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """`eval --report`: accuracy (or MAE) by length bucket, then truncation, unknown tokens and calibration."""
+    rows = report["by_length"]
+    metric = "mae" if rows and "mae" in rows[0] else "accuracy"
+    table = Table(title="by text length (tokens after truncation)")
+    for col in ("tokens", "n", metric):
+        table.add_column(col, justify="right")
+    for row in rows:
+        span = f"{row['min_tokens']}-{row['max_tokens']}" + (" (incl. truncated)" if row.get("includes_truncated") else "")
+        table.add_row(span, f"{row['n']:,}", f"{row[metric]:.4f}")
+    out.print(table)
+    tr = report["truncation"]
+    out.print(
+        f"truncated at max_length {tr['max_length']}: {tr['truncated_rate']:.2%} of texts; tokens before truncation "
+        f"p50 {tr['tokens_p50']}, p90 {tr['tokens_p90']}, p99 {tr['tokens_p99']}, max {tr['tokens_max']:,}"
+    )
+    line = f"unknown tokens: {report['unk_rate']:.2%} of tokens"
+    if "ece" in report:
+        line += f"; expected calibration error {report['ece']:.4f}"
+    out.print(line)
+
+
+def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
+    """`seqtrain init`: what was found in the dataset and where the starter config went."""
+    table = Table(title=f"{summary['path']} (first {summary['rows_read']:,} rows of {summary['split']!r})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("splits", escape(", ".join(summary["splits"])))
+    table.add_row("columns", escape(", ".join(f"{c} ({t})" for c, t in summary["columns"].items())))
+    table.add_row("text column", escape(summary["text_column"]))
+    table.add_row("label column", escape(f"{summary['label_column']} ({summary['task']})"))
+    if summary["task"] == "classification":
+        counts = summary["label_counts"]
+        shown = ", ".join(f"{k}: {v:,}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
+        table.add_row(f"labels ({len(counts)})", escape(shown))
+    w, t = summary["words"], summary["tokens"]
+    table.add_row("words per text", f"p50 {w['p50']}, p90 {w['p90']}, p99 {w['p99']}, max {w['max']:,}")
+    table.add_row("tokens per text", f"p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']:,}")
+    table.add_row("distinct tokens", f"{summary['distinct_tokens']:,} ({summary['distinct_tokens_min2']:,} seen twice or more)")
+    out.print(table)
+    for note in summary.get("notes", []):
+        warn(note)
+    err.print(f"wrote {escape(config_path)}: max_length {summary['max_length']}, vocab_size {summary['vocab_size']:,}. "
+              f"Train with: seqtrain train {escape(config_path)}")

@@ -365,5 +365,11 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     if best:
         checkpoint.write_json_atomic(run_dir / f"eval-{cfg.data.eval_split}.json", {**best, "checkpoint": f"best ({s['best_step']})"})
         console.print_eval(best, f"{cfg.name}: best checkpoint (step {s['best_step']}) on {cfg.data.eval_split}")
+    try:  # a picture is a bonus: a plotting problem must not fail a finished training
+        from seqtrain.plots import plot_run_curves
+
+        plot_run_curves([run_dir], run_dir / "curves.png")
+    except Exception as e:
+        console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
     console.info(f"run directory: {run_dir}  (best: {run_dir / 'best'}, last: {run_dir / 'last'})")
     return best
