@@ -96,6 +96,8 @@ def eval_(
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object to stdout.")] = False,
+    with_report: Annotated[bool, typer.Option("--report", help="Add accuracy by text length, truncation and unknown-token rates, calibration error.")] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="Write confusion.png, pr.png (two classes) and calibration.png into the run directory.")] = False,
 ) -> None:
     """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix; writes eval-<split>.json."""
     try:
@@ -114,7 +116,15 @@ def eval_(
         data_cfg = run.config.data
         if data is not None:
             data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None)
-        report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg)
+        collect = with_report or plots
+        report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg, collect=collect)
+        arrays = report.pop("arrays", None)  # numpy, not JSON: only for the report and the plots
+        if with_report and arrays is not None:
+            from seqtrain.report import build_report
+
+            report["report"] = build_report(arrays, report, run.tokenizer, data_cfg, split_name, limit)
+        if plots and arrays is not None:
+            _eval_plots(run_dir, split_name if split_name != run.config.data.eval_split else None, report, arrays)
         report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if run.checkpoint.is_relative_to(run_dir.resolve()) else str(run.checkpoint)
         report["data"] = data_cfg.path
         write_json_atomic(run_dir / f"eval-{split_name}.json", report)
@@ -122,8 +132,24 @@ def eval_(
             sys.stdout.write(json.dumps(report) + "\n")
         else:
             console.print_eval(report, f"{run_dir} ({run.checkpoint.name}) on {split_name}")
+            if "report" in report:
+                console.print_report(report["report"])
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
+
+
+def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """The eval pictures; a split other than the config's eval split gets its name in the file names."""
+    from seqtrain import console
+
+    if report.get("task") == "regression":
+        console.warn("--plots draws classification pictures (confusion, precision-recall, calibration); this run is a regression.")
+        return
+    from seqtrain.plots import eval_plots
+
+    suffix = f"-{other_split}" if other_split else ""
+    for path in eval_plots(run_dir, arrays["outputs"], arrays["targets"], report["confusion_matrix"], report["labels"], suffix):
+        console.info(f"wrote {path}")
 
 
 class MalformedInput(SeqtrainError):
@@ -253,6 +279,71 @@ def predict(
                 sink.close()
         if bad:
             console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories (each with metrics.jsonl).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write (default: curves.png in the first run directory).")] = None,
+) -> None:
+    """Draw loss and accuracy per step, train and eval, of one or more runs on one figure."""
+    try:
+        from seqtrain import console
+        from seqtrain.plots import plot_run_curves
+
+        path = plot_run_curves(run_dirs, output or run_dirs[0] / "curves.png")
+        console.info(f"wrote {path}")
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "torchscript",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write (default: RUN_DIR/export).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+) -> None:
+    """Export the model (inputs: padded token ids and lengths) with tokenizer.json, labels.json and export.json beside it."""
+    try:
+        from seqtrain import console
+        from seqtrain.export import export_run
+
+        if checkpoint not in ("best", "last"):
+            raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
+        if format not in ("onnx", "torchscript"):
+            raise _fail(f"--format must be onnx or torchscript, got {format!r}.", 2)
+        info = export_run(run_dir, format, output, checkpoint)
+        for w in info["warnings"]:
+            console.warn(w)
+        diff = info["max_abs_diff"]
+        check = f"max abs difference from the eager model {diff:.2e}" if diff is not None else "not checked (onnxruntime is not installed)"
+        console.info(f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) with tokenizer.json, labels.json, "
+                     f"config.yaml and export.json; {check}")
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+@app.command()
+def init(
+    data: Annotated[str, typer.Argument(help="Hub id, local dataset folder, or data files (.parquet/.csv/.jsonl/.txt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("config.yaml"),
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: the string column with the longest texts).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (default: a ClassLabel, a column named like label, or the one with fewest values).")] = None,
+    sample: Annotated[int, typer.Option(help="Training rows to read.")] = 5000,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+) -> None:
+    """Inspect a dataset (splits, columns, labels, text lengths) and write a commented starter config for it."""
+    try:
+        from seqtrain import console
+        from seqtrain.starter import write_starter
+
+        if sample < 1:
+            raise _fail(f"--sample must be at least 1, got {sample}.", 2)
+        summary = write_starter(data, output, text_column, label_column, sample, force)
+        console.print_dataset_summary(summary, str(output))
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 

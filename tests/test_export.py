@@ -1,0 +1,104 @@
+"""`seqtrain export`: TorchScript and ONNX files that give the eager model's logits on any batch shape."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seqtrain.cli import app
+from seqtrain.config import to_dict
+from seqtrain.data import encode, pad
+from seqtrain.export import export_run, load_exported
+from seqtrain.inference import load_run
+from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
+
+runner = CliRunner()
+
+MODELS = {
+    # the bidirectional model reverses each row within its length and gathers the last real step
+    "lstm-bi-last": {"cell": "lstm", "bidirectional": True, "pooling": "last", "num_layers": 2},
+    # max pooling masks the padded steps
+    "gru-max": {"cell": "gru", "bidirectional": False, "pooling": "max"},
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp(request.param)
+    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(300, 0), "validation": synthetic_rows(50, 1)})
+    cfg = tiny_config(data, tmp / "run", model=MODELS[request.param], data={"max_length": 48})
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def varied_texts(n: int = 100) -> list[str]:
+    """Sentences of 1 to ~100 tokens: single words, typical rows, and rows longer than max_length (truncated)."""
+    rng = random.Random(7)
+    texts = [r["text"] for r in synthetic_rows(n - 10, 3)]
+    texts += ["great", "dull", "?", "unseenword", "the"]  # one token, and an unknown one
+    texts += [" ".join(rng.choice(["great", "awful", "the", "film", "plot"]) for _ in range(k)) for k in (47, 48, 49, 80, 100)]
+    rng.shuffle(texts)
+    return texts
+
+
+def assert_parity(run_dir: Path, model_file: Path) -> None:
+    run, _ = load_run(run_dir)
+    exported = load_exported(model_file)
+    seqs = encode(run.tokenizer, varied_texts(), run.config.data)
+    assert len(seqs) == 100 and len({len(s) for s in seqs}) > 30
+    # Batch shapes unlike the export example (3 x 7): one row, odd sizes, all 100 at once
+    for batch_size in (1, 7, 100):
+        for start in range(0, len(seqs), batch_size):
+            ids, lengths = pad(seqs[start : start + batch_size])
+            eager = run.model(ids, lengths).detach().numpy()
+            got = exported(ids.numpy(), lengths.numpy())
+            assert got.shape == eager.shape
+            assert np.abs(got - eager).max() <= 1e-5, (batch_size, start, np.abs(got - eager).max())
+            assert (got.argmax(1) == eager.argmax(1)).all()
+
+
+def test_torchscript_parity(run_dir: Path, tmp_path: Path) -> None:
+    info = export_run(run_dir, "torchscript", tmp_path / "ts")
+    assert info["max_abs_diff"] is not None and info["max_abs_diff"] <= 1e-5
+    assert_parity(run_dir, tmp_path / "ts" / "model.pt")
+
+
+def test_onnx_parity(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    info = export_run(run_dir, "onnx", tmp_path / "onnx")
+    assert info["max_abs_diff"] is not None and info["max_abs_diff"] <= 1e-5
+    assert not list((tmp_path / "onnx").glob("*.data"))  # weights inside the one file
+    assert_parity(run_dir, tmp_path / "onnx" / "model.onnx")
+
+
+def test_export_command_writes_the_folder(run_dir: Path) -> None:
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    folder = run_dir / "export"
+    assert {p.name for p in folder.iterdir()} == {"model.pt", "tokenizer.json", "labels.json", "config.yaml", "export.json"}
+    info = json.loads((folder / "export.json").read_text())
+    assert info["format"] == "torchscript" and info["model"] == "model.pt" and info["pad_id"] == 0
+    assert info["max_length"] == 48 and set(info["inputs"]) == {"ids", "lengths"}
+    assert (folder / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
+    assert "max abs difference" in result.output
+
+
+def test_export_errors(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "pickle"])
+    assert result.exit_code == 2 and "onnx or torchscript" in result.output
+    result = runner.invoke(app, ["export", str(run_dir.parent / "nope")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    monkeypatch.setattr("seqtrain.export.missing_onnx_packages", lambda: ["onnx", "onnxscript"])
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx"])
+    assert result.exit_code == 1 and "pip install 'seqtrain[export]'" in result.output
