@@ -426,6 +426,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         limit: int | None = None,
         resume: dict[str, Any] | None = None,
         slot_offset: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.data, self.split, self.tokenizer, self.labels = data, split, tokenizer, labels
         self.batch_size, self.shuffle, self.seed, self.epoch, self.limit = batch_size, shuffle, seed, epoch, limit
@@ -433,11 +435,17 @@ class BatchStream(torch.utils.data.IterableDataset):
         # Worker i plays slot (i + slot_offset) % workers: on resume, the slot due next becomes
         # worker 0, which the DataLoader asks first, so the round-robin order continues unchanged.
         self.slot_offset = slot_offset
+        self.rank, self.world = rank, world  # torchrun: this process reads its own part of the split
         self.need_label = True
 
     def _shards(self, worker: int, workers: int) -> tuple[datasets.IterableDataset, list[int]]:
         ds = open_split(self.data, self.split, self.limit)
         ds = ds.select_columns([self.data.text_column, self.data.label_column])
+        if self.world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            # Whole shards per rank when they divide evenly, else every world-th row.
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
         order = list(range(1 if self.limit else ds.n_shards))  # a row cap reads one logical shard
         if self.shuffle:
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)

@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.inference import evaluate, load_tokenizer, pick_device, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # Keys that may differ between the first run and a --resume; everything else must match.
 RESUMABLE_CHANGES = {
@@ -129,12 +132,97 @@ def _set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
     torch.set_rng_state(tensors["torch"])
 
 
+def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tuple[Tokenizer, Labels, dict[str, Any]]:
+    """A fresh run: refuse to overwrite one, stream the training split once, write the run's files."""
+    t, run_dir = cfg.train, cfg.run_dir
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(
+            f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, or pick "
+            f"another output_dir (e.g. name=... or output_dir=...), or delete the folder."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    vocab = build_vocab(cfg)
+    tokenizer, labels = vocab.tokenizer, vocab.labels
+    # Under DDP each rank takes about 1/world of the rows; all stop when the first runs out.
+    steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows) // world)
+    run_info = {
+        "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
+        "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
+        "workers": workers, "world": world,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    }
+    checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
+    checkpoint.write_json_atomic(run_dir / "labels.json", labels.to_json())
+    checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
+    checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+    console.info(
+        f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, {vocab.num_examples:,} training rows"
+        f"{f', skipped {dict(vocab.bad_rows)}' if vocab.bad_rows else ''} ({time.perf_counter() - t0:.1f}s)"
+    )
+    return tokenizer, labels, run_info
+
+
+# --------------------------------------------------------------------------- torchrun / DDP
+# Under torchrun every rank runs train(); rank 0 builds the vocabulary, evaluates, logs and
+# writes checkpoints, the others read what it wrote. With one process these are no-ops.
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), world, device
+
+
+def broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's value of `obj`, on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    x = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return [float(v) for v in x.tolist()]
+
+
 def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
-    """Train as `cfg` says; return the best evaluation report."""
+    """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
     t = cfg.train
     run_dir = cfg.run_dir
-    device = pick_device(t.device)
-    torch.set_num_threads(t.num_threads or physical_cores())
+    rank, world, device = init_distributed(t.device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    torch.set_num_threads(t.num_threads or max(1, physical_cores() // local_world))
+    if rank != 0:
+        console.quiet()  # one progress display and one log: rank 0's
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -160,38 +248,32 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
         run_info = json.loads((run_dir / "run.json").read_text())
         console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
-        log.truncate_after(ckpt_state["step"])
-        truncate_trace(run_dir / "trained-examples.tsv", ckpt_state["step"])
+        if rank == 0:
+            log.truncate_after(ckpt_state["step"])
+            truncate_trace(run_dir / "trained-examples.tsv", ckpt_state["step"])
         if run_info.get("workers") is not None and run_info["workers"] != workers:
             raise ConfigError(
                 f"cannot resume {run_dir} with {workers} data workers: it was trained with {run_info['workers']}, and "
                 f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
             )
+    elif rank != 0:
+        error = broadcast(None, world)  # rank 0 builds the vocabulary meanwhile
+        if error:
+            raise SeqtrainError(error)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+        run_info = json.loads((run_dir / "run.json").read_text())
     else:
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise ConfigError(
-                f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, or pick "
-                f"another output_dir (e.g. name=... or output_dir=...), or delete the folder."
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        vocab = build_vocab(cfg)
-        tokenizer, labels = vocab.tokenizer, vocab.labels
-        steps_per_epoch = sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows)
-        run_info = {
-            "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
-            "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
-            "workers": workers,
-            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        }
-        checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
-        checkpoint.write_json_atomic(run_dir / "labels.json", labels.to_json())
-        checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
-        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
-        console.info(
-            f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, {vocab.num_examples:,} training rows"
-            f"{f', skipped {dict(vocab.bad_rows)}' if vocab.bad_rows else ''} ({time.perf_counter() - t0:.1f}s)"
+        try:
+            tokenizer, labels, run_info = prepare_run(cfg, workers, world, config_path)
+        except SeqtrainError as e:
+            broadcast(str(e), world)
+            raise
+        broadcast(None, world)
+    if ckpt_state is not None and ckpt_state["train_state"].get("world", 1) != world:
+        raise ConfigError(
+            f"cannot resume {run_dir} with {world} processes: it was trained with {ckpt_state['train_state'].get('world', 1)}, "
+            "and each process's position in the data stream is saved. Resume with the same --nproc_per_node."
         )
 
     # ---- model and optimizer; seeded so the same config and seed give the same weights
@@ -208,14 +290,22 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0}
+    s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0,
+                         "world": world}
     if ckpt_state is not None:
         model.load_state_dict(weights)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
         for k in s:
-            s[k] = ckpt_state["train_state"][k]
+            s[k] = ckpt_state["train_state"].get(k, s[k])
+        if "ranks" in ckpt_state:  # each rank continues from its own place in the stream
+            s["positions"], s["next_slot"] = ckpt_state["ranks"][rank]
         _set_rng_state(ckpt_state["rng"], rng)
+    forward: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     console.info(
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
         f"{torch.get_num_threads()} threads, {workers} data workers; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
@@ -235,18 +325,25 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     reports: dict[int, dict[str, Any]] = {}
 
     def save(best: bool) -> None:
+        """Every rank calls this (it gathers stream positions); rank 0 writes."""
+        ranks = all_gather((s["positions"], s["next_slot"]), world)
+        if rank != 0:
+            return
         rng_json, rng_tensors = _rng_state()
         state = {
-            "step": s["step"], "epoch": s["epoch"], "train_state": dict(s), "rng": rng_json, "_rng_tensors": rng_tensors,
-            "metrics": reports.get(s["step"], {}), "model": to_dict(cfg)["model"],
-            "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names,
+            "step": s["step"], "epoch": s["epoch"], "train_state": dict(s), "ranks": ranks, "rng": rng_json,
+            "_rng_tensors": rng_tensors, "metrics": {k: v for k, v in reports.get(s["step"], {}).items() if k != "arrays"},
+            "model": to_dict(cfg)["model"], "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names,
         }
         checkpoint.save(run_dir, s["step"], model, optimizer, state, best=best, keep_last=t.keep_last)
         if os.environ.get("SEQTRAIN_KILL_AFTER_SAVE") == str(s["step"]):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
 
     def run_eval() -> bool:
-        """Evaluate, log, checkpoint; True when early stopping says stop."""
+        """Evaluate, log, checkpoint; True when early stopping says stop. Rank 0 evaluates, all ranks agree."""
+        if rank != 0:
+            save(best=False)
+            return bool(broadcast(None, world))
         report = evaluate(model, cfg, tokenizer, labels, cfg.data.eval_split, device, cfg.data.max_eval_examples)
         reports[s["step"]] = report
         keys = ("mae", "rmse", "r2", "spearman", "accuracy_rounded") if regression else ("accuracy", "f1_macro", "top_k_accuracy")
@@ -261,7 +358,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         save(best=improved)
         shown = " ".join(f"{k} {report[k]:.4f}" for k in keys[:4] if k in report)
         bar.log(f"step {s['step']:,} epoch {s['epoch']}: {cfg.data.eval_split} loss {report['loss']:.4f} {shown}{'  (best)' if improved else ''}")
-        return t.patience is not None and s["bad_evals"] >= t.patience
+        return bool(broadcast(t.patience is not None and s["bad_evals"] >= t.patience, world))
 
     # ---- the loop
     model.train()
@@ -274,6 +371,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                 stream = BatchStream(
                     cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
                     epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
+                    rank=rank, world=world,
                 )
                 loader = iter(make_loader(stream, workers))
                 epoch_done = False
@@ -281,18 +379,30 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     tw = time.perf_counter()
                     batch = next(loader, None)
                     window["wait"] += time.perf_counter() - tw
-                    if batch is None:
+                    # All ranks agree on whether to go on: one running out of data ends the epoch for
+                    # all (no rank waits forever in an all-reduce), a signal on any rank stops all.
+                    exhausted, signalled = all_reduce([float(batch is None), float(bool(stop))], world, op="max")
+                    if signalled:
+                        save(best=False)
+                        signum = stop[0] if stop else signal.SIGTERM
+                        raise Interrupted(
+                            f"stopped by {signal.Signals(signum).name} at step {s['step']}; last/ is saved. Resume with: "
+                            f"seqtrain train {config_path} --resume",
+                            signum,
+                        )
+                    if exhausted:
                         epoch_done = True
                         break
                     if s["step"] >= total_steps:
                         break
+                    assert batch is not None
                     ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
 
                     lr = lr_at(s["step"], t, total_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        logits = model(ids, lengths)  # (B, C)
+                        logits = forward(ids, lengths)  # (B, C); under DDP, backward all-reduces the gradients
                         loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -315,19 +425,23 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         window["correct"] += int((logits.argmax(-1) == y).sum())
                     window["n"] += len(y)
                     window["steps"] += 1
-                    if t.trace_examples:
+                    if t.trace_examples and rank == 0:
                         with open(run_dir / "trained-examples.tsv", "a") as trace:
                             trace.writelines(f"{s['step']}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
 
                     if s["step"] % t.log_every == 0 or s["step"] == total_steps:
                         elapsed = time.perf_counter() - window["t0"]
+                        if world > 1:  # the log speaks for all ranks
+                            keys = ("tokens", "padded", "loss", "correct", "n")
+                            window.update(zip(keys, all_reduce([window[k] for k in keys], world), strict=True))
                         record = {
                             "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
                             ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
                             "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
                             "data_wait": window["wait"] / elapsed, "bad_rows": pos["bad_rows"],
                         }
-                        log.write(record)
+                        if rank == 0:
+                            log.write(record)
                         bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=window["correct"] / window["n"], tps=record["tokens_per_sec"])
                         window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
                     else:
@@ -338,13 +452,6 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         if run_eval():
                             early_stop = True
                             break
-                    if stop:
-                        save(best=False)
-                        raise Interrupted(
-                            f"stopped by {signal.Signals(stop[0]).name} at step {s['step']}; last/ is saved. Resume with: "
-                            f"seqtrain train {config_path} --resume",
-                            stop[0],
-                        )
                 if not epoch_done or early_stop:
                     break  # max_steps or early stopping, inside the epoch
                 s["epoch"] += 1
@@ -357,6 +464,13 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return {}
 
     best = reports.get(s["best_step"]) if s["best_step"] is not None else None
     if best is None:  # best was found before a resume: read it from its checkpoint
