@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data demo test lint bench bench-scale clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ lint: install
 
 bench: install data
 	$(BIN)/python -m bench.bench
+
+bench-scale: install data
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -637,14 +637,14 @@ LEGEND = [
 ]
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace the `## CPU speed (make bench)` section of `path` (up to the next # or ## heading), keep the rest."""
+def write_markdown(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace the `heading` section of `path` (up to the next # or ## heading), keep the rest."""
     if not path.exists():
         path.write_text("# Benchmarks\n\n" + section + "\n", encoding="utf-8")
         return
     lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
+        start = next(i for i, line in enumerate(lines) if line.strip() == heading)
     except StopIteration:
         text = "\n".join(lines).rstrip("\n")
         path.write_text(text + "\n\n" + section + "\n", encoding="utf-8")

@@ -96,6 +96,10 @@ class ModelConfig:
     """Dropout on the embedded tokens."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
+    pretrained_embeddings: str | None = None
+    """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the embeddings from; its dimension must equal embedding_dim."""
+    freeze_embeddings: bool = False
+    """Keep pretrained embeddings fixed during training."""
     regression_loss: Literal["mse", "huber"] = "mse"
     """Regression loss (huber is less hurt by outliers)."""
     standardize_targets: bool = True

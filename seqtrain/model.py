@@ -118,5 +118,43 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> Classifi
     return Classifier(cfg, vocab_size, num_classes)
 
 
+def load_pretrained_embeddings(model: Classifier, path: str, vocab: dict[str, int], lowercase: bool) -> tuple[int, int]:
+    """Copy vectors of vocabulary words from a GloVe / word2vec text file; returns (found, vocabulary size).
+
+    The file is streamed line by line, so a multi-GB vectors file costs no more memory than the
+    vectors we keep. Words missing from the file keep their random initialisation.
+    """
+    from seqtrain.errors import DataError
+
+    weight = model.embedding.weight
+    dim = weight.shape[1]
+    found = 0
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                parts = line.rstrip().split(" ")
+                if n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                    continue  # word2vec header: "count dim"
+                if len(parts) != dim + 1:
+                    raise DataError(
+                        f"{path}, line {n}: {len(parts) - 1} numbers, but model.embedding_dim is {dim}. "
+                        "Set model.embedding_dim to the vectors' dimension."
+                    )
+                word = parts[0].lower() if lowercase else parts[0]
+                idx = vocab.get(word)
+                if idx is None or idx == PAD_ID:
+                    continue
+                try:
+                    vec = torch.tensor([float(x) for x in parts[1:]])
+                except ValueError:
+                    raise DataError(f"{path}, line {n}: not a word followed by numbers.") from None
+                with torch.no_grad():
+                    weight[idx] = vec
+                found += 1
+    except FileNotFoundError:
+        raise DataError(f"model.pretrained_embeddings: {path!r} does not exist.") from None
+    return found, len(vocab)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -21,11 +21,11 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
-from seqtrain.data import BatchStream, Labels, build_vocab, make_loader
+from seqtrain.data import UNK_ID, BatchStream, Labels, build_vocab, make_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.inference import evaluate, load_tokenizer, pick_device, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
-from seqtrain.model import build_model, count_parameters
+from seqtrain.model import build_model, count_parameters, load_pretrained_embeddings
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -301,6 +301,14 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         if "ranks" in ckpt_state:  # each rank continues from its own place in the stream
             s["positions"], s["next_slot"] = ckpt_state["ranks"][rank]
         _set_rng_state(ckpt_state["rng"], rng)
+    if cfg.model.pretrained_embeddings and ckpt_state is None:
+        found, size = load_pretrained_embeddings(model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase)
+        console.info(f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)")
+        run_info["embedding_coverage"] = found / size
+        if rank == 0:
+            checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+    if cfg.model.freeze_embeddings:
+        model.embedding.weight.requires_grad_(False)
     forward: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -418,6 +426,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     s["next_slot"] = (pos["slot"] + 1) % max(1, workers)
                     window["tokens"] += int(batch["lengths"].sum())
                     window["padded"] += batch["ids"].numel()
+                    window["unk"] = window.get("unk", 0) + int((batch["ids"] == UNK_ID).sum())
                     window["loss"] += loss.item() * len(y)
                     if regression:  # the window's "accuracy" is the mean absolute error, in the target's units
                         window["correct"] += float((to_scores(logits.detach(), labels, cfg) - y).abs().sum())
@@ -438,7 +447,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                             "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
                             ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
                             "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
-                            "data_wait": window["wait"] / elapsed, "bad_rows": pos["bad_rows"],
+                            "data_wait": window["wait"] / elapsed, "unk_rate": window.get("unk", 0) / max(1, window["tokens"]),
+                            "bad_rows": pos["bad_rows"],
                         }
                         if rank == 0:
                             log.write(record)

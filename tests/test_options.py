@@ -1,0 +1,66 @@
+"""Model and training options that the accuracy work relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from seqtrain.errors import DataError
+from seqtrain.inference import load_tokenizer
+from seqtrain.metrics import read_metrics
+from seqtrain.train import train
+from tests.conftest import tiny_config
+
+
+def test_pretrained_embeddings_coverage_and_freeze(tiny_data: Path, tmp_path: Path) -> None:
+    vectors = tmp_path / "vectors.txt"
+    # a word2vec-style header, then vectors for two vocabulary words and one unknown word
+    vectors.write_text("3 16\n" + "great " + " ".join(["0.5"] * 16) + "\nawful " + " ".join(["-0.5"] * 16)
+                       + "\nzzzunseen " + " ".join(["1.0"] * 16) + "\n")
+    cfg = tiny_config(tiny_data, tmp_path / "run", model={"pretrained_embeddings": str(vectors), "freeze_embeddings": True},
+                      train={"max_steps": 10})
+    train(cfg)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    vocab = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab()
+    assert info["embedding_coverage"] == pytest.approx(2 / len(vocab))
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))["embedding.weight"]
+    assert weights[vocab["great"]].tolist() == [0.5] * 16, "frozen: unchanged by training"
+
+
+def test_pretrained_embeddings_wrong_dimension_is_clear(tiny_data: Path, tmp_path: Path) -> None:
+    vectors = tmp_path / "v.txt"
+    vectors.write_text("great 0.1 0.2 0.3\n")
+    cfg = tiny_config(tiny_data, tmp_path / "run", model={"pretrained_embeddings": str(vectors)})
+    with pytest.raises(DataError, match="line 1: 3 numbers, but model.embedding_dim is 16"):
+        train(cfg)
+
+
+def test_early_stopping_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
+    # a learning rate too small to change any prediction: accuracy never improves after the first
+    # evaluation, so patience 2 stops at the third
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 10, "eval_every": 5, "patience": 2, "lr": 1e-9,
+                                                           "lr_schedule": "constant", "monitor": "accuracy"})
+    train(cfg)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "validation"]
+    assert [r["step"] for r in evals] == [5, 10, 15], "stopped long before 10 epochs"
+    best = json.loads((tmp_path / "run" / "best" / "state.json").read_text())["step"]
+    assert best == 5
+
+
+@pytest.mark.parametrize("option", [{"label_smoothing": 0.1}, {"lr_schedule": "cosine", "warmup_steps": 5},
+                                    {"optimizer": "sgd", "lr": 0.1}, {"class_weights": "balanced"}])
+def test_training_options_run_and_learn(tiny_data: Path, tmp_path: Path, option: dict) -> None:
+    report = train(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 3, **option}))
+    assert report["accuracy"] > 0.7
+
+
+@pytest.mark.parametrize("model", [{"num_layers": 2, "bidirectional": True, "pooling": "attention", "embedding_dropout": 0.1},
+                                   {"cell": "rnn", "pooling": "mean"}, {"cell": "lstm", "pooling": "max"}])
+def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> None:
+    report = train(tiny_config(tiny_data, tmp_path / "run", model=model, train={"epochs": 3}))
+    assert report["accuracy"] > 0.7
+    train_lines = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert all(0 <= r["unk_rate"] < 0.05 for r in train_lines)
