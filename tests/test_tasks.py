@@ -49,7 +49,7 @@ def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> 
     assert len(report["per_class"]) == 5
     out = runner.invoke(app, ["predict", str(tmp_path / "run"), "brilliant superb", "--top-k", "2"])
     rec = json.loads(out.stdout)
-    assert rec["label"] == "5" and [t["label"] for t in rec["top_k"]][0] == "5" and len(rec["top_k"]) == 2
+    assert rec["label"] == "5" and rec["top_k"][0]["label"] == "5" and len(rec["top_k"]) == 2
 
 
 def test_string_labels_are_discovered_for_many_classes(tmp_path: Path) -> None:
