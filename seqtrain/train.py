@@ -218,6 +218,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
     t = cfg.train
     run_dir = cfg.run_dir
+    started = time.perf_counter()
     rank, world, device = init_distributed(t.device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     torch.set_num_threads(t.num_threads or max(1, physical_cores() // local_world))
@@ -487,7 +488,10 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         best_dir = (run_dir / "best").resolve()
         best = json.loads((best_dir / "state.json").read_text()).get("metrics") or {}
     if best:
-        checkpoint.write_json_atomic(run_dir / f"eval-{cfg.data.eval_split}.json", {**best, "checkpoint": f"best ({s['best_step']})"})
+        checkpoint.write_json_atomic(run_dir / f"eval-{cfg.data.eval_split}.json", {
+            **best, "checkpoint": f"best ({s['best_step']})", "train_seconds": time.perf_counter() - started,
+            "threads": torch.get_num_threads(),
+        })
         console.print_eval(best, f"{cfg.name}: best checkpoint (step {s['best_step']}) on {cfg.data.eval_split}")
     try:  # a picture is a bonus: a plotting problem must not fail a finished training
         from seqtrain.plots import plot_run_curves
