@@ -6,10 +6,9 @@ at once.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -152,133 +151,58 @@ def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], 
         console.info(f"wrote {path}")
 
 
-class MalformedInput(SeqtrainError):
-    pass
-
-
-def _decoded_lines(raw: Iterator[bytes], bad: list[str], strict: bool) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line; lines that are not UTF-8 are reported, not fatal."""
-    for n, line in enumerate(raw, 1):
-        try:
-            yield n, line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            _bad(bad, f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})", strict)
-
-
-def _bad(bad: list[str], msg: str, strict: bool) -> None:
-    if strict:
-        raise MalformedInput(f"{msg}. Fix the input, or drop --strict to skip such lines and predict the rest.")
-    bad.append(msg)
-
-
-def _read_texts(path: str, text_column: str, bad: list[str], strict: bool = False) -> Iterator[str]:
-    """Texts from stdin (-), .txt (a line each), .jsonl or .csv, read as a stream.
-
-    Malformed lines (not UTF-8, not JSON, no text) are reported in `bad` with their line numbers
-    and skipped, or stop everything with `strict`.
-    """
-    suffix = Path(path).suffix.lower() if path != "-" else ".txt"
-    if path != "-" and not Path(path).is_file():
-        raise SeqtrainError(f"--input {path!r} does not exist.")
-    raw = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
-    try:
-        lines = _decoded_lines(iter(raw), bad, strict)
-        if suffix == ".csv":
-            numbered = iter(lines)
-            current = [0]
-
-            def text_lines() -> Iterator[str]:
-                for n, line in numbered:
-                    current[0] = n
-                    yield line
-
-            reader = csv.DictReader(text_lines())
-            if reader.fieldnames is None or text_column not in reader.fieldnames:
-                raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
-            for row in reader:
-                text = row.get(text_column)
-                if not text or not text.strip():
-                    _bad(bad, f"line {current[0]}: empty {text_column!r}", strict)
-                    continue
-                yield text
-        elif suffix in (".jsonl", ".json"):
-            for n, line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    text = obj.get(text_column) if isinstance(obj, dict) else None
-                except ValueError:
-                    text = None
-                if not isinstance(text, str) or not text.strip():
-                    _bad(bad, f"line {n}: not a JSON object with a non-empty string {text_column!r}", strict)
-                    continue
-                yield text
-        else:
-            for _, line in lines:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    yield line
-    finally:
-        if raw is not sys.stdin.buffer:
-            raw.close()
-
-
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
-    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv), or - for stdin.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="A dataset instead: Hub id, local folder or data files (with --split).")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data to predict.")] = "test",
     output: Annotated[str, typer.Option("--output", "-o", help="Where to write results; - is stdout.")] = "-",
     format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: from --output's extension, else jsonl).")] = None,
-    text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv input.")] = "text",
+    text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv / .parquet / dataset input.")] = "text",
+    id_column: Annotated[str, typer.Option(help="Carried through to the output when the input has it.")] = "id",
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 256,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Also list the k most likely labels with their probabilities.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Binary tasks: predict the second label when its probability is at least this.")] = None,
 ) -> None:
     """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
         from seqtrain import console
-        from seqtrain.inference import load_run, predict_stream
+        from seqtrain.inference import load_run
+        from seqtrain.predict import read_dataset, read_inputs, write_predictions
 
         fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
         if fmt not in ("jsonl", "csv"):
             raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
-        if not texts and input is None:
-            raise _fail("give texts as arguments, or --input FILE (or - for stdin).", 2)
+        if sum(x is not None and x != [] for x in (texts, input, data)) != 1:
+            raise _fail("give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.", 2)
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
         run, warnings = load_run(run_dir, checkpoint)
         for w in warnings:
             console.warn(w)
+        if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):
+            raise _fail("--threshold applies to binary classification only.", 2)
         bad: list[str] = []
-        source: Iterator[str] = iter(texts or []) if input is None else _read_texts(input, text_column, bad, strict)
-        names = run.labels.names
-        regression = run.labels.task == "regression"
+        if data is not None:
+            records = read_dataset(run.config.data, data, split, text_column, id_column)
+        elif input is not None:
+            records = read_inputs(input, text_column, id_column, bad, strict)
+        else:
+            records = ((t, None) for t in texts or [])
         sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
         try:
-            writer = csv.writer(sink) if fmt == "csv" else None
-            if writer:
-                writer.writerow(["text", "score"] if regression else ["text", "label", *(f"prob_{n}" for n in names)])
-            for text, probs in predict_stream(run, source, batch_size=batch_size):
-                if regression:
-                    score = round(float(probs[0]), 6)
-                    writer.writerow([text, score]) if writer else sink.write(json.dumps({"text": text, "score": score}) + "\n")
-                    continue
-                label = names[int(probs.argmax())]
-                if writer:
-                    writer.writerow([text, label, *(f"{p:.6f}" for p in probs)])
-                else:
-                    record: dict[str, Any] = {"text": text, "label": label, "probs": {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}}
-                    if top_k:
-                        best = probs.argsort()[::-1][:top_k]
-                        record["top_k"] = [{"label": names[i], "prob": round(float(probs[i]), 6)} for i in best]
-                    sink.write(json.dumps(record) + "\n")
-                sink.flush() if output == "-" else None
+            n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size)
         finally:
             if sink is not sys.stdout:
                 sink.close()
         if bad:
             console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        if output != "-":
+            console.info(f"wrote {n:,} predictions to {output}")
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 

@@ -124,3 +124,37 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys; from seqtrain import cli; import seqtrain.config; print('torch' in sys.modules, 'datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False False"
+
+
+def test_predict_parquet_dataset_ids_and_threshold(trained: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "a1", "review": "great superb"}, {"id": "b2", "review": "awful dull"}]),
+                   tmp_path / "in.parquet")
+    result = runner.invoke(app, ["predict", str(trained), "-i", str(tmp_path / "in.parquet"), "--text-column", "review"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["id"], r["label"]) for r in rows] == [("a1", "positive"), ("b2", "negative")]
+    always = runner.invoke(app, ["predict", str(trained), "awful dull", "--threshold", "0.0"])
+    assert json.loads(always.stdout)["label"] == "positive"
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]["path"]
+    result = runner.invoke(app, ["predict", str(trained), "--data", data, "--split", "validation", "-o", str(tmp_path / "o.csv")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 201
+
+
+def test_predict_streams_stdin_before_input_ends(trained: Path) -> None:
+    """The first results come out while stdin is still open."""
+    import select
+
+    exe = Path(sys.executable).parent / "seqtrain"
+    proc = subprocess.Popen([str(exe), "predict", str(trained), "--input", "-", "--batch-size", "8"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("great superb film\n" * 40)
+    proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, "no output while the input is still open"
+    assert json.loads(proc.stdout.readline())["label"] == "positive"
+    proc.stdin.close()
+    proc.wait(timeout=60)

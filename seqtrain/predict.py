@@ -1,0 +1,178 @@
+"""Prediction I/O for pipelines: read texts from anywhere as a stream, write results in order.
+
+Inputs: stdin or .txt (a line each), .jsonl, .csv, .parquet, or a dataset (Hub id, folder, files).
+Malformed lines (not UTF-8, not JSON, no text) are reported with their line numbers and skipped,
+or stop everything with `strict`. An `id` column is carried through when present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+from seqtrain.config import DataConfig
+from seqtrain.errors import DataError, SeqtrainError
+from seqtrain.inference import Run, predict_stream
+
+Record = tuple[str, Any]  # (text, id or None)
+
+
+class MalformedInput(SeqtrainError):
+    pass
+
+
+def _bad(bad: list[str], msg: str, strict: bool) -> None:
+    if strict:
+        raise MalformedInput(f"{msg}. Fix the input, or drop --strict to skip such lines and predict the rest.")
+    bad.append(msg)
+
+
+def _decoded_lines(raw: IO[bytes], bad: list[str], strict: bool) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line; a line that is not UTF-8 is reported, not fatal."""
+    for n, line in enumerate(raw, 1):
+        try:
+            yield n, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _bad(bad, f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})", strict)
+
+
+def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], strict: bool = False) -> Iterator[Record]:
+    """Stream (text, id) from stdin (-) or a .txt, .jsonl, .csv or .parquet file."""
+    suffix = Path(path).suffix.lower() if path != "-" else ".txt"
+    if path != "-" and not Path(path).is_file():
+        raise SeqtrainError(f"--input {path!r} does not exist.")
+    if suffix == ".parquet":
+        yield from _read_parquet(path, text_column, id_column, bad, strict)
+        return
+    raw = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    try:
+        lines = _decoded_lines(raw, bad, strict)
+        if suffix in (".csv", ".tsv"):
+            yield from _read_csv(path, lines, text_column, id_column, bad, strict, "\t" if suffix == ".tsv" else ",")
+        elif suffix in (".jsonl", ".json"):
+            for n, line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                text = obj.get(text_column) if isinstance(obj, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    _bad(bad, f"line {n}: not a JSON object with a non-empty string {text_column!r}", strict)
+                    continue
+                yield text, obj.get(id_column) if isinstance(obj, dict) else None
+        else:
+            for _, line in lines:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line, None
+    finally:
+        if raw is not sys.stdin.buffer:
+            raw.close()
+
+
+def _read_csv(path: str, lines: Iterator[tuple[int, str]], text_column: str, id_column: str, bad: list[str],
+              strict: bool, delimiter: str) -> Iterator[Record]:
+    current = [0]
+
+    def text_lines() -> Iterator[str]:
+        for n, line in lines:
+            current[0] = n
+            yield line
+
+    reader = csv.DictReader(text_lines(), delimiter=delimiter)
+    if reader.fieldnames is None or text_column not in reader.fieldnames:
+        raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
+    for row in reader:
+        text = row.get(text_column)
+        if not text or not text.strip():
+            _bad(bad, f"line {current[0]}: empty {text_column!r}", strict)
+            continue
+        yield text, row.get(id_column)
+
+
+def _read_parquet(path: str, text_column: str, id_column: str, bad: list[str], strict: bool) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    names = f.schema_arrow.names
+    if text_column not in names:
+        raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {names}); use --text-column.")
+    columns = [text_column] + ([id_column] if id_column in names else [])
+    row = 0
+    for batch in f.iter_batches(batch_size=2048, columns=columns):  # a row group at a time: constant memory
+        d = batch.to_pydict()
+        ids = d.get(id_column, [None] * batch.num_rows)
+        for text, id_ in zip(d[text_column], ids, strict=True):
+            row += 1
+            if not isinstance(text, str) or not text.strip():
+                _bad(bad, f"row {row}: empty or null {text_column!r}", strict)
+                continue
+            yield text, id_
+
+
+def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_column: str) -> Iterator[Record]:
+    """Stream (text, id) from a split of a dataset, as training would read it."""
+    from seqtrain.data import open_split
+
+    ds = open_split(replace(data, path=path, eval_path=None, text_column=text_column), split)
+    columns = list(ds.column_names or [])
+    if columns and text_column not in columns:
+        raise DataError(f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column.")
+    for row in ds:
+        text = row.get(text_column)
+        if isinstance(text, str) and text.strip():
+            yield text, row.get(id_column)
+
+
+def write_predictions(run: Run, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,
+                      threshold: float | None = None, batch_size: int = 256) -> int:
+    """Predict in input order and write JSONL or CSV as results come (flushed per chunk); returns the count."""
+    names = run.labels.names
+    regression = run.labels.task == "regression"
+    writer = csv.writer(sink) if fmt == "csv" else None
+    ids: deque[Any] = deque()  # ids of texts read but not yet written: memory stays flat on endless input
+
+    def texts() -> Iterator[str]:
+        for text, id_ in records:
+            ids.append(id_)
+            yield text
+
+    with_id: bool | None = None
+    n = 0
+    for text, probs in predict_stream(run, texts(), chunk=4 * batch_size, batch_size=batch_size):
+        id_ = ids.popleft()
+        if with_id is None:
+            with_id = id_ is not None
+            if writer:
+                head = ["score"] if regression else ["label", *(f"prob_{name}" for name in names)]
+                writer.writerow((["id"] if with_id else []) + ["text", *head])
+        record: dict[str, Any] = {"id": id_} if with_id else {}
+        record["text"] = text
+        if regression:
+            record["score"] = round(float(probs[0]), 6)
+        else:
+            k = int(probs.argmax()) if threshold is None else int(probs[1] >= threshold)
+            record["label"] = names[k]
+            record["probs"] = {name: round(float(p), 6) for name, p in zip(names, probs, strict=True)}
+            if top_k:
+                order = probs.argsort()[::-1][:top_k]
+                record["top_k"] = [{"label": names[j], "prob": round(float(probs[j]), 6)} for j in order]
+        if writer:
+            row = [record["id"]] if with_id else []
+            row += [text, record["score"]] if regression else [text, record["label"], *(f"{p:.6f}" for p in probs)]
+            writer.writerow(row)
+        else:
+            sink.write(json.dumps(record) + "\n")
+        n += 1
+        if (n % 256) == 0:
+            sink.flush()
+    sink.flush()
+    return n
