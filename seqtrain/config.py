@@ -150,6 +150,8 @@ class TrainConfig:
     """Periodic checkpoints kept besides `best/`."""
     deterministic: bool = False
     """Turn on torch.use_deterministic_algorithms."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (run_dir/tensorboard; needs `pip install 'seqtrain[tensorboard]'`)."""
     trace_examples: bool = False
     """Write trained-examples.tsv: the step and a hash of every example trained on (audits resume: no replay, no gap)."""
 

@@ -84,14 +84,31 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per line, flushed at once (tail -f friendly)."""
+    """Append-only metrics.jsonl: one JSON object per line, flushed at once (tail -f friendly).
 
-    def __init__(self, path: Path) -> None:
+    With a TensorBoard directory, every number also goes to TensorBoard as `<split>/<name>`.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = path
+        self.tb: Any = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from seqtrain.errors import ConfigError
+
+                raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'seqtrain[tensorboard]'.") from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "split") and isinstance(value, int | float):
+                    self.tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+            self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""

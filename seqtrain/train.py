@@ -226,7 +226,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         console.quiet()  # one progress display and one log: rank 0's
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None)
     workers = resolve_workers(cfg.data.num_workers)
 
     # ---- vocabulary, labels and run directory (fresh) or the checkpoint to continue from (resume)

@@ -64,3 +64,10 @@ def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> No
     assert report["accuracy"] > 0.7
     train_lines = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
     assert all(0 <= r["unk_rate"] < 0.05 for r in train_lines)
+
+
+def test_tensorboard_logging(tiny_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5, "tensorboard": True}))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
