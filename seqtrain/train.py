@@ -227,6 +227,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     if rank != 0:
         console.quiet()  # one progress display and one log: rank 0's
     if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
         torch.use_deterministic_algorithms(True)
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None)
     workers = resolve_workers(cfg.data.num_workers)
