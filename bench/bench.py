@@ -105,7 +105,7 @@ class Counts:
 
 
 # Full run: ~10-15 minutes on an idle 2-core machine, most of it in (b). A chunk of 4,096 rows makes
-# 64 batches, so warm-up 3 + 64 measured steps cross one chunk boundary (the worker tokenizes a new chunk).
+# 64 batches, so warm-up 3 + 64 measured steps cross one chunk boundary (a new chunk is tokenized).
 FULL = Counts(warmup=3, steps=64, packed_warmup=1, packed_steps=5, predict_texts=None, help_runs=5)
 QUICK = Counts(warmup=1, steps=2, packed_warmup=0, packed_steps=1, predict_texts=256, help_runs=2)
 # --quick only: a short training stream (the vocabulary pass takes a second) and short texts (one
@@ -165,7 +165,7 @@ def bench_config(cell: str, data: Path, run_dir: Path, s: Settings) -> Config:
         "seed": 0,
         "data": {
             "path": str(data), "label_names": ["negative", "positive"], "max_length": s.max_length,
-            "truncation": "head", "num_workers": 1, "max_eval_examples": 64,
+            "truncation": "head", "max_eval_examples": 64,  # data.num_workers: seqtrain's default for this machine
             "max_train_examples": s.max_train_examples,
         },
         "model": {
