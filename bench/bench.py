@@ -4,7 +4,7 @@ For each recurrent cell (LSTM, GRU, RNN) at embedding 128, hidden 256, batch 64,
 unidirectional, pooling `last`, on data/imdb, it measures real (non-padding) tokens per second of:
 
   (a) seqtrain's own training loop, end to end: `seqtrain.train.train(cfg)` streams, tokenizes,
-      batches (DataLoader worker), runs forward, backward and the optimizer step. The rate is read
+      batches (with seqtrain's default data.num_workers), runs forward, backward and the optimizer step. The rate is read
       from the run's metrics.jsonl "train" lines after the warm-up steps.
   (b) the textbook reference: pre-tokenised tensors, random batches, `pack_padded_sequence`,
       the last hidden state h_n -> Linear, cross-entropy, AdamW.
@@ -237,7 +237,7 @@ def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int
 def seqtrain_batches(cfg: Config, labels: Labels, n: int) -> list[Batch]:
     """The first `n` batches seqtrain's training stream yields for epoch 0 (rebuilt, not timed).
 
-    With one DataLoader worker, that worker reads every shard in the seeded order, exactly as this
+    With 0 or 1 DataLoader worker, the shards are read in the seeded order, exactly as this
     in-process iteration does; the tokenizer is the run's own tokenizer.json.
     """
     from tokenizers import Tokenizer
@@ -627,7 +627,7 @@ def environment(s: Settings, data: Path) -> list[str]:
 
 
 LEGEND = [
-    "(a) `seqtrain.train.train` end to end (stream, tokenize, batch in a DataLoader worker, forward, backward, "
+    "(a) `seqtrain.train.train` end to end (stream, tokenize, batch with the default data.num_workers, forward, backward, "
     "clip, AdamW), from metrics.jsonl after warm-up; (b) textbook loop: pre-tokenised tensors, random batches, "
     "`pack_padded_sequence`, h_n -> Linear, AdamW; (c) the same on the same random batches, padded, not packed; "
     "(d) ceiling: bare Embedding -> cell -> Linear, forward + backward + AdamW on the exact batches seqtrain "
