@@ -70,7 +70,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
     labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
     ckpt, warnings = checkpoint.find(run_dir, which)
     weights = checkpoint.load_tensors(ckpt / "model.safetensors")
-    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs)
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs, init=False)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -35,8 +35,8 @@ def reverse_within_length(lengths: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class Classifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, num_classes: int) -> None:
-        """num_classes: width of the output (1 for regression)."""
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True) -> None:
+        """num_classes: width of the output (1 for regression); init=False when weights will be loaded."""
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
@@ -57,7 +57,8 @@ class Classifier(nn.Module):
         out = H * self.directions
         self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" else None
         self.head = nn.Linear(out, num_classes)
-        self._init_weights()
+        if init:  # skipped when loading a checkpoint: the QR behind orthogonal init is wasted work there
+            self._init_weights()
 
     def _init_weights(self) -> None:
         for rnn in self.modules():
@@ -114,8 +115,8 @@ class Classifier(nn.Module):
         return (torch.softmax(scores, dim=1) * x).sum(1)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int) -> Classifier:
-    return Classifier(cfg, vocab_size, num_classes)
+def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True) -> Classifier:
+    return Classifier(cfg, vocab_size, num_classes, init)
 
 
 def load_pretrained_embeddings(model: Classifier, path: str, vocab: dict[str, int], lowercase: bool) -> tuple[int, int]:
