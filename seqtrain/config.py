@@ -100,8 +100,10 @@ class ModelConfig:
     """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the embeddings from; its dimension must equal embedding_dim."""
     freeze_embeddings: bool = False
     """Keep pretrained embeddings fixed during training."""
+    regression_head: Literal["scalar", "distribution"] = "scalar"
+    """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax over the values seen in training, trained with cross-entropy, predicting its expected value."""
     regression_loss: Literal["mse", "huber"] = "mse"
-    """Regression loss (huber is less hurt by outliers)."""
+    """Regression loss of the scalar head (huber is less hurt by outliers)."""
     standardize_targets: bool = True
     """Regression: train on (target - mean) / std of the training targets; predictions are mapped back."""
     bounded: bool = False
@@ -400,6 +402,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss.")
     if cfg.model.task == "regression" and cfg.train.monitor in {"accuracy", "f1_macro"}:
         raise ConfigError(f"train.monitor {cfg.train.monitor!r} needs classes; for regression use mae, rmse, r2, spearman or loss.")
+    if cfg.model.regression_head == "distribution" and cfg.model.bounded:
+        raise ConfigError("model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target.")
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
 

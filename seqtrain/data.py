@@ -141,7 +141,9 @@ class Labels:
     @property
     def outputs(self) -> int:
         """Width of the model's last layer."""
-        return 1 if self.task == "regression" else len(self.names)
+        if self.task == "regression":
+            return len(self.values) or 1  # the distribution head has one output per target value
+        return len(self.names)
 
     def index(self, value: Any) -> int | None:
         return self._index.get(value)
@@ -184,12 +186,22 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def regression_labels(values: list[float], data: DataConfig) -> Labels:
+def regression_labels(values: list[float], data: DataConfig, head: str = "scalar") -> Labels:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std())
+    integer = bool(np.all(arr == np.round(arr)))
+    support: list[float] = []
+    if head == "distribution":
+        support = sorted(set(arr.tolist()))
+        if not integer or len(support) > 100:
+            raise DataError(
+                f"model.regression_head: distribution needs integer targets with at most 100 values; column "
+                f"{data.label_column!r} has {len(support)} distinct values{'' if integer else ', not all integers'}. "
+                "Use regression_head: scalar."
+            )
     return Labels(
-        names=[data.label_column], values=[], task="regression", mean=float(arr.mean()), std=std if std > 0 else 1.0,
-        integer=bool(np.all(arr == np.round(arr))), low=float(arr.min()), high=float(arr.max()),
+        names=[data.label_column], values=support, task="regression", mean=float(arr.mean()), std=std if std > 0 else 1.0,
+        integer=integer, low=float(arr.min()), high=float(arr.max()),
     )
 
 
@@ -334,7 +346,7 @@ def build_vocab(cfg: Config) -> Vocab:
     if count == 0:
         raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
     if regression:
-        labels = regression_labels(numbers, data)
+        labels = regression_labels(numbers, data, cfg.model.regression_head)
         if cfg.model.bounded and not (labels.low >= 0.0 and labels.high <= 1.0):
             raise DataError(
                 f"model.bounded squashes predictions into [0, 1], but column {data.label_column!r} ranges from "

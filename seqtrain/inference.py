@@ -81,7 +81,13 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
 
 
 def to_scores(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
-    """Regression outputs (B, 1) -> predictions in the target's own units (B,)."""
+    """Regression outputs -> predictions in the target's own units (B,).
+
+    scalar head: out (B, 1), standardised; distribution head: out (B, V) logits over the target values.
+    """
+    if labels.values:
+        support = torch.tensor(labels.values, dtype=torch.float32, device=out.device)  # (V,)
+        return torch.softmax(out.float(), -1) @ support  # the expected value
     pred = out.squeeze(-1).float()
     if cfg.model.standardize_targets and not cfg.model.bounded:
         pred = pred * labels.std + labels.mean
@@ -91,6 +97,11 @@ def to_scores(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
 def task_loss(out: torch.Tensor, y: torch.Tensor, labels: Labels, cfg: Config, reduction: str = "mean",
               class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss: cross-entropy for classes; MSE or Huber (on standardised targets) for regression."""
+    if labels.task == "regression" and labels.values:  # distribution head: which of the V values
+        support = torch.tensor(labels.values, dtype=torch.float32, device=out.device)
+        index = torch.bucketize(y.float(), support).clamp(max=len(labels.values) - 1)  # exact for values seen in training
+        smoothing = cfg.train.label_smoothing if reduction == "mean" else 0.0
+        return F.cross_entropy(out.float(), index, label_smoothing=smoothing, reduction=reduction)
     if labels.task == "regression":
         pred = out.squeeze(-1).float()
         if cfg.model.standardize_targets and not cfg.model.bounded:
@@ -167,7 +178,8 @@ def evaluate(
 @torch.inference_mode()
 def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, C) — or, for regression, scores (N, 1) — in input order; batched by length."""
-    probs = np.zeros((len(texts), run.labels.outputs), dtype=np.float32)
+    width = 1 if run.labels.task == "regression" else run.labels.outputs
+    probs = np.zeros((len(texts), width), dtype=np.float32)
     if not texts:
         return probs
     seqs = encode(run.tokenizer, texts, run.config.data)

@@ -106,3 +106,24 @@ def test_regression_metrics_and_top_k() -> None:
     assert r["mae"] == pytest.approx(0.25) and r["spearman"] == pytest.approx(1.0) and r["accuracy_rounded"] == 0.75
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     assert top_k_accuracy(probs, np.array([1, 0]), 2) == 0.5
+
+
+def test_distribution_head_regression_predicts_expected_stars(rated: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"},
+                      model={"task": "regression", "regression_head": "distribution"}, train={"epochs": 4})
+    report = train(cfg)
+    labels = json.loads((tmp_path / "run" / "labels.json").read_text())
+    assert labels["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert report["spearman"] > 0.8 and report["mae"] < 0.8
+    out = runner.invoke(app, ["predict", str(tmp_path / "run"), "superb brilliant film", "dreadful awful"])
+    scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]
+    assert 1.0 <= scores[1] < 2 < 4 < scores[0] <= 5.0
+
+
+def test_distribution_head_needs_integer_targets(tmp_path: Path) -> None:
+    rows = [{"text": r["text"], "stars": r["stars"] + 0.5} for r in rated_rows(100, 0)]
+    data = write_hub_folder(tmp_path / "f", {"train": rows, "validation": rows[:10]})
+    cfg = tiny_config(data, tmp_path / "run", data={"label_column": "stars"},
+                      model={"task": "regression", "regression_head": "distribution"})
+    with pytest.raises(DataError, match="integer targets"):
+        build_vocab(cfg)
