@@ -195,7 +195,8 @@ def predict(
             records = ((t, None) for t in texts or [])
         sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
         try:
-            n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size)
+            chunk = 4 * batch_size if input == "-" else max(2048, 4 * batch_size)  # stdin: answer sooner
+            n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk)
         finally:
             if sink is not sys.stdout:
                 sink.close()
