@@ -254,6 +254,15 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def safe_parse(text: str) -> Any:
+    """Parse YAML with the strict safe loader: plain data only, no python tags, no duplicate keys."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file safely; every failure becomes a ConfigError naming the file."""
     try:
@@ -263,7 +272,7 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return safe_parse(text)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
@@ -422,7 +431,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.cell=gru.")
         key, _, text = item.partition("=")
         try:
-            value = yaml.load(text, Loader=_StrictLoader) if text else None
+            value = safe_parse(text) if text else None
         except yaml.YAMLError:
             value = text
         parts = key.strip().split(".")
