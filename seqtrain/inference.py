@@ -45,6 +45,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise CheckpointError(f"cannot read the tokenizer {path}: {e}") from None
 
 
+def read_run_files(run_dir: Path) -> tuple[Tokenizer, Labels]:
+    """The tokenizer and labels a training run wrote (JSON only)."""
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    return tokenizer, Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+
+
 @dataclass
 class Run:
     """A trained run, ready to use."""
@@ -66,8 +72,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{run_dir / name} is missing: {run_dir} is not a complete seqtrain run directory.")
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+    tokenizer, labels = read_run_files(run_dir)
     ckpt, warnings = checkpoint.find(run_dir, which)
     weights = checkpoint.load_tensors(ckpt / "model.safetensors")
     model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs, init=False)

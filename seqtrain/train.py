@@ -23,7 +23,7 @@ from seqtrain import checkpoint, console
 from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
 from seqtrain.data import UNK_ID, BatchStream, Labels, build_vocab, make_loader
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.inference import evaluate, load_tokenizer, pick_device, task_loss, to_scores
+from seqtrain.inference import evaluate, pick_device, read_run_files, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters, load_pretrained_embeddings
 
@@ -78,6 +78,11 @@ def resolve_workers(requested: int | None) -> int:
     if requested is not None:
         return requested
     return 1 if physical_cores() > 2 else 0
+
+
+def new_window() -> dict[str, float]:
+    """Running sums for one logging window (reset after every train line)."""
+    return {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "unk": 0}
 
 
 def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
@@ -248,8 +253,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         for w in warnings:
             console.warn(w)
         weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+        tokenizer, labels = read_run_files(run_dir)
         run_info = json.loads((run_dir / "run.json").read_text())
         console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
         if rank == 0:
@@ -264,8 +268,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         error = broadcast(None, world)  # rank 0 builds the vocabulary meanwhile
         if error:
             raise SeqtrainError(error)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        labels = Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+        tokenizer, labels = read_run_files(run_dir)
         run_info = json.loads((run_dir / "run.json").read_text())
     else:
         try:
@@ -376,7 +379,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     model.train()
     last_eval_step = s["step"] if ckpt_state is not None else -1
     early_stop = False
-    window: dict[str, float] = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+    window = new_window()
     try:
         with console.TrainProgress(total_steps, s["step"], "mae" if regression else "acc") as bar:
             while s["epoch"] < t.epochs and s["step"] < total_steps and not early_stop:
@@ -430,14 +433,13 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     s["next_slot"] = (pos["slot"] + 1) % max(1, workers)
                     window["tokens"] += int(batch["lengths"].sum())
                     window["padded"] += batch["ids"].numel()
-                    window["unk"] = window.get("unk", 0) + int((batch["ids"] == UNK_ID).sum())
+                    window["unk"] += int((batch["ids"] == UNK_ID).sum())
                     window["loss"] += loss.item() * len(y)
                     if regression:  # the window's "accuracy" is the mean absolute error, in the target's units
                         window["correct"] += float((to_scores(logits.detach(), labels, cfg) - y).abs().sum())
                     else:
                         window["correct"] += int((logits.argmax(-1) == y).sum())
                     window["n"] += len(y)
-                    window["steps"] += 1
                     if t.trace_examples and rank == 0:
                         with open(run_dir / "trained-examples.tsv", "a") as trace:
                             trace.writelines(f"{s['step']}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
@@ -451,13 +453,13 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                             "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
                             ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
                             "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
-                            "data_wait": window["wait"] / elapsed, "unk_rate": window.get("unk", 0) / max(1, window["tokens"]),
+                            "data_wait": window["wait"] / elapsed, "unk_rate": window["unk"] / max(1, window["tokens"]),
                             "bad_rows": pos["bad_rows"],
                         }
                         if rank == 0:
                             log.write(record)
                         bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=window["correct"] / window["n"], tps=record["tokens_per_sec"])
-                        window = {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "steps": 0}
+                        window = new_window()
                     else:
                         bar.update(s["step"])
 

@@ -15,24 +15,14 @@ import yaml
 from typer.testing import CliRunner
 
 from seqtrain.cli import app
-from seqtrain.config import to_dict
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, train_tiny_run
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import synthetic_rows, write_hub_folder
-
-    tmp = tmp_path_factory.mktemp("cli")
-    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)})
-    cfg = tiny_config(data, tmp / "run", data={"label_names": ["negative", "positive"]}, train={"epochs": 3})
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    result = runner.invoke(app, ["train", str(path)])
-    assert result.exit_code == 0, result.output
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("cli"), data={"label_names": ["negative", "positive"]}, train={"epochs": 3})
 
 
 def test_train_prints_resolved_config_and_writes_run(trained: Path) -> None:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from seqtrain.cli import app
-from seqtrain.config import to_dict
 from seqtrain.plots import (
     calibration,
     plot_calibration,
@@ -22,7 +20,7 @@ from seqtrain.plots import (
     precision_recall,
 )
 from seqtrain.report import length_buckets, truncation_stats
-from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
+from tests.conftest import synthetic_rows, tiny_config, train_tiny_run
 
 runner = CliRunner()
 
@@ -48,15 +46,9 @@ def assert_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("plots")
-    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)})
     # max_length 24 < the longest texts (~53 tokens), so the report has truncated texts to count
-    cfg = tiny_config(data, tmp / "run", data={"label_names": ["negative", "positive"], "max_length": 24}, train={"epochs": 2})
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    result = runner.invoke(app, ["train", str(path)])
-    assert result.exit_code == 0, result.output
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("plots"), data={"label_names": ["negative", "positive"], "max_length": 24},
+                          train={"epochs": 2})
 
 
 def test_training_writes_curves(trained: Path) -> None:
