@@ -205,9 +205,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to load it.") from None
 
 
-def load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """Verified (model weights, state, optimizer state or None, rng tensors)."""
-    verify(ckpt)
+def load(ckpt: Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """Verified (model weights, state, optimizer state or None, rng tensors); `verified`: find() just hashed it."""
+    if not verified:
+        verify(ckpt)
     weights = load_tensors(ckpt / "model.safetensors")
     state = json.loads((ckpt / "state.json").read_text())
     optimizer = None

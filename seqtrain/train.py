@@ -252,7 +252,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         ckpt, warnings = checkpoint.find(run_dir, "last")
         for w in warnings:
             console.warn(w)
-        weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt)
+        weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt, verified=True)  # find() verified it
         tokenizer, labels = read_run_files(run_dir)
         run_info = json.loads((run_dir / "run.json").read_text())
         console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
