@@ -1,6 +1,8 @@
 """Checkpoints that survive kills and never execute code when loaded.
 
     run_dir/checkpoints/step-00000123/   model.safetensors, optimizer.safetensors, state.json, manifest.json
+                                         (+ train-model.safetensors: the raw weights, when model.safetensors
+                                          holds their moving average, train.ema_decay)
     run_dir/last -> checkpoints/step-...  (symlink, swapped atomically)
     run_dir/best -> checkpoints/step-...
 
@@ -112,8 +114,13 @@ def save(
     *,
     best: bool,
     keep_last: int,
+    train_model: torch.nn.Module | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically, point `last` (and `best` if asked) at it, prune old ones."""
+    """Write checkpoints/step-N atomically, point `last` (and `best` if asked) at it, prune old ones.
+
+    `model` holds the weights eval and predict use; `train_model`, when given, the raw weights that
+    training continues from (model is then their moving average).
+    """
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
@@ -126,6 +133,10 @@ def save(
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files["model.safetensors"] = None
+        if train_model is not None:
+            raw = {k: v.detach().cpu().contiguous() for k, v in train_model.state_dict().items()}
+            save_file(raw, str(tmp / "train-model.safetensors"), metadata={"format": "pt"})
+            files["train-model.safetensors"] = None
         if optimizer is not None:
             opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

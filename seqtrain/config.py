@@ -132,6 +132,9 @@ class TrainConfig:
     """Clip the gradient's global norm to this (recurrent gradients explode); null turns it off."""
     label_smoothing: float = 0.0
     """Label smoothing for the cross-entropy loss."""
+    ema_decay: float | None = None
+    """Evaluate and save an exponential moving average of the weights (e.g. 0.999); null = the raw weights.
+    The average warms up as min(ema_decay, (1 + step) / (10 + step)), so early evaluations are not stuck near the initial weights."""
     class_weights: Literal["none", "balanced"] = "none"
     """Classification: `balanced` weighs each class's loss by n / (classes * count), for imbalanced labels."""
     eval_every: int = 0
@@ -391,6 +394,7 @@ def _check_values(cfg: Config) -> None:
         "model.dropout": cfg.model.dropout,
         "model.embedding_dropout": cfg.model.embedding_dropout,
         "train.label_smoothing": cfg.train.label_smoothing,
+        "train.ema_decay": cfg.train.ema_decay or 0.0,
     }.items():
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {p}.")

@@ -4,6 +4,7 @@ and checkpoints inside it, and a final summary. No callbacks, no trainer class.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -109,6 +110,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
     if t.optimizer == "adam":
         return torch.optim.Adam(groups, lr=t.lr, fused=True)
     return torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model, with d warming up as (1 + step) / (10 + step): early on the
+    average follows the weights closely instead of remembering their random start."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1.0 - d)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -299,7 +309,10 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
     s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0,
                          "world": world}
+    ema_weights = None
     if ckpt_state is not None:
+        if t.ema_decay:  # model.safetensors holds the average; training continues from the raw weights
+            ema_weights, weights = weights, checkpoint.load_tensors(ckpt / "train-model.safetensors")
         model.load_state_dict(weights)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
@@ -316,6 +329,11 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
             checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     if cfg.model.freeze_embeddings:
         model.embedding.weight.requires_grad_(False)
+    # train.ema_decay: `ema` is what gets evaluated and saved as model.safetensors; `model` trains.
+    ema = copy.deepcopy(model).requires_grad_(False) if t.ema_decay else None
+    if ema is not None and ema_weights is not None:
+        ema.load_state_dict(ema_weights)
+    inference_model = ema if ema is not None else model
     forward: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -350,7 +368,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
             "_rng_tensors": rng_tensors, "metrics": {k: v for k, v in reports.get(s["step"], {}).items() if k != "arrays"},
             "model": to_dict(cfg)["model"], "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names,
         }
-        checkpoint.save(run_dir, s["step"], model, optimizer, state, best=best, keep_last=t.keep_last)
+        checkpoint.save(run_dir, s["step"], inference_model, optimizer, state, best=best, keep_last=t.keep_last,
+                        train_model=model if ema is not None else None)
         if os.environ.get("SEQTRAIN_KILL_AFTER_SAVE") == str(s["step"]):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -359,7 +378,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         if rank != 0:
             save(best=False)
             return bool(broadcast(None, world))
-        report = evaluate(model, cfg, tokenizer, labels, cfg.data.eval_split, device, cfg.data.max_eval_examples)
+        report = evaluate(inference_model, cfg, tokenizer, labels, cfg.data.eval_split, device, cfg.data.max_eval_examples)
         reports[s["step"]] = report
         keys = ("mae", "rmse", "r2", "spearman", "accuracy_rounded") if regression else ("accuracy", "f1_macro", "top_k_accuracy")
         log.write({"step": s["step"], "epoch": s["epoch"], "split": cfg.data.eval_split, "loss": report["loss"],
@@ -426,6 +445,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
+                    if ema is not None:
+                        ema_update(ema, model, t.ema_decay, s["step"])  # type: ignore[arg-type]
 
                     s["step"] += 1
                     pos = batch["position"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from seqtrain.errors import DataError
@@ -55,6 +56,28 @@ def test_early_stopping_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
 def test_training_options_run_and_learn(tiny_data: Path, tmp_path: Path, option: dict) -> None:
     report = train(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 3, **option}))
     assert report["accuracy"] > 0.7
+
+
+def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path: Path) -> None:
+    from seqtrain.inference import evaluate, load_run
+    from seqtrain.train import ema_update
+
+    report = train(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 3, "ema_decay": 0.95}))
+    assert report["accuracy"] > 0.7
+    run, _ = load_run(tmp_path / "run")  # reads model.safetensors: the average
+    again = evaluate(run.model, run.config, run.tokenizer, run.labels, "validation", run.device)
+    assert again["accuracy"] == report["accuracy"] and again["loss"] == pytest.approx(report["loss"], rel=1e-5)
+    assert (tmp_path / "run" / "best" / "train-model.safetensors").is_file()
+
+    # the update: warm-up decay (1 + step) / (10 + step) caps the configured one early on
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        ema.weight.fill_(0.0)
+        model.weight.fill_(1.0)
+    ema_update(ema, model, 0.99, step=0)  # d = 0.1
+    assert ema.weight.item() == pytest.approx(0.9)
+    ema_update(ema, model, 0.5, step=1000)  # d = 0.5
+    assert ema.weight.item() == pytest.approx(0.95)
 
 
 @pytest.mark.parametrize("model", [{"num_layers": 2, "bidirectional": True, "pooling": "attention", "embedding_dropout": 0.1},

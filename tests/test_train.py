@@ -71,13 +71,15 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("workers,kills", [(0, [10]), (2, [10]), (0, [10, 30]), (0, ["epoch"])])
-def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path, workers: int, kills: list) -> None:
+@pytest.mark.parametrize("workers,kills,ema", [(0, [10], None), (2, [10], None), (0, [10, 30], None), (0, ["epoch"], None),
+                                              (0, [10], 0.99)])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path, workers: int, kills: list,
+                                                  ema: float | None) -> None:
     """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
-    the final weights equal an uninterrupted run's, byte for byte."""
+    the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights)."""
     def config(out: str) -> Path:
         cfg = tiny_config(tiny_data, tmp_path / out, data={"num_workers": workers},
-                          train={"epochs": 2, "eval_every": 10, "log_every": 5})
+                          train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema})
         path = tmp_path / f"{out}.yaml"
         path.write_text(yaml.safe_dump(to_dict(cfg)))
         return path
@@ -95,5 +97,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Pat
     a = (tmp_path / "straight" / "last" / "model.safetensors").read_bytes()
     b = (tmp_path / "killed" / "last" / "model.safetensors").read_bytes()
     assert a == b
+    if ema:
+        raw = (tmp_path / "straight" / "last" / "train-model.safetensors").read_bytes()
+        assert raw == (tmp_path / "killed" / "last" / "train-model.safetensors").read_bytes()
+        assert raw != a, "model.safetensors holds the average, not the raw weights"
     lines = [r for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in lines] == sorted({r["step"] for r in lines}), "no step is logged twice"
