@@ -104,6 +104,8 @@ class ModelConfig:
     """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax over the values seen in training, trained with cross-entropy, predicting its expected value."""
     regression_loss: Literal["mse", "huber"] = "mse"
     """Regression loss of the scalar head (huber is less hurt by outliers)."""
+    emd_weight: float = 0.0
+    """Distribution head: add this times the squared earth mover's distance between the predicted and the true distribution over the ordered values (cross-entropy alone treats 1 vs 10 stars like 1 vs 2); 0 = off."""
     standardize_targets: bool = True
     """Regression: train on (target - mean) / std of the training targets; predictions are mapped back."""
     bounded: bool = False
@@ -398,6 +400,10 @@ def _check_values(cfg: Config) -> None:
     }.items():
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {p}.")
+    if cfg.model.emd_weight < 0:
+        raise ConfigError(f"model.emd_weight must be 0 or more, got {cfg.model.emd_weight}.")
+    if cfg.model.emd_weight and not (cfg.model.task == "regression" and cfg.model.regression_head == "distribution"):
+        raise ConfigError("model.emd_weight applies to model.task: regression with model.regression_head: distribution; set it to 0 or use that head.")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
     if cfg.train.weight_decay < 0:

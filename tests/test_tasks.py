@@ -127,3 +127,33 @@ def test_distribution_head_needs_integer_targets(tmp_path: Path) -> None:
                       model={"task": "regression", "regression_head": "distribution"})
     with pytest.raises(DataError, match="integer targets"):
         build_vocab(cfg)
+
+
+def test_squared_emd_grows_with_distance_on_the_value_scale() -> None:
+    import torch
+
+    from seqtrain.inference import squared_emd
+
+    support = torch.tensor([1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 10.0])
+    sure = torch.full((8, 8), -30.0).fill_diagonal_(30.0)  # row k: all mass on value k
+    target = torch.zeros(8, dtype=torch.long)  # every row's truth: 1 star
+    per_row = [float(squared_emd(sure[k : k + 1], target[:1], support)) for k in range(8)]
+    assert per_row[0] == pytest.approx(0.0, abs=1e-6)
+    assert per_row == sorted(per_row), "further from the truth costs more"
+    assert per_row[7] == pytest.approx(1.0, abs=1e-5)  # the whole range
+    assert per_row[4] - per_row[3] == pytest.approx(3 / 9, abs=1e-5)  # the 4 -> 7 gap weighs 3 steps
+    assert float(squared_emd(sure, target, support, "sum")) == pytest.approx(sum(per_row), abs=1e-4)
+
+
+def test_emd_weight_trains_and_is_checked(rated: Path, tmp_path: Path) -> None:
+    from seqtrain.config import from_dict, to_dict
+    from seqtrain.errors import ConfigError
+
+    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"},
+                      model={"task": "regression", "regression_head": "distribution", "emd_weight": 1.0}, train={"epochs": 4})
+    report = train(cfg)
+    assert report["spearman"] > 0.8 and report["mae"] < 0.8
+    raw = to_dict(cfg)
+    raw["model"].update(regression_head="scalar")
+    with pytest.raises(ConfigError, match="emd_weight"):
+        from_dict(raw)
