@@ -94,6 +94,10 @@ class ModelConfig:
     """Dropout between recurrent layers and before the classifier."""
     embedding_dropout: float = 0.0
     """Dropout on the embedded tokens."""
+    word_dropout: float = 0.0
+    """Training only: replace this fraction of the real tokens with <unk>, so no single word decides."""
+    weight_drop: float = 0.0
+    """Training only: dropout on the recurrent (hidden-to-hidden) weights, one mask per batch (DropConnect, as in AWD-LSTM)."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
     pretrained_embeddings: str | None = None
@@ -395,6 +399,8 @@ def _check_values(cfg: Config) -> None:
     for key, p in {
         "model.dropout": cfg.model.dropout,
         "model.embedding_dropout": cfg.model.embedding_dropout,
+        "model.word_dropout": cfg.model.word_dropout,
+        "model.weight_drop": cfg.model.weight_drop,
         "train.label_smoothing": cfg.train.label_smoothing,
         "train.ema_decay": cfg.train.ema_decay or 0.0,
     }.items():

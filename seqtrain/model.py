@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from seqtrain.config import ModelConfig
-from seqtrain.data import PAD_ID
+from seqtrain.data import PAD_ID, UNK_ID
 
 CELLS: dict[str, Callable[..., nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -77,23 +79,35 @@ class Classifier(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C)."""
         T = ids.shape[1]
+        if self.training and self.cfg.word_dropout:
+            real = torch.arange(T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+            ids = ids.masked_fill((torch.rand(ids.shape, device=ids.device) < self.cfg.word_dropout) & real, UNK_ID)
         x = self.embedding_dropout(self.embedding(ids))  # (B, T, E)
         rev = reverse_within_length(lengths, T) if self.directions == 2 else None
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x = self.dropout(x)
-            fwd, _ = layer[0](x)  # type: ignore[index]  # (B, T, H)
+            fwd = self.run_layer(layer[0], x)  # type: ignore[index]  # (B, T, H)
             if rev is None:
                 x = fwd
                 continue
             idx = rev.unsqueeze(-1)  # (B, T, 1)
-            bwd, _ = layer[1](x.gather(1, idx.expand(-1, -1, x.shape[-1])))  # type: ignore[index]
+            bwd = self.run_layer(layer[1], x.gather(1, idx.expand(-1, -1, x.shape[-1])))  # type: ignore[index]
             bwd = bwd.gather(1, idx.expand(-1, -1, bwd.shape[-1]))  # back to reading order
             x = torch.cat([fwd, bwd], dim=-1)  # (B, T, 2H)
         out = self.head(self.dropout(self.pool(x, lengths)))  # (B, classes) or (B, 1)
         if self.cfg.task == "regression" and self.cfg.bounded:
             out = torch.sigmoid(out)  # a score in [0, 1]
         return out
+
+    def run_layer(self, rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
+        """One fused single-layer kernel: (B, T, in) -> (B, T, H). With weight_drop, in training, the
+        hidden-to-hidden weights are passed through dropout for this call (the kernel stays fused)."""
+        if self.training and self.cfg.weight_drop:
+            params: dict[str, torch.Tensor] = dict(rnn.named_parameters())
+            params["weight_hh_l0"] = F.dropout(params["weight_hh_l0"], self.cfg.weight_drop)
+            return functional_call(rnn, params, (x,))[0]
+        return rnn(x)[0]
 
     def pool(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, D), reading only the real steps."""

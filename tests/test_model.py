@@ -65,3 +65,37 @@ def test_each_cell_learns_a_few_steps(cell: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_word_dropout_and_weight_drop_act_in_training_only(cell: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, embedding_dim=8, hidden_size=8, bidirectional=True, dropout=0.0,  # type: ignore[arg-type]
+                      word_dropout=0.3, weight_drop=0.5)
+    model = build_model(cfg, vocab_size=30, num_classes=2)
+    ids, lengths = torch.randint(2, 30, (4, 9)), torch.tensor([9, 7, 3, 1])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, lengths), model(ids, lengths)), "deterministic in eval"
+        plain = build_model(ModelConfig(cell=cell, embedding_dim=8, hidden_size=8, bidirectional=True, dropout=0.0), 30, 2)  # type: ignore[arg-type]
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(model(ids, lengths), plain.eval()(ids, lengths)), "no effect outside training"
+    model.train()
+    a, b = model(ids, lengths), model(ids, lengths)
+    assert not torch.equal(a, b), "a fresh mask each call in training"
+    a.sum().backward()
+    for rnn in model.layers[0]:  # type: ignore[union-attr]
+        assert rnn.weight_hh_l0.grad is not None and rnn.weight_hh_l0.grad.abs().sum() > 0  # gradients reach the dropped weights
+    # the dropped weights are used for the call only: the parameters themselves are untouched
+    assert torch.equal(model.state_dict()["layers.0.0.weight_hh_l0"], plain.state_dict()["layers.0.0.weight_hh_l0"])
+
+    # word dropout replaces real tokens with <unk> and never touches padding
+    from seqtrain.data import UNK_ID
+
+    seen: list[torch.Tensor] = []
+    model.embedding.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model.cfg.word_dropout = 0.5
+    model(torch.full((2, 40), 5).masked_fill(torch.arange(40) >= 20, 0), torch.tensor([20, 20]))
+    got = seen[-1]
+    assert (got[:, 20:] == 0).all()
+    assert 0.2 < (got[:, :20] == UNK_ID).float().mean() < 0.8

@@ -81,7 +81,8 @@ def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path
 
 
 @pytest.mark.parametrize("model", [{"num_layers": 2, "bidirectional": True, "pooling": "attention", "embedding_dropout": 0.1},
-                                   {"cell": "rnn", "pooling": "mean"}, {"cell": "lstm", "pooling": "max"}])
+                                   {"cell": "rnn", "pooling": "mean"}, {"cell": "lstm", "pooling": "max"},
+                                   {"cell": "lstm", "bidirectional": True, "pooling": "max", "word_dropout": 0.1, "weight_drop": 0.3}])
 def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> None:
     report = train(tiny_config(tiny_data, tmp_path / "run", model=model, train={"epochs": 3}))
     assert report["accuracy"] > 0.7
