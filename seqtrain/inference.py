@@ -6,7 +6,10 @@ checkpoint); nothing is unpickled. Batches are sorted by length and run under in
 
 from __future__ import annotations
 
+import itertools
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -195,14 +198,18 @@ def evaluate(
     return report
 
 
-@torch.inference_mode()
 def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, C) — or, for regression, scores (N, 1) — in input order; batched by length."""
+    return probs_of(run, encode(run.tokenizer, texts, run.config.data), batch_size)
+
+
+@torch.inference_mode()
+def probs_of(run: Run, seqs: list[list[int]], batch_size: int = 256) -> np.ndarray:
+    """predict_probs on texts already tokenized."""
     width = 1 if run.labels.task == "regression" else run.labels.outputs
-    probs = np.zeros((len(texts), width), dtype=np.float32)
-    if not texts:
+    probs = np.zeros((len(seqs), width), dtype=np.float32)
+    if not seqs:
         return probs
-    seqs = encode(run.tokenizer, texts, run.config.data)
     for idx, ids, lengths in sorted_batches(seqs, batch_size):
         out = run.model(ids.to(run.device), lengths.to(run.device)).float()
         if run.labels.task == "regression":
@@ -213,12 +220,25 @@ def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarr
 
 
 def predict_stream(run: Run, texts: Iterable[str], chunk: int = 2048, batch_size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
-    """(text, probs) in input order, reading `chunk` texts at a time so output streams."""
-    buf: list[str] = []
-    for text in texts:
-        buf.append(text)
-        if len(buf) == chunk:
-            yield from zip(buf, predict_probs(run, buf, batch_size), strict=True)
-            buf = []
-    if buf:
-        yield from zip(buf, predict_probs(run, buf, batch_size), strict=True)
+    """(text, probs) in input order, reading `chunk` texts at a time so output streams.
+
+    A helper thread reads and tokenizes the next chunk (HF tokenizers runs outside the GIL) while
+    the model runs on this one. It is a daemon thread, so a consumer that stops early never waits on it.
+    """
+    source = iter(texts)
+    ahead: queue.Queue[tuple[list[str], list[list[int]]] | BaseException | None] = queue.Queue(maxsize=1)
+
+    def read_ahead() -> None:
+        try:
+            while buf := list(itertools.islice(source, chunk)):
+                ahead.put((buf, encode(run.tokenizer, buf, run.config.data)))
+            ahead.put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            ahead.put(e)
+
+    threading.Thread(target=read_ahead, name="seqtrain-read-ahead", daemon=True).start()
+    while (item := ahead.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        buf, seqs = item
+        yield from zip(buf, probs_of(run, seqs, batch_size), strict=True)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,29 @@ def test_predict_streams_stdin_before_input_ends(trained: Path) -> None:
     assert json.loads(proc.stdout.readline())["label"] == "positive"
     proc.stdin.close()
     proc.wait(timeout=60)
+
+
+def test_predict_stream_reads_ahead_in_order_and_stops_cleanly(trained: Path) -> None:
+    """Chunks tokenized ahead by the helper thread come back in input order, equal to one-shot
+    prediction; a consumer that stops early is not kept waiting; a reader error reaches the consumer."""
+    import itertools
+
+    import numpy as np
+
+    from seqtrain.inference import load_run, predict_probs, predict_stream
+
+    run, _ = load_run(trained)
+    texts = [f"{'great superb ' * (i % 7)}film {i} {'dull awful ' * (i % 5)}" for i in range(50)]
+    streamed = list(predict_stream(run, texts, chunk=8, batch_size=3))
+    assert [t for t, _ in streamed] == texts
+    np.testing.assert_allclose(np.stack([p for _, p in streamed]), predict_probs(run, texts), atol=1e-6)
+
+    first = list(itertools.islice(predict_stream(run, (f"film {i}" for i in itertools.count()), chunk=4), 6))
+    assert len(first) == 6  # the reader is bounded (a chunk queued, one being built) and is a daemon
+
+    def broken() -> Iterator[str]:
+        yield "fine film"
+        raise ValueError("bad input at line 2")
+
+    with pytest.raises(ValueError, match="line 2"):
+        list(predict_stream(run, broken(), chunk=1))
