@@ -509,12 +509,20 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     say(f"{cell}: (a) {a.per_sec:,.0f} tokens/s, padding {a.padding:.1%}, data wait {a.data_wait:.1%}")
 
     tokenizer_json = cfg.run_dir / "tokenizer.json"
+    vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
+    # (d) right after (a): the two sides of a/d run back to back, so the machine drifting between
+    # them (run-to-run swings of +-5% here; bench.ablate) does not land in the ratio.
+    say(f"{cell}: (d) ceiling on seqtrain's batches, {s.warmup} + {s.steps} steps")
+    m = fresh_model(cell, vocab_size)
+    d = timed_steps(training_step(m, m.forward_padded, fused=True), seq_batches, s.warmup)
+    if sorted(d.shapes) != sorted(a.shapes):
+        notes.append(f"{cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
+
     key = tokenizer_json.read_text()  # every cell trains the same vocabulary: tokenize the split once
     if key not in seqs_cache:
         say("tokenizing the training split for the references (untimed)")
         seqs_cache[key] = pretokenize(tokenizer_json, train_split[0], s.max_length)
     seqs, labels = seqs_cache[key], train_split[1]
-    vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
 
     rand = random_batches(seqs, labels, max(s.packed_warmup + s.packed_steps, s.warmup + s.steps))
     say(f"{cell}: (b) packed reference, {s.packed_warmup} + {s.packed_steps} steps")
@@ -523,11 +531,6 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     say(f"{cell}: (c) padded reference on random batches, {s.warmup} + {s.steps} steps")
     m = fresh_model(cell, vocab_size)
     c = timed_steps(training_step(m, m.forward_padded), rand[: s.warmup + s.steps], s.warmup)
-    say(f"{cell}: (d) ceiling on seqtrain's batches, {s.warmup} + {s.steps} steps")
-    m = fresh_model(cell, vocab_size)
-    d = timed_steps(training_step(m, m.forward_padded, fused=True), seq_batches, s.warmup)
-    if sorted(d.shapes) != sorted(a.shapes):
-        notes.append(f"{cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
     say(f"{cell}: (b) {b.per_sec:,.0f}  (c) {c.per_sec:,.0f}  (d) {d.per_sec:,.0f} tokens/s")
 
     say(f"{cell}: seqtrain predict on {len(valid_texts):,} validation reviews")
