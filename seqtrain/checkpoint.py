@@ -130,13 +130,11 @@ def save(
     try:
         tmp.mkdir()
         files: dict[str, bytes | None] = {}
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        files["model.safetensors"] = None
-        if train_model is not None:
-            raw = {k: v.detach().cpu().contiguous() for k, v in train_model.state_dict().items()}
-            save_file(raw, str(tmp / "train-model.safetensors"), metadata={"format": "pt"})
-            files["train-model.safetensors"] = None
+        for name, module in (("model.safetensors", model), ("train-model.safetensors", train_model)):
+            if module is not None:
+                weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(weights, str(tmp / name), metadata={"format": "pt"})
+                files[name] = None
         if optimizer is not None:
             opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

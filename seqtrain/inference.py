@@ -117,10 +117,10 @@ def squared_emd(logits: torch.Tensor, index: torch.Tensor, support: torch.Tensor
 def task_loss(out: torch.Tensor, y: torch.Tensor, labels: Labels, cfg: Config, reduction: str = "mean",
               class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss: cross-entropy for classes; MSE or Huber (on standardised targets) for regression."""
+    smoothing = cfg.train.label_smoothing if reduction == "mean" else 0.0  # evaluation reports the plain loss
     if labels.task == "regression" and labels.values:  # distribution head: which of the V values
         support = torch.tensor(labels.values, dtype=torch.float32, device=out.device)
         index = torch.bucketize(y.float(), support).clamp(max=len(labels.values) - 1)  # exact for values seen in training
-        smoothing = cfg.train.label_smoothing if reduction == "mean" else 0.0
         loss = F.cross_entropy(out.float(), index, label_smoothing=smoothing, reduction=reduction)
         if cfg.model.emd_weight:
             loss = loss + cfg.model.emd_weight * squared_emd(out.float(), index, support, reduction)
@@ -131,7 +131,6 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, labels: Labels, cfg: Config, r
             y = (y - labels.mean) / labels.std
         fn = F.mse_loss if cfg.model.regression_loss == "mse" else F.huber_loss
         return fn(pred, y, reduction=reduction)
-    smoothing = cfg.train.label_smoothing if reduction == "mean" else 0.0
     return F.cross_entropy(out.float(), y, weight=class_weights, label_smoothing=smoothing, reduction=reduction)
 
 

@@ -445,8 +445,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
-                    if ema is not None:
-                        ema_update(ema, model, t.ema_decay, s["step"])  # type: ignore[arg-type]
+                    if ema is not None and t.ema_decay:
+                        ema_update(ema, model, t.ema_decay, s["step"])
 
                     s["step"] += 1
                     pos = batch["position"]
