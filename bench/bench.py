@@ -13,7 +13,9 @@ unidirectional, pooling `last`, on data/imdb, it measures real (non-padding) tok
   (d) the ceiling: bare Embedding -> nn.LSTM/GRU/RNN -> Linear, forward + backward + AdamW, on
       exactly the batches seqtrain fed in (a) (rebuilt with seqtrain's BatchStream, untimed).
 
-and, for prediction, texts per second of `seqtrain predict RUN_DIR --input FILE.txt` as a
+(a) and (d) run as back-to-back pairs, --repeat times (3 by default); the table shows the median
+rate of each and the median of the pairs' a/d ratios, so one slow minute of a shared machine does
+not decide the ratio. And, for prediction, texts per second of `seqtrain predict RUN_DIR --input FILE.txt` as a
 subprocess (start-up, loading, tokenizing and writing JSONL included) on the 5,000 validation
 reviews, against the bare forward-only kernel on the same length-sorted batches of 256. Finally
 the wall time of `seqtrain --help`.
@@ -89,6 +91,7 @@ class Settings:
     packed_steps: int
     predict_texts: int | None  # validation reviews for the predict benchmark (None: all 5,000)
     help_runs: int
+    repeat: int  # (a)-(d) pairs per cell; the table reports medians
     max_train_examples: int | None  # None (the full training stream) except in --quick
     max_length: int  # MAX_LENGTH except in --quick
     quick: bool
@@ -102,12 +105,15 @@ class Counts:
     packed_steps: int
     predict_texts: int | None
     help_runs: int
+    repeat: int
 
 
-# Full run: ~10-15 minutes on an idle 2-core machine, most of it in (b). A chunk of 4,096 rows makes
-# 64 batches, so warm-up 3 + 64 measured steps cross one chunk boundary (a new chunk is tokenized).
-FULL = Counts(warmup=3, steps=64, packed_warmup=1, packed_steps=5, predict_texts=None, help_runs=5)
-QUICK = Counts(warmup=1, steps=2, packed_warmup=0, packed_steps=1, predict_texts=256, help_runs=2)
+# Full run: ~10-15 minutes on an idle 2-core machine, most of it in (b) and the three (a)-(d) pairs.
+# A chunk of 4,096 rows makes 64 batches, so warm-up 3 + 64 measured steps cross one chunk boundary
+# (a new chunk is tokenized). Three pairs: one 64-step sample of a fast cell (RNN: 0.13 s a step)
+# swung a/d between 0.81 and 1.16 from run to run; the median of three is what we report.
+FULL = Counts(warmup=3, steps=64, packed_warmup=1, packed_steps=5, predict_texts=None, help_runs=5, repeat=3)
+QUICK = Counts(warmup=1, steps=2, packed_warmup=0, packed_steps=1, predict_texts=256, help_runs=2, repeat=1)
 # --quick only: a short training stream (the vocabulary pass takes a second) and short texts (one
 # packed LSTM step on 64 x 400 tokens takes 20-40 s on 2 cores; on 64 x 64 a few seconds).
 QUICK_TRAIN_EXAMPLES, QUICK_MAX_LENGTH = 1024, 64
@@ -121,6 +127,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p.add_argument("--warmup", type=int, default=None, help=f"warm-up steps of (a), (c), (d) (default {FULL.warmup})")
     p.add_argument("--packed-steps", type=int, default=None, help=f"measured steps of (b) (default {FULL.packed_steps})")
     p.add_argument("--packed-warmup", type=int, default=None, help=f"warm-up steps of (b) (default {FULL.packed_warmup})")
+    p.add_argument("--repeat", type=int, default=None, help=f"(a)-(d) pairs per cell, medians reported (default {FULL.repeat})")
     p.add_argument("--predict-texts", type=int, default=None, help="validation reviews to predict (default: all)")
     p.add_argument("--output", type=Path, default=None,
                    help="markdown file to write (default: BENCHMARKS.md; with --quick: bench/out/BENCHMARKS.quick.md)")
@@ -139,12 +146,13 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
         packed_steps=profile.packed_steps if a.packed_steps is None else a.packed_steps,
         predict_texts=profile.predict_texts if a.predict_texts is None else a.predict_texts,
         help_runs=profile.help_runs,
+        repeat=profile.repeat if a.repeat is None else a.repeat,
         max_train_examples=QUICK_TRAIN_EXAMPLES if a.quick else None,
         max_length=QUICK_MAX_LENGTH if a.quick else MAX_LENGTH,
         quick=a.quick,
     )
-    if s.steps < 1 or s.packed_steps < 1 or s.warmup < 0 or s.packed_warmup < 0:
-        p.error("step counts must be >= 1 (warm-ups >= 0)")
+    if s.steps < 1 or s.packed_steps < 1 or s.repeat < 1 or s.warmup < 0 or s.packed_warmup < 0:
+        p.error("step counts and --repeat must be >= 1 (warm-ups >= 0)")
     output = a.output or (ROOT / "bench" / "out" / "BENCHMARKS.quick.md" if a.quick else ROOT / "BENCHMARKS.md")
     return s, output
 
@@ -486,10 +494,11 @@ def help_seconds(runs: int) -> float:
 @dataclass
 class CellResult:
     cell: str
-    a: Rate
+    a: Rate  # the median of the (a) runs
     b: Rate
     c: Rate
-    d: Rate
+    d: Rate  # the median of the (d) runs
+    ad_pairs: list[float]  # a/d of each back-to-back pair; the table's a/d is their median
     predict: PredictResult
     others: float | None  # CPU share other processes took while this cell ran
 
@@ -501,22 +510,29 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
                valid_texts: list[str], seqs_cache: dict[str, list[list[int]]], notes: list[str]) -> CellResult:
     from tokenizers import Tokenizer
 
-    cfg = bench_config(cell, data, tmp / f"run-{cell}", s)
     snap = cpu_snapshot()
-    say(f"{cell}: (a) seqtrain train, {s.warmup} + {s.steps} steps")
-    a, seq_batches, a_notes = bench_seqtrain(cfg, s)
-    notes += a_notes
-    say(f"{cell}: (a) {a.per_sec:,.0f} tokens/s, padding {a.padding:.1%}, data wait {a.data_wait:.1%}")
-
-    tokenizer_json = cfg.run_dir / "tokenizer.json"
-    vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
-    # (d) right after (a): the two sides of a/d run back to back, so the machine drifting between
-    # them (run-to-run swings of +-5% here; bench.ablate) does not land in the ratio.
-    say(f"{cell}: (d) ceiling on seqtrain's batches, {s.warmup} + {s.steps} steps")
-    m = fresh_model(cell, vocab_size)
-    d = timed_steps(training_step(m, m.forward_padded, fused=True), seq_batches, s.warmup)
-    if sorted(d.shapes) != sorted(a.shapes):
-        notes.append(f"{cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
+    a_runs: list[Rate] = []
+    d_runs: list[Rate] = []
+    for i in range(s.repeat):
+        # Each pair trains a fresh run (same seed, so the same batches) and times (d) right after (a):
+        # the two sides of a/d run back to back, so the machine drifting between them (run-to-run
+        # swings of +-5% here; bench.ablate) does not land in the ratio.
+        cfg = bench_config(cell, data, tmp / f"run-{cell}-{i}", s)
+        say(f"{cell}: pair {i + 1}/{s.repeat}: (a) seqtrain train, {s.warmup} + {s.steps} steps")
+        a, seq_batches, a_notes = bench_seqtrain(cfg, s)
+        notes += a_notes if i == 0 else []
+        tokenizer_json = cfg.run_dir / "tokenizer.json"
+        vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
+        m = fresh_model(cell, vocab_size)
+        d = timed_steps(training_step(m, m.forward_padded, fused=True), seq_batches, s.warmup)
+        if sorted(d.shapes) != sorted(a.shapes):
+            notes.append(f"{cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
+        a_runs.append(a)
+        d_runs.append(d)
+        say(f"{cell}: pair {i + 1}: (a) {a.per_sec:,.0f}  (d) {d.per_sec:,.0f} tokens/s  a/d {a.per_sec / d.per_sec:.3f}"
+            f"  (padding {a.padding:.1%}, data wait {a.data_wait:.1%})")
+    a, d = median_rate(a_runs), median_rate(d_runs)
+    ad_pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
 
     key = tokenizer_json.read_text()  # every cell trains the same vocabulary: tokenize the split once
     if key not in seqs_cache:
@@ -539,7 +555,12 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     others = others_share(snap, cpu_snapshot())
     if others is not None and others > OTHERS_WARN:
         notes.append(f"{cell}: other processes used {others:.0%} of the CPUs meanwhile; its numbers are unreliable.")
-    return CellResult(cell, a, b, c, d, pred, others)
+    return CellResult(cell, a, b, c, d, ad_pairs, pred, others)
+
+
+def median_rate(rates: list[Rate]) -> Rate:
+    """The run with the median tokens/s (the lower middle one of an even count)."""
+    return sorted(rates, key=lambda r: r.per_sec)[(len(rates) - 1) // 2]
 
 
 # --------------------------------------------------------------------------- report
@@ -554,11 +575,12 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
     """(title, header, rows) for the training and prediction tables and the --help line."""
     train_rows = []
     for r in results:
-        ab, ac, ad = r.a.per_sec / r.b.per_sec, r.a.per_sec / r.c.per_sec, r.a.per_sec / r.d.per_sec
+        ab, ac, ad = r.a.per_sec / r.b.per_sec, r.a.per_sec / r.c.per_sec, statistics.median(r.ad_pairs)
         train_rows.append([
             r.cell.upper(), f"{r.a.per_sec:,.0f}", f"{r.b.per_sec:,.0f}", f"{r.c.per_sec:,.0f}", f"{r.d.per_sec:,.0f}",
             f"{r.a.padding:.1%}", f"{r.c.padding:.1%}", f"{r.a.data_wait:.1%}",
             f"{ab:.1f} {check(ab, TARGET_A_B)}", f"{ac:.2f} {check(ac, TARGET_A_C)}", f"{ad:.2f} {check(ad, TARGET_A_D)}",
+            " ".join(f"{x:.2f}" for x in r.ad_pairs),
             "?" if r.others is None else f"{r.others:.0%}",
         ])
     pred_rows = []
@@ -573,7 +595,8 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
     return [
         ("Training, real tokens per second",
          ["cell", "a seqtrain", "b packed ref", "c padded ref", "d ceiling", "padding a", "padding c", "data wait a",
-          f"a/b (≥ {TARGET_A_B:g})", f"a/c (≥ {TARGET_A_C:g})", f"a/d (≥ {TARGET_A_D:.2f})", "others' CPU"],
+          f"a/b (≥ {TARGET_A_B:g})", f"a/c (≥ {TARGET_A_C:g})", f"a/d (≥ {TARGET_A_D:.2f})", "a/d of each pair",
+          "others' CPU"],
          train_rows),
         ("Prediction, texts per second",
          ["cell", "texts", "seqtrain predict", "ceiling", f"ratio (≥ {TARGET_PREDICT:.2f})", "predict wall",
@@ -625,7 +648,8 @@ def environment(s: Settings, data: Path) -> list[str]:
         f"- Command: `{command}` (`make bench`)",
         f"- Setup: IMDB ({os.path.relpath(data, ROOT) if data.is_relative_to(ROOT) else data}), embedding {EMBEDDING}, "
         f"hidden {HIDDEN}, batch {BATCH}, max_length {s.max_length}, unidirectional, pooling last, fp32. "
-        f"(a), (c), (d): {s.warmup} warm-up + {s.steps} measured steps; (b): {s.packed_warmup} + {s.packed_steps}."
+        f"(a), (c), (d): {s.warmup} warm-up + {s.steps} measured steps; (b): {s.packed_warmup} + {s.packed_steps}; "
+        f"(a) and (d): {s.repeat} back-to-back pair{'s' if s.repeat > 1 else ''} per cell."
         + (f" Training stream cut to {s.max_train_examples} rows." if s.max_train_examples else ""),
     ]
 
@@ -635,7 +659,8 @@ LEGEND = [
     "clip, AdamW), from metrics.jsonl after warm-up; (b) textbook loop: pre-tokenised tensors, random batches, "
     "`pack_padded_sequence`, h_n -> Linear, AdamW; (c) the same on the same random batches, padded, not packed; "
     "(d) ceiling: bare Embedding -> cell -> Linear, forward + backward + AdamW on the exact batches seqtrain "
-    "trained on in (a). Tokens/s count real (non-padding) tokens. Padding: share of pad positions in the batches; "
+    "trained on in (a). (a) and (d) show the median of their runs, and a/d is the median of the ratios of the "
+    "back-to-back (a)-(d) pairs (listed in \"a/d of each pair\"). Tokens/s count real (non-padding) tokens. Padding: share of pad positions in the batches; "
     "data wait: share of (a)'s time spent waiting for the next batch. Others' CPU: share of the machine other "
     "processes used while the cell ran (from /proc/stat); above 5% the cell's numbers are not trustworthy.",
     "Prediction: `seqtrain predict RUN_DIR --input reviews.txt --output out.jsonl` timed as a subprocess (start-up, "
