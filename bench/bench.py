@@ -51,7 +51,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 from seqtrain.config import Config, from_dict
-from seqtrain.data import PAD_ID, UNK_ID, BatchStream, Labels, encode, open_split, sorted_batches
+from seqtrain.data import BatchStream, open_split, sorted_batches
+from seqtrain.encoding import PAD_ID, UNK_ID, Labels, encode
 from seqtrain.metrics import read_metrics
 from seqtrain.train import physical_cores
 from seqtrain.train import train as seqtrain_train
@@ -423,10 +424,12 @@ def others_share(start: CpuSnapshot | None, end: CpuSnapshot | None) -> float | 
 
 @dataclass
 class PredictResult:
+    engine: str  # what `seqtrain predict` ran: the run directory (torch) or its ONNX export (onnxruntime)
     texts: int
     cli_seconds: float
-    ceiling_seconds: float
+    ceiling_seconds: float  # torch forward-only on the same batches: the ceiling of issue 3, the same for both engines
     startup_seconds: float  # the same command on a one-line file: start-up, imports, loading the run
+    kernel_seconds: float  # this engine's forward-only time on the same batches
 
     @property
     def cli_per_sec(self) -> float:
@@ -437,15 +440,17 @@ class PredictResult:
         return self.texts / self.ceiling_seconds
 
 
-def bench_predict(cfg: Config, texts: list[str], tmp: Path) -> PredictResult:
-    """`seqtrain predict RUN_DIR --input FILE.txt` end to end, against the bare forward-only kernel."""
+def bench_predict(cfg: Config, texts: list[str], tmp: Path) -> list[PredictResult]:
+    """`seqtrain predict` end to end on the run directory and on its ONNX export, against the bare forward-only kernel."""
     from tokenizers import Tokenizer
 
-    def run_predict(lines: list[str], name: str) -> float:
-        """Wall seconds of `seqtrain predict` on `lines` (one text a line), checking it answered each."""
-        txt, out = tmp / f"{name}.txt", tmp / f"{name}-{cfg.model.cell}.jsonl"
+    from seqtrain.export import export_run
+
+    def run_predict(target: Path, lines: list[str], name: str) -> float:
+        """Wall seconds of `seqtrain predict TARGET` on `lines` (one text a line), checking it answered each."""
+        txt, out = tmp / f"{name}.txt", tmp / f"{name}-{cfg.model.cell}-{target.name}.jsonl"
         txt.write_text("".join(" ".join(t.splitlines()) + "\n" for t in lines), encoding="utf-8")
-        cmd = [str(Path(sys.executable).parent / "seqtrain"), "predict", str(cfg.run_dir), "--input", str(txt),
+        cmd = [str(Path(sys.executable).parent / "seqtrain"), "predict", str(target), "--input", str(txt),
                "--output", str(out)]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=START_ENV, capture_output=True, text=True)
@@ -457,8 +462,12 @@ def bench_predict(cfg: Config, texts: list[str], tmp: Path) -> PredictResult:
             raise SystemExit(f"bench: seqtrain predict wrote {n_out} results for {len(lines)} texts.")
         return seconds
 
-    cli_seconds = run_predict(texts, "reviews")  # newlines inside a review become spaces
-    startup_seconds = run_predict(texts[:1], "one-review")
+    onnx_dir = tmp / f"onnx-{cfg.model.cell}"
+    export_run(cfg.run_dir, "onnx", onnx_dir)  # untimed, as training is
+    walls = {}
+    for target in (cfg.run_dir, onnx_dir):
+        walls[target] = (run_predict(target, texts, "reviews"),  # newlines inside a review become spaces
+                         run_predict(target, texts[:1], "one-review"))
 
     # The ceiling: the batches predict builds (chunks of 2,048 texts in input order, each sorted by
     # length and cut into batches of 256), tokenized ahead of time; only the forward passes are timed.
@@ -474,7 +483,22 @@ def bench_predict(cfg: Config, texts: list[str], tmp: Path) -> PredictResult:
         for ids, lengths in batches:
             torch.softmax(model.forward_padded(ids, lengths), -1)  # (B, C)
         ceiling_seconds = time.perf_counter() - t0
-    return PredictResult(len(texts), cli_seconds, ceiling_seconds, startup_seconds)
+    # onnxruntime's own forward-only time on the same batches (the exported seqtrain model: its
+    # embedding, cell and head are the same shapes as the ceiling's)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = [{"ids": ids.numpy(), "lengths": lengths.numpy()} for ids, lengths in batches]
+    session.run(["probs"], feeds[0])  # warm-up
+    t0 = time.perf_counter()
+    for feed in feeds:
+        session.run(["probs"], feed)
+    ort_seconds = time.perf_counter() - t0
+    (torch_wall, torch_start), (onnx_wall, onnx_start) = walls[cfg.run_dir], walls[onnx_dir]
+    return [
+        PredictResult("run directory (torch)", len(texts), torch_wall, ceiling_seconds, torch_start, ceiling_seconds),
+        PredictResult("ONNX export (onnxruntime)", len(texts), onnx_wall, ceiling_seconds, onnx_start, ort_seconds),
+    ]
 
 
 def help_seconds(runs: int) -> float:
@@ -499,7 +523,7 @@ class CellResult:
     c: Rate
     d: Rate  # the median of the (d) runs
     ad_pairs: list[float]  # a/d of each back-to-back pair; the table's a/d is their median
-    predict: PredictResult
+    predict: list[PredictResult]
     others: float | None  # CPU share other processes took while this cell ran
 
 
@@ -551,7 +575,8 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
 
     say(f"{cell}: seqtrain predict on {len(valid_texts):,} validation reviews")
     pred = bench_predict(cfg, valid_texts, tmp)
-    say(f"{cell}: predict {pred.cli_per_sec:,.0f} texts/s, ceiling {pred.ceiling_per_sec:,.0f} texts/s")
+    for p in pred:
+        say(f"{cell}: predict on the {p.engine}: {p.cli_per_sec:,.0f} texts/s, ceiling {p.ceiling_per_sec:,.0f} texts/s")
     others = others_share(snap, cpu_snapshot())
     if others is not None and others > OTHERS_WARN:
         notes.append(f"{cell}: other processes used {others:.0%} of the CPUs meanwhile; its numbers are unreliable.")
@@ -585,13 +610,14 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
         ])
     pred_rows = []
     for r in results:
-        ratio = r.predict.cli_per_sec / r.predict.ceiling_per_sec
-        pred_rows.append([
-            r.cell.upper(), f"{r.predict.texts:,}", f"{r.predict.cli_per_sec:,.0f}", f"{r.predict.ceiling_per_sec:,.0f}",
-            f"{ratio:.2f} {check(ratio, TARGET_PREDICT)}", f"{r.predict.cli_seconds:.2f} s",
-            f"{r.predict.startup_seconds:.2f} s",
-            f"{r.predict.ceiling_seconds / after:.2f}" if (after := r.predict.cli_seconds - r.predict.startup_seconds) > 0 else "n/a",
-        ])
+        for p in r.predict:
+            ratio = p.cli_per_sec / p.ceiling_per_sec
+            pred_rows.append([
+                r.cell.upper(), p.engine, f"{p.texts:,}", f"{p.cli_per_sec:,.0f}", f"{p.ceiling_per_sec:,.0f}",
+                f"{ratio:.2f} {check(ratio, TARGET_PREDICT)}", f"{p.cli_seconds:.2f} s", f"{p.startup_seconds:.2f} s",
+                f"{p.ceiling_seconds / after:.2f}" if (after := p.cli_seconds - p.startup_seconds) > 0 else "n/a",
+                f"{p.texts / p.kernel_seconds:,.0f}",
+            ])
     return [
         ("Training, real tokens per second",
          ["cell", "a seqtrain", "b packed ref", "c padded ref", "d ceiling", "padding a", "padding c", "data wait a",
@@ -599,8 +625,8 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
           "others' CPU"],
          train_rows),
         ("Prediction, texts per second",
-         ["cell", "texts", "seqtrain predict", "ceiling", f"ratio (≥ {TARGET_PREDICT:.2f})", "predict wall",
-          "predict of 1 text", "ratio after start-up"],
+         ["cell", "seqtrain predict on", "texts", "texts/s", "ceiling", f"ratio (≥ {TARGET_PREDICT:.2f})", "predict wall",
+          "predict of 1 text", "ratio after start-up", "engine's forward alone"],
          pred_rows),
         ("CLI start-up",
          ["command", "median wall time", f"target (≤ {TARGET_HELP_S:g} s)"],
@@ -663,9 +689,12 @@ LEGEND = [
     "back-to-back (a)-(d) pairs (listed in \"a/d of each pair\"). Tokens/s count real (non-padding) tokens. Padding: share of pad positions in the batches; "
     "data wait: share of (a)'s time spent waiting for the next batch. Others' CPU: share of the machine other "
     "processes used while the cell ran (from /proc/stat); above 5% the cell's numbers are not trustworthy.",
-    "Prediction: `seqtrain predict RUN_DIR --input reviews.txt --output out.jsonl` timed as a subprocess (start-up, "
-    "loading, tokenizing, JSONL included) on the validation reviews, against forward-only Embedding -> cell -> "
-    "Linear under `torch.inference_mode` on the same length-sorted batches of 256. The ratio subtracts nothing; "
+    "Prediction: `seqtrain predict TARGET --input reviews.txt --output out.jsonl` timed as a subprocess (start-up, "
+    "loading, tokenizing, JSONL included) on the validation reviews, where TARGET is the run directory (torch) or "
+    "its export from `seqtrain export --format onnx` (onnxruntime; torch is never imported), against the ceiling: "
+    "forward-only Embedding -> cell -> Linear under `torch.inference_mode` on the same length-sorted batches of "
+    "256. \"Engine's forward alone\" is texts/s of that engine's forward pass on those batches (for the ONNX row, "
+    "onnxruntime running the exported model). The ratio subtracts nothing; "
     "\"predict of 1 text\" (the same command on a one-line file: start-up, imports, loading the run) shows how "
     "much of the wall time is fixed cost, and \"ratio after start-up\" is ceiling time / (predict wall - predict "
     "of 1 text): how close the pipeline (reading, tokenizing ahead in a helper thread, forward, JSONL) runs to the "

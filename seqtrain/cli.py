@@ -153,7 +153,8 @@ def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], 
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`, or an ONNX export folder "
+                                             "(`seqtrain export --format onnx`: runs on onnxruntime, starts without torch).")],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="A dataset instead: Hub id, local folder or data files (with --split).")] = None,
@@ -171,8 +172,8 @@ def predict(
     """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
         from seqtrain import console
-        from seqtrain.inference import load_run
-        from seqtrain.predict import read_dataset, read_inputs, write_predictions
+        from seqtrain.exported import is_export_folder, load_exported_run
+        from seqtrain.predict import Predictor, read_dataset, read_inputs, write_predictions
 
         fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
         if fmt not in ("jsonl", "csv"):
@@ -181,7 +182,16 @@ def predict(
             raise _fail("give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.", 2)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
-        run, warnings = load_run(run_dir, checkpoint)
+        run: Predictor
+        warnings: list[str] = []
+        if is_export_folder(run_dir):  # torch is never imported on this path
+            if checkpoint != "best":
+                raise _fail("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2)
+            run = load_exported_run(run_dir)
+        else:
+            from seqtrain.inference import load_run
+
+            run, warnings = load_run(run_dir, checkpoint)
         for w in warnings:
             console.warn(w)
         if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):

@@ -16,28 +16,26 @@ state at the chunk's start, batches already taken from the chunk).
 from __future__ import annotations
 
 import glob
-import math
 import os
 import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from seqtrain import encoding
 from seqtrain.config import Config, DataConfig, TokenizerConfig
+from seqtrain.encoding import PAD, UNK, Labels, clip, encode, number
 from seqtrain.errors import DataError
 
 if TYPE_CHECKING:
     import datasets
     from tokenizers import Tokenizer
 
-PAD, UNK = "<pad>", "<unk>"
-PAD_ID, UNK_ID = 0, 1
-CHARS_PER_TOKEN = 32  # texts are clipped to max_length * this many characters before tokenizing
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
@@ -112,78 +110,6 @@ def check_columns(ds: datasets.IterableDataset, data: DataConfig, split: str, ne
 
 
 # --------------------------------------------------------------------------- labels
-
-
-@dataclass
-class Labels:
-    """What the label column means.
-
-    classification: class names in index order, the raw dataset value that maps to each index,
-    and the training count of each class (for class weights).
-    regression: one number per row; `mean`/`std` of the training targets (for standardising) and
-    whether they are all integers (then the rounded prediction's accuracy is reported too).
-    """
-
-    names: list[str]
-    values: list[Any]
-    task: str = "classification"
-    counts: list[int] = field(default_factory=list)
-    mean: float = 0.0
-    std: float = 1.0
-    integer: bool = False
-    low: float = 0.0
-    high: float = 0.0
-    _index: dict[Any, int] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self._index = {v: i for i, v in enumerate(self.values)}
-
-    @property
-    def outputs(self) -> int:
-        """Width of the model's last layer."""
-        if self.task == "regression":
-            return len(self.values) or 1  # the distribution head has one output per target value
-        return len(self.names)
-
-    def index(self, value: Any) -> int | None:
-        return self._index.get(value)
-
-    def target(self, value: Any) -> float | int | None:
-        """Training target for a raw label value; None when it is not a known class / not a number."""
-        if self.task == "regression":
-            return _number(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return self._index.get(value)
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"task": self.task, "names": self.names, "values": self.values, "counts": self.counts}
-        if self.task == "regression":
-            d.update(mean=self.mean, std=self.std, integer=self.integer, low=self.low, high=self.high)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Labels:
-        return cls(
-            names=list(d["names"]), values=list(d["values"]), task=d.get("task", "classification"),
-            counts=list(d.get("counts", [])), mean=d.get("mean", 0.0), std=d.get("std", 1.0),
-            integer=d.get("integer", False), low=d.get("low", 0.0), high=d.get("high", 0.0),
-        )
-
-
-def _number(value: Any) -> float | None:
-    """A regression target: ints, floats and numeric strings; None for anything else."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
-            x = float(value)
-        except ValueError:
-            return None
-        return x if math.isfinite(x) else None
-    return None
 
 
 def regression_labels(values: list[float], data: DataConfig, head: str = "scalar") -> Labels:
@@ -325,7 +251,7 @@ def build_vocab(cfg: Config) -> Vocab:
                         bad[reason] += 1
                         continue
                     if regression:
-                        x = _number(label)
+                        x = number(label)
                         if x is None:
                             where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
                             raise DataError(
@@ -340,7 +266,7 @@ def build_vocab(cfg: Config) -> Vocab:
                     count += 1
                     chunk_rows[-1] += 1
                     if cap is None or count <= cap:
-                        yield _clip(text, data)
+                        yield clip(text, data)
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
@@ -360,52 +286,16 @@ def build_vocab(cfg: Config) -> Vocab:
     return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
 
 
-def _clip(text: str, data: DataConfig) -> str:
-    """Cut absurdly long texts before tokenizing, so a 10-million-character row costs nothing."""
-    budget = data.max_length * CHARS_PER_TOKEN
-    if len(text) <= budget:
-        return text
-    if data.truncation == "head":
-        return text[:budget]
-    if data.truncation == "tail":
-        return text[-budget:]
-    return text[: budget // 2] + " " + text[-budget // 2 :]
-
-
-def encode(tokenizer: Tokenizer, texts: list[str], data: DataConfig) -> list[list[int]]:
-    """Token ids, truncated to `data.max_length`; an empty result becomes a single <unk>."""
-    encodings = tokenizer.encode_batch([_clip(t, data) for t in texts], add_special_tokens=False)
-    n = data.max_length
-    out: list[list[int]] = []
-    for e in encodings:
-        ids = e.ids
-        if len(ids) > n:
-            if data.truncation == "head":
-                ids = ids[:n]
-            elif data.truncation == "tail":
-                ids = ids[-n:]
-            else:
-                ids = ids[: n - n // 2] + ids[len(ids) - n // 2 :]
-        out.append(ids or [UNK_ID])
-    return out
-
-
 def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest: ids (B, T) and lengths (B,)."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    ids = np.full((len(seqs), int(lengths.max())), PAD_ID, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
+    """encoding.pad as tensors: ids (B, T) and lengths (B,)."""
+    ids, lengths = encoding.pad(seqs)
     return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 def sorted_batches(seqs: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """For eval and predict: (row indices, ids, lengths) of batches of similar length."""
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, lengths = pad([seqs[i] for i in idx])
-        yield idx, ids, lengths
+    """encoding.sorted_batches as tensors: (row indices, ids, lengths), for eval and predict."""
+    for idx, ids, lengths in encoding.sorted_batches(seqs, batch_size):
+        yield idx, torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 # --------------------------------------------------------------------------- the training stream

@@ -1,8 +1,11 @@
 """`seqtrain export`: the model as a TorchScript or ONNX file, with what is needed to feed it.
 
 The exported model takes right-padded token ids (B, T) int64 (padding id 0) and lengths (B,)
-int64, and returns the model's outputs (B, C): logits for classification (softmax them for
-probabilities), the raw output for regression. It is the eager `Classifier.forward` itself: that
+int64, and returns two outputs: `logits` (B, C), the model's raw outputs, and `probs`, what
+`seqtrain predict` reports: class probabilities (B, C), or for regression the score in the
+target's own units (B, 1). So an ONNX folder answers like the run it came from, and
+`seqtrain predict EXPORT_FOLDER` runs it on onnxruntime without importing torch (exported.py).
+It is the eager `Classifier.forward` itself: that
 forward already avoids PackedSequence and handles padding with gathers by length, which trace and
 export as ordinary tensor ops with dynamic batch and time sizes (checked by the parity tests and
 by a check run at the end of every export).
@@ -26,10 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from seqtrain import __version__
-from seqtrain.data import PAD_ID, UNK_ID
+from seqtrain.config import Config
+from seqtrain.encoding import PAD_ID, UNK_ID, Labels
 from seqtrain.errors import SeqtrainError
+from seqtrain.inference import to_scores
 from seqtrain.model import Classifier
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
@@ -51,11 +57,25 @@ def example_inputs(vocab_size: int, batch: int = 3, steps: int = 7, seed: int = 
     return ids, lengths
 
 
+class WithProbs(nn.Module):
+    """The classifier plus the post-processing `seqtrain predict` applies: (logits, probs)."""
+
+    def __init__(self, model: Classifier, labels: Labels, cfg: Config) -> None:
+        super().__init__()
+        self.model, self.labels, self.cfg = model, labels, cfg
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(ids, lengths)  # (B, C)
+        if self.labels.task == "regression":
+            return logits, to_scores(logits, self.labels, self.cfg).unsqueeze(-1)  # (B, 1) in the target's units
+        return logits, torch.softmax(logits.float(), -1)  # (B, C)
+
+
 def missing_onnx_packages() -> list[str]:
     return [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
 
 
-def export_torchscript(model: Classifier, path: Path, vocab_size: int) -> Path:
+def export_torchscript(model: WithProbs, path: Path, vocab_size: int) -> Path:
     """torch.jit.trace: the forward has no data-dependent Python branches, so the trace is the whole model."""
     ids, lengths = example_inputs(vocab_size)
     with warnings.catch_warnings():
@@ -65,15 +85,20 @@ def export_torchscript(model: Classifier, path: Path, vocab_size: int) -> Path:
     return path
 
 
-def export_onnx(model: Classifier, path: Path, vocab_size: int) -> Path:
-    """torch.onnx.export (dynamo) with dynamic batch and time; weights embedded in the one file."""
+def export_onnx(model: WithProbs, path: Path, vocab_size: int) -> Path:
+    """torch.onnx.export with dynamic batch and time; weights embedded in the one file.
+
+    The TorchScript-based exporter (dynamo=False), which maps each cell to ONNX's RNN, LSTM or GRU
+    operator. The dynamo exporter fixed the time length at the example's 7 steps for the plain RNN
+    always, and for an LSTM exported a second time in the same process: a file that refuses every
+    other length (tests/test_export.py exports each cell more than once and checks other shapes).
+    """
     missing = missing_onnx_packages()
     if missing:
         raise ExportError(f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_HINT} (or use --format torchscript).")
     ids, lengths = example_inputs(vocab_size)
-    batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
-    # The exporter prints its progress, warns about internals and logs that torchvision's ops are
-    # skipped; none of it concerns this model, and the CLI shows its own message.
+    # The exporter warns about internals and deprecations; none of it concerns this model, the
+    # parity check after export is what counts, and the CLI shows its own message.
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)
@@ -81,9 +106,9 @@ def export_onnx(model: Classifier, path: Path, vocab_size: int) -> Path:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (ids, lengths), str(path), input_names=["ids", "lengths"], output_names=["logits"],
-                dynamic_shapes={"ids": {0: batch, 1: time}, "lengths": {0: batch}}, dynamo=True, external_data=False,
-                verbose=False,
+                model, (ids, lengths), str(path), input_names=["ids", "lengths"], output_names=["logits", "probs"],
+                dynamic_axes={"ids": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
+                dynamo=False, verbose=False,
             )
     finally:
         onnx_log.setLevel(level)
@@ -91,7 +116,7 @@ def export_onnx(model: Classifier, path: Path, vocab_size: int) -> Path:
 
 
 def load_exported(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A function (ids, lengths) -> outputs (numpy) running an exported model file."""
+    """A function (ids, lengths) -> logits (numpy) running an exported model file."""
     if path.suffix == ".onnx":
         try:
             import onnxruntime as ort
@@ -100,7 +125,7 @@ def load_exported(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
         def run_onnx(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(None, {"ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)})[0])
+            return np.asarray(session.run(["logits"], {"ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)})[0])
 
         return run_onnx
     with warnings.catch_warnings():
@@ -109,7 +134,8 @@ def load_exported(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 
     def run_ts(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64))).numpy()
+            out = module(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)))
+            return (out[0] if isinstance(out, tuple) else out).numpy()  # (logits, probs); older files: logits
 
     return run_ts
 
@@ -138,7 +164,7 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
     if fmt == "onnx" and missing_onnx_packages():  # before loading anything: fail fast
         raise ExportError(f"ONNX export needs the package(s) {', '.join(missing_onnx_packages())}: {INSTALL_HINT}.")
     run, load_warnings = load_run(run_dir, which, device="cpu")
-    model = run.model.eval()
+    model = WithProbs(run.model.eval(), run.labels, run.config).eval()
     folder = output if output is not None else run_dir / "export"
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = run.tokenizer.get_vocab_size()
@@ -157,15 +183,21 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
             "ids": "int64 (batch, time): token ids from tokenizer.json (add_special_tokens=False), right-padded with pad_id",
             "lengths": "int64 (batch,): the number of real tokens in each row, at least 1",
         },
-        "outputs": {"logits": "float32 (batch, classes): softmax gives the probabilities of labels.json's names"},
+        "outputs": {
+            "logits": "float32 (batch, classes): the model's raw outputs",
+            "probs": "float32 (batch, classes): the probabilities of labels.json's names (softmax of logits)",
+        },
         "pad_id": PAD_ID, "unk_id": UNK_ID, "empty_text": "a single unk_id",
         "max_length": data.max_length, "truncation": data.truncation,
         "labels": run.labels.names,
     }
     if getattr(run.labels, "task", "classification") == "regression":
-        info["outputs"] = {"logits": "float32 (batch, 1): the model's raw output; see labels.json (mean, std) and config.yaml"}
+        info["outputs"] = {
+            "logits": "float32 (batch, outputs): the model's raw outputs (standardised score, or logits over labels.json's values)",
+            "probs": "float32 (batch, 1): the predicted score in the target's own units, as `seqtrain predict` reports it",
+        }
     (folder / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    info["max_abs_diff"] = check_parity(model, target, vocab_size)
+    info["max_abs_diff"] = check_parity(model.model, target, vocab_size)
     info["folder"] = str(folder)
     info["warnings"] = load_warnings
     return info

@@ -6,12 +6,7 @@ checkpoint); nothing is unpickled. Batches are sorted by length and run under in
 
 from __future__ import annotations
 
-import itertools
-import json
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +17,8 @@ import torch.nn.functional as F
 
 from seqtrain import checkpoint
 from seqtrain.config import Config, from_dict, read_yaml
-from seqtrain.data import UNK_ID, BatchStream, Labels, encode, sorted_batches
+from seqtrain.data import BatchStream, sorted_batches
+from seqtrain.encoding import UNK_ID, Labels, encode, read_run_files
 from seqtrain.errors import CheckpointError, DataError
 from seqtrain.metrics import classification_report, confusion, regression_report, top_k_accuracy
 from seqtrain.model import Classifier, build_model
@@ -39,21 +35,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot read the tokenizer {path}: {e}") from None
-
-
-def read_run_files(run_dir: Path) -> tuple[Tokenizer, Labels]:
-    """The tokenizer and labels a training run wrote (JSON only)."""
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    return tokenizer, Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
-
-
 @dataclass
 class Run:
     """A trained run, ready to use."""
@@ -65,6 +46,10 @@ class Run:
     model: Classifier
     checkpoint: Path
     device: torch.device
+
+    def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
+        """Probabilities (N, C), or regression scores (N, 1), of encoded texts (predict.Predictor)."""
+        return probs_of(self, seqs, batch_size)
 
 
 def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[Run, list[str]]:
@@ -216,28 +201,3 @@ def probs_of(run: Run, seqs: list[list[int]], batch_size: int = 256) -> np.ndarr
         else:
             probs[idx] = torch.softmax(out, -1).cpu().numpy()
     return probs
-
-
-def predict_stream(run: Run, texts: Iterable[str], chunk: int = 2048, batch_size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
-    """(text, probs) in input order, reading `chunk` texts at a time so output streams.
-
-    A helper thread reads and tokenizes the next chunk (HF tokenizers runs outside the GIL) while
-    the model runs on this one. It is a daemon thread, so a consumer that stops early never waits on it.
-    """
-    source = iter(texts)
-    ahead: queue.Queue[tuple[list[str], list[list[int]]] | BaseException | None] = queue.Queue(maxsize=1)
-
-    def read_ahead() -> None:
-        try:
-            while buf := list(itertools.islice(source, chunk)):
-                ahead.put((buf, encode(run.tokenizer, buf, run.config.data)))
-            ahead.put(None)
-        except BaseException as e:  # handed to the consumer, raised there
-            ahead.put(e)
-
-    threading.Thread(target=read_ahead, name="seqtrain-read-ahead", daemon=True).start()
-    while (item := ahead.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        buf, seqs = item
-        yield from zip(buf, probs_of(run, seqs, batch_size), strict=True)

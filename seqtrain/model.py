@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from seqtrain.config import ModelConfig
-from seqtrain.data import PAD_ID, UNK_ID
+from seqtrain.encoding import PAD_ID, UNK_ID
 
 CELLS: dict[str, Callable[..., nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 

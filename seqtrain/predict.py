@@ -1,5 +1,8 @@
 """Prediction I/O for pipelines: read texts from anywhere as a stream, write results in order.
 
+The model behind it is a `Predictor`: a trained run on torch (inference.Run) or an ONNX export
+folder on onnxruntime (exported.ExportedRun, no torch import). This module imports neither.
+
 Inputs: stdin or .txt (a line each), .jsonl, .csv, .parquet, or a dataset (Hub id, folder, files).
 Malformed lines (not UTF-8, not JSON, no text) are reported with their line numbers and skipped,
 or stop everything with `strict`. An `id` column is carried through when present.
@@ -8,23 +11,68 @@ or stop everything with `strict`. An `id` column is carried through when present
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import queue
 import sys
+import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from seqtrain.config import DataConfig
+import numpy as np
+
+from seqtrain.config import Config, DataConfig
+from seqtrain.encoding import Labels, encode
 from seqtrain.errors import DataError, SeqtrainError
-from seqtrain.inference import Run, predict_stream
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 Record = tuple[str, Any]  # (text, id or None)
 
 
 class MalformedInput(SeqtrainError):
     pass
+
+
+class Predictor(Protocol):
+    """What prediction needs from a model: how to encode text, what the outputs mean, and the outputs."""
+
+    config: Config
+    tokenizer: Tokenizer
+    labels: Labels
+
+    def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
+        """(N, C) class probabilities, or (N, 1) regression scores, in the order of `seqs`."""
+        ...
+
+
+def predict_stream(run: Predictor, texts: Iterable[str], chunk: int = 2048, batch_size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """(text, probs) in input order, reading `chunk` texts at a time so output streams.
+
+    A helper thread reads and tokenizes the next chunk (HF tokenizers runs outside the GIL) while
+    the model runs on this one. It is a daemon thread, so a consumer that stops early never waits on it.
+    """
+    source = iter(texts)
+    ahead: queue.Queue[tuple[list[str], list[list[int]]] | BaseException | None] = queue.Queue(maxsize=1)
+
+    def read_ahead() -> None:
+        try:
+            while buf := list(itertools.islice(source, chunk)):
+                ahead.put((buf, encode(run.tokenizer, buf, run.config.data)))
+            ahead.put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            ahead.put(e)
+
+    threading.Thread(target=read_ahead, name="seqtrain-read-ahead", daemon=True).start()
+    while (item := ahead.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        buf, seqs = item
+        yield from zip(buf, run.probs(seqs, batch_size), strict=True)
 
 
 def _bad(bad: list[str], msg: str, strict: bool) -> None:
@@ -132,7 +180,7 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
             yield text, row.get(id_column)
 
 
-def write_predictions(run: Run, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,
+def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 256, chunk: int = 2048) -> int:
     """Predict in input order and write JSONL or CSV as results come; returns the count.
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from seqtrain.config import DataConfig
-from seqtrain.data import CHARS_PER_TOKEN, bad_row_reason, open_split
+from seqtrain.data import bad_row_reason, open_split
+from seqtrain.encoding import CHARS_PER_TOKEN
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -22,9 +22,10 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
-from seqtrain.data import UNK_ID, BatchStream, Labels, build_vocab, make_loader
+from seqtrain.data import BatchStream, build_vocab, make_loader
+from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.inference import evaluate, pick_device, read_run_files, task_loss, to_scores
+from seqtrain.inference import evaluate, pick_device, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters, load_pretrained_embeddings
 

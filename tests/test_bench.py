@@ -22,7 +22,8 @@ def test_table_reports_the_median_of_the_pair_ratios() -> None:
     a_runs, d_runs = [rate(100), rate(200), rate(380)], [rate(200), rate(250), rate(400)]
     pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
     result = CellResult("lstm", median_rate(a_runs), rate(10), rate(100), median_rate(d_runs), pairs,
-                        PredictResult(texts=100, cli_seconds=2.0, ceiling_seconds=1.0, startup_seconds=1.5), None)
+                        [PredictResult("run directory (torch)", texts=100, cli_seconds=2.0, ceiling_seconds=1.0,
+                                       startup_seconds=1.5, kernel_seconds=1.0)], None)
     (_, header, rows), _, _ = tables([result], help_s=0.2)
     row = dict(zip(header, rows[0], strict=True))
     assert row["a seqtrain"] == "200" and row["d ceiling"] == "250"

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from seqtrain.data import PAD_ID, UNK_ID, BatchStream, build_vocab, encode, make_loader, pad, sorted_batches
+from seqtrain.data import BatchStream, build_vocab, make_loader, pad, sorted_batches
+from seqtrain.encoding import PAD_ID, UNK_ID, encode
 from seqtrain.errors import DataError
 from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 

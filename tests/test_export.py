@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from typer.testing import CliRunner
 
 from seqtrain.cli import app
 from seqtrain.config import to_dict
-from seqtrain.data import encode, pad
+from seqtrain.data import pad
+from seqtrain.encoding import encode
 from seqtrain.export import export_run, load_exported
 from seqtrain.inference import load_run
 from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
@@ -25,6 +28,8 @@ MODELS = {
     "lstm-bi-last": {"cell": "lstm", "bidirectional": True, "pooling": "last", "num_layers": 2},
     # max pooling masks the padded steps
     "gru-max": {"cell": "gru", "bidirectional": False, "pooling": "max"},
+    # the plain RNN goes through the other ONNX exporter (the dynamo one fixes the time length)
+    "rnn-last": {"cell": "rnn", "bidirectional": False, "pooling": "last"},
 }
 
 
@@ -102,3 +107,61 @@ def test_export_errors(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("seqtrain.export.missing_onnx_packages", lambda: ["onnx", "onnxscript"])
     result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx"])
     assert result.exit_code == 1 and "pip install 'seqtrain[export]'" in result.output
+
+
+def predict_json(target: Path, texts: list[str], *extra: str) -> list[dict]:
+    result = runner.invoke(app, ["predict", str(target), *texts, *extra])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def assert_export_folder_predicts_like_the_run(run_dir: Path, folder: Path, texts: list[str]) -> None:
+    """`seqtrain predict FOLDER` (onnxruntime) gives what `seqtrain predict RUN_DIR` (torch) gives."""
+    pytest.importorskip("onnxruntime")
+    export_run(run_dir, "onnx", folder)
+    from_run, from_folder = predict_json(run_dir, texts), predict_json(folder, texts)
+    assert len(from_run) == len(from_folder) == len(texts)
+    for a, b in zip(from_run, from_folder, strict=True):
+        assert a["text"] == b["text"]
+        if "score" in a:
+            assert b["score"] == pytest.approx(a["score"], abs=1e-4)
+        else:
+            assert a["label"] == b["label"]
+            assert b["probs"] == pytest.approx(a["probs"], abs=1e-5)
+
+
+def test_predict_on_the_onnx_folder_matches_the_run(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    assert_export_folder_predicts_like_the_run(run_dir, tmp_path / "onnx", varied_texts())
+
+
+def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    export_run(run_dir, "onnx", tmp_path / "onnx")
+    code = (
+        "import sys\n"
+        "from seqtrain.cli import app\n"
+        "try:\n"
+        f"    app(['predict', {str(tmp_path / 'onnx')!r}, 'a great film', 'dull'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2 and '"label"' in done.stdout
+
+
+def test_predict_refuses_folders_it_cannot_run(run_dir: Path, tmp_path: Path) -> None:
+    export_run(run_dir, "torchscript", tmp_path / "ts")
+    result = runner.invoke(app, ["predict", str(tmp_path / "ts"), "great"])
+    assert result.exit_code == 1 and "ONNX export folders" in result.output and "Traceback" not in result.output
+    info = json.loads((tmp_path / "ts" / "export.json").read_text())
+    info.update(format="onnx", outputs={"logits": "..."})  # what export.json said before the `probs` output
+    (tmp_path / "ts" / "export.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["predict", str(tmp_path / "ts"), "great"])
+    assert result.exit_code == 1 and "export it again" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path / "ts"), "great", "--checkpoint", "last"])
+    assert result.exit_code == 2 and "export folder holds one model" in result.output

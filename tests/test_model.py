@@ -90,7 +90,7 @@ def test_word_dropout_and_weight_drop_act_in_training_only(cell: str) -> None:
     assert torch.equal(model.state_dict()["layers.0.0.weight_hh_l0"], plain.state_dict()["layers.0.0.weight_hh_l0"])
 
     # word dropout replaces real tokens with <unk> and never touches padding
-    from seqtrain.data import UNK_ID
+    from seqtrain.encoding import UNK_ID
 
     seen: list[torch.Tensor] = []
     model.embedding.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))

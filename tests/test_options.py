@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from seqtrain.encoding import load_tokenizer
 from seqtrain.errors import DataError
-from seqtrain.inference import load_tokenizer
 from seqtrain.metrics import read_metrics
 from seqtrain.train import train
 from tests.conftest import tiny_config

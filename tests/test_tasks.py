@@ -16,6 +16,7 @@ from seqtrain.errors import DataError
 from seqtrain.metrics import regression_report, top_k_accuracy
 from seqtrain.train import train
 from tests.conftest import FILLER, tiny_config, write_hub_folder
+from tests.test_export import assert_export_folder_predicts_like_the_run
 
 runner = CliRunner()
 # Five grades of sentiment words: the rating is the grade of the words in the text.
@@ -72,6 +73,8 @@ def test_regression_learns_better_than_the_mean(rated: Path, tmp_path: Path) -> 
     assert scores[0] > 4 and scores[1] < 2
     ev = runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"])
     assert {"mae", "rmse", "r2", "spearman", "loss", "n"} <= json.loads(ev.stdout).keys()
+    # the ONNX export maps the standardised output back to stars as the torch path does
+    assert_export_folder_predicts_like_the_run(tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)])
 
 
 def test_bounded_regression_needs_targets_in_unit_interval(rated: Path, tmp_path: Path) -> None:
@@ -118,6 +121,8 @@ def test_distribution_head_regression_predicts_expected_stars(rated: Path, tmp_p
     out = runner.invoke(app, ["predict", str(tmp_path / "run"), "superb brilliant film", "dreadful awful"])
     scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]
     assert 1.0 <= scores[1] < 2 < 4 < scores[0] <= 5.0
+    # the ONNX export computes the expected value over the stars as the torch path does
+    assert_export_folder_predicts_like_the_run(tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)])
 
 
 def test_distribution_head_needs_integer_targets(tmp_path: Path) -> None:

@@ -1,0 +1,175 @@
+"""Text and labels to numbers and back, without torch: what training, `eval` and `predict` share.
+
+    encode             texts -> token ids, truncated to data.max_length (head, tail or head+tail)
+    pad                right-pad token ids into numpy arrays: ids (B, T), lengths (B,)
+    sorted_batches     length-sorted batches of encoded texts, for eval and predict
+    Labels             what the label column means: class names and values, or regression statistics
+    read_run_files     the tokenizer.json and labels.json a run (or an export folder) holds
+
+Nothing here imports torch, so `seqtrain predict` on an ONNX export folder starts in a fraction
+of a second (torch's import alone takes ~1.5 s on a small CPU machine); data.py wraps the numpy
+batches into tensors for the torch paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from seqtrain.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from seqtrain.config import DataConfig
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+CHARS_PER_TOKEN = 32  # texts are clipped to max_length * this many characters before tokenizing
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def clip(text: str, data: DataConfig) -> str:
+    """Cut absurdly long texts before tokenizing, so a 10-million-character row costs nothing."""
+    budget = data.max_length * CHARS_PER_TOKEN
+    if len(text) <= budget:
+        return text
+    if data.truncation == "head":
+        return text[:budget]
+    if data.truncation == "tail":
+        return text[-budget:]
+    return text[: budget // 2] + " " + text[-budget // 2 :]
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], data: DataConfig) -> list[list[int]]:
+    """Token ids, truncated to `data.max_length`; an empty result becomes a single <unk>."""
+    encodings = tokenizer.encode_batch([clip(t, data) for t in texts], add_special_tokens=False)
+    n = data.max_length
+    out: list[list[int]] = []
+    for e in encodings:
+        ids = e.ids
+        if len(ids) > n:
+            if data.truncation == "head":
+                ids = ids[:n]
+            elif data.truncation == "tail":
+                ids = ids[-n:]
+            else:
+                ids = ids[: n - n // 2] + ids[len(ids) - n // 2 :]
+        out.append(ids or [UNK_ID])
+    return out
+
+
+def pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest: ids (B, T) and lengths (B,), int64."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    ids = np.full((len(seqs), int(lengths.max())), PAD_ID, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return ids, lengths
+
+
+def sorted_batches(seqs: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For eval and predict: (row indices, ids, lengths) of batches of similar length."""
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, lengths = pad([seqs[i] for i in idx])
+        yield idx, ids, lengths
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@dataclass
+class Labels:
+    """What the label column means.
+
+    classification: class names in index order, the raw dataset value that maps to each index,
+    and the training count of each class (for class weights).
+    regression: one number per row; `mean`/`std` of the training targets (for standardising) and
+    whether they are all integers (then the rounded prediction's accuracy is reported too).
+    """
+
+    names: list[str]
+    values: list[Any]
+    task: str = "classification"
+    counts: list[int] = field(default_factory=list)
+    mean: float = 0.0
+    std: float = 1.0
+    integer: bool = False
+    low: float = 0.0
+    high: float = 0.0
+    _index: dict[Any, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {v: i for i, v in enumerate(self.values)}
+
+    @property
+    def outputs(self) -> int:
+        """Width of the model's last layer."""
+        if self.task == "regression":
+            return len(self.values) or 1  # the distribution head has one output per target value
+        return len(self.names)
+
+    def index(self, value: Any) -> int | None:
+        return self._index.get(value)
+
+    def target(self, value: Any) -> float | int | None:
+        """Training target for a raw label value; None when it is not a known class / not a number."""
+        if self.task == "regression":
+            return number(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return self._index.get(value)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"task": self.task, "names": self.names, "values": self.values, "counts": self.counts}
+        if self.task == "regression":
+            d.update(mean=self.mean, std=self.std, integer=self.integer, low=self.low, high=self.high)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Labels:
+        return cls(
+            names=list(d["names"]), values=list(d["values"]), task=d.get("task", "classification"),
+            counts=list(d.get("counts", [])), mean=d.get("mean", 0.0), std=d.get("std", 1.0),
+            integer=d.get("integer", False), low=d.get("low", 0.0), high=d.get("high", 0.0),
+        )
+
+
+def number(value: Any) -> float | None:
+    """A regression target: ints, floats and numeric strings; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+    return None
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer  # here, not at the top: `seqtrain --help` need not load it
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read the tokenizer {path}: {e}") from None
+
+
+def read_run_files(run_dir: Path) -> tuple[Tokenizer, Labels]:
+    """The tokenizer and labels a training run wrote (JSON only)."""
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    return tokenizer, Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
