@@ -614,7 +614,7 @@ def tables(results: list[CellResult], help_s: float) -> list[tuple[str, list[str
             ratio = p.cli_per_sec / p.ceiling_per_sec
             pred_rows.append([
                 r.cell.upper(), p.engine, f"{p.texts:,}", f"{p.cli_per_sec:,.0f}", f"{p.ceiling_per_sec:,.0f}",
-                f"{ratio:.2f} {check(ratio, TARGET_PREDICT)}", f"{p.cli_seconds:.2f} s", f"{p.startup_seconds:.2f} s",
+                f"{ratio:.3f} {check(ratio, TARGET_PREDICT)}", f"{p.cli_seconds:.2f} s", f"{p.startup_seconds:.2f} s",
                 f"{p.ceiling_seconds / after:.2f}" if (after := p.cli_seconds - p.startup_seconds) > 0 else "n/a",
                 f"{p.texts / p.kernel_seconds:,.0f}",
             ])
