@@ -7,7 +7,8 @@ Needs scikit-learn (`pip install 'seqtrain[baselines]'`). On ../shared/data/imdb
                (Wang & Manning, 2012), the strongest linear model we know for this task
 
 and prints their validation accuracy. For each RUN_DIR (a binary IMDB run) it also prints the run's
-own accuracy, and the accuracy of averaging its positive-class probability with each baseline's.
+own accuracy, and the accuracy of averaging its positive-class probability with each baseline's;
+with several runs, also the accuracy of averaging the runs with each other.
 That average is an ensemble of a recurrent and a linear model; it measures how different their
 errors are, and is not a seqtrain model.
 """
@@ -57,13 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.runs:
         from seqtrain.inference import load_run, predict_probs
 
+        runs_positive = []
         for run_dir in a.runs:
             run, _ = load_run(run_dir)
             positive = predict_probs(run, valid.text.tolist())[:, run.labels.names.index("positive")]
+            runs_positive.append(positive)
             line = f"{run_dir}: {((positive > 0.5) == y).mean():.2%} alone"
             for name, probs in baselines.items():
                 line += f"; averaged with {name}: {(((positive + probs) / 2 > 0.5) == y).mean():.2%}"
             print(line, flush=True)
+        if len(runs_positive) > 1:
+            mean = np.mean(runs_positive, axis=0)
+            print(f"the {len(runs_positive)} runs averaged with each other: {((mean > 0.5) == y).mean():.2%}")
     return 0
 
 
