@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, (name, change) in enumerate(VARIANTS.items()):
             cfg = dataclasses.replace(base, output_dir=str(tmp / f"repeat{r}-variant{i}"),
                                       train=dataclasses.replace(base.train, **change))
-            rate, batches, _ = B.bench_seqtrain(cfg, s)
-            model = B.fresh_model(a.cell, json.loads((cfg.run_dir / "run.json").read_text())["vocab_size"])
-            d = B.timed_steps(B.training_step(model, model.forward_padded, fused=True), batches, s.warmup)
+            rate, d, _ = B.time_pair(cfg, s)
             print(f"repeat {r}  {name:22s}  a {rate.per_sec:9,.0f}  d {d.per_sec:9,.0f}  a/d {rate.per_sec / d.per_sec:.3f}"
                   f"  data wait {rate.data_wait:.1%}", flush=True)
 

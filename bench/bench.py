@@ -305,6 +305,20 @@ def bench_seqtrain(cfg: Config, s: Settings) -> tuple[Rate, list[Batch], list[st
     return rate, batches, notes
 
 
+def time_pair(cfg: Config, s: Settings) -> tuple[Rate, Rate, list[str]]:
+    """(a) then, right after, (d) on the exact batches (a) trained on: one back-to-back pair.
+
+    Back to back, so the machine drifting between the two (run-to-run swings of +-5% here) does not
+    land in a/d. Returns (a, d, notes).
+    """
+    a, batches, notes = bench_seqtrain(cfg, s)
+    model = fresh_model(cfg.model.cell, json.loads((cfg.run_dir / "run.json").read_text())["vocab_size"])
+    d = timed_steps(training_step(model, model.forward_padded, fused=True), batches, s.warmup)
+    if sorted(d.shapes) != sorted(a.shapes):
+        notes.append(f"{cfg.model.cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
+    return a, d, notes
+
+
 # --------------------------------------------------------------------------- (b), (c), (d) references
 
 
@@ -537,26 +551,19 @@ def bench_cell(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple
     snap = cpu_snapshot()
     a_runs: list[Rate] = []
     d_runs: list[Rate] = []
-    for i in range(s.repeat):
-        # Each pair trains a fresh run (same seed, so the same batches) and times (d) right after (a):
-        # the two sides of a/d run back to back, so the machine drifting between them (run-to-run
-        # swings of +-5% here; bench.ablate) does not land in the ratio.
+    for i in range(s.repeat):  # each pair trains a fresh run: same seed, so the same batches
         cfg = bench_config(cell, data, tmp / f"run-{cell}-{i}", s)
-        say(f"{cell}: pair {i + 1}/{s.repeat}: (a) seqtrain train, {s.warmup} + {s.steps} steps")
-        a, seq_batches, a_notes = bench_seqtrain(cfg, s)
-        notes += a_notes if i == 0 else []
-        tokenizer_json = cfg.run_dir / "tokenizer.json"
-        vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
-        m = fresh_model(cell, vocab_size)
-        d = timed_steps(training_step(m, m.forward_padded, fused=True), seq_batches, s.warmup)
-        if sorted(d.shapes) != sorted(a.shapes):
-            notes.append(f"{cell}: the ceiling's batch shapes differ from seqtrain's measured ones.")
+        say(f"{cell}: pair {i + 1}/{s.repeat}: (a) seqtrain train, {s.warmup} + {s.steps} steps, then (d)")
+        a, d, pair_notes = time_pair(cfg, s)
+        notes += [n for n in pair_notes if n not in notes]  # the pairs train on the same batches
         a_runs.append(a)
         d_runs.append(d)
         say(f"{cell}: pair {i + 1}: (a) {a.per_sec:,.0f}  (d) {d.per_sec:,.0f} tokens/s  a/d {a.per_sec / d.per_sec:.3f}"
             f"  (padding {a.padding:.1%}, data wait {a.data_wait:.1%})")
     a, d = median_rate(a_runs), median_rate(d_runs)
     ad_pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
+    tokenizer_json = cfg.run_dir / "tokenizer.json"
+    vocab_size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size()
 
     key = tokenizer_json.read_text()  # every cell trains the same vocabulary: tokenize the split once
     if key not in seqs_cache:

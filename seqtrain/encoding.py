@@ -119,6 +119,11 @@ class Labels:
             return len(self.values) or 1  # the distribution head has one output per target value
         return len(self.names)
 
+    @property
+    def probs_width(self) -> int:
+        """Width of what `predict` reports per text: class probabilities, or 1 regression score."""
+        return 1 if self.task == "regression" else len(self.names)
+
     def index(self, value: Any) -> int | None:
         return self._index.get(value)
 

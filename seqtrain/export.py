@@ -35,11 +35,14 @@ from seqtrain import __version__
 from seqtrain.config import Config
 from seqtrain.encoding import PAD_ID, UNK_ID, Labels
 from seqtrain.errors import SeqtrainError
-from seqtrain.inference import to_scores
+from seqtrain.inference import to_probs
 from seqtrain.model import Classifier
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
-ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx.export (the dynamo exporter) needs both
+# torch.onnx.export needs onnx. The TorchScript-based exporter used below runs without onnxscript
+# (it was needed by the dynamo exporter used before); dropping it from this check and from the
+# `export` extra is a separate change.
+ONNX_PACKAGES = ("onnx", "onnxscript")
 INSTALL_HINT = "pip install 'seqtrain[export]'"
 
 
@@ -66,9 +69,7 @@ class WithProbs(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(ids, lengths)  # (B, C)
-        if self.labels.task == "regression":
-            return logits, to_scores(logits, self.labels, self.cfg).unsqueeze(-1)  # (B, 1) in the target's units
-        return logits, torch.softmax(logits.float(), -1)  # (B, C)
+        return logits, to_probs(logits, self.labels, self.cfg)  # (B, C) probabilities, or (B, 1) scores
 
 
 def missing_onnx_packages() -> list[str]:
@@ -191,7 +192,7 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
         "max_length": data.max_length, "truncation": data.truncation,
         "labels": run.labels.names,
     }
-    if getattr(run.labels, "task", "classification") == "regression":
+    if run.labels.task == "regression":
         info["outputs"] = {
             "logits": "float32 (batch, outputs): the model's raw outputs (standardised score, or logits over labels.json's values)",
             "probs": "float32 (batch, 1): the predicted score in the target's own units, as `seqtrain predict` reports it",

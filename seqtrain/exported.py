@@ -40,8 +40,7 @@ class ExportedRun:
 
     def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
         """(N, C) probabilities or (N, 1) regression scores: the model's `probs` output, in input order."""
-        width = 1 if self.labels.task == "regression" else self.labels.outputs
-        out = np.zeros((len(seqs), width), dtype=np.float32)
+        out = np.zeros((len(seqs), self.labels.probs_width), dtype=np.float32)
         for idx, ids, lengths in sorted_batches(seqs, batch_size):
             out[idx] = self.session.run(["probs"], {"ids": ids, "lengths": lengths})[0]  # (B, width)
         return out

@@ -87,6 +87,13 @@ def to_scores(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
     return pred
 
 
+def to_probs(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
+    """Model outputs -> what `predict` reports (B, labels.probs_width): class probabilities, or the regression score."""
+    if labels.task == "regression":
+        return to_scores(out, labels, cfg).unsqueeze(-1)  # (B, 1) in the target's units
+    return torch.softmax(out.float(), -1)  # (B, C)
+
+
 def squared_emd(logits: torch.Tensor, index: torch.Tensor, support: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Squared earth mover's distance between softmax(logits) (B, V) and one-hot targets at `index` (B,),
     on the ordered values `support` (V,): the gap between CDFs, weighted by the distance between
@@ -190,14 +197,10 @@ def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarr
 @torch.inference_mode()
 def probs_of(run: Run, seqs: list[list[int]], batch_size: int = 256) -> np.ndarray:
     """predict_probs on texts already tokenized."""
-    width = 1 if run.labels.task == "regression" else run.labels.outputs
-    probs = np.zeros((len(seqs), width), dtype=np.float32)
+    probs = np.zeros((len(seqs), run.labels.probs_width), dtype=np.float32)
     if not seqs:
         return probs
     for idx, ids, lengths in sorted_batches(seqs, batch_size):
-        out = run.model(ids.to(run.device), lengths.to(run.device)).float()
-        if run.labels.task == "regression":
-            probs[idx, 0] = to_scores(out, run.labels, run.config).cpu().numpy()
-        else:
-            probs[idx] = torch.softmax(out, -1).cpu().numpy()
+        out = run.model(ids.to(run.device), lengths.to(run.device))
+        probs[idx] = to_probs(out, run.labels, run.config).cpu().numpy()
     return probs
