@@ -76,13 +76,18 @@ class Classifier(nn.Module):
                             H = p.shape[0] // 4
                             p.data[H : 2 * H] = 1.0  # forget gate open at the start
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C)."""
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C).
+
+        delta (B, T, E), training only: added to the (dropped-out) embeddings; adversarial training
+        passes zeros to get the loss's gradient with respect to them, then the perturbation."""
         T = ids.shape[1]
         if self.training and self.cfg.word_dropout:
             real = torch.arange(T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
             ids = ids.masked_fill((torch.rand(ids.shape, device=ids.device) < self.cfg.word_dropout) & real, UNK_ID)
         x = self.embedding_dropout(self.embedding(ids))  # (B, T, E)
+        if delta is not None:
+            x = x + delta
         rev = reverse_within_length(lengths, T) if self.directions == 2 else None
         for i, layer in enumerate(self.layers):
             if i > 0:

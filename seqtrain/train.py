@@ -122,6 +122,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
             e.lerp_(p.detach(), 1.0 - d)
 
 
+def embedding_probe(ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """A zero (B, T, E) tensor added to the embeddings; after backward its .grad is d loss / d embeddings."""
+    return torch.zeros(*ids.shape, dim, device=ids.device, requires_grad=True)
+
+
+def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """grad (B, T, E) -> eps * grad / ||grad||, the norm taken per text over all its steps (Miyato et al.
+    2017). Dividing by the max first keeps the squares from underflowing; padding's gradient is 0."""
+    g = grad.detach()
+    g = g / (g.abs().amax(dim=(1, 2), keepdim=True) + 1e-12)
+    return eps * g / torch.sqrt((g * g).sum(dim=(1, 2), keepdim=True) + 1e-6)
+
+
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(old) | set(new)):
@@ -336,6 +349,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         ema.load_state_dict(ema_weights)
     inference_model = ema if ema is not None else model
     forward: torch.nn.Module = model
+    rng_device = "cuda" if device.type == "cpu" else device.type  # fork_rng always saves the CPU generator too
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -436,11 +450,22 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     lr = lr_at(s["step"], t, total_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        logits = forward(ids, lengths)  # (B, C); under DDP, backward all-reduces the gradients
-                        loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
                     optimizer.zero_grad(set_to_none=True)
+                    # train.adversarial_eps: a zero perturbation of the embeddings, whose gradient says
+                    # which way raises the loss; same RNG for both passes so they share dropout masks.
+                    delta = embedding_probe(ids, cfg.model.embedding_dim) if t.adversarial_eps else None
+                    with (
+                        torch.random.fork_rng(enabled=delta is not None, device_type=rng_device),
+                        torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
+                    ):
+                        logits = forward(ids, lengths, delta)  # (B, C); under DDP, backward all-reduces the gradients
+                        loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
                     scaler.scale(loss).backward()
+                    if delta is not None and delta.grad is not None:
+                        r_adv = adversarial_perturbation(delta.grad, t.adversarial_eps)  # (B, T, E)
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                            adv_loss = task_loss(forward(ids, lengths, r_adv), y, labels, cfg, class_weights=class_weights)
+                        scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
                     if t.grad_clip is not None:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -95,3 +95,39 @@ def test_tensorboard_logging(tiny_data: Path, tmp_path: Path) -> None:
     train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5, "tensorboard": True}))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_adversarial_perturbation_points_uphill_with_norm_eps() -> None:
+    from seqtrain.config import ModelConfig
+    from seqtrain.model import build_model
+    from seqtrain.train import adversarial_perturbation, embedding_probe
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, pooling="max", bidirectional=True), 50, 2).eval()
+    ids, lengths = torch.randint(2, 50, (4, 9)), torch.tensor([9, 7, 3, 1])
+    ids[torch.arange(9).unsqueeze(0) >= lengths.unsqueeze(1)] = 0  # right padding
+    y = torch.tensor([0, 1, 1, 0])
+    delta = embedding_probe(ids, 8)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    loss_fn(model(ids, lengths, delta), y).sum().backward()
+    assert delta.grad is not None
+    r = adversarial_perturbation(delta.grad, 0.5)
+    assert torch.linalg.vector_norm(r, dim=(1, 2)).tolist() == pytest.approx([0.5] * 4, rel=1e-4)
+    assert r[2, 3:].abs().max() == 0 and r[3, 1:].abs().max() == 0, "padding is never perturbed"
+    with torch.no_grad():
+        clean = loss_fn(model(ids, lengths), y)
+        adversarial = loss_fn(model(ids, lengths, r), y)
+        noise = torch.randn_like(r) * (torch.arange(9) < lengths.unsqueeze(1)).unsqueeze(-1)
+        random = loss_fn(model(ids, lengths, 0.5 * noise / torch.linalg.vector_norm(noise, dim=(1, 2), keepdim=True)), y)
+    assert (adversarial > clean).all(), "the gradient direction raises every text's loss"
+    assert (adversarial - clean > (random - clean).abs()).all(), "far more than a random move of the same size"
+
+
+def test_adversarial_training_learns_and_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name, eps in [("a", 1.0), ("b", 1.0), ("plain", 0.0)]:
+        cfg = tiny_config(tiny_data, tmp_path / name, train={"epochs": 3, "adversarial_eps": eps})
+        runs[name] = (train(cfg), load_file(str(tmp_path / name / "last" / "model.safetensors")))
+    assert runs["a"][0]["accuracy"] > 0.7
+    assert all(torch.equal(runs["a"][1][k], runs["b"][1][k]) for k in runs["a"][1]), "same seed, same weights"
+    assert not torch.equal(runs["a"][1]["head.weight"], runs["plain"][1]["head.weight"]), "the adversarial loss changes training"
