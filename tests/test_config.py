@@ -57,6 +57,8 @@ def test_bad_choice_lists_choices_and_suggests(tmp_path: Path) -> None:
 def test_range_check(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.dropout must be in \[0, 1\)"):
         load_config(write(tmp_path, "model:\n  dropout: 1.5\n"))
+    with pytest.raises(ConfigError, match=r"train.adversarial_eps must be 0 \(off\) or more, got -1.0"):
+        load_config(write(tmp_path, "train:\n  adversarial_eps: -1\n"))
 
 
 def test_int_accepted_for_float_but_not_bool_for_int(tmp_path: Path) -> None:
