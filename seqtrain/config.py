@@ -142,7 +142,7 @@ class TrainConfig:
     """Evaluate and save an exponential moving average of the weights (e.g. 0.999); null = the raw weights.
     The average warms up as min(ema_decay, (1 + step) / (10 + step)), so early evaluations are not stuck near the initial weights."""
     adversarial_eps: float = 0.0
-    """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's embeddings moved by this L2 norm in the direction that raises its loss most (e.g. 5.0); costs about 2x per step; 0 = off."""
+    """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
     class_weights: Literal["none", "balanced"] = "none"
     """Classification: `balanced` weighs each class's loss by n / (classes * count), for imbalanced labels."""
     eval_every: int = 0
