@@ -349,7 +349,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         ema.load_state_dict(ema_weights)
     inference_model = ema if ema is not None else model
     forward: torch.nn.Module = model
-    rng_device = "cuda" if device.type == "cpu" else device.type  # fork_rng always saves the CPU generator too
+    # train.adversarial_eps forks the RNG around the clean pass: the CPU generator always, plus this accelerator's.
+    rng_device, rng_devices = ("cuda", []) if device.type == "cpu" else (device.type, [device])
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -455,7 +456,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
                     # which way raises the loss; same RNG for both passes so they share dropout masks.
                     delta = embedding_probe(ids, cfg.model.embedding_dim) if t.adversarial_eps else None
                     with (
-                        torch.random.fork_rng(enabled=delta is not None, device_type=rng_device),
+                        torch.random.fork_rng(rng_devices, enabled=delta is not None, device_type=rng_device),
                         torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
                     ):
                         logits = forward(ids, lengths, delta)  # (B, C); under DDP, backward all-reduces the gradients
