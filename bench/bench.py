@@ -396,7 +396,7 @@ def pretokenize(tokenizer_json: Path, texts: list[str], max_length: int) -> list
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return [e.ids[:max_length] or [UNK_ID] for e in encodings]  # an empty text becomes one <unk>, as in seqtrain
 
 

@@ -51,7 +51,9 @@ def clip(text: str, data: DataConfig) -> str:
 
 def encode(tokenizer: Tokenizer, texts: list[str], data: DataConfig) -> list[list[int]]:
     """Token ids, truncated to `data.max_length`; an empty result becomes a single <unk>."""
-    encodings = tokenizer.encode_batch([clip(t, data) for t in texts], add_special_tokens=False)
+    # encode_batch_fast skips character offsets, which nothing here reads: the same ids for a third
+    # less CPU (5,000 IMDB reviews: 1.06 instead of 1.65 CPU-seconds on one thread)
+    encodings = tokenizer.encode_batch_fast([clip(t, data) for t in texts], add_special_tokens=False)
     n = data.max_length
     out: list[list[int]] = []
     for e in encodings:

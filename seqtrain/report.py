@@ -54,7 +54,7 @@ def truncation_stats(tokenizer: Tokenizer, data: DataConfig, split: str, limit: 
     lengths: list[int] = []
     for chunk in ds.iter(batch_size=1024):
         texts = [t[:budget] for t in chunk[data.text_column] if bad_row_reason(t, None, need_label=False) is None]
-        lengths.extend(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+        lengths.extend(len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False))
     arr = np.asarray(lengths or [0])
     p50, p90, p99 = (int(v) for v in np.percentile(arr, [50, 90, 99]))
     return {
