@@ -50,11 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
-from seqtrain.config import Config, from_dict
+from seqtrain.config import Config, from_dict, physical_cores
 from seqtrain.data import BatchStream, open_split, sorted_batches
 from seqtrain.encoding import PAD_ID, UNK_ID, Labels, encode
 from seqtrain.metrics import read_metrics
-from seqtrain.train import physical_cores
 from seqtrain.train import train as seqtrain_train
 
 ROOT = Path(__file__).resolve().parent.parent

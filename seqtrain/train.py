@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from seqtrain import checkpoint, console
-from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, read_yaml, to_dict
+from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, physical_cores, read_yaml, to_dict
 from seqtrain.data import BatchStream, build_vocab, make_loader
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
@@ -56,23 +56,6 @@ def truncate_trace(path: Path, step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if int(line.split("\t", 1)[0]) <= step]
         path.write_text("".join(line + "\n" for line in kept))
-
-
-def physical_cores() -> int:
-    """Physical cores visible to us (hyper-threads do not speed up GEMMs)."""
-    try:
-        pairs = set()
-        phys = core = ""
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-                pairs.add((phys, core))
-        n = len(pairs) or os.cpu_count() or 1
-    except OSError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
 
 
 def resolve_workers(requested: int | None) -> int:

@@ -136,6 +136,24 @@ def test_predict_on_the_onnx_folder_matches_the_run(run_dir: Path, tmp_path: Pat
     assert_export_folder_predicts_like_the_run(run_dir, tmp_path / "onnx", varied_texts())
 
 
+def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(run_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's RNN kernel uses one thread, so an RNN export runs one batch per core at once;
+    LSTM and GRU exports run a batch at a time on all cores. Either way the outputs are the model's."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from seqtrain.exported import load_exported_run
+
+    monkeypatch.setattr("seqtrain.exported.physical_cores", lambda: 2)
+    export_run(run_dir, "onnx", tmp_path / "onnx")
+    exported = load_exported_run(tmp_path / "onnx")
+    assert (exported.pool is not None) == (exported.config.model.cell == "rnn")
+    run, _ = load_run(run_dir)
+    seqs = encode(run.tokenizer, varied_texts(), run.config.data)
+    np.testing.assert_allclose(exported.probs(seqs, 7), run.probs(seqs, 7), atol=1e-5)  # 15 batches, in flight together
+
+
 def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
