@@ -151,7 +151,7 @@ def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(run_dir: Path
     assert (exported.pool is not None) == (exported.config.model.cell == "rnn")
     run, _ = load_run(run_dir)
     seqs = encode(run.tokenizer, varied_texts(), run.config.data)
-    np.testing.assert_allclose(exported.probs(seqs, 7), run.probs(seqs, 7), atol=1e-5)  # 15 batches, in flight together
+    np.testing.assert_allclose(exported.probs(seqs, 7), run.probs(seqs, 7), atol=1e-5)  # 15 batches of 7, two at a time
 
 
 def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path: Path) -> None:
