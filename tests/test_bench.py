@@ -30,3 +30,24 @@ def test_table_reports_the_median_of_the_pair_ratios() -> None:
     assert row["a/d (≥ 0.90)"] == "0.80 ✗"
     assert row["a/d of each pair"] == "0.50 0.80 0.95"
     assert row["a/b (≥ 15)"] == "20.0 ✓"
+
+
+def test_rating_ensemble_grid_and_oracle_shift() -> None:
+    import numpy as np
+
+    from bench.ratings import ensemble_grid, oracle_shift, spearman
+
+    rng = np.random.default_rng(0)
+    stars = rng.choice([1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 10.0], size=2000)
+    noisy = stars + rng.normal(0, 3, size=2000)  # a regression model with its sides mixed up near 5.5
+    polarity = (stars > 5.5) + rng.normal(0, 0.3, size=2000)  # a sharper, independent P(positive)
+    grid = ensemble_grid(noisy, polarity, None, stars)
+    assert [row[:2] for row in grid] == [(w, 0.0) for w in (0.0, 1.0, 2.0, 3.0, 4.0)]
+    assert grid[0][2] == spearman(noisy, stars)  # w = 0 is the regression alone
+    assert max(row[2] for row in grid) > grid[0][2] + 0.02  # the independent polarity adds ranking information
+    assert len(ensemble_grid(noisy, None, None, stars)) == 1
+
+    shifted = oracle_shift(noisy, stars, 5.5)
+    accuracies, rhos = [row[1] for row in shifted], [row[2] for row in shifted]
+    assert accuracies == sorted(accuracies) and accuracies[-1] > 0.99  # 6 stars fixes nearly every side
+    assert rhos[-1] > rhos[0] + 0.05
