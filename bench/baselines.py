@@ -25,6 +25,11 @@ import pandas as pd
 from bench.bench import data_path
 
 
+def read_split(data: Path, split: str) -> pd.DataFrame:
+    """All parquet shards of one split of a Hub-layout folder, in order."""
+    return pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(str(data / f"{split}-*.parquet")))])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", type=Path, help="binary IMDB run directories to compare and combine")
@@ -36,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.baselines needs scikit-learn: pip install 'seqtrain[baselines]'") from None
 
     data = data_path()
-    train = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(str(data / "train-*.parquet")))])
-    valid = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(str(data / "validation-*.parquet")))])
+    train, valid = read_split(data, "train"), read_split(data, "validation")
     y_train, y = train.label.to_numpy(), valid.label.to_numpy()
 
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)

@@ -17,12 +17,11 @@ table by a single model, and what it would take to reach Spearman 0.85.
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from bench.baselines import read_split
 from bench.bench import data_path
 from seqtrain.metrics import regression_report
 
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from seqtrain.inference import load_run, predict_probs
 
     data = data_path()
-    valid = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(str(data / "validation-*.parquet")))])
+    valid = read_split(data, "validation")
     texts, y = valid.text.tolist(), valid.rating.to_numpy().astype(np.float64)
     middle = (y[y < y.mean()].max() + y[y > y.mean()].min()) / 2  # 5.5 on IMDB: between 4 and 7 stars
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             from sklearn.linear_model import Ridge
         except ImportError:
             raise SystemExit("bench.ratings needs scikit-learn: pip install 'seqtrain[baselines]'") from None
-        train = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(str(data / "train-*.parquet")))])
+        train = read_split(data, "train")
         tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
         ridge_model = Ridge(alpha=1.0).fit(tfidf.fit_transform(train.text), train.rating.to_numpy().astype(np.float64))
         ridge = ridge_model.predict(tfidf.transform(valid.text))
