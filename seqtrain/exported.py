@@ -48,11 +48,9 @@ class ExportedRun:
             idx, ids, lengths = batch
             out[idx] = self.session.run(["probs"], {"ids": ids, "lengths": lengths})[0]  # (B, width)
 
-        if self.pool is None:
-            for batch in sorted_batches(seqs, batch_size):
-                forward(batch)
-        else:  # onnxruntime releases the GIL in run(): each pool thread keeps one core busy
-            list(self.pool.map(forward, sorted_batches(seqs, batch_size)))
+        # With a pool, each thread keeps one core busy (onnxruntime releases the GIL in run()).
+        for _ in (self.pool.map if self.pool else map)(forward, sorted_batches(seqs, batch_size)):
+            pass
         return out
 
 
