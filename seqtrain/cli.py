@@ -283,6 +283,33 @@ def init(
         raise _fail(str(e), e.exit_code) from None
 
 
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML config to start from; each trial changes the keys of the search space.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides of CONFIG, e.g. train.epochs=2.")] = None,
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Trials in the study, counting those of earlier runs.")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="Start no trial after this many minutes.")] = None,
+    space: Annotated[Path | None, typer.Option(help="Search space YAML: dotted keys -> distributions (default: runs/<study>/space.yaml shows it).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in runs/<study>/study.db); postgresql:// or mysql:// for several machines.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name and folder runs/<study> (default: <name>-tune).")] = None,
+    jobs: Annotated[int, typer.Option(help="Trials at once on this machine, the cores divided between them.")] = 1,
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
+) -> None:
+    """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN, bad ones pruned early;
+    rerun the same command to continue a study."""
+    try:
+        from seqtrain.tune import Options
+        from seqtrain.tune import tune as run_tune
+
+        code = run_tune(Options(config, overrides or [], trials, timeout, space, storage, study, jobs, pruner, not no_report))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to continue the study.", 130) from None
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

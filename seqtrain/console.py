@@ -159,3 +159,13 @@ def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
         warn(note)
     err.print(f"wrote {escape(config_path)}: max_length {summary['max_length']}, vocab_size {summary['vocab_size']:,}. "
               f"Train with: seqtrain train {escape(config_path)}")
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A plain table on stderr (`seqtrain tune`'s trials): the first two columns left-aligned, the rest right."""
+    table = Table(title=escape(title))
+    for i, col in enumerate(columns):
+        table.add_column(escape(col), justify="left" if i in (0, 1) else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    err.print(table)

@@ -30,6 +30,8 @@ from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters, load_pretrained_embeddings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tokenizers import Tokenizer
 
 # Keys that may differ between the first run and a --resume; everything else must match.
@@ -228,7 +230,8 @@ def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
     return [float(v) for v in x.tolist()]
 
 
-def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
+          should_stop: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
     t = cfg.train
     run_dir = cfg.run_dir
@@ -391,7 +394,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dic
         save(best=improved)
         shown = " ".join(f"{k} {report[k]:.4f}" for k in keys[:4] if k in report)
         bar.log(f"step {s['step']:,} epoch {s['epoch']}: {cfg.data.eval_split} loss {report['loss']:.4f} {shown}{'  (best)' if improved else ''}")
-        return bool(broadcast(t.patience is not None and s["bad_evals"] >= t.patience, world))
+        # should_stop(step, report): a caller's verdict after each evaluation (`seqtrain tune`'s pruner); True ends the run.
+        stop_now = should_stop is not None and should_stop(s["step"], report)
+        return bool(broadcast((t.patience is not None and s["bad_evals"] >= t.patience) or stop_now, world))
 
     # ---- the loop
     model.train()

@@ -1,0 +1,594 @@
+"""`seqtrain tune`: hyperparameter search on Optuna (TPE sampler, median or Hyperband pruner).
+
+Each trial is an ordinary seqtrain run in `runs/<study>/trial-NNNN` (config.yaml, checkpoints,
+metrics.jsonl). Every evaluation is reported to the pruner through `train(should_stop=...)`; a
+pruned trial stops right after that evaluation. The study lives in a database (SQLite in the study
+folder by default), so:
+
+- killing `tune` and running the same command again continues the study: finished trials stay,
+  and a trial that was running in a process that is gone is resumed from its `last/` checkpoint
+  (same trial number, same parameters), so no trial is lost or run twice;
+- several `tune` processes given the same `--storage` and `--study` share one study (`--jobs J`
+  starts J of them on this machine, each with its share of the cores).
+
+`--trials N` counts every trial of the study (finished, pruned, failed and running), so a rerun
+tops the study up to N. A trial that raises (a bad combination of values, out of memory) is
+recorded as FAIL with its error, and the study goes on.
+
+Only this module imports optuna, and only inside functions: the space is validated without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import typing
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from seqtrain import console
+from seqtrain.config import (
+    SECTIONS,
+    Config,
+    _suggest,
+    dump_yaml,
+    from_dict,
+    physical_cores,
+    read_yaml,
+    safe_parse,
+)
+from seqtrain.errors import ConfigError, SeqtrainError
+
+if TYPE_CHECKING:
+    import optuna
+
+INSTALL_HINT = "seqtrain tune needs Optuna: pip install 'seqtrain[tune]' (or pip install 'optuna>=3.6')."
+SPEC_KEYS = ("low", "high", "log", "step", "choices")
+TUNE_SETS = ("name", "output_dir")  # tune names each trial and puts it in the study folder
+PRUNERS = ("median", "hyperband", "none")
+MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
+
+# Used when --space is not given; written to runs/<study>/space.yaml as a starting point to edit.
+DEFAULT_SPACE = """\
+# Search space of `seqtrain tune`: dotted config keys -> distributions.
+#   {low: A, high: B}              uniform between A and B (integers when the key takes integers)
+#   {low: A, high: B, log: true}   log-uniform
+#   {low: A, high: B, step: S}     A, A+S, A+2S, ... up to B
+#   [a, b, c]                      one of these values
+train.lr: {low: 3.0e-4, high: 1.0e-2, log: true}
+train.batch_size: [32, 64, 128]
+train.weight_decay: {low: 1.0e-4, high: 0.1, log: true}
+model.cell: [lstm, gru]
+model.bidirectional: [true, false]
+model.pooling: [last, mean, max, attention]
+model.embedding_dim: {low: 64, high: 256, step: 64}
+model.hidden_size: {low: 64, high: 320, step: 64}
+model.dropout: {low: 0.0, high: 0.5}
+model.embedding_dropout: {low: 0.0, high: 0.4}
+"""
+
+
+def require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise SeqtrainError(INSTALL_HINT) from None
+
+
+# --------------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the space: a range (`kind` int or float) or a list of choices."""
+
+    kind: Literal["int", "float", "categorical"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        low, high, step = (_fmt(int(v) if self.kind == "int" else v) for v in (self.low, self.high, self.step or 0))
+        return f"{self.kind} {low}..{high}" + (" (log)" if self.log else f" step {step}" if self.step else "")
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted config key, or a ConfigError with a did-you-mean."""
+    valid = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    valid += [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    if key in SECTIONS:
+        raise ConfigError(f"{key!r} is a config section; name a key inside it, e.g. {key}.{dataclasses.fields(SECTIONS[key])[0].name}.")
+    if key not in valid:
+        raise ConfigError(f"unknown config key {key!r}.{_suggest(key, valid)} See `seqtrain config-help` for every key.")
+    if key in TUNE_SETS:
+        raise ConfigError(f"{key!r} cannot be searched: tune sets it for each trial (runs/<study>/trial-NNNN).")
+    section, _, name = key.rpartition(".")
+    return typing.get_type_hints(SECTIONS[section] if section else Config)[name]
+
+
+def _numeric(tp: Any) -> type | None:
+    """int or float when the key takes numbers (null allowed), else None."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _with(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A deep copy of the raw config with the dotted `key` set to `value`."""
+    raw = copy.deepcopy(base)
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+    return raw
+
+
+def _parse_param(key: str, spec: Any, base: dict[str, Any]) -> Param:
+    tp = _field_type(key)
+    number = _numeric(tp)
+    if isinstance(spec, dict):
+        for k in spec:
+            if k not in SPEC_KEYS:
+                raise ConfigError(f"{key}: unknown distribution key {k!r}.{_suggest(str(k), list(SPEC_KEYS))} "
+                                  f"Use low/high (with log or step) or choices.")
+        if "choices" in spec:
+            if set(spec) != {"choices"}:
+                raise ConfigError(f"{key}: choices cannot be combined with {', '.join(k for k in spec if k != 'choices')}.")
+            spec = spec["choices"]
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{key}: the list of choices is empty.")
+        param = Param("categorical", choices=tuple(spec))
+        values: list[Any] = list(spec)
+    elif isinstance(spec, dict):
+        if number is None:
+            raise ConfigError(f"{key} takes {_describe(tp)}: give a list of choices, e.g. {key}: [a, b], not a range.")
+        missing = [k for k in ("low", "high") if k not in spec]
+        if missing:
+            raise ConfigError(f"{key}: a range needs low and high; {' and '.join(missing)} missing.")
+        low, high, step = (_number(spec.get(k), key, k, number) for k in ("low", "high", "step"))
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{key}: log must be true or false, got {log!r}.")
+        assert low is not None and high is not None
+        if low > high:
+            raise ConfigError(f"{key}: low ({low}) is above high ({high}).")
+        if log and low <= 0:
+            raise ConfigError(f"{key}: a log range needs low > 0, got {low}.")
+        if log and step is not None:
+            raise ConfigError(f"{key}: log and step cannot be combined.")
+        if step is not None and step <= 0:
+            raise ConfigError(f"{key}: step must be positive, got {step}.")
+        param = Param("int" if number is int else "float", low, high, log, step)
+        values = [number(low), number(high)]
+    else:
+        raise ConfigError(f"{key}: give a list of choices ([a, b]) or a range ({{low: A, high: B}}), got {spec!r}.")
+    for value in values:  # each value must make a valid config on its own
+        try:
+            from_dict(_with(base, key, value))
+        except ConfigError as e:
+            raise ConfigError(f"{key}: the value {value!r} is not allowed: {e}") from None
+    return param
+
+
+def _number(value: Any, key: str, what: str, number: type) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (number is int and value != int(value)):
+        raise ConfigError(f"{key}: {what} must be {'an integer' if number is int else 'a number'}, got {value!r}.")
+    return float(value)
+
+
+def _describe(tp: Any) -> str:
+    from seqtrain.config import describe_type
+
+    return describe_type(tp)
+
+
+def parse_space(raw: Any, base: dict[str, Any], where: str) -> dict[str, Param]:
+    """Validate a parsed space (dotted key -> distribution) against the config schema and `base`."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where} must map dotted config keys to distributions, e.g. `train.lr: {{low: 1e-4, high: 1e-2, log: true}}`.")
+    try:
+        return {str(key): _parse_param(str(key), spec, base) for key, spec in raw.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_space(path: Path | None, base: dict[str, Any]) -> tuple[dict[str, Param], str]:
+    """The space and its YAML text: from `path`, else the default space."""
+    if path is None:
+        return parse_space(safe_parse(DEFAULT_SPACE), base, "the default space"), DEFAULT_SPACE
+    return parse_space(read_yaml(path), base, str(path)), path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- study
+
+
+@dataclass
+class Options:
+    """What `seqtrain tune` was asked to do."""
+
+    config: Path
+    overrides: list[str]
+    trials: int
+    timeout_min: float | None = None
+    space: Path | None = None
+    storage: str | None = None
+    study: str | None = None
+    jobs: int = 1
+    pruner: Any = "median"  # a name from PRUNERS, or an optuna pruner object (Python API)
+    report: bool = True  # False in the worker processes that --jobs starts
+
+
+def _monitor(cfg: Config) -> tuple[str, Literal["maximize", "minimize"]]:
+    monitor = cfg.train.monitor if cfg.train.monitor != "auto" else ("mae" if cfg.model.task == "regression" else "accuracy")
+    return monitor, "maximize" if monitor in MAXIMIZE else "minimize"
+
+
+def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
+    import optuna
+
+    if not isinstance(pruner, str):
+        return pruner
+    if pruner == "median":  # steps are evaluation numbers: 1, 2, 3, ... of each trial
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}.{_suggest(pruner, list(PRUNERS))}")
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    import optuna
+
+    # Several processes write one SQLite file: wait for the lock instead of failing at once.
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (field 22 of /proc/PID/stat), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+
+
+def _orphaned(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose process, on this machine, is gone (killed, crashed, Ctrl-C)."""
+    owner = trial.user_attrs.get("owner") or {}
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine's trial: it may well be running
+    start = _process_start(int(owner.get("pid", 0)))
+    return start is None or start != owner.get("pid_start")
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One process of this machine at a time picks its next trial (no two resume the same one)."""
+    with open(folder / ".tune.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def next_trial(study: optuna.Study, n_trials: int, folder: Path) -> tuple[optuna.Trial | None, bool]:
+    """(trial, resumed): an orphaned RUNNING trial of this machine first, else a new one while the
+    study has fewer than `n_trials` trials; (None, False) when it is full."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with _locked(folder):
+        trials = study.get_trials(deepcopy=False)
+        for frozen in trials:
+            if frozen.state == TrialState.RUNNING and _orphaned(frozen):
+                study._storage.set_trial_user_attr(frozen._trial_id, "owner", _owner())
+                return optuna.Trial(study, frozen._trial_id), True
+        if sum(t.state != TrialState.WAITING for t in trials) >= n_trials:
+            return None, False
+        trial = study.ask()
+        trial.set_user_attr("owner", _owner())
+        return trial, False
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the trial's own progress bar and tables: tune prints one line per evaluation."""
+    saved = console.err.quiet, console.out.quiet
+    console.err.quiet = console.out.quiet = True
+    try:
+        yield
+    finally:
+        console.err.quiet, console.out.quiet = saved
+
+
+def _say(msg: str) -> None:
+    saved = console.err.quiet
+    console.err.quiet = False
+    console.info(msg)
+    console.err.quiet = saved
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], name: str, output_dir: str | None) -> Config:
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        raw = _with(raw, key, value)
+    raw["name"], raw["output_dir"] = name, output_dir
+    return from_dict(raw)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict[str, Any]) -> None:
+    """Train one trial and tell the study how it ended: COMPLETE, PRUNED or FAIL (with the error)."""
+    from optuna.trial import TrialState
+
+    from seqtrain.train import Interrupted, train
+
+    n = trial.number
+    run_dir = ctx["folder"] / f"trial-{n:04d}"
+    params = {key: p.suggest(trial, key) for key, p in ctx["space"].items()}
+    shown = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
+    monitor = ctx["monitor"]
+    evals = len(_frozen(trial).intermediate_values) if resumed else 0
+    seen: dict[str, Any] = {"step": 0, "pruned": False, "evals": evals}
+    t0 = time.perf_counter()
+
+    def should_stop(step: int, metrics: dict[str, Any]) -> bool:
+        """Report this evaluation (as evaluation number 1, 2, ...) and ask the pruner."""
+        seen["evals"] += 1
+        seen["step"] = step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a resumed trial may repeat an already reported number
+            trial.report(float(metrics[monitor]), seen["evals"])
+        seen["pruned"] = trial.should_prune()
+        _say(f"trial {n} eval {seen['evals']} (step {step:,}): {monitor} {metrics[monitor]:.4f}"
+             + ("  pruned" if seen["pruned"] else ""))
+        return bool(seen["pruned"])
+
+    try:
+        cfg = trial_config(ctx["base"], params, f"{ctx['study']}-trial-{n:04d}", str(run_dir))
+        resume = resumed and (run_dir / "last").exists()
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a trial killed before its first checkpoint starts over
+        _say(f"trial {n} {'resumed from ' + str(run_dir / 'last') if resume else 'started'}: {shown}")
+        with _quiet():
+            best = train(cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop)
+    except (Interrupted, KeyboardInterrupt):
+        raise  # the trial stays RUNNING; rerunning tune resumes it from last/
+    except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
+        error = f"{type(e).__name__}: {e}"
+        trial.set_user_attr("error", error[:2000])
+        _finish(trial, seen, t0, run_dir)
+        study.tell(trial, state=TrialState.FAIL)
+        _say(f"trial {n} failed: {error}")
+        return
+    _finish(trial, seen, t0, run_dir)
+    if seen["pruned"]:
+        study.tell(trial, state=TrialState.PRUNED)
+        _say(f"trial {n} pruned after {seen['step']:,} steps ({(time.perf_counter() - t0) / 60:.1f} min)")
+    elif not best or monitor not in best:
+        trial.set_user_attr("error", f"the run ended without an evaluation of {monitor}")
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, float(best[monitor]))
+        _say(f"trial {n} finished: {monitor} {best[monitor]:.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path) -> None:
+    """Steps trained, steps planned and seconds (added up over resumes) for the table and the savings."""
+    trial.set_user_attr("seconds", _frozen(trial).user_attrs.get("seconds", 0.0) + time.perf_counter() - t0)
+    trial.set_user_attr("steps", seen["step"])
+    with contextlib.suppress(OSError, ValueError, KeyError, yaml.YAMLError):
+        import json
+
+        spe = json.loads((run_dir / "run.json").read_text())["steps_per_epoch"]
+        t = from_dict(read_yaml(run_dir / "config.yaml")).train
+        trial.set_user_attr("planned_steps", min(t.max_steps or 10**12, t.epochs * spe))
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The stored state of a trial (its reports and attributes, also those of a previous process)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def work(study: optuna.Study, opts: Options, ctx: dict[str, Any], deadline: float | None) -> None:
+    """Run trials until the study has `opts.trials` of them or the deadline passes."""
+    while deadline is None or time.time() < deadline:
+        trial, resumed = next_trial(study, opts.trials, ctx["folder"])
+        if trial is None:
+            return
+        run_trial(study, trial, resumed, ctx)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def tune(opts: Options) -> int:
+    """`seqtrain tune`: returns the exit code (0 when the study has a completed trial)."""
+    require_optuna()
+    import optuna
+
+    from seqtrain.config import apply_overrides, load_config
+
+    started = time.time()
+    base_cfg = load_config(opts.config, opts.overrides)  # the config alone must be valid
+    base = apply_overrides(read_yaml(opts.config) or {}, list(opts.overrides))
+    space, space_text = load_space(opts.space, base)
+    if opts.trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {opts.trials}.")
+    if opts.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {opts.jobs}.")
+    pruner = make_pruner(opts.pruner)
+    study_name = opts.study or f"{base_cfg.name}-tune"
+    folder = Path("runs") / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    url = opts.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    monitor, direction = _monitor(base_cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.TPESampler(constant_liar=True)  # constant liar: parallel trials spread out
+    storage = storage_for(url)
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study {study_name!r} in {url} is set to {study.direction.name.lower()}, but this config's "
+                          f"train.monitor ({monitor}) wants {direction}: use another --study.")
+    study.set_user_attr("monitor", monitor)
+    (folder / "space.yaml").write_text(space_text, encoding="utf-8")
+    deadline = started + opts.timeout_min * 60 if opts.timeout_min else None
+    if opts.report:
+        done = len(study.get_trials(deepcopy=False))
+        console.info(f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; {monitor} ({direction}), "
+                     f"pruner {opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__}, "
+                     f"{len(space)} parameters: " + "; ".join(f"{k} {p.describe()}" for k, p in space.items()))
+    if opts.jobs > 1:
+        run_workers(opts, study_name, url, deadline)
+    else:
+        ctx = {"base": base, "space": space, "folder": folder, "study": study_name, "monitor": monitor}
+        work(study, opts, ctx, deadline)
+    if not opts.report:
+        return 0
+    return report(study, base, folder, monitor)
+
+
+def run_workers(opts: Options, study_name: str, url: str, deadline: float | None) -> None:
+    """--jobs J: J `seqtrain tune` processes on the same storage, the cores divided between them."""
+    threads = max(1, physical_cores() // opts.jobs)
+    cmd = [sys.executable, "-m", "seqtrain", "tune", str(opts.config), *opts.overrides, "--trials", str(opts.trials),
+           "--study", study_name, "--storage", url, "--jobs", "1", "--no-report", "--pruner", str(opts.pruner)]
+    if not any(o.startswith("train.num_threads=") for o in opts.overrides):
+        cmd.append(f"train.num_threads={threads}")
+    if opts.space is not None:
+        cmd += ["--space", str(opts.space)]
+    if deadline is not None:
+        cmd += ["--timeout", str(max(0.01, (deadline - time.time()) / 60))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    console.info(f"--jobs {opts.jobs}: {opts.jobs} processes with {threads} thread(s) each")
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(opts.jobs)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # each worker saves its trial's last/ and exits; a rerun resumes them
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    bad = [c for c in codes if c != 0]
+    if bad:
+        console.warn(f"{len(bad)} of {opts.jobs} worker processes exited with {', '.join(map(str, bad))}")
+
+
+def report(study: optuna.Study, base: dict[str, Any], folder: Path, monitor: str) -> int:
+    """The table of trials, best.yaml, the two figures and the steps that pruning saved."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    keys = sorted({k for t in trials for k in t.params})
+    rows = []
+    for t in trials:
+        value = t.value if t.state == TrialState.COMPLETE else (t.intermediate_values[max(t.intermediate_values)]
+                                                                if t.intermediate_values else None)
+        steps = t.user_attrs.get("steps")
+        planned = t.user_attrs.get("planned_steps")
+        rows.append([
+            f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
+            t.state.name + (f": {t.user_attrs['error'][:60]}" if "error" in t.user_attrs else ""),
+            "" if value is None else f"{value:.4f}",
+            "" if steps is None else f"{steps:,}" + (f"/{planned:,}" if planned else ""),
+            f"{t.user_attrs.get('seconds', 0.0) / 60:.1f}",
+            *(_fmt(t.params[k]) if k in t.params else "" for k in keys),
+        ])
+    short = [k.rsplit(".", 1)[-1] for k in keys]  # the last part of each key, unless two keys share it
+    names = [s if short.count(s) == 1 else k for s, k in zip(short, keys, strict=True)]
+    console.print_table(f"study {study.study_name}: {len(trials)} trials (* best)",
+                        ["trial", "state", monitor, "steps", "minutes", *names], rows)
+    trained = sum(t.user_attrs.get("steps", 0) for t in trials)
+    planned = sum(t.user_attrs.get("planned_steps", 0) for t in trials if "steps" in t.user_attrs)
+    if planned:
+        console.info(f"steps trained: {trained:,} of {planned:,} planned ({1 - trained / planned:.0%} saved by pruning and early stopping)")
+    plots(study, folder, len(complete))
+    if best is None:
+        console.error(f"no trial of study {study.study_name!r} completed; see the errors above.")
+        return 1
+    path = write_best(base, best.params, folder, study.study_name, f"{monitor} {best.value:.4f}, trial {best.number}")
+    console.info(f"best: trial {best.number}, {monitor} {best.value:.4f} ({folder / f'trial-{best.number:04d}'}); "
+                 f"its config: {path}. Train it with: seqtrain train {path}")
+    return 0
+
+
+def write_best(base: dict[str, Any], params: dict[str, Any], folder: Path, study_name: str, what: str) -> Path:
+    cfg = trial_config(base, params, f"{study_name}-best", None)
+    path = folder / "best.yaml"
+    header = (f"# Best config of study {study_name!r} ({what}), written by `seqtrain tune`.\n"
+              f"# Train it with: seqtrain train {path}\n")
+    path.write_text(header + dump_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def plots(study: optuna.Study, folder: Path, completed: int) -> None:
+    """history.png always; importances.png once two trials completed (PED-ANOVA: no scikit-learn needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    figures: list[tuple[str, Any]] = [("history.png", lambda: vis.plot_optimization_history(study))]
+    if completed >= 2 and len({k for t in study.trials for k in t.params}) >= 1:
+        figures.append(("importances.png", lambda: vis.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())))
+    for name, draw in figures:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
+                ax.figure.savefig(folder / name, dpi=100, bbox_inches="tight")
+                plt.close(ax.figure)
+            console.info(f"wrote {folder / name}")
+        except Exception as e:  # a picture is a bonus; e.g. too few trials for importances
+            console.warn(f"could not draw {folder / name}: {type(e).__name__}: {e}")
