@@ -122,6 +122,9 @@ def eval_(
             from seqtrain.report import build_report
 
             report["report"] = build_report(arrays, report, run.tokenizer, data_cfg, split_name, limit)
+            from seqtrain.explain import top_words
+
+            report["report"]["top_words"] = top_words(run, data_cfg, split_name, limit)
         if plots and arrays is not None:
             _eval_plots(run_dir, split_name if split_name != run.config.data.eval_split else None, report, arrays)
         report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if run.checkpoint.is_relative_to(run_dir.resolve()) else str(run.checkpoint)
@@ -214,6 +217,37 @@ def predict(
             console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
         if output != "-":
             console.info(f"wrote {n:,} predictions to {output}")
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+@app.command()
+def explain(
+    target: Annotated[Path, typer.Argument(help="Run directory, or an ONNX export folder (occlusion only).")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to explain.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin.")] = None,
+    label: Annotated[str | None, typer.Option(help="Explain this class's probability (default: the predicted class).")] = None,
+    method: Annotated[str, typer.Option(help="occlusion (each token made <unk>) or integrated-gradients (run directories).")] = "occlusion",
+    format: Annotated[str, typer.Option("--format", help="terminal (coloured text), jsonl (tokens with offsets and scores) or html.")] = "terminal",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write; - is stdout.")] = "-",
+    text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv / .parquet input.")] = "text",
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 256,
+    steps: Annotated[int, typer.Option(help="Integrated gradients: points on the path from the baseline.")] = 32,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
+) -> None:
+    """Which tokens drove each prediction: a score per token, with its character offsets in the input."""
+    try:
+        from seqtrain.explain import FORMATS, METHODS, explain_command
+
+        if method not in METHODS or format not in FORMATS:
+            raise _fail(f"--method must be one of {', '.join(METHODS)} and --format one of {', '.join(FORMATS)}.", 2)
+        if (texts is not None and texts != []) == (input is not None):
+            raise _fail("give texts as arguments, or --input FILE (- for stdin): one of them.", 2)
+        if batch_size < 1 or steps < 1:
+            raise _fail("--batch-size and --steps must be at least 1.", 2)
+        explain_command(target, texts or [], input, label, method, format, output, text_column=text_column,
+                        checkpoint=checkpoint, batch_size=batch_size, steps=steps, strict=strict)
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 

@@ -7,7 +7,7 @@ Human output (progress, tables, messages) goes to stderr so that stdout stays cl
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -135,6 +135,48 @@ def print_report(report: dict[str, Any]) -> None:
     if "ece" in report:
         line += f"; expected calibration error {report['ece']:.4f}"
     out.print(line)
+    if "top_words" in report:
+        print_top_words(report["top_words"])
+
+
+def print_attributions(text: str, spans: list[tuple[int, int, float]], header: str, file: IO[str] | None = None) -> None:
+    """`seqtrain explain --format terminal`: a header line, then the text with each scored token on a
+    background that is green (for the explained label) or red (against), the stronger the larger
+    |score| relative to the text's largest. Written to stdout, or as plain text to `file`."""
+    from rich.color import Color
+    from rich.style import Style
+    from rich.text import Text
+
+    console = out if file is None else Console(file=file, highlight=False, width=100)
+    body = Text(text)  # Text(), not markup: brackets in a review stay text
+    top = max((abs(s) for _, _, s in spans), default=0.0) or 1.0
+    for start, end, score in spans:
+        w = min(1.0, abs(score) / top)
+        if w < 0.1:
+            continue
+        far = (0, 160, 0) if score >= 0 else (215, 0, 0)
+        rgb = [round(255 + (c - 255) * w) for c in far]  # from white towards green or red
+        body.stylize(Style(color="black", bgcolor=Color.from_rgb(*rgb), bold=w > 0.6), start, end)
+    console.print(escape(header), style="dim")
+    console.print(body)
+    console.print()
+
+
+def print_top_words(top: dict[str, Any]) -> None:
+    """`eval --report`: per class, the words whose occlusion moves the model most toward it."""
+    table = Table(title=f"words with the largest mean {top['method']} score per class "
+                        f"(first {top['texts']:,} texts, words seen {top['min_count']}+ times)")
+    names = list(top["by_class"])
+    for name in names:
+        table.add_column(escape(name))
+    depth = max((len(v) for v in top["by_class"].values()), default=0)
+    for i in range(depth):
+        cells = []
+        for name in names:
+            rows = top["by_class"][name]
+            cells.append(escape(f"{rows[i]['word']} {rows[i]['mean']:+.3f} ({rows[i]['n']})") if i < len(rows) else "")
+        table.add_row(*cells)
+    out.print(table)
 
 
 def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
