@@ -296,6 +296,31 @@ def export(
 
 
 @app.command()
+def serve(
+    target: Annotated[Path, typer.Argument(help="Run directory (torch), or an ONNX export folder (onnxruntime, no torch).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Texts in one forward pass, from one or several requests.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting text waits for others to join its batch.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(help="Texts waiting for the model; a request that would exceed it gets 503 with Retry-After.")] = 1024,
+    max_texts: Annotated[int, typer.Option(help="Texts in one request; more get 413.")] = 256,
+    max_bytes: Annotated[int, typer.Option(help="Bytes in one request body; more get 413.")] = 1_000_000,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint of a run directory: best or last.")] = "best",
+    grace_s: Annotated[int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")] = 30,
+) -> None:
+    """Serve predictions over HTTP: POST /predict, GET /health /ready /info /metrics, and a page at / to try the model."""
+    try:
+        try:
+            from seqtrain.serve import ServeOptions
+            from seqtrain.serve import serve as run_server
+        except ImportError as e:
+            raise _fail(f"`seqtrain serve` needs the serve extra ({e.name} is not installed): pip install 'seqtrain[serve]'", 1) from None
+        run_server(target, ServeOptions(host, port, max_batch_size, max_wait_ms, max_queue, max_texts, max_bytes, checkpoint, grace_s))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+
+
+@app.command()
 def init(
     data: Annotated[str, typer.Argument(help="Hub id, local dataset folder, or data files (.parquet/.csv/.jsonl/.txt).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("config.yaml"),

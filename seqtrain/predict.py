@@ -180,6 +180,23 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
             yield text, row.get(id_column)
 
 
+def to_record(labels: Labels, text: str, probs: np.ndarray, top_k: int | None = None,
+              threshold: float | None = None) -> dict[str, Any]:
+    """What `predict` writes for one text (and `serve` answers): {"text", "label", "probs"[, "top_k"]} or {"text", "score"}."""
+    names = labels.names
+    record: dict[str, Any] = {"text": text}
+    if labels.task == "regression":
+        record["score"] = round(float(probs[0]), 6)
+        return record
+    k = int(probs.argmax()) if threshold is None else int(probs[1] >= threshold)
+    record["label"] = names[k]
+    record["probs"] = {name: round(float(p), 6) for name, p in zip(names, probs, strict=True)}
+    if top_k:
+        order = probs.argsort()[::-1][:top_k]
+        record["top_k"] = [{"label": names[j], "prob": round(float(probs[j]), 6)} for j in order]
+    return record
+
+
 def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,
                       threshold: float | None = None, batch_size: int = 256, chunk: int = 2048) -> int:
     """Predict in input order and write JSONL or CSV as results come; returns the count.
@@ -207,16 +224,7 @@ def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], 
                 head = ["score"] if regression else ["label", *(f"prob_{name}" for name in names)]
                 writer.writerow((["id"] if with_id else []) + ["text", *head])
         record: dict[str, Any] = {"id": id_} if with_id else {}
-        record["text"] = text
-        if regression:
-            record["score"] = round(float(probs[0]), 6)
-        else:
-            k = int(probs.argmax()) if threshold is None else int(probs[1] >= threshold)
-            record["label"] = names[k]
-            record["probs"] = {name: round(float(p), 6) for name, p in zip(names, probs, strict=True)}
-            if top_k:
-                order = probs.argsort()[::-1][:top_k]
-                record["top_k"] = [{"label": names[j], "prob": round(float(probs[j]), 6)} for j in order]
+        record.update(to_record(run.labels, text, probs, top_k, threshold))
         if writer:
             row = [record["id"]] if with_id else []
             row += [text, record["score"]] if regression else [text, record["label"], *(f"{p:.6f}" for p in probs)]

@@ -1,0 +1,550 @@
+"""`seqtrain serve TARGET`: a long-lived HTTP server that loads the model once and batches requests.
+
+    POST /predict   {"texts": [...]} -> {"predictions": [...]}; {"text": "..."} -> one prediction;
+                    optional "top_k". Each prediction is exactly the line `seqtrain predict` writes.
+    GET  /health    liveness: the process answers
+    GET  /ready     200 once the model is loaded and warmed up, 503 before and while shutting down
+    GET  /info      labels, task, checkpoint and step, max_length, limits and versions
+    GET  /metrics   Prometheus text: requests by endpoint and status, latency, texts per forward
+                    pass, texts waiting
+    GET  /          a page to try the model
+
+Micro-batching: request handlers put their texts in one bounded queue; a single batcher task takes
+up to `max_batch_size` texts, waiting at most `max_wait_ms` after the oldest one arrived, and runs
+them through `predict.predict_stream` and `predict.to_record` (the code path of `seqtrain predict`:
+the same encoding, the same length-sorted batches, the same rounding) on one worker thread, while
+the event loop keeps accepting requests. Each request gets back only its own results, in order.
+
+Overload and bad input answer with a JSON error ({"error": message, "status": code}) and touch no
+other request: a full queue is 503 with Retry-After (so memory stays flat under a flood), too many
+texts or bytes is 413, a body that is not UTF-8 (or holds lone surrogates) is 400, a body that is
+not JSON or has the wrong shape is 422. SIGTERM or Ctrl-C stop accepting connections, let the
+requests in flight finish (up to `grace_s`), and the command exits 0.
+
+TARGET is a run directory (torch) or an ONNX export folder (onnxruntime; torch is never imported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import platform
+import re
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from seqtrain import __version__
+from seqtrain.errors import CheckpointError, ConfigError
+from seqtrain.predict import Predictor, predict_stream, to_record
+
+ENDPOINTS = ("/", "/predict", "/health", "/ready", "/info", "/metrics")
+REQUEST_KEYS = ("text", "texts", "top_k")
+
+
+@dataclass
+class ServeOptions:
+    """What `seqtrain serve` takes besides TARGET (its --options, same names)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the one chosen is printed)
+    max_batch_size: int = 64  # texts in one forward pass
+    max_wait_ms: float = 2.0  # how long the oldest waiting text may wait for others to join its batch
+    max_queue: int = 1024  # texts waiting for the model; a request that would overflow it gets 503
+    max_texts: int = 256  # texts in one request; more: 413
+    max_bytes: int = 1_000_000  # bytes in one request body; more: 413
+    checkpoint: str = "best"  # of a run directory: best or last
+    grace_s: int = 30  # after SIGTERM, how long the requests in flight get to finish
+    log_level: str = "info"
+
+    def check(self) -> None:
+        """Raise ConfigError (exit code 2) naming the first option out of range."""
+        problems = [
+            (not 0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}."),
+            (self.max_batch_size < 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}."),
+            (not 0 <= self.max_wait_ms <= 10_000, f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}."),
+            (self.max_texts < 1, f"--max-texts must be at least 1, got {self.max_texts}."),
+            (self.max_queue < self.max_texts,
+             f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), or a full-size request could never fit."),
+            (self.max_bytes < 16, f"--max-bytes must be at least 16, got {self.max_bytes}."),
+            (self.checkpoint not in ("best", "last"), f"--checkpoint must be 'best' or 'last', got {self.checkpoint!r}."),
+            (self.grace_s < 0, f"--grace-s must be at least 0, got {self.grace_s}."),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
+
+
+class ApiError(Exception):
+    """An answer other than 200: becomes {"error": message, "status": status}."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def load_target(target: Path, checkpoint: str = "best") -> tuple[Predictor, list[str]]:
+    """A run directory on torch, or an ONNX export folder on onnxruntime (torch never imported)."""
+    from seqtrain.exported import is_export_folder, load_exported_run
+
+    if not is_export_folder(target):
+        from seqtrain.inference import load_run
+
+        return load_run(target, checkpoint)
+    if checkpoint != "best":
+        raise ConfigError("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.")
+    return load_exported_run(target), []
+
+
+def describe(run: Predictor, target: Path, opts: ServeOptions) -> dict[str, Any]:
+    """What GET /info answers."""
+    ckpt = getattr(run, "checkpoint", None)  # inference.Run: the checkpoint folder
+    backend = "torch" if ckpt is not None else "onnxruntime"
+    name = ckpt.name if isinstance(ckpt, Path) else None
+    if name is None:
+        with contextlib.suppress(OSError, ValueError):
+            name = json.loads((target / "export.json").read_text()).get("checkpoint")
+    step = re.search(r"(\d+)$", name or "")
+    versions = {"seqtrain": __version__, "python": platform.python_version()}
+    for package in (backend, "fastapi", "uvicorn"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    data = run.config.data
+    return {
+        "target": str(target), "backend": backend, "task": run.labels.task, "labels": run.labels.names,
+        "checkpoint": name, "step": int(step.group(1)) if step else None,
+        "max_length": data.max_length, "truncation": data.truncation,
+        "limits": {k: v for k, v in asdict(opts).items() if k.startswith("max_")}, "versions": versions,
+    }
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus series in a registry of their own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("seqtrain_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("seqtrain_request_seconds", "Time from request to response, by endpoint.", ["endpoint"], registry=r,
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
+        self.batch = Histogram("seqtrain_batch_texts", "Texts in each forward pass (micro-batch size).", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.queue = Gauge("seqtrain_queue_texts", "Texts waiting for the model.", registry=r)
+        self.texts = Counter("seqtrain_texts", "Texts predicted.", registry=r)
+
+
+class Instrument:
+    """ASGI middleware: count every HTTP answer by endpoint and status, and time it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"  # bounded label values
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- micro-batching
+
+
+@dataclass
+class Job:
+    texts: list[str]
+    top_k: int | None
+    future: asyncio.Future[list[str]]
+    arrived: float  # loop.time()
+
+
+@dataclass
+class Batcher:
+    """Coalesces the texts of concurrent requests into forward passes on one worker thread."""
+
+    run: Predictor
+    opts: ServeOptions
+    metrics: Metrics
+    jobs: deque[Job] = field(default_factory=deque)
+    waiting: int = 0  # texts in `jobs`
+    closing: bool = False
+    ready: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="seqtrain-serve"))
+
+    def submit(self, texts: list[str], top_k: int | None) -> asyncio.Future[list[str]]:
+        """Queue a request's texts; its future gets one JSON line per text, in order."""
+        if self.closing or not self.ready:
+            raise ApiError(503, "the server is " + ("shutting down." if self.closing else "starting."), {"Retry-After": "1"})
+        if self.waiting + len(texts) > self.opts.max_queue:
+            raise ApiError(503, f"the queue is full ({self.waiting} of {self.opts.max_queue} texts waiting); retry shortly.",
+                           {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[str]] = loop.create_future()
+        self.jobs.append(Job(texts, top_k, future, loop.time()))
+        self._count(len(texts))
+        self.wake.set()
+        return future
+
+    def _count(self, n: int) -> None:
+        self.waiting += n
+        self.metrics.queue.set(self.waiting)
+
+    async def warm_up(self) -> None:
+        """One forward pass before /ready says yes: the first real request pays no lazy initialisation."""
+        await asyncio.get_running_loop().run_in_executor(self.pool, lambda: list(predict_stream(self.run, ["warm up"])))
+        self.ready = True
+
+    async def loop(self) -> None:
+        """Until close(): take the oldest jobs as one batch, run it, hand each job its results."""
+        loop = asyncio.get_running_loop()
+        while self.jobs or not self.closing:
+            if not self.jobs:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            deadline = self.jobs[0].arrived + self.opts.max_wait_ms / 1000
+            while self.waiting < self.opts.max_batch_size and not self.closing and (left := deadline - loop.time()) > 0:
+                self.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), left)
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _take(self) -> list[Job]:
+        """The oldest jobs up to max_batch_size texts (a bigger request goes alone); drops abandoned ones."""
+        batch: list[Job] = []
+        n = 0
+        while self.jobs and (not batch or n + len(self.jobs[0].texts) <= self.opts.max_batch_size):
+            job = self.jobs.popleft()
+            self._count(-len(job.texts))
+            if not job.future.done():  # a client that went away was cancelled
+                batch.append(job)
+                n += len(job.texts)
+        return batch
+
+    async def _run(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        results: list[list[str] | None]
+        try:
+            results = list(await loop.run_in_executor(self.pool, self.forward, batch))
+        except Exception:
+            if len(batch) == 1:
+                results = [None]
+            else:  # again one job at a time: only the request that breaks the model fails
+                results = [await loop.run_in_executor(self.pool, self._forward_alone, job) for job in batch]
+        for job, lines in zip(batch, results, strict=True):
+            if job.future.done():
+                continue
+            if lines is None:
+                job.future.set_exception(ApiError(500, "the model failed on this request's texts."))
+            else:
+                job.future.set_result(lines)
+
+    def _forward_alone(self, job: Job) -> list[str] | None:
+        try:
+            return self.forward([job])[0]
+        except Exception:
+            return None
+
+    def forward(self, batch: list[Job]) -> list[list[str]]:
+        """On the worker thread: predict's code path on all the batch's texts, split back per job."""
+        texts = [t for job in batch for t in job.texts]
+        self.metrics.batch.observe(len(texts))
+        rows = iter(predict_stream(self.run, texts, chunk=len(texts), batch_size=self.opts.max_batch_size))
+        out = []
+        for job in batch:
+            out.append([json.dumps(to_record(self.run.labels, text, probs, job.top_k)) for text, probs in
+                        (next(rows) for _ in job.texts)])
+        self.metrics.texts.inc(len(texts))
+        return out
+
+    async def close(self, task: asyncio.Task[None]) -> None:
+        """Stop taking requests, finish the queued ones, stop the worker."""
+        self.closing = True
+        self.wake.set()
+        await task
+        self.pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"the request body has {int(declared):,} bytes; the limit is {max_bytes:,} (--max-bytes).")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body without Content-Length is cut off at the limit too
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"the request body has more than {max_bytes:,} bytes (--max-bytes).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes, max_texts: int) -> tuple[list[str], int | None, bool]:
+    """(texts, top_k, whether one "text" was sent) from a /predict body, or ApiError 400/413/422."""
+    try:
+        decoded = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start}).") from None
+    try:
+        obj = json.loads(decoded)
+    except ValueError as e:
+        raise ApiError(422, f"the request body is not JSON: {e}.") from None
+    shape = 'send {"texts": ["...", ...]} or {"text": "..."}, with an optional "top_k": K'
+    if not isinstance(obj, dict):
+        raise ApiError(422, f"the request body is {json_type(obj)}, not an object; {shape}.")
+    if unknown := sorted(set(obj) - set(REQUEST_KEYS)):
+        raise ApiError(422, f"unknown key(s) {', '.join(map(repr, unknown))}; {shape}.")
+    if ("text" in obj) == ("texts" in obj):
+        raise ApiError(422, f"give exactly one of 'text' and 'texts'; {shape}.")
+    single = "text" in obj
+    texts = [obj["text"]] if single else obj["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(422, f"'texts' must be a non-empty list of strings; {shape}.")
+    if len(texts) > max_texts:
+        raise ApiError(413, f"{len(texts):,} texts in one request; the limit is {max_texts:,} (--max-texts).")
+    for i, text in enumerate(texts):
+        where = "'text'" if single else f"texts[{i}]"
+        if not isinstance(text, str):
+            raise ApiError(422, f"{where} is {json_type(text)}, not a string.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not valid Unicode.") from None
+    top_k = obj.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ApiError(422, f"'top_k' must be a positive integer, got {json.dumps(top_k)}.")
+    return texts, top_k, single
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), "null")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status, headers)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(run: Predictor, opts: ServeOptions, target: Path) -> FastAPI:
+    """The ASGI app around a loaded model (uvicorn runs it; the tests run it in a thread)."""
+    metrics = Metrics()
+    info = describe(run, target, opts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher = Batcher(run, opts, metrics)  # created inside the server's event loop
+        app.state.batcher = batcher
+        await batcher.warm_up()
+        task = asyncio.create_task(batcher.loop())
+        yield
+        await batcher.close(task)
+
+    app = FastAPI(title="seqtrain", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.add_middleware(Instrument, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), dict(e.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(422, str(e.errors()))
+
+    @app.post("/predict", summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` writes')
+    async def predict(request: Request) -> Response:
+        texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
+        lines = await request.app.state.batcher.submit(texts, top_k)
+        return Response(lines[0] if single else '{"predictions": [' + ", ".join(lines) + "]}", media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        batcher = request.app.state.batcher
+        if batcher.ready and not batcher.closing:
+            return JSONResponse({"status": "ready"})
+        return error_response(503, "shutting down" if batcher.closing else "loading", {"Retry-After": "1"})
+
+    @app.get("/info")
+    async def info_() -> dict[str, Any]:
+        return info
+
+    @app.get("/metrics")
+    async def metrics_() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    return app
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM or SIGINT it shut down on gracefully is not raised
+    again afterwards (uvicorn >= 0.29 re-raises it, so the process would die by the signal)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything else, so a busy port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror}.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(run: Predictor, opts: ServeOptions, target: Path) -> Server:
+    app = create_app(run, opts, target)
+    return Server(uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="on",
+                                 timeout_graceful_shutdown=opts.grace_s))
+
+
+def serve(target: Path, opts: ServeOptions) -> None:
+    """Load TARGET, serve it until SIGTERM or Ctrl-C, finish the requests in flight, return."""
+    from seqtrain import console
+
+    opts.check()
+    sock = listen(opts.host, opts.port)
+    run, warnings = load_target(target, opts.checkpoint)
+    for w in warnings:
+        console.warn(w)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    console.info(f"listening on {url}: {target} (POST /predict, a page at /); SIGTERM or Ctrl-C stops")
+    make_server(run, opts, target).run(sockets=[sock])
+    console.info("stopped")
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>seqtrain</title>
+<style>
+  body { font: 16px/1.45 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  h1 { font-size: 1.3rem; } h1 small { color: #777; font-weight: normal; font-size: .85rem; }
+  textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
+  button { font: inherit; padding: .35rem 1.2rem; margin-top: .5rem; }
+  #label { font-size: 1.4rem; font-weight: 600; min-height: 2rem; }
+  .row { display: grid; grid-template-columns: 8rem 1fr 4.5rem; gap: .5rem; align-items: center; margin: .2rem 0; }
+  .track { background: #eee; height: 1rem; border-radius: 3px; overflow: hidden; }
+  .fill { background: #4a7bd0; height: 100%; } .top .fill { background: #2c9a5a; }
+  .num { text-align: right; font-variant-numeric: tabular-nums; } #error { color: #b00020; }
+</style>
+</head>
+<body>
+<h1>seqtrain <small id="model"></small></h1>
+<form id="form">
+  <textarea id="text" rows="4" placeholder="Type a sentence, e.g. a gorgeous, witty film" required></textarea>
+  <button id="submit" type="submit">Predict</button>
+</form>
+<p id="label" aria-live="polite"></p>
+<div id="bars"></div>
+<p id="error" role="alert"></p>
+<script>
+const $ = (id) => document.getElementById(id);
+fetch("info").then((r) => r.json()).then((i) => {
+  $("model").textContent = `${i.task}: ${i.labels.join(", ") || "score"} (${i.backend}, ${i.checkpoint || ""})`;
+});
+function bar(name, p, top) {
+  const row = document.createElement("div"); row.className = "row" + (top ? " top" : "");
+  const label = document.createElement("span"); label.textContent = name;
+  const track = document.createElement("div"); track.className = "track";
+  const fill = document.createElement("div"); fill.className = "fill"; fill.style.width = (100 * p).toFixed(1) + "%";
+  const num = document.createElement("span"); num.className = "num"; num.textContent = p.toFixed(3);
+  track.append(fill); row.append(label, track, num); return row;
+}
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("error").textContent = "";
+  const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
+                                    body: JSON.stringify({text: $("text").value})});
+  const d = await r.json();
+  if (!r.ok) { $("error").textContent = d.error; return; }
+  if ("score" in d) { $("label").textContent = "score " + d.score; $("bars").replaceChildren(); return; }
+  $("label").textContent = d.label;
+  $("bars").replaceChildren(...Object.entries(d.probs).map(([name, p]) => bar(name, p, name === d.label)));
+});
+</script>
+</body>
+</html>
+"""

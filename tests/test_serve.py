@@ -1,0 +1,327 @@
+"""`seqtrain serve`: real HTTP against a real server on a free 127.0.0.1 port, over a tiny run trained on
+real SST-2 rows. The server runs in a thread of this process (uvicorn, the app `serve` builds), or, for
+SIGTERM, as `python -m seqtrain serve` in a subprocess. Every request loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seqtrain.cli import app
+from seqtrain.config import to_dict
+from tests.conftest import REAL_DATA, tiny_config
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+import httpx
+
+from seqtrain.serve import ServeOptions, listen, load_target, make_server
+
+runner = CliRunner()
+SST2 = REAL_DATA / "sst2"
+pytestmark = pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/sst2 or data/sst2")
+LIMITS = {"max_texts": 64, "max_bytes": 20_000, "max_batch_size": 32, "max_wait_ms": 20.0}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bidirectional GRU trained for 60 steps on 2,000 SST-2 rows (a few seconds), through the CLI."""
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = tiny_config(SST2, tmp / "run", data={"text_column": "sentence", "label_names": ["negative", "positive"],
+                                                "max_train_examples": 2000, "max_eval_examples": 200},
+                      tokenizer={"vocab_size": 3000}, model={"bidirectional": True, "pooling": "max"},
+                      train={"max_steps": 60, "eval_every": 0})
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    result = runner.invoke(app, ["train", str(tmp / "tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def sst2_texts(n: int, start: int = 0) -> list[str]:
+    rows = pq.read_table(SST2 / "validation-00000-of-00001.parquet").column("sentence").to_pylist()
+    return rows[start : start + n]
+
+
+def edge_texts() -> list[str]:
+    """Texts of every kind: empty, one (unknown) token, non-ASCII, newlines, past max_length (64)."""
+    return ["", "great", "zxqv unheard-of wordz", "café – naïve 😀 film", "first line\nsecond line",
+            " ".join(["a gorgeous , witty film"] * 30)]
+
+
+def predict_cli(target: Path, texts: list[str], *extra: str) -> list[dict[str, Any]]:
+    result = runner.invoke(app, ["predict", str(target), *texts, *extra])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@contextmanager
+def serving(target: Path, **options: Any) -> Iterator[str]:
+    """The server `seqtrain serve` runs, in a thread of this process, on a free port; yields its URL."""
+    opts = ServeOptions(port=0, log_level="warning", **options)
+    opts.check()
+    sock = listen(opts.host, 0)
+    run, _ = load_target(target)
+    server = make_server(run, opts, target)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def url(run_dir: Path) -> Iterator[str]:
+    with serving(run_dir, **LIMITS) as u:
+        yield u
+
+
+def post(url: str, body: Any, **kwargs: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + "/predict", content=content, timeout=30, **kwargs)
+
+
+async def post_all(url: str, bodies: list[Any]) -> list[httpx.Response]:
+    """All the requests at once, each on its own connection."""
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        return await asyncio.gather(*(client.post("/predict", json=body) for body in bodies))
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of /metrics, e.g. 'seqtrain_requests_total{endpoint="/predict",status="413"}' (0 when absent)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found = re.search("^" + re.escape(name) + r" (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+# --------------------------------------------------------------------------- the answers
+
+
+def test_predict_answers_exactly_what_seqtrain_predict_writes(run_dir: Path, url: str) -> None:
+    texts = sst2_texts(50) + edge_texts()
+    # the same texts in the same length-sorted batches (max_batch_size 32 = --batch-size 32): bit for bit
+    expected = predict_cli(run_dir, texts, "--batch-size", "32")
+    got = post(url, {"texts": texts})
+    assert got.status_code == 200 and got.headers["content-type"] == "application/json"
+    assert got.json() == {"predictions": expected}
+    with_top = predict_cli(run_dir, texts[:5], "--top-k", "1", "--batch-size", "32")
+    assert post(url, {"texts": texts[:5], "top_k": 1}).json()["predictions"] == with_top
+    # {"text": ...} answers the line itself, byte for byte
+    cli = runner.invoke(app, ["predict", str(run_dir), texts[0]])
+    assert post(url, {"text": texts[0]}).text == cli.stdout.strip()
+
+
+def test_concurrent_requests_are_batched_together_and_each_gets_its_own_results(run_dir: Path, url: str) -> None:
+    pool = sst2_texts(120, start=100)
+    # 24 requests of 1 to 9 texts of different lengths, all at once
+    bodies = [{"texts": pool[5 * i : 5 * i + 1 + i % 9]} for i in range(24)]
+    expected = {r["text"]: r for r in predict_cli(run_dir, [t for b in bodies for t in b["texts"]])}
+    forward_passes = metric(url, "seqtrain_batch_texts_count")
+    responses = asyncio.run(post_all(url, bodies))
+    assert [r.status_code for r in responses] == [200] * 24
+    for body, response in zip(bodies, responses, strict=True):
+        got = response.json()["predictions"]
+        assert [g["text"] for g in got] == body["texts"]  # its own texts, in its order
+        for g in got:
+            # batched with other requests' texts, a row can differ in the last float bits (~3e-8), never more
+            assert g["probs"] == pytest.approx(expected[g["text"]]["probs"], abs=2e-6)
+            if abs(g["probs"]["positive"] - 0.5) > 1e-5:
+                assert g["label"] == expected[g["text"]]["label"]
+    passes = metric(url, "seqtrain_batch_texts_count") - forward_passes
+    assert 1 <= passes < 24, f"{passes} forward passes for 24 concurrent requests: nothing was batched"
+
+
+BAD = [  # (body, status, words in the message)
+    (b'{"texts": ["unclosed"', 422, "not JSON"),
+    (b'["a list"]', 422, "is an array, not an object"),
+    (b'{"texts": "a string"}', 422, "non-empty list"),
+    (b'{"texts": []}', 422, "non-empty list"),
+    (b'{"texts": ["fine", 3]}', 422, "texts[1] is a number, not a string"),
+    (b'{"text": null}', 422, "'text' is null, not a string"),
+    (b'{"text": "a", "texts": ["b"]}', 422, "exactly one"),
+    (b'{"txt": "typo"}', 422, "unknown key(s) 'txt'"),
+    (b'{"text": "a", "top_k": 0}', 422, "'top_k' must be a positive integer"),
+    (b'{"text": "a", "top_k": true}', 422, "'top_k'"),
+    (b'{"text": "a", "top_k": "2"}', 422, "'top_k'"),
+    (b'{"text": "caf\xe9"}', 400, "not valid UTF-8"),
+    (b'{"text": "\\ud800 lone surrogate"}', 400, "lone surrogate"),
+    (json.dumps({"texts": ["x"] * 65}).encode(), 413, "65 texts"),
+    (json.dumps({"text": "x" * 20_001}).encode(), 413, "limit is 20,000"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), BAD, ids=[f"{s}-{w}" for _, s, w in BAD])
+def test_bad_input_gets_a_json_error_and_leaves_the_server_working(url: str, body: bytes, status: int, words: str) -> None:
+    before = metric(url, f'seqtrain_requests_total{{endpoint="/predict",status="{status}"}}')
+    got = post(url, body)
+    assert got.status_code == status
+    assert got.json()["status"] == status and words in got.json()["error"], got.json()
+    assert metric(url, f'seqtrain_requests_total{{endpoint="/predict",status="{status}"}}') == before + 1
+    assert post(url, {"text": "still fine"}).status_code == 200
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off(url: str) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server counts what arrives
+        yield b'{"text": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    got = httpx.post(url + "/predict", content=chunks(), timeout=30)
+    assert got.status_code == 413 and "more than 20,000 bytes" in got.json()["error"]
+
+
+def test_other_paths_and_methods_answer_json_too(url: str) -> None:
+    assert httpx.get(url + "/nowhere").json() == {"error": "Not Found", "status": 404}
+    got = httpx.get(url + "/predict")
+    assert got.status_code == 405 and got.json()["status"] == 405
+
+
+def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
+    # room for 4 texts; the batcher holds them for 1 s (max_wait_ms) hoping for more; 12 requests of 2 texts
+    with serving(run_dir, max_queue=4, max_texts=4, max_wait_ms=1000.0, max_batch_size=64) as u:
+        bodies = [{"texts": [f"request {i}", "the same second text"]} for i in range(12)]
+        with ThreadPoolExecutor(1) as ex:
+            flood = ex.submit(asyncio.run, post_all(u, bodies))
+            deadline = time.monotonic() + 10
+            while metric(u, 'seqtrain_requests_total{endpoint="/predict",status="503"}') < 10:
+                assert time.monotonic() < deadline, "no 503s"
+                time.sleep(0.02)
+            assert metric(u, "seqtrain_queue_texts") == 4  # the two accepted requests wait, nothing else
+            responses = flood.result(timeout=30)
+        codes = [r.status_code for r in responses]
+        assert sorted(codes) == [200] * 2 + [503] * 10, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and "queue is full" in r.json()["error"]
+            else:
+                assert [p["text"] for p in r.json()["predictions"]] == json.loads(r.request.content)["texts"]
+        assert post(u, {"texts": ["after the flood", "it drains"]}).status_code == 200
+
+
+# --------------------------------------------------------------------------- the other endpoints
+
+
+def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None:
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/ready").json() == {"status": "ready"}
+    info = httpx.get(url + "/info").json()
+    best = (run_dir / "best").resolve().name  # step-00000060
+    assert info["labels"] == ["negative", "positive"] and info["task"] == "classification"
+    assert info["checkpoint"] == best and info["step"] == int(best.split("-")[1]) and info["max_length"] == 64
+    assert info["backend"] == "torch" and {"seqtrain", "torch", "fastapi", "uvicorn"} <= set(info["versions"])
+    assert info["limits"]["max_texts"] == 64
+    post(url, {"texts": ["one", "two", "three"]})
+    metrics = httpx.get(url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for series in ('seqtrain_requests_total{endpoint="/predict",status="200"}', 'seqtrain_request_seconds_bucket{endpoint="/predict",le="0.1"}',
+                   'seqtrain_batch_texts_bucket{le="4.0"}', "seqtrain_queue_texts", "seqtrain_texts_total"):
+        assert metric(url, series) > 0 or series == "seqtrain_queue_texts", series
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<textarea id="text"' in page.text and 'fetch("predict"' in page.text
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_serve_without_the_extra_says_how_to_install_it(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi raises ImportError
+    monkeypatch.delitem(sys.modules, "seqtrain.serve")
+    result = runner.invoke(app, ["serve", str(run_dir)])
+    assert result.exit_code == 1 and "pip install 'seqtrain[serve]'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_refuses_bad_options_and_a_busy_port(run_dir: Path) -> None:
+    for args, words in ((["--max-batch-size", "0"], "--max-batch-size"), (["--max-queue", "4"], "--max-queue (4)"),
+                        (["--checkpoint", "worst"], "--checkpoint")):
+        result = runner.invoke(app, ["serve", str(run_dir), *args])
+        assert result.exit_code == 2 and words in result.output, result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = runner.invoke(app, ["serve", str(run_dir), "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 1 and "cannot listen on 127.0.0.1" in result.output
+    result = runner.invoke(app, ["serve", str(run_dir.parent / "nope"), "--port", "0"])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(run_dir: Path) -> Path:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from seqtrain.export import export_run
+
+    export_run(run_dir, "onnx", run_dir.parent / "onnx")
+    return run_dir.parent / "onnx"
+
+
+@pytest.mark.parametrize("kind", ["run", "onnx"])
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(kind: str, run_dir: Path, request: pytest.FixtureRequest) -> None:
+    target = run_dir if kind == "run" else request.getfixturevalue("onnx_dir")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0", "--max-wait-ms", "1500"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", lines[-1] if lines else "")):
+            lines.append(proc.stderr.readline())
+            assert lines[-1] and len(lines) < 20, lines  # the address comes first, or after a few warnings
+        u = f"http://127.0.0.1:{found.group(1)}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(u + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not become ready"
+            time.sleep(0.05)
+        if kind == "onnx" and sys.platform == "linux":  # the ONNX folder runs on onnxruntime alone
+            assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        texts = sst2_texts(3)
+        with ThreadPoolExecutor(1) as ex:
+            in_flight = ex.submit(post, u, {"texts": texts})  # waits 1.5 s in the batcher for company
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            answer = in_flight.result(timeout=30)
+        assert answer.status_code == 200
+        assert [p["text"] for p in answer.json()["predictions"]] == texts
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(u + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if kind == "onnx":
+        expected = predict_cli(target, texts, "--batch-size", "64")
+        assert answer.json()["predictions"] == expected
