@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -367,8 +368,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
     params = {key: p.suggest(trial, key) for key, p in ctx["space"].items()}
     shown = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in params.items())
     monitor = ctx["monitor"]
-    evals = len(_frozen(trial).intermediate_values) if resumed else 0
-    seen: dict[str, Any] = {"step": 0, "pruned": False, "evals": evals}
+    seen: dict[str, Any] = {"step": 0, "pruned": False, "evals": 0}
     t0 = time.perf_counter()
 
     def should_stop(step: int, metrics: dict[str, Any]) -> bool:
@@ -385,8 +385,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
 
     try:
         cfg = trial_config(ctx["base"], params, f"{ctx['study']}-trial-{n:04d}", str(run_dir))
-        resume = resumed and (run_dir / "last").exists()
-        if not resume:
+        resume = resumed and (run_dir / "last" / "state.json").exists()
+        if resume:
+            seen["evals"] = _backfill(trial, run_dir, cfg.data.eval_split, monitor)
+        else:
             shutil.rmtree(run_dir, ignore_errors=True)  # a trial killed before its first checkpoint starts over
         _say(f"trial {n} {'resumed from ' + str(run_dir / 'last') if resume else 'started'}: {shown}")
         with _quiet():
@@ -412,13 +414,28 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         _say(f"trial {n} finished: {monitor} {best[monitor]:.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
+def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> int:
+    """A resumed trial: report the evaluations its run logged up to last/ (its process may have died
+    between logging one and reporting it); returns how many there were."""
+    last = json.loads((run_dir / "last" / "state.json").read_text())["step"]
+    values: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line torn by the kill
+            record = json.loads(line)
+            if record.get("split") == split and record["step"] <= last and monitor in record:
+                values[record["step"]] = float(record[monitor])
+    reported = _frozen(trial).intermediate_values
+    for number, step in enumerate(sorted(values), 1):
+        if number not in reported:
+            trial.report(values[step], number)
+    return len(values)
+
+
 def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path) -> None:
     """Steps trained, steps planned and seconds (added up over resumes) for the table and the savings."""
     trial.set_user_attr("seconds", _frozen(trial).user_attrs.get("seconds", 0.0) + time.perf_counter() - t0)
     trial.set_user_attr("steps", seen["step"])
     with contextlib.suppress(OSError, ValueError, KeyError, yaml.YAMLError):
-        import json
-
         spe = json.loads((run_dir / "run.json").read_text())["steps_per_epoch"]
         t = from_dict(read_yaml(run_dir / "config.yaml")).train
         trial.set_user_attr("planned_steps", min(t.max_steps or 10**12, t.epochs * spe))

@@ -1,0 +1,175 @@
+"""`seqtrain tune`: a tiny study on a real SST-2 slice end to end (two processes on one SQLite study),
+kill and rerun, pruning that stops a trial early, failed trials, and space validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seqtrain.cli import app
+from seqtrain.config import load_config
+from tests.conftest import REAL_DATA, ROOT
+
+optuna = pytest.importorskip("optuna")
+runner = CliRunner()
+
+pytestmark = pytest.mark.skipif(not (REAL_DATA / "sst2").is_dir(), reason="needs the SST-2 data (make data)")
+
+# Tiny GRUs on the first 800 SST-2 sentences: a trial takes about a second.
+BASE = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"path": str(REAL_DATA / "sst2"), "text_column": "sentence", "max_length": 32, "chunk_size": 256,
+             "num_workers": 0, "max_train_examples": 800, "max_eval_examples": 200},
+    "tokenizer": {"vocab_size": 2000, "min_frequency": 1},
+    "model": {"cell": "gru", "embedding_dim": 16, "hidden_size": 16},
+    "train": {"batch_size": 32, "epochs": 1, "max_steps": 24, "eval_every": 8, "lr": 0.01, "log_every": 8, "num_threads": 1},
+}
+SPACE = """\
+train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}
+model.cell: [gru, rnn]
+model.hidden_size: {low: 8, high: 24, step: 8}
+"""
+
+
+def _setup(tmp: Path, monkeypatch: pytest.MonkeyPatch, space: str = SPACE, **train: int) -> tuple[str, str]:
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = {**BASE, "train": {**BASE["train"], **train}}
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp / "space.yaml").write_text(space)
+    return "base.yaml", "space.yaml"
+
+
+def _trials(tmp: Path, study: str = "tiny-tune") -> list[optuna.trial.FrozenTrial]:
+    url = f"sqlite:///{tmp / 'runs' / study / 'study.db'}"
+    return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+
+
+def _evals(run_dir: Path) -> list[int]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["step"] for x in lines if x["split"] == "validation"]
+
+
+def test_tiny_study_with_two_processes_and_its_best_config_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, space = _setup(tmp_path, monkeypatch)
+    result = runner.invoke(app, ["tune", config, "--trials", "3", "--space", space, "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    trials = _trials(tmp_path)
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert all(t.state.name == "COMPLETE" for t in trials), [(t.state, t.user_attrs) for t in trials]
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2  # both processes of --jobs 2 ran trials
+    folder = tmp_path / "runs" / "tiny-tune"
+    for t in trials:  # each trial is an ordinary run
+        run = folder / f"trial-{t.number:04d}"
+        assert (run / "best").exists() and _evals(run) == [8, 16, 24]
+        assert load_config(run / "config.yaml").model.hidden_size == t.params["model.hidden_size"]
+        assert list(t.intermediate_values) == [1, 2, 3]
+    for name in ("best.yaml", "history.png", "importances.png", "space.yaml"):
+        assert (folder / name).stat().st_size > 0, name
+    assert "tiny-tune: 3 trials" in result.output and "best: trial" in result.output
+    best = max(trials, key=lambda t: t.value)
+    cfg = load_config(folder / "best.yaml")
+    assert (cfg.train.lr, cfg.model.cell, cfg.model.hidden_size) == (
+        best.params["train.lr"], best.params["model.cell"], best.params["model.hidden_size"])
+    trained = runner.invoke(app, ["train", str(folder / "best.yaml")])
+    assert trained.exit_code == 0, trained.output
+    assert (tmp_path / "runs" / "tiny-tune-best" / "best").exists()
+
+
+def test_killed_study_continues_without_losing_or_repeating_a_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, space = _setup(tmp_path, monkeypatch, epochs=2, max_steps=40)
+    folder = tmp_path / "runs" / "tiny-tune"
+    cmd = [sys.executable, "-m", "seqtrain", "tune", config, "--trials", "2", "--space", space, "--pruner", "none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (folder / "trial-0001" / "last").exists():  # trial 1 has written its first checkpoint
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.state.name for t in _trials(tmp_path)}
+    assert before == {0: "COMPLETE", 1: "RUNNING"}, before
+    first = (folder / "trial-0000" / "metrics.jsonl").read_bytes()
+
+    result = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space, "--pruner", "none"])
+    assert result.exit_code == 0, result.output
+    trials = _trials(tmp_path)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert "trial 1 resumed from" in result.output and "trial 0 started" not in result.output
+    assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
+    assert _evals(folder / "trial-0001") == [8, 16, 24, 32, 40]  # continued from its checkpoint, each eval once
+    assert list(trials[1].intermediate_values) == [1, 2, 3, 4, 5]  # every evaluation reported once
+    again = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
+    assert again.exit_code == 0 and len(_trials(tmp_path)) == 2  # a full study runs nothing more
+
+
+def test_pruned_trial_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqtrain.tune import Options, tune
+
+    config, space = _setup(tmp_path, monkeypatch)
+    # Accuracy can never reach 1.01: the pruner stops the trial at its first evaluation.
+    code = tune(Options(Path(config), [], trials=1, space=Path(space), pruner=optuna.pruners.ThresholdPruner(lower=1.01)))
+    assert code == 1  # no trial completed
+    (trial,) = _trials(tmp_path)
+    assert trial.state.name == "PRUNED" and trial.user_attrs["steps"] == 8 < trial.user_attrs["planned_steps"] == 24
+    run = tmp_path / "runs" / "tiny-tune" / "trial-0000"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8 and _evals(run) == [8]
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, space = _setup(tmp_path, monkeypatch, space="model.pretrained_embeddings: [null, /nonexistent/vectors.txt]\n")
+    (tmp_path / "runs" / "tiny-tune").mkdir(parents=True)
+    study = optuna.create_study(study_name="tiny-tune", direction="maximize",
+                                storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-tune' / 'study.db'}")
+    study.enqueue_trial({"model.pretrained_embeddings": "/nonexistent/vectors.txt"})  # fails inside train()
+    study.enqueue_trial({"model.pretrained_embeddings": None})
+    result = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
+    assert result.exit_code == 0, result.output
+    failed, done = _trials(tmp_path)
+    assert failed.state.name == "FAIL" and "vectors.txt" in failed.user_attrs["error"]
+    assert done.state.name == "COMPLETE"
+    assert "trial 0 failed" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("model.hiden_size: {low: 8, high: 16}\n", "Did you mean 'model.hidden_size'?"),
+    ("train.lr: {low: 1.0e-3, hihg: 1.0e-2}\n", "Did you mean 'high'?"),
+    ("model.cell: [lstm, gur]\n", "Did you mean 'gru'?"),
+    ("model.dropout: {low: 0.1, high: 1.5}\n", "model.dropout must be in [0, 1)"),
+    ("model.cell: {low: 1, high: 2}\n", "give a list of choices"),
+    ("name: [a, b]\n", "tune sets it"),
+])
+def test_bad_space_fails_with_exit_code_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, message: str) -> None:
+    config, path = _setup(tmp_path, monkeypatch, space=space)
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--space", path])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_default_space_is_valid_and_typed() -> None:
+    from seqtrain.tune import load_space
+
+    space, _ = load_space(None, {})
+    assert space["train.lr"].kind == "float" and space["train.lr"].log
+    assert space["model.hidden_size"].kind == "int" and space["model.cell"].kind == "categorical"
+
+
+def test_without_optuna_tune_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _ = _setup(tmp_path, monkeypatch)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
+    result = runner.invoke(app, ["tune", config, "--trials", "1"])
+    assert result.exit_code == 1 and "pip install 'seqtrain[tune]'" in result.output
+    assert "Traceback" not in result.output
