@@ -353,6 +353,7 @@ def tune(
     study: Annotated[str | None, typer.Option(help="Study name and folder runs/<study> (default: <name>-tune).")] = None,
     jobs: Annotated[int, typer.Option(help="Trials at once on this machine, the cores divided between them.")] = 1,
     pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    seed: Annotated[int | None, typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process.")] = None,
     no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:
     """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN, bad ones pruned early;
@@ -361,7 +362,7 @@ def tune(
         from seqtrain.tune import Options
         from seqtrain.tune import tune as run_tune
 
-        code = run_tune(Options(config, overrides or [], trials, timeout, space, storage, study, jobs, pruner, not no_report))
+        code = run_tune(Options(config, overrides or [], trials, timeout, space, storage, study, jobs, pruner, not no_report, seed))
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:

@@ -251,6 +251,7 @@ class Options:
     jobs: int = 1
     pruner: Any = "median"  # a name from PRUNERS, or an optuna pruner object (Python API)
     report: bool = True  # False in the worker processes that --jobs starts
+    seed: int | None = None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
 
 
 def _monitor(cfg: Config) -> tuple[str, Literal["maximize", "minimize"]]:
@@ -485,10 +486,11 @@ def tune(opts: Options) -> int:
     monitor, direction = _monitor(base_cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(constant_liar=True)  # constant liar: parallel trials spread out
     storage = storage_for(url)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=direction, load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner, direction=direction, load_if_exists=True)
+    # constant liar: trials running in parallel spread out instead of sampling the same region
+    seed = None if opts.seed is None else opts.seed + len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(constant_liar=True, seed=seed)
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {study_name!r} in {url} is set to {study.direction.name.lower()}, but this config's "
                           f"train.monitor ({monitor}) wants {direction}: use another --study.")
@@ -523,7 +525,8 @@ def run_workers(opts: Options, study_name: str, url: str, deadline: float | None
         cmd += ["--timeout", str(max(0.01, (deadline - time.time()) / 60))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     console.info(f"--jobs {opts.jobs}: {opts.jobs} processes with {threads} thread(s) each")
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(opts.jobs)]
+    seeds = [[] if opts.seed is None else ["--seed", str(opts.seed + 1000 * i)] for i in range(opts.jobs)]
+    procs = [subprocess.Popen(cmd + seed, env=env) for seed in seeds]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:  # each worker saves its trial's last/ and exits; a rerun resumes them
