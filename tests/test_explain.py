@@ -252,6 +252,22 @@ def test_top_words_per_class_in_eval_report(run: Run, run_dir: Path) -> None:
     assert {"bad", "worst", "dull", "boring", "no", "not", "too", "mess"} & set(neg)
     assert not set(pos) & set(neg)
     assert all(r["mean"] > 0 and r["n"] >= 3 for rows in top["by_class"].values() for r in rows)
+    assert 1 <= top_words(run, run.config.data, "validation", max_texts=400, max_cost=3000)["texts"] < 100  # the cost cap
     result = runner.invoke(app, ["eval", str(run_dir), "--report", "--json", "--limit", "300"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["report"]["top_words"]["by_class"]) == {"negative", "positive"}
+
+
+def test_bench_table_goes_between_the_markers_and_the_prose_stays(tmp_path: Path) -> None:
+    from bench.explain import BEGIN, HEADING, write_between_markers
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Other\n\nkept\n", encoding="utf-8")
+    write_between_markers(path, "| table 1 |")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks\n\n## Other\n\nkept\n") and HEADING in text and "| table 1 |" in text
+    path.write_text(text.replace(BEGIN, "a note by hand\n\n" + BEGIN) + "\nafter the table\n", encoding="utf-8")
+    write_between_markers(path, "| table 2 |")
+    text = path.read_text(encoding="utf-8")
+    assert "| table 2 |" in text and "| table 1 |" not in text and text.count(BEGIN) == 1
+    assert "a note by hand" in text and text.rstrip().endswith("after the table") and "kept" in text
