@@ -271,3 +271,27 @@ def test_bench_table_goes_between_the_markers_and_the_prose_stays(tmp_path: Path
     text = path.read_text(encoding="utf-8")
     assert "| table 2 |" in text and "| table 1 |" not in text and text.count(BEGIN) == 1
     assert "a note by hand" in text and text.rstrip().endswith("after the table") and "kept" in text
+
+
+def test_regression_explains_the_score(tmp_path: Path) -> None:
+    """A regression run: scores are changes of the predicted score in the target's units (stars)."""
+    from seqtrain.train import train
+    from tests.conftest import write_hub_folder
+    from tests.test_tasks import rated_rows
+
+    data = write_hub_folder(tmp_path / "rated", {"train": rated_rows(800, 0), "validation": rated_rows(100, 1)})
+    train(tiny_config(data, tmp_path / "run", data={"label_column": "stars"},
+                      model={"task": "regression", "regression_head": "distribution"}, train={"epochs": 2}))
+    reg = load_run(tmp_path / "run")[0]
+    texts = ["the film was superb and brilliant", "dreadful plot , awful actors"]
+    for ex in explain_texts(reg, texts):
+        ids = ex.encoded.ids
+        before, after = reg.probs([ids, [UNK_ID, *ids[1:]]], 2)[:, 0]
+        assert ex.probs.shape == (1,) and ex.scores[0] == pytest.approx(before - after, abs=1e-5)
+    encoded = encode_with_offsets(reg.tokenizer, texts, reg.config.data)
+    scores, ends = integrated_gradients(reg, encoded, [0, 0], steps=64)
+    np.testing.assert_allclose([s.sum() for s in scores], ends[:, 0] - ends[:, 1], atol=0.05)  # stars
+    rows = explain_cli(str(tmp_path / "run"), *texts)
+    assert [r["explained"] for r in rows] == ["score", "score"] and rows[0]["score"] > rows[1]["score"]
+    result = runner.invoke(app, ["explain", str(tmp_path / "run"), "good", "--label", "5"])
+    assert result.exit_code == 2 and "regression" in result.output
