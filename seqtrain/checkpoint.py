@@ -8,26 +8,38 @@
 
 A checkpoint folder is written under a temporary name, every file fsynced, then renamed into
 place; `last` and `best` are symlinks replaced with os.replace. A kill at any moment leaves the
-previous checkpoint whole. manifest.json holds the SHA-256 of every file, checked on load.
-Tensors are safetensors and everything else JSON: nothing is unpickled.
+previous checkpoint whole. A step saved twice (an evaluation, then a signal or the end of
+training) goes to a new folder, step-00000123-1, so no link ever points at a folder being
+replaced. manifest.json holds the SHA-256 and size of every file, checked on load, and weights
+that are not finite are refused. Tensors are safetensors and everything else JSON: nothing is
+unpickled.
+
+A run directory is locked (flock on run_dir/.lock) for as long as one process trains in it;
+the kernel drops the lock when that process dies, however it dies. Taking the lock also removes
+what killed saves left behind (.tmp-step-* folders, temporary links and files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from seqtrain.errors import CheckpointError
+from seqtrain.errors import CheckpointError, ConfigError
 
 FORMAT = 1
+REQUIRED_FILES = ("model.safetensors", "state.json")
+_STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?")
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -122,12 +134,16 @@ def save(
     training continues from (model is then their moving average).
     """
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
+    resave = 0
+    while final.exists():  # same step saved twice: a new folder, so `last`/`best` never point at a missing one
+        resave += 1
+        final = ckpt_root / f"step-{step:08d}-{resave}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
         files: dict[str, bytes | None] = {}
         for name, module in (("model.safetensors", model), ("train-model.safetensors", train_model)):
@@ -154,31 +170,48 @@ def save(
         with open(tmp / "manifest.json", "rb+") as f:
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # same step saved twice (eval then end of training): replace it whole
-            old = ckpt_root / f".old-step-{step:08d}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"could not write checkpoint step {step} in {ckpt_root}: {e.strerror or e}. "
+            f"could not write checkpoint step {step} in {ckpt_root}: {_reason(e)}. "
             "The previous checkpoint is untouched."
         ) from None
-    _link(run_dir, "last", final)
-    if best:
-        _link(run_dir, "best", final)
+    try:
+        _link(run_dir, "last", final)
+        if best:
+            _link(run_dir, "best", final)
+    except OSError as e:
+        raise CheckpointError(
+            f"wrote {final} but could not point last/best at it: {_reason(e)}. They still point at the previous checkpoint."
+        ) from None
     _prune(run_dir, keep_last)
     return final
+
+
+def _reason(e: BaseException) -> str:
+    """An OSError's text, or safetensors' `IoError(Os { code: 28, ... message: "No space left on device" })`."""
+    if isinstance(e, OSError):
+        return str(e.strerror or e)
+    found = re.search(r'message: "([^"]+)"', str(e))
+    return found.group(1) if found else str(e)
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """checkpoints/step-* folders, oldest first (step-00000010 before its re-save step-00000010-1)."""
+    found = []
+    for p in (run_dir / "checkpoints").glob("step-*"):
+        m = _STEP_DIR.fullmatch(p.name)
+        if m:
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found)]
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints plus whatever `last` and `best` point at."""
     keep = {(run_dir / name).resolve() for name in ("last", "best") if (run_dir / name).exists()}
-    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    steps = step_dirs(run_dir)
     keep.update(p.resolve() for p in steps[-keep_last:])
     for p in steps:
         if p.resolve() not in keep:
@@ -197,7 +230,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete.") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{manifest_path} is unreadable: {e}") from None
-    for name, entry in manifest.get("files", {}).items():
+    for name, entry in _manifest_files(manifest, manifest_path).items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint.")
@@ -206,12 +239,45 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
+def _manifest_files(manifest: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """manifest["files"], checked to be {file name: {"sha256": hex, "bytes": int}} naming at least the
+    weights and state.json: a manifest of another shape would verify nothing."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is malformed: {what}; refusing a checkpoint it cannot vouch for.")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"it holds a {type(manifest).__name__}, not a JSON object with a 'files' key")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("no 'files' object (file name -> sha256 and bytes)" if files is None else "'files' is not an object")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise bad(f"'files' does not list {name}")
+    for name, entry in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise bad(f"{name!r} is not a file name")
+        if not isinstance(entry, dict):
+            raise bad(f"the entry of {name} is not an object")
+        if not isinstance(entry.get("sha256"), str):
+            raise bad(f"the entry of {name} has no 'sha256' string")
+        if isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int):
+            raise bad(f"the entry of {name} has no 'bytes' integer")
+    return files
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors only: a pickle (or anything else) is refused, never executed."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to load it.") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{path} holds non-finite values (NaN or inf) in {name!r}: training diverged before this save, or the "
+                "file was altered. Refusing to load it (its predictions would be NaN); use another checkpoint or retrain."
+            )
+    return tensors
 
 
 def load(ckpt: Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -231,10 +297,16 @@ def find(run_dir: Path, which: str = "best", fallback: bool = True) -> tuple[Pat
     """The checkpoint `which` points at, verified; if it is damaged, the newest good one (with warnings)."""
     warnings: list[str] = []
     candidates: list[Path] = []
-    for name in (which, "last", "best"):
-        if (run_dir / name).exists():
-            candidates.append((run_dir / name).resolve())
-    candidates += sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
+    for name in dict.fromkeys((which, "last", "best")):
+        link = run_dir / name
+        if link.exists():
+            candidates.append(link.resolve())
+        elif link.is_symlink() and name == which:  # a dangling link: its checkpoint was removed
+            msg = f"{link} points at {os.readlink(link)}, which is missing."
+            if not fallback:
+                raise CheckpointError(msg)
+            warnings.append(f"{msg} Falling back to an older checkpoint.")
+    candidates += [p.resolve() for p in reversed(step_dirs(run_dir))]
     seen: set[Path] = set()
     for ckpt in candidates:
         if ckpt in seen:
@@ -250,3 +322,76 @@ def find(run_dir: Path, which: str = "best", fallback: bool = True) -> tuple[Pat
     if not candidates:
         raise CheckpointError(f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain train CONFIG.")
     raise CheckpointError(f"no intact checkpoint in {run_dir}: " + " ".join(warnings))
+
+
+# --------------------------------------------------------------------------- the run directory's lock
+
+_HELD: dict[Path, IO[str]] = {}  # run directories this process has locked, with the open lock file
+
+
+def _seqtrain_made(run_dir: Path) -> bool:
+    return (run_dir / ".lock").exists() or (run_dir / "run.json").is_file()
+
+
+def lock_run_dir(run_dir: Path, fresh: bool) -> list[str]:
+    """Lock run_dir for this process until it exits; return the stale temporary files it removed.
+
+    A second process is refused while the first runs; a lock left by a process that died is free
+    (flock locks die with their process). A fresh run refuses a non-empty folder that seqtrain did
+    not create (output_dir=. next to the user's own files).
+    """
+    key = run_dir.resolve()
+    if key in _HELD:
+        return []
+    if fresh and run_dir.is_dir() and any(run_dir.iterdir()) and not _seqtrain_made(run_dir):
+        names = sorted(p.name for p in run_dir.iterdir())
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ConfigError(
+            f"output_dir {str(run_dir)!r} is a folder seqtrain did not create and it is not empty ({shown}); training "
+            "would overwrite files there. Pick a new or empty folder (output_dir=... or name=...)."
+        )
+    if not fresh and not run_dir.is_dir():
+        return []  # nothing to resume: the caller says so
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the life of the process
+    except OSError as e:
+        raise CheckpointError(f"cannot create the run directory {run_dir}: {_reason(e)}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise CheckpointError(
+            f"{run_dir} is in use by another seqtrain process (pid {pid}, holding {run_dir / '.lock'}): two runs in one "
+            "folder would mix their files. Wait for it to finish, or pick another output_dir."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[key] = f
+    return clean_stale(run_dir)
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    f = _HELD.pop(run_dir.resolve(), None)
+    if f is not None:
+        f.close()
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove what killed saves leave: checkpoints/.tmp-step-* and .old-step-* folders, temporary links
+    and files (.last.tmp-PID, .config.yaml.tmp-PID). Only call it holding the run's lock."""
+    removed = []
+    stale = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".old-step-*"),
+             *run_dir.glob(".*.tmp-*")]
+    for p in stale:
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(str(p.relative_to(run_dir)))
+    return sorted(removed)

@@ -244,6 +244,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
         torch.use_deterministic_algorithms(True)
+    if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
+        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume):
+            console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None)
     workers = resolve_workers(cfg.data.num_workers)
 
@@ -541,4 +544,5 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     except Exception as e:
         console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
     console.info(f"run directory: {run_dir}  (best: {run_dir / 'best'}, last: {run_dir / 'last'})")
+    checkpoint.unlock_run_dir(run_dir)
     return best
