@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import os
 import textwrap
 import types
@@ -336,11 +337,13 @@ def _coerce(value: Any, tp: Any, where: str, help_: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
+        if not math.isfinite(value):  # .nan, .inf: no setting means "not a number" or "infinite"
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -370,8 +373,34 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights, 16 GB with AdamW's state and the gradients
+
+
+def estimate_parameters(cfg: Config) -> int:
+    """About how many weights the model has: embeddings plus the recurrent layers (the head is small)."""
+    m = cfg.model
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[m.cell] * (2 if m.bidirectional else 1)
+    first = gates * m.hidden_size * (m.embedding_dim + m.hidden_size + 2)
+    later = gates * m.hidden_size * (m.hidden_size * (2 if m.bidirectional else 1) + m.hidden_size + 2)
+    return cfg.tokenizer.vocab_size * m.embedding_dim + first + (m.num_layers - 1) * later
+
+
+def _check_name(name: str) -> None:
+    """`name` becomes runs/<name>: one plain folder name, printable."""
+    if not name.strip():
+        raise ConfigError(f"name must not be empty (got {name!r}): the run directory is runs/<name>.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(f"name {name!r} holds control characters (a newline, a tab, ...); use a plain folder name.")
+    if "/" in name or "\\" in name or name.strip() in (".", ".."):
+        raise ConfigError(
+            f"name {name!r} must be a plain folder name (no / or \\, not . or ..): the run directory is runs/<name>. "
+            "To write elsewhere, set output_dir."
+        )
+
+
 def _check_values(cfg: Config) -> None:
     """Range checks that a type alone cannot express."""
+    _check_name(cfg.name)
     positive = {
         "data.max_length": cfg.data.max_length,
         "data.chunk_size": cfg.data.chunk_size,
@@ -427,6 +456,19 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {n}.")
     if cfg.data.label_names is not None and len(set(cfg.data.label_names)) != len(cfg.data.label_names):
         raise ConfigError(f"data.label_names has duplicates: {cfg.data.label_names}.")
+    if cfg.data.label_names is not None and len(cfg.data.label_names) < 2 and cfg.model.task == "classification":
+        raise ConfigError(
+            f"data.label_names must name two or more classes, got {cfg.data.label_names}; remove the key (or set it to "
+            "null) to take the class names from the data."
+        )
+    n_params = estimate_parameters(cfg)
+    if n_params > MAX_PARAMETERS:
+        m = cfg.model
+        raise ConfigError(
+            f"model.hidden_size {m.hidden_size}, model.embedding_dim {m.embedding_dim}, model.num_layers {m.num_layers} "
+            f"and tokenizer.vocab_size {cfg.tokenizer.vocab_size} give about {n_params:.3g} parameters "
+            f"({n_params * 16 / 1e9:,.0f} GB to train with AdamW); the limit is {MAX_PARAMETERS:.0e}. Make them smaller."
+        )
     regression_metrics = {"mae", "rmse", "r2", "spearman"}
     if cfg.model.task == "classification" and cfg.train.monitor in regression_metrics:
         raise ConfigError(f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss.")
@@ -469,7 +511,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; errors name the file and the key."""
     raw = read_yaml(Path(path))
     if raw is None:
-        raw = {}
+        raise ConfigError(
+            f"{path} is empty: a config needs at least data.path (an empty file would train every default on data/sst2). "
+            "Start from one in configs/, or run `seqtrain init DATA`."
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values (name:, data:, model:, ...).")
     raw = apply_overrides(raw, overrides or [])

@@ -310,6 +310,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
+    if t.warmup_steps > total_steps:
+        console.warn(f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): the learning rate "
+                     f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}.")
     s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0,
                          "world": world}
     ema_weights = None
