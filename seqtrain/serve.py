@@ -460,7 +460,9 @@ class Server(uvicorn.Server):
 def listen(host: str, port: int) -> socket.socket:
     """Bind before loading anything else, so a busy port is a one-line error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a keep-alive
+    # response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

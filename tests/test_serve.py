@@ -243,6 +243,14 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     for series in ('seqtrain_requests_total{endpoint="/predict",status="200"}', 'seqtrain_request_seconds_bucket{endpoint="/predict",le="0.1"}',
                    'seqtrain_batch_texts_bucket{le="4.0"}', "seqtrain_queue_texts", "seqtrain_texts_total"):
         assert metric(url, series) > 0 or series == "seqtrain_queue_texts", series
+    with httpx.Client(base_url=url) as keep_alive:  # one connection
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            keep_alive.post("/predict", json={"text": "a gorgeous, witty film"})
+            times.append(time.perf_counter() - start)
+    # without TCP_NODELAY on the server's sockets each answer waits ~40 ms for the client's delayed ACK
+    assert sorted(times)[4] < 0.03, times
     page = httpx.get(url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<textarea id="text"' in page.text and 'fetch("predict"' in page.text
