@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test lint bench bench-scale clean
+.PHONY: install data demo test lint bench bench-scale clean bench-serve
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install data
 
 bench-scale: install data
 	$(BIN)/python -m bench.scale
+
+# seqtrain serve under 1, 8 and 64 concurrent clients, beside the batched forward pass alone (bench/serve.py)
+bench-serve: install data
+	test -d runs/quickstart || $(BIN)/seqtrain train configs/quickstart.yaml
+	$(BIN)/python -m bench.serve runs/quickstart
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
