@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -210,4 +211,8 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         table.add_column(escape(col), justify="left" if i in (0, 1) else "right", overflow="fold")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
-    err.print(table)
+    if err.is_terminal or err.quiet:
+        err.print(table)
+    else:  # a log file: as wide as the table needs (else 80 columns, and each cell wraps)
+        need = Measurement.get(err, err.options.update(width=1000), table).maximum
+        Console(stderr=True, highlight=False, width=max(err.width, need)).print(table)

@@ -403,7 +403,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         study.tell(trial, state=TrialState.FAIL)
         _say(f"trial {n} failed: {error}")
         return
-    _finish(trial, seen, t0, run_dir)
+    planned = _finish(trial, seen, t0, run_dir)
+    if seen["pruned"] and planned is not None and seen["step"] >= planned:
+        seen["pruned"] = False  # "prune" at the last evaluation: the run is complete, keep its result
     if seen["pruned"]:
         study.tell(trial, state=TrialState.PRUNED)
         _say(f"trial {n} pruned after {seen['step']:,} steps ({(time.perf_counter() - t0) / 60:.1f} min)")
@@ -432,14 +434,18 @@ def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> i
     return len(values)
 
 
-def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path) -> None:
-    """Steps trained, steps planned and seconds (added up over resumes) for the table and the savings."""
+def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path) -> int | None:
+    """Steps trained, steps planned and seconds (added up over resumes) for the table and the savings;
+    returns the steps planned."""
     trial.set_user_attr("seconds", _frozen(trial).user_attrs.get("seconds", 0.0) + time.perf_counter() - t0)
     trial.set_user_attr("steps", seen["step"])
     with contextlib.suppress(OSError, ValueError, KeyError, yaml.YAMLError):
         spe = json.loads((run_dir / "run.json").read_text())["steps_per_epoch"]
         t = from_dict(read_yaml(run_dir / "config.yaml")).train
-        trial.set_user_attr("planned_steps", min(t.max_steps or 10**12, t.epochs * spe))
+        planned = min(t.max_steps or 10**12, t.epochs * spe)
+        trial.set_user_attr("planned_steps", planned)
+        return planned
+    return None
 
 
 def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
