@@ -108,6 +108,8 @@ def eval_(
 
         if checkpoint not in ("best", "last"):
             raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
+        if limit is not None and limit < 1:
+            raise _fail(f"--limit must be at least 1, got {limit}.", 2)
         run, warnings = load_run(run_dir, checkpoint)
         for w in warnings:
             console.warn(w)
@@ -129,7 +131,9 @@ def eval_(
             _eval_plots(run_dir, split_name if split_name != run.config.data.eval_split else None, report, arrays)
         report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if run.checkpoint.is_relative_to(run_dir.resolve()) else str(run.checkpoint)
         report["data"] = data_cfg.path
-        write_json_atomic(run_dir / f"eval-{split_name}.json", report)
+        saved = run_dir / eval_file_name(split_name, data, checkpoint, limit)
+        write_json_atomic(saved, report)
+        console.info(f"wrote {saved}")
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")
         else:
@@ -138,6 +142,21 @@ def eval_(
                 console.print_report(report["report"])
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
+
+
+def eval_file_name(split: str, data: str | None, checkpoint: str, limit: int | None) -> str:
+    """eval-<split>.json is the training run's summary; an evaluation on other data, another checkpoint
+    or part of the split gets its own name (eval-validation-last-limit100.json), so it never replaces it."""
+    import re
+
+    parts = [f"eval-{split}"]
+    if data is not None:
+        parts.append("data-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", data).strip("_.")[-60:] or "x"))
+    if checkpoint != "best":
+        parts.append(checkpoint)
+    if limit is not None:
+        parts.append(f"limit{limit}")
+    return "-".join(parts) + ".json"
 
 
 def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], arrays: dict[str, Any]) -> None:
@@ -176,7 +195,14 @@ def predict(
     try:
         from seqtrain import console
         from seqtrain.exported import is_export_folder, load_exported_run
-        from seqtrain.predict import Predictor, read_dataset, read_inputs, write_predictions
+        from seqtrain.predict import (
+            Predictor,
+            check_output,
+            open_output,
+            read_dataset,
+            read_inputs,
+            write_predictions,
+        )
 
         fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
         if fmt not in ("jsonl", "csv"):
@@ -185,6 +211,9 @@ def predict(
             raise _fail("give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.", 2)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
+        if batch_size < 1 or (top_k is not None and top_k < 1):
+            raise _fail(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}.", 2)
+        check_output(output)
         run: Predictor
         warnings: list[str] = []
         if is_export_folder(run_dir):  # torch is never imported on this path
@@ -200,13 +229,14 @@ def predict(
         if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):
             raise _fail("--threshold applies to binary classification only.", 2)
         bad: list[str] = []
+        blank: list[int] = []
         if data is not None:
-            records = read_dataset(run.config.data, data, split, text_column, id_column)
+            records = read_dataset(run.config.data, data, split, text_column, id_column, bad)
         elif input is not None:
-            records = read_inputs(input, text_column, id_column, bad, strict)
+            records = read_inputs(input, text_column, id_column, bad, strict, blank)
         else:
             records = ((t, None) for t in texts or [])
-        sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        sink = sys.stdout if output == "-" else open_output(output)
         try:
             chunk = 4 * batch_size if input == "-" else max(2048, 4 * batch_size)  # stdin: answer sooner
             n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk)
@@ -215,6 +245,9 @@ def predict(
                 sink.close()
         if bad:
             console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        if blank:
+            console.warn(f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
+                         f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line.")
         if output != "-":
             console.info(f"wrote {n:,} predictions to {output}")
     except SeqtrainError as e:

@@ -4,8 +4,10 @@ The model behind it is a `Predictor`: a trained run on torch (inference.Run) or 
 folder on onnxruntime (exported.ExportedRun, no torch import). This module imports neither.
 
 Inputs: stdin or .txt (a line each), .jsonl, .csv, .parquet, or a dataset (Hub id, folder, files).
-Malformed lines (not UTF-8, not JSON, no text) are reported with their line numbers and skipped,
-or stop everything with `strict`. An `id` column is carried through when present.
+Malformed lines (not UTF-8, not JSON, no text, a CSV row with more or fewer fields than its
+header) are reported with their line numbers and skipped, or stop everything with `strict`. Blank
+lines of stdin and .txt are predicted as empty texts, so the output keeps one line per input line;
+their line numbers are reported too. An `id` column is carried through when present.
 """
 
 from __future__ import annotations
@@ -90,9 +92,12 @@ def _decoded_lines(raw: IO[bytes], bad: list[str], strict: bool) -> Iterator[tup
             _bad(bad, f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})", strict)
 
 
-def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], strict: bool = False) -> Iterator[Record]:
+def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], strict: bool = False,
+                blank: list[int] | None = None) -> Iterator[Record]:
     """Stream (text, id) from stdin (-) or a .txt, .jsonl, .csv or .parquet file."""
     suffix = Path(path).suffix.lower() if path != "-" else ".txt"
+    if path != "-" and Path(path).is_dir():
+        raise SeqtrainError(f"--input {path!r} is a folder; give a file (.txt, .jsonl, .csv, .parquet) or - for stdin.")
     if path != "-" and not Path(path).is_file():
         raise SeqtrainError(f"--input {path!r} does not exist.")
     if suffix == ".parquet":
@@ -117,10 +122,11 @@ def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], str
                     continue
                 yield text, obj.get(id_column) if isinstance(obj, dict) else None
         else:
-            for _, line in lines:
+            for n, line in lines:  # blank lines too: the output keeps one line per input line
                 line = line.rstrip("\r\n")
-                if line.strip():
-                    yield line, None
+                if not line.strip() and blank is not None:
+                    blank.append(n)
+                yield line, None
     finally:
         if raw is not sys.stdin.buffer:
             raw.close()
@@ -138,7 +144,12 @@ def _read_csv(path: str, lines: Iterator[tuple[int, str]], text_column: str, id_
     reader = csv.DictReader(text_lines(), delimiter=delimiter)
     if reader.fieldnames is None or text_column not in reader.fieldnames:
         raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
+    width = len(reader.fieldnames)
     for row in reader:
+        fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+        if fields != width:  # a ragged row: which field is the text is anyone's guess
+            _bad(bad, f"line {current[0]}: {fields} fields, the header has {width}", strict)
+            continue
         text = row.get(text_column)
         if not text or not text.strip():
             _bad(bad, f"line {current[0]}: empty {text_column!r}", strict)
@@ -166,7 +177,8 @@ def _read_parquet(path: str, text_column: str, id_column: str, bad: list[str], s
             yield text, id_
 
 
-def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_column: str) -> Iterator[Record]:
+def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_column: str,
+                 bad: list[str] | None = None) -> Iterator[Record]:
     """Stream (text, id) from a split of a dataset, as training would read it."""
     from seqtrain.data import open_split
 
@@ -174,10 +186,12 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
     columns = list(ds.column_names or [])
     if columns and text_column not in columns:
         raise DataError(f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column.")
-    for row in ds:
+    for n, row in enumerate(ds, 1):
         text = row.get(text_column)
         if isinstance(text, str) and text.strip():
             yield text, row.get(id_column)
+        elif bad is not None:
+            bad.append(f"row {n}: empty or null {text_column!r}")
 
 
 def to_record(labels: Labels, text: str, probs: np.ndarray, top_k: int | None = None,
@@ -195,6 +209,25 @@ def to_record(labels: Labels, text: str, probs: np.ndarray, top_k: int | None = 
         order = probs.argsort()[::-1][:top_k]
         record["top_k"] = [{"label": names[j], "prob": round(float(probs[j]), 6)} for j in order]
     return record
+
+
+def check_output(output: str) -> None:
+    """Fail before any work when --output cannot be written: a folder, or a file in a missing folder."""
+    if output == "-":
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise SeqtrainError(f"--output {output!r} is a folder; give a file name, e.g. {str(path / 'predictions.jsonl')!r}.")
+    if not path.parent.is_dir():
+        raise SeqtrainError(f"--output {output!r}: the folder {str(path.parent)!r} does not exist; create it first.")
+
+
+def open_output(output: str) -> IO[str]:
+    check_output(output)
+    try:
+        return open(output, "w", encoding="utf-8", newline="")
+    except OSError as e:
+        raise SeqtrainError(f"cannot write --output {output!r}: {e.strerror or e}") from None
 
 
 def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,

@@ -44,7 +44,7 @@ def test_eval_tables(trained: Path) -> None:
     result = runner.invoke(app, ["eval", str(trained), "--split", "train", "--limit", "100"])
     assert result.exit_code == 0, result.output
     assert "confusion matrix" in result.stdout and "negative" in result.stdout
-    assert (trained / "eval-train.json").exists()
+    assert (trained / "eval-train-limit100.json").exists()  # a partial evaluation gets its own file
 
 
 def test_predict_arguments_jsonl(trained: Path) -> None:
