@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from seqtrain import encoding
+from seqtrain import badrows, encoding
 from seqtrain.config import Config, DataConfig, TokenizerConfig
 from seqtrain.encoding import PAD, UNK, Labels, clip, encode, number
 from seqtrain.errors import DataError
@@ -62,6 +62,8 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
             if suffix not in FILE_BUILDERS:
                 raise DataError(f"data.path {path!r}: cannot read {suffix!r} files; use one of {', '.join(FILE_BUILDERS)}.")
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+            if FILE_BUILDERS[suffix] == "csv":
+                kwargs.update(badrows.csv_options(data.on_bad_rows))
             ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files={split: files}, split=split, streaming=True, **kwargs)
         elif Path(path).is_dir() or not _looks_like_hub_id(path):
             if not Path(path).exists():
@@ -69,6 +71,7 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
                     f"data.path {path!r} does not exist. Give a local dataset folder, data files, or a Hub id"
                     " like 'stanfordnlp/imdb' (run `make data` to fetch the shipped datasets into data/)."
                 )
+            badrows.check_folder(path)
             ds = datasets.load_dataset(path, split=split, streaming=True)
         else:
             ds = datasets.load_dataset(path, split=split, streaming=True)
@@ -95,7 +98,8 @@ def check_columns(ds: datasets.IterableDataset, data: DataConfig, split: str, ne
     columns = list(ds.column_names or (ds.features or {}).keys())
     if not columns:
         try:
-            columns = list(next(iter(ds)).keys())
+            with badrows.reading(badrows.split_path(data, split), split):
+                columns = list(next(iter(ds)).keys())
         except StopIteration:
             raise DataError(f"split {split!r} of {data.path!r} is empty.") from None
     wanted = [("data.text_column", data.text_column)]
@@ -198,7 +202,7 @@ class Vocab:
     chunk_rows: list[int]  # usable rows in each chunk BatchStream will read
 
 
-def bad_row_reason(text: Any, label: Any, need_label: bool = True) -> str | None:
+def bad_row_reason(text: Any, label: Any, need_label: bool = True, label_names: list[str] | None = None) -> str | None:
     if text is None:
         return "null text"
     if not isinstance(text, str):
@@ -207,6 +211,10 @@ def bad_row_reason(text: Any, label: Any, need_label: bool = True) -> str | None
         return "empty text"
     if need_label and label is None:
         return "null label"
+    if badrows.not_utf8(text):
+        return "text is not valid UTF-8"
+    if need_label and badrows.label_problem(label, label_names):
+        return "unknown label"
     return None
 
 
@@ -240,12 +248,12 @@ def build_vocab(cfg: Config) -> Vocab:
                 chunk_rows.append(0)
                 for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
                     row, i = row + 1, i + 1
-                    reason = bad_row_reason(text, label)
+                    reason = bad_row_reason(text, label, label_names=None if regression else data.label_names)
                     if reason:
                         if data.on_bad_rows == "error":
                             where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
                             raise DataError(
-                                f"split {data.train_split!r} of {data.path!r}, {where}: {reason}. Fix the row, or set "
+                                f"split {data.train_split!r} of {data.path!r}, {where}: {reason}{f' {label!r}' * (reason == 'unknown label')}. Fix the row, or set "
                                 "data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
                             )
                         bad[reason] += 1
@@ -268,7 +276,8 @@ def build_vocab(cfg: Config) -> Vocab:
                     if cap is None or count <= cap:
                         yield clip(text, data)
 
-    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    with badrows.reading(badrows.split_path(data, data.train_split), data.train_split):
+        tokenizer.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
         raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
     if regression:
