@@ -104,9 +104,14 @@ def test_string_labels_are_discovered_sorted(tmp_path: Path) -> None:
 def test_label_names_for_integer_labels_and_out_of_range(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", data={"label_names": ["negative", "positive"]})
     assert build_vocab(cfg).labels.names == ["negative", "positive"]
-    cfg = tiny_config(tiny_data, tmp_path / "run", data={"label_names": ["only"]})
-    with pytest.raises(DataError, match="integer labels must be 0..0"):
+    rows = synthetic_rows(40, 0)
+    rows[5]["label"] = 2  # a third class where label_names names two
+    three = write_hub_folder(tmp_path / "three", {"train": rows})
+    cfg = tiny_config(three, tmp_path / "run", data={"label_names": ["negative", "positive"]})
+    with pytest.raises(DataError, match="row 5: unknown label 2"):
         build_vocab(cfg)
+    cfg = tiny_config(three, tmp_path / "run", data={"label_names": ["negative", "positive"], "on_bad_rows": "skip"})
+    assert dict(build_vocab(cfg).bad_rows) == {"unknown label": 1}
 
 
 def test_missing_column_lists_existing_columns(tiny_data: Path, tmp_path: Path) -> None:
