@@ -63,6 +63,9 @@ SPEC_KEYS = ("low", "high", "log", "step", "choices")
 TUNE_SETS = ("name", "output_dir")  # tune names each trial and puts it in the study folder
 PRUNERS = ("median", "hyperband", "none")
 MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
+# The pruner is asked only once a trial has trained this share of its planned steps: the first
+# evaluations of every trial are near chance and rank trials by noise (measured in BENCHMARKS.md).
+PRUNE_AFTER = 0.25
 
 # Used when --space is not given; written to runs/<study>/space.yaml as a starting point to edit.
 DEFAULT_SPACE = """\
@@ -379,7 +382,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a resumed trial may repeat an already reported number
             trial.report(float(metrics[monitor]), seen["evals"])
-        seen["pruned"] = trial.should_prune()
+        planned = _planned(run_dir)  # run.json is written before the first evaluation
+        seen["pruned"] = (planned is None or step >= PRUNE_AFTER * planned) and trial.should_prune()
         _say(f"trial {n} eval {seen['evals']} (step {step:,}): {monitor} {metrics[monitor]:.4f}"
              + ("  pruned" if seen["pruned"] else ""))
         return bool(seen["pruned"])
@@ -439,12 +443,18 @@ def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path)
     returns the steps planned."""
     trial.set_user_attr("seconds", _frozen(trial).user_attrs.get("seconds", 0.0) + time.perf_counter() - t0)
     trial.set_user_attr("steps", seen["step"])
+    planned = _planned(run_dir)
+    if planned is not None:
+        trial.set_user_attr("planned_steps", planned)
+    return planned
+
+
+def _planned(run_dir: Path) -> int | None:
+    """The steps a run will train if nothing stops it (as train() computes them), once run.json exists."""
     with contextlib.suppress(OSError, ValueError, KeyError, yaml.YAMLError):
         spe = json.loads((run_dir / "run.json").read_text())["steps_per_epoch"]
         t = from_dict(read_yaml(run_dir / "config.yaml")).train
-        planned = min(t.max_steps or 10**12, t.epochs * spe)
-        trial.set_user_attr("planned_steps", planned)
-        return planned
+        return int(min(t.max_steps or 10**12, t.epochs * spe))
     return None
 
 
