@@ -47,6 +47,7 @@ from seqtrain.config import (
     SECTIONS,
     Config,
     _suggest,
+    describe_type,
     dump_yaml,
     from_dict,
     physical_cores,
@@ -170,11 +171,13 @@ def _parse_param(key: str, spec: Any, base: dict[str, Any]) -> Param:
     if isinstance(spec, list):
         if not spec:
             raise ConfigError(f"{key}: the list of choices is empty.")
+        if number is float:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            spec = [c if c is None else _number(c, key, "each choice", float) for c in spec]
         param = Param("categorical", choices=tuple(spec))
         values: list[Any] = list(spec)
     elif isinstance(spec, dict):
         if number is None:
-            raise ConfigError(f"{key} takes {_describe(tp)}: give a list of choices, e.g. {key}: [a, b], not a range.")
+            raise ConfigError(f"{key} takes {describe_type(tp)}: give a list of choices, e.g. {key}: [a, b], not a range.")
         missing = [k for k in ("low", "high") if k not in spec]
         if missing:
             raise ConfigError(f"{key}: a range needs low and high; {' and '.join(missing)} missing.")
@@ -212,12 +215,6 @@ def _number(value: Any, key: str, what: str, number: type) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or (number is int and value != int(value)):
         raise ConfigError(f"{key}: {what} must be {'an integer' if number is int else 'a number'}, got {value!r}.")
     return float(value)
-
-
-def _describe(tp: Any) -> str:
-    from seqtrain.config import describe_type
-
-    return describe_type(tp)
 
 
 def parse_space(raw: Any, base: dict[str, Any], where: str) -> dict[str, Param]:
@@ -398,8 +395,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         _say(f"trial {n} {'resumed from ' + str(run_dir / 'last') if resume else 'started'}: {shown}")
         with _quiet():
             best = train(cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop)
-    except (Interrupted, KeyboardInterrupt):
-        raise  # the trial stays RUNNING; rerunning tune resumes it from last/
+    except Interrupted as e:  # the trial stays RUNNING; rerunning tune resumes it from last/
+        stopped = SeqtrainError(f"trial {n} stopped with its last/ checkpoint saved; run the same `seqtrain tune` "
+                                "command again to resume it and continue the study.")
+        stopped.exit_code = e.exit_code
+        raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
         error = f"{type(e).__name__}: {e}"
         trial.set_user_attr("error", error[:2000])
