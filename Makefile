@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test lint bench bench-scale clean bench-serve
+.PHONY: install data demo test lint bench bench-scale clean bench-serve browser-deps
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install data
 
 bench-scale: install data
 	$(BIN)/python -m bench.scale
+
+# headless Chromium for the page test in tests/test_serve.py (Debian's packages; .ci/run calls this)
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 # seqtrain serve under 1, 8 and 64 concurrent clients, beside the batched forward pass alone (bench/serve.py)
 bench-serve: install data

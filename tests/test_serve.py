@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,6 +255,39 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     page = httpx.get(url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<textarea id="text"' in page.text and 'fetch("predict"' in page.text
+
+
+def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str, tmp_path: Path) -> None:
+    """Headless Chromium (Debian's chromium and chromium-driver: `make browser-deps`) driven by selenium."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("needs Debian's chromium and chromium-driver: make browser-deps")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        browser.get(url + "/")
+        WebDriverWait(browser, 20).until(lambda b: "classification" in b.find_element(By.ID, "model").text)
+        text = "a gorgeous, witty film"
+        browser.find_element(By.ID, "text").send_keys(text)
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "label").text)
+        expected = predict_cli(run_dir, [text])[0]
+        assert browser.find_element(By.ID, "label").text == expected["label"]
+        rows = [r.text.split("\n") for r in browser.find_elements(By.CSS_SELECTOR, "#bars .row")]
+        assert rows == [[name, f"{p:.3f}"] for name, p in expected["probs"].items()]
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        browser.execute_script('document.getElementById("text").value = "x".repeat(20001)')  # past --max-bytes
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 20).until(lambda b: "limit is 20,000" in b.find_element(By.ID, "error").text)
+    finally:
+        browser.quit()
 
 
 # --------------------------------------------------------------------------- the command
