@@ -25,6 +25,8 @@ def saved(tmp_path: Path, step: int = 10, best: bool = True, keep_last: int = 1)
 
 def test_round_trip_restores_weights_and_optimizer(tmp_path: Path) -> None:
     run, model, opt = saved(tmp_path)
+    saved_rng = torch.get_rng_state()  # what saved() stored
+    torch.rand(3)  # the generator moves on: the round trip must give back the saved state, not today's
     ckpt, warnings = checkpoint.find(run, "last")
     assert warnings == [] and (run / "last").resolve() == ckpt == (run / "best").resolve()
     weights, state, opt_state, rng = checkpoint.load(ckpt)
@@ -35,7 +37,8 @@ def test_round_trip_restores_weights_and_optimizer(tmp_path: Path) -> None:
     opt2.load_state_dict(opt_state)
     for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["step"], b["step"])
-    assert state["step"] == 10 and torch.equal(rng["torch"], torch.get_rng_state()) is not None
+    assert state["step"] == 10 and torch.equal(rng["torch"], saved_rng)
+    assert not torch.equal(rng["torch"], torch.get_rng_state())
 
 
 def test_bit_flip_is_detected_naming_the_file_and_falls_back(tmp_path: Path) -> None:

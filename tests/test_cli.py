@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,9 +27,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_run(tmp_path_factory.mktemp("cli"), data={"label_names": ["negative", "positive"]}, train={"epochs": 3})
 
 
-def test_train_prints_resolved_config_and_writes_run(trained: Path) -> None:
+def test_train_writes_run(trained: Path) -> None:
     assert (trained / "best" / "model.safetensors").exists()
     assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["cell"] == "gru"
+
+
+def test_train_prints_the_resolved_config(tmp_path: Path) -> None:
+    """What `train` prints first is the resolved config: the file, its defaults filled in, the overrides applied."""
+    from seqtrain.config import load_config, to_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: shown\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: {tmp_path / 'no-such-data'}\n")
+    overrides = ["model.cell=gru", "train.lr=0.5", "data.label_names=[bad, good]"]
+    exe = Path(sys.executable).parent / "seqtrain"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "seqtrain"]
+    proc = subprocess.run([*cmd, "train", str(path), *overrides], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "400"}, timeout=120)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr, proc.stderr  # it stops at the data, after printing
+    printed = yaml.safe_load(proc.stderr.split("error:")[0])
+    assert printed == to_dict(load_config(path, overrides))
+    assert printed["model"]["cell"] == "gru" and printed["train"]["lr"] == 0.5 and printed["data"]["label_names"] == ["bad", "good"]
+    assert printed["model"]["hidden_size"] == 256 and printed["train"]["warmup_steps"] == 0, "defaults are filled in"
 
 
 def test_eval_json_is_one_object(trained: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from seqtrain.encoding import load_tokenizer
 from seqtrain.errors import DataError
 from seqtrain.metrics import read_metrics
 from seqtrain.train import train
-from tests.conftest import tiny_config
+from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 
 
 def test_pretrained_embeddings_coverage_and_freeze(tiny_data: Path, tmp_path: Path) -> None:
@@ -49,6 +50,55 @@ def test_early_stopping_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in evals] == [5, 10, 15], "stopped long before 10 epochs"
     best = json.loads((tmp_path / "run" / "best" / "state.json").read_text())["step"]
     assert best == 5
+
+
+def short_run(data: Path, out: Path, steps: int = 6, **train_options: object) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A few steps, a train line each: (train lines, final weights)."""
+    train(tiny_config(data, out, data={"max_eval_examples": 20},
+                      train={"max_steps": steps, "log_every": 1, "lr_schedule": "linear", **train_options}))
+    lines = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    return lines, load_file(str(out / "last" / "model.safetensors"))
+
+
+def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Path) -> None:
+    """Against one baseline (linear decay, AdamW, no smoothing, no class weights), each option changes
+    what it should, so an option that silently did nothing fails here."""
+    from seqtrain.config import Config
+    from seqtrain.encoding import Labels
+    from seqtrain.inference import task_loss
+
+    base_lines, base = short_run(tiny_data, tmp_path / "base")
+    lr = 0.01  # tiny_config's
+    assert [r["lr"] for r in base_lines] == pytest.approx([lr * (1 - k / 6) for k in range(6)])
+
+    # cosine: its own curve, not the linear one
+    cos_lines, _ = short_run(tiny_data, tmp_path / "cosine", lr_schedule="cosine")
+    assert [r["lr"] for r in cos_lines] == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+
+    # label smoothing: a confident right answer still costs something, and training moves differently
+    cfg = Config()
+    labels = Labels(names=["a", "b"], values=[0, 1])
+    confident, y = torch.tensor([[8.0, -8.0]]), torch.tensor([0])
+    assert task_loss(confident, y, labels, cfg).item() < 1e-3
+    cfg.train.label_smoothing = 0.1
+    assert task_loss(confident, y, labels, cfg).item() > 0.5
+    _, smoothed = short_run(tiny_data, tmp_path / "smooth", label_smoothing=0.1)
+    assert not torch.equal(smoothed["head.weight"], base["head.weight"])
+
+    # SGD: momentum buffers instead of Adam's moments, and different weights
+    _, sgd = short_run(tiny_data, tmp_path / "sgd", optimizer="sgd", lr=0.1)
+    opt_keys = {k.split("/", 1)[1] for k in load_file(str(tmp_path / "sgd" / "last" / "optimizer.safetensors"))}
+    assert opt_keys == {"momentum_buffer"} and not torch.equal(sgd["head.weight"], base["head.weight"])
+
+    # balanced class weights: on imbalanced labels the very first loss (same weights, same batch) differs
+    rows = synthetic_rows(200, 0)
+    for i, r in enumerate(rows):
+        r["label"] = 1 if i % 5 == 0 else 0  # 20% positive; the texts keep their words
+    skewed = write_hub_folder(tmp_path / "skewed", {"train": rows, "validation": synthetic_rows(40, 1)})
+    plain_lines, plain = short_run(skewed, tmp_path / "plain", steps=2)
+    weighted_lines, weighted = short_run(skewed, tmp_path / "balanced", steps=2, class_weights="balanced")
+    assert abs(weighted_lines[0]["loss"] - plain_lines[0]["loss"]) > 1e-4
+    assert not torch.equal(weighted["head.weight"], plain["head.weight"])
 
 
 @pytest.mark.parametrize("option", [{"label_smoothing": 0.1}, {"lr_schedule": "cosine", "warmup_steps": 5},
