@@ -378,8 +378,6 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
         }
         checkpoint.save(run_dir, s["step"], inference_model, optimizer, state, best=best, keep_last=t.keep_last,
                         train_model=model if ema is not None else None)
-        if os.environ.get("SEQTRAIN_KILL_AFTER_SAVE") == str(s["step"]):  # fault injection for the resume tests
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def run_eval() -> bool:
         """Evaluate, log, checkpoint; True when early stopping says stop. Rank 0 evaluates, all ranks agree."""

@@ -64,10 +64,10 @@ def test_lr_schedule_warms_up_and_decays() -> None:
 
 
 def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`seqtrain train`; with kill_after, through the test-only entry point that SIGKILLs right after that save."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if kill_after is not None:
-        env["SEQTRAIN_KILL_AFTER_SAVE"] = str(kill_after)
-    return subprocess.run([sys.executable, "-m", "seqtrain", "train", str(config), *args],
+    entry = ["seqtrain"] if kill_after is None else ["tests.fault_entry", f"kill-after-save={kill_after}"]
+    return subprocess.run([sys.executable, "-m", *entry, "train", str(config), *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
