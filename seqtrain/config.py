@@ -1,7 +1,9 @@
 """Typed configuration: dataclasses that mirror the YAML one to one.
 
 Each field's docstring (the string literal under it) is its help text: `seqtrain train --help`
-and error messages read them from here. Loading validates every key and value and raises
+and error messages read them from here (with `ast`; where the sources are not installed, from
+config_help.json, their snapshot: `python -m seqtrain.config` refreshes it, tests keep it current).
+Loading a config reads no help text unless it has an error to explain. Loading validates every key and value and raises
 `ConfigError` with the dotted path, what is allowed, and a did-you-mean for unknown keys.
 
 This module must stay cheap to import (no torch, no datasets): it runs before `--help`.
@@ -200,10 +202,18 @@ SECTIONS: dict[str, type] = {
 # --------------------------------------------------------------------------- help text
 
 
+HELP_SNAPSHOT = "config_help.json"
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source with `ast`."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """The docstring under each field of a dataclass, read from its source with `ast`, or from the
+    snapshot shipped beside this module where the sources are not (bytecode-only installs)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return _help_snapshot().get(cls.__name__, {})
+    tree = ast.parse(textwrap.dedent(source))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for stmt, nxt in itertools.pairwise(body):
@@ -216,6 +226,21 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def _help_snapshot() -> dict[str, dict[str, str]]:
+    import json
+    from importlib.resources import files
+
+    try:
+        return json.loads(files("seqtrain").joinpath(HELP_SNAPSHOT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def help_snapshot() -> dict[str, dict[str, str]]:
+    """What config_help.json holds: each config class's field docs, read from the source."""
+    return {cls.__name__: field_docs(cls) for cls in (Config, *SECTIONS.values())}
 
 
 def describe_type(tp: Any) -> str:
@@ -356,7 +381,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {raw!r}.")
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -369,7 +393,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key in SECTIONS and cls is Config:
             kwargs[key] = _build(SECTIONS[key], value if value is not None else {}, f"{key}.")
         else:
-            kwargs[key] = _coerce(value, hints[key], where, docs.get(key, ""))
+            try:
+                kwargs[key] = _coerce(value, hints[key], where, "")
+            except ConfigError:  # again, to say what the key means: help is read only for errors
+                kwargs[key] = _coerce(value, hints[key], where, field_docs(cls).get(key, ""))
     return cls(**kwargs)
 
 
@@ -548,3 +575,9 @@ def physical_cores() -> int:
     except OSError:
         n = os.cpu_count() or 1
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
+
+
+if __name__ == "__main__":  # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
+    import json
+
+    Path(__file__).with_name(HELP_SNAPSHOT).write_text(json.dumps(help_snapshot(), indent=1, sort_keys=True) + "\n")
