@@ -2,12 +2,14 @@
 
     POST /predict   {"texts": [...]} -> {"predictions": [...]}; {"text": "..."} -> one prediction;
                     optional "top_k". Each prediction is exactly the line `seqtrain predict` writes.
+    POST /explain   the same bodies (no top_k) -> what `seqtrain explain --format jsonl` writes (occlusion):
+                    the prediction and each token with its character offsets and score
     GET  /health    liveness: the process answers
     GET  /ready     200 once the model is loaded and warmed up, 503 before and while shutting down
     GET  /info      labels, task, checkpoint and step, max_length, limits and versions
     GET  /metrics   Prometheus text: requests by endpoint and status, latency, texts per forward
                     pass, texts waiting
-    GET  /          a page to try the model
+    GET  /          a page to try the model: the label, a bar per class, the words that drove it
 
 Micro-batching: request handlers put their texts in one bounded queue; a single batcher task takes
 up to `max_batch_size` texts, waiting at most `max_wait_ms` after the oldest one arrived, and runs
@@ -62,7 +64,7 @@ from seqtrain import __version__
 from seqtrain.errors import CheckpointError, ConfigError
 from seqtrain.predict import Predictor, predict_stream, to_record
 
-ENDPOINTS = ("/", "/predict", "/health", "/ready", "/info", "/metrics")
+ENDPOINTS = ("/", "/predict", "/explain", "/health", "/ready", "/info", "/metrics")
 REQUEST_KEYS = ("text", "texts", "top_k")
 
 
@@ -214,13 +216,17 @@ class Batcher:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="seqtrain-serve"))
 
-    def submit(self, texts: list[str], top_k: int | None) -> asyncio.Future[list[str]]:
-        """Queue a request's texts; its future gets one JSON line per text, in order."""
+    def admit(self, n: int) -> None:
+        """503 unless `n` more texts fit in the queue."""
         if self.closing or not self.ready:
             raise ApiError(503, "the server is " + ("shutting down." if self.closing else "starting."), {"Retry-After": "1"})
-        if self.waiting + len(texts) > self.opts.max_queue:
+        if self.waiting + n > self.opts.max_queue:
             raise ApiError(503, f"the queue is full ({self.waiting} of {self.opts.max_queue} texts waiting); retry shortly.",
                            {"Retry-After": "1"})
+
+    def submit(self, texts: list[str], top_k: int | None) -> asyncio.Future[list[str]]:
+        """Queue a request's texts; its future gets one JSON line per text, in order."""
+        self.admit(len(texts))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[str]] = loop.create_future()
         self.jobs.append(Job(texts, top_k, future, loop.time()))
@@ -302,6 +308,21 @@ class Batcher:
         self.metrics.texts.inc(len(texts))
         return out
 
+    async def explain(self, texts: list[str]) -> list[str]:
+        """`seqtrain explain --format jsonl` lines (occlusion: a forward pass per token), on the model's
+        thread between batches; the texts count in the queue while they wait and run."""
+        from seqtrain import explain
+
+        def run() -> list[str]:
+            return [json.dumps(explain.to_record(ex, self.run, "occlusion")) for ex in explain.explain_texts(self.run, texts)]
+
+        self.admit(len(texts))
+        self._count(len(texts))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, run)
+        finally:
+            self._count(-len(texts))
+
     async def close(self, task: asyncio.Task[None]) -> None:
         """Stop taking requests, finish the queued ones, stop the worker."""
         self.closing = True
@@ -369,6 +390,11 @@ def json_type(value: Any) -> str:
     return names.get(type(value), "null")
 
 
+def json_lines(lines: list[str], single: bool, key: str) -> Response:
+    """{"text": ...} gets its line itself; {"texts": [...]} gets {key: [lines]}."""
+    return Response(lines[0] if single else f'{{"{key}": [' + ", ".join(lines) + "]}", media_type="application/json")
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status, headers)
 
@@ -408,8 +434,14 @@ def create_app(run: Predictor, opts: ServeOptions, target: Path) -> FastAPI:
     @app.post("/predict", summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` writes')
     async def predict(request: Request) -> Response:
         texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
-        lines = await request.app.state.batcher.submit(texts, top_k)
-        return Response(lines[0] if single else '{"predictions": [' + ", ".join(lines) + "]}", media_type="application/json")
+        return json_lines(await request.app.state.batcher.submit(texts, top_k), single, "predictions")
+
+    @app.post("/explain", summary='{"texts": [...]} or {"text": "..."}: the lines `seqtrain explain --format jsonl` writes')
+    async def explain(request: Request) -> Response:
+        texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
+        if top_k is not None:
+            raise ApiError(422, "'top_k' is for /predict; /explain explains the predicted class.")
+        return json_lines(await request.app.state.batcher.explain(texts), single, "explanations")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -473,10 +505,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(run: Predictor, opts: ServeOptions, target: Path) -> Server:
+def make_server(run: Predictor, opts: ServeOptions, target: Path, **uvicorn_config: Any) -> Server:
+    """uvicorn on the app; its parser and event loop are the fastest installed (httptools, uvloop) unless given."""
     app = create_app(run, opts, target)
     return Server(uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="on",
-                                 timeout_graceful_shutdown=opts.grace_s))
+                                 timeout_graceful_shutdown=opts.grace_s, **uvicorn_config))
 
 
 def serve(target: Path, opts: ServeOptions) -> None:
@@ -511,6 +544,8 @@ PAGE = """<!doctype html>
   .track { background: #eee; height: 1rem; border-radius: 3px; overflow: hidden; }
   .fill { background: #4a7bd0; height: 100%; } .top .fill { background: #2c9a5a; }
   .num { text-align: right; font-variant-numeric: tabular-nums; } #error { color: #b00020; }
+  #words { white-space: pre-wrap; margin-top: 1rem; } #words span { border-radius: 3px; }
+  #why { color: #666; font-size: .85rem; }
 </style>
 </head>
 <body>
@@ -521,6 +556,8 @@ PAGE = """<!doctype html>
 </form>
 <p id="label" aria-live="polite"></p>
 <div id="bars"></div>
+<p id="why"></p>
+<div id="words"></div>
 <p id="error" role="alert"></p>
 <script>
 const $ = (id) => document.getElementById(id);
@@ -535,16 +572,43 @@ function bar(name, p, top) {
   const num = document.createElement("span"); num.className = "num"; num.textContent = p.toFixed(3);
   track.append(fill); row.append(label, track, num); return row;
 }
+function highlight(ex) {  // tokens on a green (for) or red (against) background; offsets count code points
+  const chars = Array.from(ex.text), parts = [];
+  const top = Math.max(0, ...ex.tokens.map((t) => Math.abs(t.score))) || 1;
+  let at = 0;
+  for (const t of ex.tokens) {
+    if (t.start > at) parts.push(document.createTextNode(chars.slice(at, t.start).join("")));
+    const span = document.createElement("span");
+    span.textContent = chars.slice(t.start, t.end).join("");
+    const alpha = (0.65 * Math.abs(t.score) / top).toFixed(3);
+    span.style.background = t.score >= 0 ? `rgba(0,150,0,${alpha})` : `rgba(210,0,0,${alpha})`;
+    span.title = t.score.toFixed(4);
+    parts.push(span); at = Math.max(at, t.end);
+  }
+  if (at < chars.length) parts.push(document.createTextNode(chars.slice(at).join("")));
+  $("why").textContent = `Words for (green) and against (red) ${ex.explained}: the change of its probability when the word is unknown.`;
+  $("words").replaceChildren(...parts);
+}
+async function post(path, text) {
+  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text})});
+  const d = await r.json();
+  if (!r.ok) throw new Error(d.error);
+  return d;
+}
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  $("error").textContent = "";
-  const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
-                                    body: JSON.stringify({text: $("text").value})});
-  const d = await r.json();
-  if (!r.ok) { $("error").textContent = d.error; return; }
-  if ("score" in d) { $("label").textContent = "score " + d.score; $("bars").replaceChildren(); return; }
-  $("label").textContent = d.label;
-  $("bars").replaceChildren(...Object.entries(d.probs).map(([name, p]) => bar(name, p, name === d.label)));
+  for (const id of ["error", "label", "why"]) $(id).textContent = "";
+  $("bars").replaceChildren(); $("words").replaceChildren();
+  const text = $("text").value;
+  try {
+    const d = await post("predict", text);
+    if ("score" in d) $("label").textContent = "score " + d.score;
+    else {
+      $("label").textContent = d.label;
+      $("bars").replaceChildren(...Object.entries(d.probs).map(([name, p]) => bar(name, p, name === d.label)));
+    }
+    highlight(await post("explain", text));
+  } catch (e) { $("error").textContent = e.message; }
 });
 </script>
 </body>
