@@ -63,7 +63,7 @@ class DataConfig:
     max_eval_examples: int | None = None
     """Evaluate on only the first N rows of the eval split."""
     on_bad_rows: Literal["error", "skip"] = "error"
-    """Empty texts, null fields or unknown labels: stop with an error naming the row, or skip and count them."""
+    """Empty texts, null fields, labels outside label_names, bytes that are not UTF-8, CSV lines with too many fields: stop with an error naming the row or line, or skip them (counted in the logs; pandas names each skipped CSV line)."""
 
 
 @dataclass
