@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-DATASETS = {"imdb": "stanfordnlp/imdb", "sst2": "stanfordnlp/sst2"}
+DATASETS = {"imdb": "stanfordnlp/imdb", "sst2": "stanfordnlp/sst2", "imdb-unlabeled": "stanfordnlp/imdb"}
 
 
 def from_mirror(mirror: Path, dest: Path, name: str) -> bool:
@@ -35,6 +35,14 @@ def from_hub(dest: Path, name: str) -> None:
     import datasets
 
     hub_id = DATASETS[name]
+    if name == "imdb-unlabeled":  # the 50,000 reviews without labels, text only
+        unsup = datasets.load_dataset(hub_id, split="unsupervised").select_columns(["text"])
+        out = dest / name
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            unsup.shard(4, i, contiguous=True).to_parquet(str(out / f"train-{i:05d}-of-00004.parquet"))
+        print(f"{out}: written from the Hub ({hub_id}, unsupervised split)")
+        return
     full = datasets.load_dataset(hub_id, split="train")
     if name == "imdb":
         full = full.remove_columns([c for c in full.column_names if c not in ("text", "label")])
@@ -65,7 +73,7 @@ def main() -> int:
             from_hub(dest, name)
         except Exception as e:  # no network, no mirror: say what to do
             print(f"cannot fetch {name}: no mirror at {mirror} and the Hub failed ({e}). "
-                  "Set SEQTRAIN_DATA_MIRROR to a folder holding imdb/ and sst2/.", file=sys.stderr)
+                  "Set SEQTRAIN_DATA_MIRROR to a folder holding imdb/, sst2/ and imdb-unlabeled/.", file=sys.stderr)
             return 1
     return 0
 

@@ -7,6 +7,7 @@ at once.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +73,30 @@ def train(
         from seqtrain.train import train as run_training
 
         console.print_config(dump_yaml(cfg))
-        run_training(cfg, resume=resume, config_path=str(config))
+        run_training(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
+    except SeqtrainError as e:
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted.", 130) from None
+
+
+@app.command(epilog=_train_epilog())
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/imdb-pretrain.yaml).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=1000.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")] = False,
+) -> None:
+    """Pretrain the config's encoder as a language model on unlabeled text (the `pretrain:` section);
+    fine-tune from it with `model.init_from: RUN_DIR`."""
+    from seqtrain.config import dump_yaml, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from seqtrain import console
+        from seqtrain.pretrain import pretrain as run_pretraining
+
+        console.print_config(dump_yaml(cfg))
+        run_pretraining(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:

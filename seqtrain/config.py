@@ -108,6 +108,8 @@ class ModelConfig:
     """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the embeddings from; its dimension must equal embedding_dim."""
     freeze_embeddings: bool = False
     """Keep pretrained embeddings fixed during training."""
+    init_from: str | None = None
+    """Run directory of `seqtrain pretrain`: reuse its tokenizer and start the embeddings and recurrent layers from its language model (the head starts fresh). The cell and shapes must match it."""
     regression_head: Literal["scalar", "distribution"] = "scalar"
     """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax over the values seen in training, trained with cross-entropy, predicting its expected value."""
     regression_loss: Literal["mse", "huber"] = "mse"
@@ -174,6 +176,30 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    path: str | None = None
+    """Unlabeled texts for `seqtrain pretrain`: anything data.path accepts (Hub id, local folder, data files); null = only the labelled training texts."""
+    split: str = "train"
+    """Split of `pretrain.path` to read."""
+    text_column: str = "text"
+    """Column of `pretrain.path` holding the text."""
+    add_train_texts: bool = True
+    """Also learn from the texts (never the labels) of data.path's data.train_split."""
+    heldout_fraction: float = 0.01
+    """Rows held out of training for the held-out perplexity, chosen by a hash of the text (stable under streaming and resume)."""
+    max_heldout_texts: int = 200
+    """Held-out texts scored at each evaluation (full softmax over the vocabulary)."""
+    max_length: int = 256
+    """Texts are cut to their first this many tokens."""
+    softmax: Literal["sampled", "adaptive", "full"] = "sampled"
+    """Output layer: sampled softmax with shared negatives (fastest here), torch's adaptive softmax, or the full softmax."""
+    num_samples: int = 1024
+    """sampled: negatives per step, shared by every position of the batch."""
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
+    """adaptive: vocabulary ids where the head and each tail cluster end."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """Run name; the default output directory is runs/<name>."""
@@ -185,6 +211,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -196,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "pretrain": PretrainConfig,
 }
 
 
@@ -505,6 +533,12 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target.")
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
+    if not 0.0 < cfg.pretrain.heldout_fraction < 0.5:
+        raise ConfigError(f"pretrain.heldout_fraction must be in (0, 0.5), got {cfg.pretrain.heldout_fraction}.")
+    for key, n in {"pretrain.max_heldout_texts": cfg.pretrain.max_heldout_texts, "pretrain.max_length": cfg.pretrain.max_length,
+                   "pretrain.num_samples": cfg.pretrain.num_samples}.items():
+        if n < 1:
+            raise ConfigError(f"{key} must be at least 1, got {n}.")
 
 
 def from_dict(raw: Any) -> Config:
@@ -575,6 +609,40 @@ def physical_cores() -> int:
     except OSError:
         n = os.cpu_count() or 1
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
+
+
+# Keys that may differ between the first run and a --resume; everything else must match.
+RESUMABLE_CHANGES = {
+    "name", "output_dir", "train.epochs", "train.max_steps", "train.lr", "train.eval_every", "train.log_every",
+    "train.patience", "train.keep_last", "train.device", "train.num_threads", "data.max_eval_examples",
+}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def check_resumable(cfg: Config) -> None:
+    """Refuse a --resume whose config differs from the run's config.yaml in a key that must not change."""
+    from seqtrain.errors import CheckpointError
+
+    run_dir = cfg.run_dir
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml. Start without --resume.")
+    saved = to_dict(from_dict(read_yaml(run_dir / "config.yaml")))
+    changed = [k for k in config_diff(saved, to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: {', '.join(changed)} differ from the run's config.yaml. Only these may change "
+            f"on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
+        )
 
 
 if __name__ == "__main__":  # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring

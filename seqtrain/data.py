@@ -16,6 +16,7 @@ state at the chunk's start, batches already taken from the chunk).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import signal
 from collections import Counter
@@ -218,8 +219,9 @@ def bad_row_reason(text: Any, label: Any, need_label: bool = True, label_names: 
     return None
 
 
-def build_vocab(cfg: Config) -> Vocab:
-    """Stream the training split once: train the tokenizer, collect the labels, count the rows.
+def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
+    """Stream the training split once: train the tokenizer (unless one is given, as `model.init_from`
+    does), collect the labels, count the rows.
 
     Rows are read shard by shard in chunks exactly as `BatchStream` will read them, so the number
     of batches per epoch (and with it the LR schedule and the progress bar) is exact.
@@ -229,7 +231,8 @@ def build_vocab(cfg: Config) -> Vocab:
     check_columns(ds, data, data.train_split)
     ds = ds.select_columns([data.text_column, data.label_column])
     n_shards = 1 if data.max_train_examples else ds.n_shards
-    tokenizer, trainer = new_tokenizer(cfg.tokenizer)
+    given = tokenizer
+    tokenizer, trainer = new_tokenizer(cfg.tokenizer) if given is None else (given, None)
     regression = cfg.model.task == "regression"
     seen: Counter[Any] = Counter()
     numbers: list[float] = []  # regression targets (8 bytes a row: fine even for millions of rows)
@@ -277,7 +280,11 @@ def build_vocab(cfg: Config) -> Vocab:
                         yield clip(text, data)
 
     with badrows.reading(badrows.split_path(data, data.train_split), data.train_split):
-        tokenizer.train_from_iterator(texts(), trainer=trainer)
+        if given is None:
+            tokenizer.train_from_iterator(texts(), trainer=trainer)
+        else:
+            for _ in texts():  # labels and row counts only
+                pass
     if count == 0:
         raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
     if regression:
@@ -293,6 +300,100 @@ def build_vocab(cfg: Config) -> Vocab:
     if len(labels.names) < 2:
         raise DataError(f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more.")
     return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
+
+
+# --------------------------------------------------------------------------- unlabeled text (pretraining)
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Whether a row belongs to the held-out part: a hash of its text, so the choice is the same in
+    every pass, worker, rank and resume, and needs no index."""
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
+    """What `seqtrain pretrain` reads: pretrain.path, plus the texts of data.path's training split.
+    Each source is a DataConfig whose text is cut to pretrain.max_length tokens, from the head."""
+    pre = cfg.pretrain
+    data = cfg.data
+    sources = []
+    if pre.path:
+        unlabeled = DataConfig(path=pre.path, text_column=pre.text_column, train_split=pre.split, max_length=pre.max_length,
+                               truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows)
+        sources.append((unlabeled, pre.split))
+    if pre.add_train_texts:
+        labelled = DataConfig(path=data.path, eval_path=data.eval_path, text_column=data.text_column, max_length=pre.max_length,
+                              truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows)
+        sources.append((labelled, data.train_split))
+    if not sources:
+        raise DataError("pretrain.path is null and pretrain.add_train_texts is false: there is no text to learn from. "
+                        "Set pretrain.path to unlabeled texts.")
+    return sources
+
+
+def build_text_vocab(cfg: Config) -> tuple[Tokenizer, int, list[int], Counter[str]]:
+    """One pass over the pretraining texts (held-out rows excluded): the tokenizer, the row count,
+    the rows per chunk exactly as `BatchStream` will read them, and the rows skipped by reason."""
+    tokenizer, trainer = new_tokenizer(cfg.tokenizer)
+    chunk_rows: list[int] = []
+    bad: Counter[str] = Counter()
+    count = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal count
+        for data, split in text_sources(cfg):
+            ds = open_split(data, split, cfg.data.max_train_examples)
+            check_columns(ds, data, split, need_label=False)
+            ds = ds.select_columns([data.text_column])
+            n_shards = 1 if cfg.data.max_train_examples else ds.n_shards
+            for index in range(n_shards):
+                shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
+                for chunk in shard.iter(batch_size=data.chunk_size):
+                    chunk_rows.append(0)
+                    for row, text in enumerate(chunk[data.text_column]):
+                        reason = bad_row_reason(text, None, need_label=False)
+                        if reason:
+                            if data.on_bad_rows == "error":
+                                raise DataError(
+                                    f"split {split!r} of {data.path!r}, shard {index}, chunk row {row}: {reason}. Fix the "
+                                    "row, or set data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
+                                )
+                            bad[reason] += 1
+                            continue
+                        if is_heldout(text, cfg.pretrain.heldout_fraction):
+                            continue
+                        count += 1
+                        chunk_rows[-1] += 1
+                        if cfg.tokenizer.max_examples is None or count <= cfg.tokenizer.max_examples:
+                            yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
+
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    if count == 0:
+        raise DataError(f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows.")
+    return tokenizer, count, chunk_rows, bad
+
+
+def heldout_texts(cfg: Config) -> list[str]:
+    """The first pretrain.max_heldout_texts held-out rows, taken evenly from every source."""
+    sources = text_sources(cfg)
+    per_source = max(1, cfg.pretrain.max_heldout_texts // len(sources))
+    out: list[str] = []
+    for data, split in sources:
+        ds = open_split(data, split, cfg.data.max_train_examples).select_columns([data.text_column])
+        taken = 0
+        for chunk in ds.iter(batch_size=data.chunk_size):
+            for text in chunk[data.text_column]:
+                if bad_row_reason(text, None, need_label=False) is None and is_heldout(text, cfg.pretrain.heldout_fraction):
+                    out.append(text)
+                    taken += 1
+                    if taken >= per_source:
+                        break
+            if taken >= per_source:
+                break
+    if not out:
+        raise DataError("no held-out texts: raise pretrain.heldout_fraction or give more text.")
+    return out
 
 
 def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +429,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         data: DataConfig,
         split: str,
         tokenizer: Tokenizer,
-        labels: Labels,
+        labels: Labels | None,
         batch_size: int,
         *,
         shuffle: bool,
@@ -339,6 +440,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         slot_offset: int = 0,
         rank: int = 0,
         world: int = 1,
+        sources: list[tuple[DataConfig, str]] | None = None,
+        heldout: float = 0.0,
     ) -> None:
         self.data, self.split, self.tokenizer, self.labels = data, split, tokenizer, labels
         self.batch_size, self.shuffle, self.seed, self.epoch, self.limit = batch_size, shuffle, seed, epoch, limit
@@ -347,20 +450,29 @@ class BatchStream(torch.utils.data.IterableDataset):
         # worker 0, which the DataLoader asks first, so the round-robin order continues unchanged.
         self.slot_offset = slot_offset
         self.rank, self.world = rank, world  # torchrun: this process reads its own part of the split
-        self.need_label = True
+        # Language-model pretraining: several text-only sources (labels=None) read as one stream, minus
+        # the rows that `is_heldout` keeps for the held-out perplexity.
+        self.sources = sources or [(data, split)]
+        self.heldout = heldout
 
-    def _shards(self, worker: int, workers: int) -> tuple[datasets.IterableDataset, list[int]]:
-        ds = open_split(self.data, self.split, self.limit)
-        ds = ds.select_columns([self.data.text_column, self.data.label_column])
-        if self.world > 1:
-            from datasets.distributed import split_dataset_by_node
+    def _shards(self, worker: int, workers: int) -> tuple[list[datasets.IterableDataset], list[tuple[int, int]]]:
+        """This worker's (source, shard) pairs, in this epoch's order, and each source's dataset."""
+        opened = []
+        order = []
+        for source, (data, split) in enumerate(self.sources):
+            ds = open_split(data, split, self.limit)
+            columns = [data.text_column] + ([data.label_column] if self.labels is not None else [])
+            ds = ds.select_columns(columns)
+            if self.world > 1:
+                from datasets.distributed import split_dataset_by_node
 
-            # Whole shards per rank when they divide evenly, else every world-th row.
-            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
-        order = list(range(1 if self.limit else ds.n_shards))  # a row cap reads one logical shard
+                # Whole shards per rank when they divide evenly, else every world-th row.
+                ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+            opened.append(ds)
+            order += [(source, i) for i in range(1 if self.limit else ds.n_shards)]  # a row cap reads one logical shard
         if self.shuffle:
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)
-        return ds, order[worker::workers]
+        return opened, order[worker::workers]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -368,12 +480,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)  # the main process owns the cores for the model
         slot = (worker + self.slot_offset) % workers
-        ds, shards = self._shards(slot, workers)
+        opened, shards = self._shards(slot, workers)
         position = self.resume.get(str(slot))
         bad: Counter[str] = Counter(position["bad_rows"]) if position else Counter()
         start_shard = position["shard_pos"] if position else 0
         for shard_pos in range(start_shard, len(shards)):
-            shard = ds if self.limit or ds.n_shards == 1 else ds.shard(num_shards=ds.n_shards, index=shards[shard_pos])
+            source, index = shards[shard_pos]
+            ds = opened[source]
+            shard = ds if self.limit or ds.n_shards == 1 else ds.shard(num_shards=ds.n_shards, index=index)
             resuming = position is not None and shard_pos == start_shard
             if resuming:
                 assert position is not None
@@ -388,7 +502,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                 chunk = next(chunks, None)
                 if not chunk:
                     break
-                batches = self._chunk_batches(chunk, bad, shards[shard_pos], chunk_idx)
+                batches = self._chunk_batches(chunk, bad, self.sources[source][0], source * 100_000 + index, chunk_idx)
                 for k, batch in enumerate(batches):
                     if k < skip:
                         continue
@@ -401,15 +515,19 @@ class BatchStream(torch.utils.data.IterableDataset):
                 chunk_idx += 1
             position = None
 
-    def _chunk_batches(self, chunk: dict[str, list[Any]], bad: Counter[str], shard: int, chunk_idx: int) -> list[dict[str, Any]]:
-        """One chunk (column -> values) -> shuffled, length-bucketed batches."""
-        data = self.data
+    def _chunk_batches(
+        self, chunk: dict[str, list[Any]], bad: Counter[str], data: DataConfig, shard: int, chunk_idx: int
+    ) -> list[dict[str, Any]]:
+        """One chunk (column -> values) of one source -> shuffled, length-bucketed batches."""
         texts: list[str] = []
         targets: list[float | int] = []
-        for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
-            reason = bad_row_reason(text, label, self.need_label)
+        column = chunk[data.text_column]
+        for text, label in zip(column, chunk[data.label_column] if self.labels else [None] * len(column), strict=True):
+            reason = bad_row_reason(text, label, self.labels is not None)
             target: float | int = -1
-            if reason is None and self.need_label:
+            if reason is None and self.heldout and is_heldout(text, self.heldout):
+                continue  # kept for the held-out perplexity; never trained on
+            if reason is None and self.labels is not None:
                 found = self.labels.target(label)
                 if found is None:
                     reason = "target that is not a number" if self.labels.task == "regression" else "unknown label"
@@ -417,9 +535,10 @@ class BatchStream(torch.utils.data.IterableDataset):
                     target = found
             if reason:
                 if data.on_bad_rows == "error":
+                    known = f"; known labels: {self.labels.values}" if self.labels else ""
                     raise DataError(
-                        f"split {self.split!r} of {data.path!r}: a row has {reason} (label {label!r}; known labels: "
-                        f"{self.labels.values}). Fix the data or set data.on_bad_rows: skip."
+                        f"split {self.split!r} of {data.path!r}: a row has {reason} (label {label!r}{known}). "
+                        "Fix the data or set data.on_bad_rows: skip."
                     )
                 bad[reason] += 1
                 continue
@@ -441,14 +560,16 @@ class BatchStream(torch.utils.data.IterableDataset):
         out = []
         for idx in cuts:
             ids, lens = pad([seqs[i] for i in idx])
-            dtype = torch.float32 if self.labels.task == "regression" else torch.long
+            dtype = torch.float32 if self.labels and self.labels.task == "regression" else torch.long
             out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=dtype)})
         return out
 
 
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process decides when to stop, not the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process
+    # group; the main process decides when to stop (and saves last/), not the workers.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     # The model's OpenMP threads wait for each other at every time step: a worker that preempts
     # one of them stalls all of them. At low priority it runs in the gaps the model leaves.
     os.nice(19)

@@ -16,6 +16,7 @@ zero hidden state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -57,8 +58,9 @@ class Classifier(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         out = H * self.directions
-        self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" else None
-        self.head = nn.Linear(out, num_classes)
+        # num_classes=0: the encoder alone, for the language model (pretrain.py) that has its own outputs.
+        self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" and num_classes else None
+        self.head = nn.Linear(out, num_classes) if num_classes else None
         if init:  # skipped when loading a checkpoint: the QR behind orthogonal init is wasted work there
             self._init_weights()
 
@@ -81,6 +83,16 @@ class Classifier(nn.Module):
 
         delta (B, T, E), training only: added to the (dropped-out) embeddings; adversarial training
         passes zeros to get the loss's gradient with respect to them, then the perturbation."""
+        assert self.head is not None, "an encoder built with num_classes=0 has no head"
+        x = self.encode(ids, lengths, delta)  # (B, T, directions * H)
+        out = self.head(self.dropout(self.pool(x, lengths)))  # (B, classes) or (B, 1)
+        if self.cfg.task == "regression" and self.cfg.bounded:
+            out = torch.sigmoid(out)  # a score in [0, 1]
+        return out
+
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T), lengths (B,) -> every step's state (B, T, directions * H): the forward direction's
+        at step t has read tokens 0..t, the backward direction's has read tokens t..length-1."""
         T = ids.shape[1]
         if self.training and self.cfg.word_dropout:
             real = torch.arange(T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
@@ -100,10 +112,7 @@ class Classifier(nn.Module):
             bwd = self.run_layer(layer[1], x.gather(1, idx.expand(-1, -1, x.shape[-1])))  # type: ignore[index]
             bwd = bwd.gather(1, idx.expand(-1, -1, bwd.shape[-1]))  # back to reading order
             x = torch.cat([fwd, bwd], dim=-1)  # (B, T, 2H)
-        out = self.head(self.dropout(self.pool(x, lengths)))  # (B, classes) or (B, 1)
-        if self.cfg.task == "regression" and self.cfg.bounded:
-            out = torch.sigmoid(out)  # a score in [0, 1]
-        return out
+        return x
 
     def run_layer(self, rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
         """One fused single-layer kernel: (B, T, in) -> (B, T, H). With weight_drop, in training, the
@@ -132,6 +141,106 @@ class Classifier(nn.Module):
         assert self.attention is not None
         scores = self.attention(x).masked_fill(~mask, float("-inf"))  # (B, T, 1)
         return (torch.softmax(scores, dim=1) * x).sum(1)
+
+
+class LanguageModel(nn.Module):
+    """The classifier's own encoder, trained to predict the next token (forward direction) and the
+    previous token (backward direction) — what `seqtrain pretrain` trains and `model.init_from` loads.
+
+    `encoder` is a `Classifier` without a head, so its parameter names (`encoder.embedding.weight`,
+    `encoder.layers.0.0.weight_ih_l0`, ...) are the classifier's with a prefix. Each direction has its
+    own output layer over the vocabulary:
+
+    - `sampled` (default): sampled softmax with negatives shared by the whole batch (Jean et al. 2015),
+      drawn from a log-uniform (Zipf) proposal — word ids are sorted by frequency — and corrected by
+      log Q. Per step it costs (positions x num_samples x H) instead of (positions x vocabulary x H).
+    - `adaptive`: torch's `nn.AdaptiveLogSoftmaxWithLoss` (Grave et al. 2017): frequent words in a
+      small head, rare ones in smaller clusters.
+    - `full`: the whole softmax (the reference both are measured against).
+
+    Held-out perplexity is always the exact, full-vocabulary figure (`nll(..., exact=True)`).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, vocab_size: int, softmax: str = "sampled", num_samples: int = 1024,
+        cutoffs: list[int] | None = None, init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = Classifier(cfg, vocab_size, 0, init)
+        self.softmax, self.num_samples, self.vocab_size = softmax, num_samples, vocab_size
+        H, directions = cfg.hidden_size, self.encoder.directions
+        if softmax == "adaptive":
+            cuts = [c for c in (cutoffs or [2000, 10000]) if c < vocab_size - 1]
+            self.adaptive = nn.ModuleList(
+                nn.AdaptiveLogSoftmaxWithLoss(H, vocab_size, cuts, div_value=4.0) for _ in range(directions)
+            )
+        else:
+            self.out_weight = nn.Parameter(torch.randn(directions, vocab_size, H) / H**0.5)  # (D, V, H)
+            self.out_bias = nn.Parameter(torch.zeros(directions, vocab_size))  # (D, V)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The training objective (what DDP wraps): see `nll`."""
+        return self.nll(ids, lengths)
+
+    def targets(self, ids: torch.Tensor, lengths: torch.Tensor, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each direction, (hidden states (N, H), target ids (N,)) at every step that has a target."""
+        H = self.encoder.cfg.hidden_size
+        T = ids.shape[1]
+        has_next = (torch.arange(1, T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1))  # (B, T-1)
+        # forward: the state at step t (read 0..t) predicts token t+1
+        pairs = [(states[:, :-1, :H][has_next], ids[:, 1:][has_next])]
+        if self.encoder.directions == 2:
+            # backward: the state at step t >= 1 (read t..length-1) predicts token t-1
+            pairs.append((states[:, 1:, H:][has_next], ids[:, :-1][has_next]))
+        return pairs
+
+    def nll(self, ids: torch.Tensor, lengths: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, int]:
+        """ids (B, T), lengths (B,) -> (summed negative log-likelihood per direction (D,), targets per direction).
+        exact=True scores against the whole vocabulary (evaluation); else the training objective."""
+        states = self.encoder.dropout(self.encoder.encode(ids, lengths))  # (B, T, D*H)
+        losses = []
+        count = 0
+        for d, (h, y) in enumerate(self.targets(ids, lengths, states)):
+            count = len(y)
+            if self.softmax == "adaptive":
+                losses.append(-self.adaptive[d](h, y).output.sum())  # exact log-probabilities
+            elif exact or self.softmax == "full":
+                losses.append(full_softmax_nll(h, y, self.out_weight[d], self.out_bias[d]))
+            else:
+                losses.append(sampled_softmax_nll(h, y, self.out_weight[d], self.out_bias[d], self.num_samples))
+        total = torch.stack(losses)
+        if count == 0:  # only one-token texts: keep the graph connected so backward (and DDP) still run
+            total = total + 0.0 * states.sum()
+        return total, count
+
+
+def full_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Summed -log p(y | h) over the whole vocabulary, 4,096 positions at a time: h (N, H), weight (V, H)."""
+    total = h.new_zeros(())
+    for start in range(0, len(y), 4096):
+        logits = torch.addmm(bias, h[start : start + 4096], weight.t())  # (n, V)
+        total = total + F.cross_entropy(logits.float(), y[start : start + 4096], reduction="sum")
+    return total
+
+
+def sampled_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    """Summed sampled-softmax loss: the true word against k negatives shared by all N positions.
+
+    Negatives are drawn with replacement from the log-uniform distribution P(w) = log((w+2)/(w+1)) / log(V+1);
+    every logit is corrected by -log(k P(w)), so the loss estimates the full softmax's (Jean et al. 2015).
+    A negative that is the position's own target is masked out."""
+    V = weight.shape[0]
+    log_range = math.log(V + 1)
+    neg = (torch.exp(torch.rand(k, device=h.device) * log_range).long() - 1).clamp_(0, V - 1)  # (k,)
+
+    def log_expected(w: torch.Tensor) -> torch.Tensor:
+        return torch.log(k * (torch.log1p(1.0 / (w.to(h.dtype) + 1.0)) / log_range))
+
+    true_logit = (h * weight[y]).sum(-1) + bias[y] - log_expected(y)  # (N,)
+    neg_logit = torch.addmm(bias[neg], h, weight[neg].t()) - log_expected(neg)  # (N, k)
+    neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
+    logits = torch.cat([true_logit.unsqueeze(1), neg_logit], dim=1).float()  # (N, 1 + k); the target is column 0
+    return F.cross_entropy(logits, torch.zeros_like(y), reduction="sum")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True) -> Classifier:

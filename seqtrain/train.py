@@ -10,43 +10,43 @@ import json
 import math
 import os
 import platform
-import random
 import signal
 import time
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from seqtrain import checkpoint, console
-from seqtrain.config import Config, TrainConfig, dump_yaml, from_dict, physical_cores, read_yaml, to_dict
+from seqtrain.config import Config, check_resumable, dump_yaml, to_dict
 from seqtrain.data import BatchStream, build_vocab, make_loader
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
-from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
-from seqtrain.inference import evaluate, pick_device, task_loss, to_scores
+from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.inference import evaluate, task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import build_model, count_parameters, load_pretrained_embeddings
+from seqtrain.optim import lr_at, make_optimizer
+from seqtrain.pretrain import init_from_pretrained, load_encoder
+from seqtrain.runtime import (
+    Interrupted,
+    StopSignals,
+    all_gather,
+    all_reduce,
+    broadcast,
+    finish_distributed,
+    init_distributed,
+    resolve_workers,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tokenizers import Tokenizer
 
-# Keys that may differ between the first run and a --resume; everything else must match.
-RESUMABLE_CHANGES = {
-    "name", "output_dir", "train.epochs", "train.max_steps", "train.lr", "train.eval_every", "train.log_every",
-    "train.patience", "train.keep_last", "train.device", "train.num_threads", "data.max_eval_examples",
-}
-
-
-class Interrupted(SeqtrainError):
-    """Stopped by a signal after saving last/; exits with 128 + the signal number, like the shell."""
-
-    def __init__(self, msg: str, signum: int) -> None:
-        super().__init__(msg)
-        self.exit_code = 128 + signum
 
 
 def example_hashes(ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -60,42 +60,9 @@ def truncate_trace(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def resolve_workers(requested: int | None) -> int:
-    """data.num_workers: null means a worker only where a core is left over for it."""
-    if requested is not None:
-        return requested
-    return 1 if physical_cores() > 2 else 0
-
-
 def new_window() -> dict[str, float]:
     """Running sums for one logging window (reset after every train line)."""
     return {"t0": time.perf_counter(), "tokens": 0, "padded": 0, "wait": 0.0, "loss": 0.0, "correct": 0, "n": 0, "unk": 0}
-
-
-def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up, then constant, linear or cosine decay to zero at `total_steps`."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-    if t.lr_schedule == "linear":
-        return t.lr * (1.0 - progress)
-    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norms (1-D) — decaying them only hurts.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused=True: one kernel over all parameters instead of a dozen elementwise passes per tensor;
-    # on this CPU it cut AdamW on 5.5M parameters from 48 ms to 3 ms a step (~10% of an LSTM step).
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, fused=True)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, fused=True)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
@@ -120,34 +87,6 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
     return eps * g / torch.sqrt((g * g).sum(dim=(1, 2), keepdim=True) + 1e-6)
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    np_state: Any = np.random.get_state()
-    py = random.getstate()
-    return (
-        {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-        {"torch": torch.get_rng_state()},
-    )
-
-
-def _set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    torch.set_rng_state(tensors["torch"])
-
-
 def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tuple[Tokenizer, Labels, dict[str, Any]]:
     """A fresh run: refuse to overwrite one, stream the training split once, write the run's files."""
     t, run_dir = cfg.train, cfg.run_dir
@@ -159,7 +98,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    vocab = build_vocab(cfg)
+    vocab = build_vocab(cfg, init_from_pretrained(cfg)[0] if cfg.model.init_from else None)
     tokenizer, labels = vocab.tokenizer, vocab.labels
     # Under DDP each rank takes about 1/world of the rows; all stop when the first runs out.
     steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows) // world)
@@ -180,56 +119,6 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     return tokenizer, labels, run_info
 
 
-# --------------------------------------------------------------------------- torchrun / DDP
-# Under torchrun every rank runs train(); rank 0 builds the vocabulary, evaluates, logs and
-# writes checkpoints, the others read what it wrote. With one process these are no-ops.
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; gloo on CPU, NCCL on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_name)
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    return dist.get_rank(), world, device
-
-
-def broadcast(obj: Any, world: int) -> Any:
-    """Rank 0's value of `obj`, on every rank."""
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    x = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return [float(v) for v in x.tolist()]
-
-
 def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
           should_stop: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
@@ -237,8 +126,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     run_dir = cfg.run_dir
     started = time.perf_counter()
     rank, world, device = init_distributed(t.device)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    torch.set_num_threads(t.num_threads or max(1, physical_cores() // local_world))
+    set_threads(t.num_threads)
     if rank != 0:
         console.quiet()  # one progress display and one log: rank 0's
     if t.deterministic:
@@ -253,15 +141,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     # ---- vocabulary, labels and run directory (fresh) or the checkpoint to continue from (resume)
     ckpt_state: dict[str, Any] | None = None
     if resume:
-        if not (run_dir / "config.yaml").exists():
-            raise CheckpointError(f"nothing to resume in {run_dir}: no config.yaml. Start without --resume.")
-        saved = to_dict(from_dict(read_yaml(run_dir / "config.yaml")))
-        changed = [k for k in _config_diff(saved, to_dict(cfg)) if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(
-                f"cannot resume {run_dir}: {', '.join(changed)} differ from the run's config.yaml. Only these may change "
-                f"on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
-            )
+        check_resumable(cfg)
         ckpt, warnings = checkpoint.find(run_dir, "last")
         for w in warnings:
             console.warn(w)
@@ -297,9 +177,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
         )
 
     # ---- model and optimizer; seeded so the same config and seed give the same weights
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs).to(device)
     regression = labels.task == "regression"
     monitor = t.monitor if t.monitor != "auto" else ("mae" if regression else "accuracy")
@@ -326,13 +204,17 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
             s[k] = ckpt_state["train_state"].get(k, s[k])
         if "ranks" in ckpt_state:  # each rank continues from its own place in the stream
             s["positions"], s["next_slot"] = ckpt_state["ranks"][rank]
-        _set_rng_state(ckpt_state["rng"], rng)
+        set_rng_state(ckpt_state["rng"], rng)
     if cfg.model.pretrained_embeddings and ckpt_state is None:
         found, size = load_pretrained_embeddings(model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase)
         console.info(f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)")
         run_info["embedding_coverage"] = found / size
         if rank == 0:
             checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+    if cfg.model.init_from and ckpt_state is None:
+        _, encoder = init_from_pretrained(cfg)
+        load_encoder(model, encoder, cfg.model.init_from)
+        console.info(f"encoder (embeddings and recurrent layers) from {cfg.model.init_from}; the head starts fresh")
     if cfg.model.freeze_embeddings:
         model.embedding.weight.requires_grad_(False)
     # train.ema_decay: `ema` is what gets evaluated and saved as model.safetensors; `model` trains.
@@ -353,12 +235,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     )
 
     # ---- Ctrl-C / SIGTERM: finish the step, write last/, exit non-zero
-    stop: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.append(signum)
-
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopSignals()  # Ctrl-C / SIGTERM / SIGHUP: finish the step, write last/, exit non-zero
 
     use_amp = device.type == "cuda" and t.precision != "fp32"
     amp_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
@@ -370,7 +247,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
         ranks = all_gather((s["positions"], s["next_slot"]), world)
         if rank != 0:
             return
-        rng_json, rng_tensors = _rng_state()
+        rng_json, rng_tensors = rng_state()
         state = {
             "step": s["step"], "epoch": s["epoch"], "train_state": dict(s), "ranks": ranks, "rng": rng_json,
             "_rng_tensors": rng_tensors, "metrics": {k: v for k, v in reports.get(s["step"], {}).items() if k != "arrays"},
@@ -407,124 +284,116 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     last_eval_step = s["step"] if ckpt_state is not None else -1
     early_stop = False
     window = new_window()
-    try:
-        with console.TrainProgress(total_steps, s["step"], "mae" if regression else "acc") as bar:
-            while s["epoch"] < t.epochs and s["step"] < total_steps and not early_stop:
-                stream = BatchStream(
-                    cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
-                    epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
-                    rank=rank, world=world,
-                )
-                loader = iter(make_loader(stream, workers))
-                epoch_done = False
-                while True:
-                    tw = time.perf_counter()
-                    batch = next(loader, None)
-                    window["wait"] += time.perf_counter() - tw
-                    # All ranks agree on whether to go on: one running out of data ends the epoch for
-                    # all (no rank waits forever in an all-reduce), a signal on any rank stops all.
-                    exhausted, signalled = all_reduce([float(batch is None), float(bool(stop))], world, op="max")
-                    if signalled:
-                        save(best=False)
-                        signum = stop[0] if stop else signal.SIGTERM
-                        raise Interrupted(
-                            f"stopped by {signal.Signals(signum).name} at step {s['step']}; last/ is saved. Resume with: "
-                            f"seqtrain train {config_path} --resume",
-                            signum,
-                        )
-                    if exhausted:
-                        epoch_done = True
-                        break
-                    if s["step"] >= total_steps:
-                        break
-                    assert batch is not None
-                    ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
+    with stop, console.TrainProgress(total_steps, s["step"], "mae" if regression else "acc") as bar:
+        while s["epoch"] < t.epochs and s["step"] < total_steps and not early_stop:
+            stream = BatchStream(
+                cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True, seed=cfg.seed,
+                epoch=s["epoch"], limit=cfg.data.max_train_examples, resume=s["positions"], slot_offset=s["next_slot"],
+                rank=rank, world=world,
+            )
+            loader = iter(make_loader(stream, workers))
+            epoch_done = False
+            while True:
+                tw = time.perf_counter()
+                batch = next(loader, None)
+                window["wait"] += time.perf_counter() - tw
+                # All ranks agree on whether to go on: one running out of data ends the epoch for
+                # all (no rank waits forever in an all-reduce), a signal on any rank stops all.
+                exhausted, signalled = all_reduce([float(batch is None), float(stop.signum is not None)], world, op="max")
+                if signalled:
+                    save(best=False)
+                    signum = stop.signum or signal.SIGTERM
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(signum).name} at step {s['step']}; last/ is saved. Resume with: "
+                        f"seqtrain train {config_path} --resume",
+                        signum,
+                    )
+                if exhausted:
+                    epoch_done = True
+                    break
+                if s["step"] >= total_steps:
+                    break
+                assert batch is not None
+                ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
 
-                    lr = lr_at(s["step"], t, total_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.zero_grad(set_to_none=True)
-                    # train.adversarial_eps: a zero perturbation of the embeddings, whose gradient says
-                    # which way raises the loss; same RNG for both passes so they share dropout masks.
-                    delta = embedding_probe(ids, cfg.model.embedding_dim) if t.adversarial_eps else None
-                    with (
-                        torch.random.fork_rng(rng_devices, enabled=delta is not None, device_type=rng_device),
-                        torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
-                    ):
-                        logits = forward(ids, lengths, delta)  # (B, C); under DDP, backward all-reduces the gradients
-                        loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
-                    scaler.scale(loss).backward()
-                    if delta is not None and delta.grad is not None:
-                        r_adv = adversarial_perturbation(delta.grad, t.adversarial_eps)  # (B, T, E)
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                            adv_loss = task_loss(forward(ids, lengths, r_adv), y, labels, cfg, class_weights=class_weights)
-                        scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
-                    if t.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if ema is not None and t.ema_decay:
-                        ema_update(ema, model, t.ema_decay, s["step"])
+                lr = lr_at(s["step"], t, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                # train.adversarial_eps: a zero perturbation of the embeddings, whose gradient says
+                # which way raises the loss; same RNG for both passes so they share dropout masks.
+                delta = embedding_probe(ids, cfg.model.embedding_dim) if t.adversarial_eps else None
+                with (
+                    torch.random.fork_rng(rng_devices, enabled=delta is not None, device_type=rng_device),
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
+                ):
+                    logits = forward(ids, lengths, delta)  # (B, C); under DDP, backward all-reduces the gradients
+                    loss = task_loss(logits, y, labels, cfg, class_weights=class_weights)
+                scaler.scale(loss).backward()
+                if delta is not None and delta.grad is not None:
+                    r_adv = adversarial_perturbation(delta.grad, t.adversarial_eps)  # (B, T, E)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        adv_loss = task_loss(forward(ids, lengths, r_adv), y, labels, cfg, class_weights=class_weights)
+                    scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
+                if t.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None and t.ema_decay:
+                    ema_update(ema, model, t.ema_decay, s["step"])
 
-                    s["step"] += 1
-                    pos = batch["position"]
-                    s["positions"][str(pos["slot"])] = pos
-                    s["next_slot"] = (pos["slot"] + 1) % max(1, workers)
-                    window["tokens"] += int(batch["lengths"].sum())
-                    window["padded"] += batch["ids"].numel()
-                    window["unk"] += int((batch["ids"] == UNK_ID).sum())
-                    window["loss"] += loss.item() * len(y)
-                    if regression:  # the window's "accuracy" is the mean absolute error, in the target's units
-                        window["correct"] += float((to_scores(logits.detach(), labels, cfg) - y).abs().sum())
-                    else:
-                        window["correct"] += int((logits.argmax(-1) == y).sum())
-                    window["n"] += len(y)
-                    if t.trace_examples and rank == 0:
-                        with open(run_dir / "trained-examples.tsv", "a") as trace:
-                            trace.writelines(f"{s['step']}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
+                s["step"] += 1
+                pos = batch["position"]
+                s["positions"][str(pos["slot"])] = pos
+                s["next_slot"] = (pos["slot"] + 1) % max(1, workers)
+                window["tokens"] += int(batch["lengths"].sum())
+                window["padded"] += batch["ids"].numel()
+                window["unk"] += int((batch["ids"] == UNK_ID).sum())
+                window["loss"] += loss.item() * len(y)
+                if regression:  # the window's "accuracy" is the mean absolute error, in the target's units
+                    window["correct"] += float((to_scores(logits.detach(), labels, cfg) - y).abs().sum())
+                else:
+                    window["correct"] += int((logits.argmax(-1) == y).sum())
+                window["n"] += len(y)
+                if t.trace_examples and rank == 0:
+                    with open(run_dir / "trained-examples.tsv", "a") as trace:
+                        trace.writelines(f"{s['step']}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
 
-                    if s["step"] % t.log_every == 0 or s["step"] == total_steps:
-                        elapsed = time.perf_counter() - window["t0"]
-                        if world > 1:  # the log speaks for all ranks
-                            keys = ("tokens", "padded", "loss", "correct", "n")
-                            window.update(zip(keys, all_reduce([window[k] for k in keys], world), strict=True))
-                        record = {
-                            "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
-                            ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
-                            "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
-                            "data_wait": window["wait"] / elapsed, "unk_rate": window["unk"] / max(1, window["tokens"]),
-                            "bad_rows": pos["bad_rows"],
-                        }
-                        if rank == 0:
-                            log.write(record)
-                        bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=window["correct"] / window["n"], tps=record["tokens_per_sec"])
-                        window = new_window()
-                    else:
-                        bar.update(s["step"])
+                if s["step"] % t.log_every == 0 or s["step"] == total_steps:
+                    elapsed = time.perf_counter() - window["t0"]
+                    if world > 1:  # the log speaks for all ranks
+                        keys = ("tokens", "padded", "loss", "correct", "n")
+                        window.update(zip(keys, all_reduce([window[k] for k in keys], world), strict=True))
+                    record = {
+                        "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
+                        ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
+                        "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
+                        "data_wait": window["wait"] / elapsed, "unk_rate": window["unk"] / max(1, window["tokens"]),
+                        "bad_rows": pos["bad_rows"],
+                    }
+                    if rank == 0:
+                        log.write(record)
+                    bar.update(s["step"], epoch=s["epoch"], loss=record["loss"], acc=window["correct"] / window["n"], tps=record["tokens_per_sec"])
+                    window = new_window()
+                else:
+                    bar.update(s["step"])
 
-                    if t.eval_every and s["step"] % t.eval_every == 0:
-                        last_eval_step = s["step"]
-                        if run_eval():
-                            early_stop = True
-                            break
-                if not epoch_done or early_stop:
-                    break  # max_steps or early stopping, inside the epoch
-                s["epoch"] += 1
-                s["positions"], s["next_slot"] = {}, 0
-                if not t.eval_every and s["step"] != last_eval_step:
+                if t.eval_every and s["step"] % t.eval_every == 0:
                     last_eval_step = s["step"]
-                    early_stop = run_eval()
-            if s["step"] != last_eval_step:
-                run_eval()
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+                    if run_eval():
+                        early_stop = True
+                        break
+            if not epoch_done or early_stop:
+                break  # max_steps or early stopping, inside the epoch
+            s["epoch"] += 1
+            s["positions"], s["next_slot"] = {}, 0
+            if not t.eval_every and s["step"] != last_eval_step:
+                last_eval_step = s["step"]
+                early_stop = run_eval()
+        if s["step"] != last_eval_step:
+            run_eval()
+    finish_distributed(world)
     if rank != 0:
         return {}
 

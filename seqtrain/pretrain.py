@@ -1,0 +1,363 @@
+"""Language-model pretraining of the classifier's own encoder on unlabeled text, and `model.init_from`.
+
+    pretrain()           the loop: streamed, length-bucketed batches of text -> LanguageModel -> next
+                         (and, bidirectional, previous) token; held-out perplexity; checkpoints; resume
+    init_from_pretrained what `train` calls for `model.init_from`: the run's tokenizer and encoder weights
+
+It is `train.py`'s loop with a different model and metric, built from the same pieces (runtime,
+optim, checkpoint, data.BatchStream, metrics.MetricsLog, console.TrainProgress).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from seqtrain import checkpoint, console
+from seqtrain.config import Config, ModelConfig, check_resumable, dump_yaml, from_dict, read_yaml, to_dict
+from seqtrain.data import (
+    BatchStream,
+    build_text_vocab,
+    heldout_texts,
+    make_loader,
+    sorted_batches,
+    text_sources,
+)
+from seqtrain.encoding import encode, load_tokenizer
+from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
+from seqtrain.metrics import MetricsLog
+from seqtrain.model import Classifier, LanguageModel, count_parameters
+from seqtrain.optim import lr_at, make_optimizer
+from seqtrain.runtime import (
+    Interrupted,
+    StopSignals,
+    all_gather,
+    all_reduce,
+    broadcast,
+    finish_distributed,
+    init_distributed,
+    resolve_workers,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+)
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+KIND = "language-model"  # state.json's "kind": what init_from accepts
+
+
+@dataclass
+class PretrainState:
+    """Everything besides weights that a resume needs; saved in each checkpoint's state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    best: float | None = None  # lowest held-out NLL per token so far
+    best_step: int | None = None
+    positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
+    next_slot: int = 0
+    world: int = 1
+
+
+def check_encoder_shape(model: ModelConfig) -> None:
+    if model.bidirectional and model.num_layers > 1:
+        raise ConfigError(
+            "pretrain: model.bidirectional with model.num_layers > 1 cannot be trained as a language model: from the "
+            "second layer on, each direction reads the other's states, which have seen the token to predict. Use "
+            "num_layers: 1 with bidirectional: true, or bidirectional: false."
+        )
+
+
+def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tuple[Tokenizer, dict[str, Any]]:
+    """A fresh run: refuse to overwrite one, read the texts once, write the run's files."""
+    run_dir = cfg.run_dir
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(
+            f"{run_dir} already holds a run. Continue it with `seqtrain pretrain {config_path} --resume`, or pick "
+            "another output_dir (e.g. name=... or output_dir=...), or delete the folder."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    started = time.perf_counter()
+    tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg)
+    steps_per_epoch = max(1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows) // world)
+    names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
+    run_info = {
+        "kind": KIND, "num_train_examples": rows, "steps_per_epoch": steps_per_epoch,
+        "vocab_size": tokenizer.get_vocab_size(), "bad_rows": dict(bad), "workers": workers, "world": world,
+        "sources": names, "torch": torch.__version__,
+    }
+    checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
+    checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
+    checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+    console.info(
+        f"vocabulary {tokenizer.get_vocab_size():,} tokens from {rows:,} texts ({', '.join(names)})"
+        f"{f', skipped {dict(bad)}' if bad else ''} ({time.perf_counter() - started:.1f}s)"
+    )
+    return tokenizer, run_info
+
+
+def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.device) -> tuple[list[float], int]:
+    """Exact (full-vocabulary) NLL per token on the held-out texts, per direction, and the token count."""
+    model.eval()
+    totals = torch.zeros(model.encoder.directions, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for _, ids, lengths in sorted_batches(seqs, 64):
+            sums, n = model.nll(ids.to(device), lengths.to(device), exact=True)
+            totals += sums.double().cpu()
+            count += n
+    model.train()
+    return (totals / max(1, count)).tolist(), count
+
+
+def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
+    """Train the config's encoder as a language model; return the best held-out perplexities (rank 0)."""
+    t, run_dir = cfg.train, cfg.run_dir
+    check_encoder_shape(cfg.model)
+    started = time.perf_counter()
+    rank, world, device = init_distributed(t.device)
+    set_threads(t.num_threads)
+    if rank != 0:
+        console.quiet()
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    workers = resolve_workers(cfg.data.num_workers)
+
+    # ---- the run directory (fresh) or the checkpoint to continue from (resume)
+    ckpt_state: dict[str, Any] | None = None
+    if resume:
+        check_resumable(cfg)
+        ckpt, warnings = checkpoint.find(run_dir, "last")
+        for w in warnings:
+            console.warn(w)
+        weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt, verified=True)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        run_info = json.loads((run_dir / "run.json").read_text())
+        console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
+        if rank == 0:
+            log.truncate_after(ckpt_state["step"])
+    elif rank != 0:
+        error = broadcast(None, world)
+        if error:
+            raise SeqtrainError(error)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        run_info = json.loads((run_dir / "run.json").read_text())
+    else:
+        try:
+            tokenizer, run_info = prepare_run(cfg, workers, world, config_path)
+        except SeqtrainError as e:
+            broadcast(str(e), world)
+            raise
+        broadcast(None, world)
+    sources = text_sources(cfg)
+    heldout = encode(tokenizer, heldout_texts(cfg), sources[0][0]) if rank == 0 else []
+
+    # ---- model and optimizer
+    seed_everything(cfg.seed)
+    pre = cfg.pretrain
+    vocab_size = tokenizer.get_vocab_size()
+    model = LanguageModel(cfg.model, vocab_size, pre.softmax, pre.num_samples, pre.adaptive_cutoffs).to(device)
+    optimizer = make_optimizer(model, t)
+    steps_per_epoch = run_info["steps_per_epoch"]
+    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
+    state = PretrainState(world=world)
+    if ckpt_state is not None:
+        model.load_state_dict(weights)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        state = PretrainState(**ckpt_state["train_state"])
+        state.positions, state.next_slot = ckpt_state["ranks"][rank]
+        set_rng_state(ckpt_state["rng"], rng)
+    forward: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=pre.softmax == "adaptive",  # a batch may leave a tail cluster unused
+        )
+    use_amp = device.type == "cuda" and t.precision != "fp32"
+    amp_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.precision == "fp16")
+    console.info(
+        f"language model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters ({pre.softmax} softmax) on "
+        f"{device}, {torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+    )
+
+    def save(best: bool, metrics: dict[str, Any]) -> None:
+        ranks = all_gather((state.positions, state.next_slot), world)
+        if rank != 0:
+            return
+        rng_json, rng_tensors = rng_state()
+        checkpoint.save(run_dir, state.step, model, optimizer, {
+            "kind": KIND, "step": state.step, "epoch": state.epoch, "train_state": asdict(state), "ranks": ranks,
+            "rng": rng_json, "_rng_tensors": rng_tensors, "metrics": metrics, "model": to_dict(cfg)["model"],
+            "vocab_size": vocab_size,
+        }, best=best, keep_last=t.keep_last)
+
+    def evaluate_and_save() -> None:
+        """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint."""
+        metrics: dict[str, Any] = {}
+        improved = False
+        if rank == 0:
+            per_direction, tokens = heldout_nll(model, heldout, device)
+            nll = sum(per_direction) / len(per_direction)
+            metrics = {"step": state.step, "epoch": state.epoch, "split": "heldout", "loss": nll, "perplexity": math.exp(nll),
+                       "perplexity_forward": math.exp(per_direction[0]), "tokens": tokens}
+            if len(per_direction) == 2:
+                metrics["perplexity_backward"] = math.exp(per_direction[1])
+            log.write(metrics)
+            improved = state.best is None or nll < state.best
+            if improved:
+                state.best, state.best_step = nll, state.step
+            bar.log(f"step {state.step:,} epoch {state.epoch}: held-out perplexity {math.exp(nll):.1f}"
+                    f"{'  (best)' if improved else ''}")
+        save(best=bool(broadcast(improved, world)), metrics=metrics)
+
+    # ---- the loop
+    model.train()
+    last_eval_step = state.step if ckpt_state is not None else -1
+    window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
+    with StopSignals() as stop, console.TrainProgress(total_steps, state.step, "held-out ppl") as bar:
+        while state.epoch < t.epochs and state.step < total_steps:
+            stream = BatchStream(
+                cfg.data, cfg.data.train_split, tokenizer, None, t.batch_size, shuffle=True, seed=cfg.seed,
+                epoch=state.epoch, limit=cfg.data.max_train_examples, resume=state.positions,
+                slot_offset=state.next_slot, rank=rank, world=world, sources=sources, heldout=pre.heldout_fraction,
+            )
+            loader = iter(make_loader(stream, workers))
+            epoch_done = False
+            while True:
+                batch = next(loader, None)
+                exhausted, signalled = all_reduce([float(batch is None), float(stop.signum is not None)], world, op="max")
+                if signalled:
+                    save(best=False, metrics={})
+                    signum = stop.signum or signal.SIGTERM
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(signum).name} at step {state.step}; last/ is saved. Resume with: "
+                        f"seqtrain pretrain {config_path} --resume", signum,
+                    )
+                if exhausted:
+                    epoch_done = True
+                    break
+                if state.step >= total_steps:
+                    break
+                assert batch is not None
+                ids, lengths = batch["ids"].to(device), batch["lengths"].to(device)  # (B, T), (B,)
+
+                lr = lr_at(state.step, t, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    nll_sums, targets = forward(ids, lengths)  # (directions,), targets per direction
+                    loss = nll_sums.mean() / max(1, targets)  # mean NLL per target token, averaged over directions
+                scaler.scale(loss).backward()
+                if t.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+
+                state.step += 1
+                position = batch["position"]
+                state.positions[str(position["slot"])] = position
+                state.next_slot = (position["slot"] + 1) % max(1, workers)
+                window["tokens"] += float(batch["lengths"].sum())
+                window["loss"] += loss.item()
+                window["steps"] += 1
+                if state.step % t.log_every == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window["start"]
+                    tokens, loss_sum, steps = all_reduce([window["tokens"], window["loss"], window["steps"]], world)
+                    record = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_sum / steps,
+                              "lr": lr, "tokens_per_sec": tokens / elapsed, "bad_rows": position["bad_rows"]}
+                    if rank == 0:
+                        log.write(record)
+                    shown = math.exp(state.best) if state.best is not None else 0.0
+                    bar.update(state.step, epoch=state.epoch, loss=record["loss"], acc=shown, tps=record["tokens_per_sec"])
+                    window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
+                else:
+                    bar.update(state.step)
+                if t.eval_every and state.step % t.eval_every == 0:
+                    last_eval_step = state.step
+                    evaluate_and_save()
+            if not epoch_done:
+                break  # max_steps, inside the epoch
+            state.epoch += 1
+            state.positions, state.next_slot = {}, 0
+            if not t.eval_every and state.step != last_eval_step:
+                last_eval_step = state.step
+                evaluate_and_save()
+        if state.step != last_eval_step:
+            evaluate_and_save()
+    finish_distributed(world)
+    if rank != 0:
+        return {}
+    summary = {"best_step": state.best_step, "heldout_perplexity": math.exp(state.best or 0.0),
+               "train_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    checkpoint.write_json_atomic(run_dir / "pretrain-summary.json", summary)
+    try:
+        from seqtrain.plots import plot_run_curves
+
+        plot_run_curves([run_dir], run_dir / "curves.png")
+    except Exception as e:  # a picture is a bonus
+        console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
+    console.info(f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
+                 f"fine-tune from it with model.init_from: {run_dir}")
+    return summary
+
+
+# --------------------------------------------------------------------------- model.init_from
+
+
+def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
+    """The pretrained run's tokenizer and its encoder weights (names as in `Classifier`), after checking
+    that `cfg.model` and `cfg.tokenizer` match the run's. Errors name the key and both values."""
+    source = Path(cfg.model.init_from or "")
+    if not (source / "config.yaml").is_file() or not (source / "tokenizer.json").is_file():
+        raise ConfigError(f"model.init_from: {str(source)!r} is not a `seqtrain pretrain` run directory "
+                          "(no config.yaml and tokenizer.json there).")
+    theirs = from_dict(read_yaml(source / "config.yaml"))
+    for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional"):
+        mine, other = getattr(cfg.model, key), getattr(theirs.model, key)
+        if mine != other:
+            raise ConfigError(f"model.{key} is {mine!r}, but the pretrained encoder in {source} has {other!r}. "
+                              f"Set model.{key}: {other!r} (or pretrain another encoder).")
+    for key in ("kind", "vocab_size", "min_frequency", "lowercase"):
+        mine, other = getattr(cfg.tokenizer, key), getattr(theirs.tokenizer, key)
+        if mine != other:
+            raise ConfigError(f"tokenizer.{key} is {mine!r}, but model.init_from reuses the tokenizer of {source}, built "
+                              f"with {other!r}. Set tokenizer.{key}: {other!r}.")
+    ckpt, warnings = checkpoint.find(source, "best")
+    for w in warnings:
+        console.warn(w)
+    weights, state, _, _ = checkpoint.load(ckpt)
+    if state.get("kind") != KIND:
+        raise CheckpointError(f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run.")
+    encoder = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+    return load_tokenizer(source / "tokenizer.json"), encoder
+
+
+def load_encoder(model: Classifier, encoder: dict[str, torch.Tensor], source: str) -> None:
+    """Copy the pretrained embedding and recurrent layers into `model`; its head keeps its fresh start."""
+    own = model.state_dict()
+    for name, tensor in encoder.items():
+        if name not in own:
+            raise ConfigError(f"model.init_from: {source} holds {name}, which this model does not have.")
+        if own[name].shape != tensor.shape:
+            raise ConfigError(f"model.init_from: {name} is {tuple(tensor.shape)} in {source} but "
+                              f"{tuple(own[name].shape)} here; the vocabulary or model shapes differ.")
+    missing = [n for n in own if n.startswith(("embedding.", "layers.")) and n not in encoder]
+    if missing:
+        raise ConfigError(f"model.init_from: {source} lacks {', '.join(missing[:3])}.")
+    model.load_state_dict(encoder, strict=False)

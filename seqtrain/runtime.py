@@ -1,0 +1,148 @@
+"""Where a run executes: torchrun/DDP start-up and collectives, threads, data workers, RNG state
+and the signals that stop a run. Shared by `train.py` and `pretrain.py`.
+
+Under torchrun every rank runs the same loop; rank 0 builds the vocabulary, evaluates, logs and
+writes checkpoints, the others read what it wrote. With one process the collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from types import FrameType, TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqtrain.config import physical_cores
+from seqtrain.errors import SeqtrainError
+from seqtrain.inference import pick_device
+
+# Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), world, device
+
+
+def finish_distributed(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def set_threads(num_threads: int | None) -> None:
+    """train.num_threads, else the physical cores shared among this machine's processes."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(num_threads or max(1, physical_cores() // local_world))
+
+
+def resolve_workers(requested: int | None) -> int:
+    """data.num_workers: null means a worker only where a core is left over for it."""
+    if requested is not None:
+        return requested
+    return 1 if physical_cores() > 2 else 0
+
+
+def broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's value of `obj`, on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    x = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return [float(v) for v in x.tolist()]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python's, numpy's and torch's generators (plus every CUDA device's): JSON part, tensor part."""
+    np_state: Any = np.random.get_state()
+    py = random.getstate()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    return (
+        {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        tensors,
+    )
+
+
+def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` records SIGINT/SIGTERM/SIGHUP instead of dying mid-step; the loop
+    checks `stop.signum` between steps, saves last/ and exits 128 + signum."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopSignals:
+        self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(SeqtrainError):
+    """Stopped by a signal after saving last/; exits with 128 + the signal number, like the shell."""
+
+    def __init__(self, msg: str, signum: int) -> None:
+        super().__init__(msg)
+        self.exit_code = 128 + signum
