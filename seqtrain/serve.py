@@ -211,6 +211,7 @@ class Batcher:
     metrics: Metrics
     jobs: deque[Job] = field(default_factory=deque)
     waiting: int = 0  # texts in `jobs`
+    explaining: int = 0  # texts of /explain requests, waiting or running
     closing: bool = False
     ready: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -220,8 +221,8 @@ class Batcher:
         """503 unless `n` more texts fit in the queue."""
         if self.closing or not self.ready:
             raise ApiError(503, "the server is " + ("shutting down." if self.closing else "starting."), {"Retry-After": "1"})
-        if self.waiting + n > self.opts.max_queue:
-            raise ApiError(503, f"the queue is full ({self.waiting} of {self.opts.max_queue} texts waiting); retry shortly.",
+        if (queued := self.waiting + self.explaining) + n > self.opts.max_queue:
+            raise ApiError(503, f"the queue is full ({queued} of {self.opts.max_queue} texts waiting); retry shortly.",
                            {"Retry-After": "1"})
 
     def submit(self, texts: list[str], top_k: int | None) -> asyncio.Future[list[str]]:
@@ -234,9 +235,12 @@ class Batcher:
         self.wake.set()
         return future
 
-    def _count(self, n: int) -> None:
-        self.waiting += n
-        self.metrics.queue.set(self.waiting)
+    def _count(self, n: int, explain: bool = False) -> None:
+        if explain:
+            self.explaining += n
+        else:
+            self.waiting += n
+        self.metrics.queue.set(self.waiting + self.explaining)
 
     async def warm_up(self) -> None:
         """One forward pass before /ready says yes: the first real request pays no lazy initialisation."""
@@ -317,11 +321,11 @@ class Batcher:
             return [json.dumps(explain.to_record(ex, self.run, "occlusion")) for ex in explain.explain_texts(self.run, texts)]
 
         self.admit(len(texts))
-        self._count(len(texts))
+        self._count(len(texts), explain=True)
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, run)
         finally:
-            self._count(-len(texts))
+            self._count(-len(texts), explain=True)
 
     async def close(self, task: asyncio.Task[None]) -> None:
         """Stop taking requests, finish the queued ones, stop the worker."""

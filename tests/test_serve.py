@@ -238,6 +238,26 @@ def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
         assert post(u, {"texts": ["after the flood", "it drains"]}).status_code == 200
 
 
+def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqtrain import serve
+
+    def fragile(run: Any, texts: list[str], **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        if "BOOM" in texts:
+            raise RuntimeError("the model broke")
+        return predict_stream(run, texts, **kwargs)
+
+    predict_stream = serve.predict_stream
+    monkeypatch.setattr(serve, "predict_stream", fragile)
+    with serving(run_dir, max_wait_ms=300.0) as u:  # the four requests share a batch, which fails
+        bodies = [{"texts": ["good", "fine"]}, {"texts": ["still good", "BOOM"]}, {"text": "great"}, {"texts": ["dull"]}]
+        responses = asyncio.run(post_all(u, bodies))
+        assert metric(u, "seqtrain_batch_texts_count") == 1 + 4  # the shared batch, then each request alone
+    assert [r.status_code for r in responses] == [200, 500, 200, 200]
+    assert responses[1].json() == {"error": "the model failed on this request's texts.", "status": 500}
+    assert [p["text"] for p in responses[0].json()["predictions"]] == ["good", "fine"]
+    assert responses[2].json()["text"] == "great"
+
+
 # --------------------------------------------------------------------------- the other endpoints
 
 
