@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from seqtrain.errors import DataError
 
+T = TypeVar("T")
 BAD_UTF8 = "\U0010fffd"  # stands in for undecodable bytes; a private-use character real text does not hold
 _HANDLER = "seqtrain-mark-bad-utf8"
 
@@ -97,3 +98,9 @@ def label_problem(label: Any, names: list[str] | None) -> str | None:
 def split_path(data: Any, split: str) -> str:
     """The path open_split reads `split` from (data.eval_path for the eval split, when set)."""
     return str(data.eval_path if (split == data.eval_split and data.eval_path) else data.path)
+
+
+def guarded(items: Iterable[T], path: str, split: str) -> Iterator[T]:
+    """`items` (a stream over a split), with `reading`'s messages for errors raised while it is read."""
+    with reading(path, split):
+        yield from items

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqtrain import checkpoint
+from seqtrain import badrows, checkpoint
 from seqtrain.config import Config, from_dict, read_yaml
 from seqtrain.data import BatchStream, sorted_batches
 from seqtrain.encoding import UNK_ID, Labels, encode, read_run_files
@@ -154,7 +154,7 @@ def evaluate(
     loss_sum, tokens, unk = 0.0, 0, 0
     start = time.perf_counter()
     bad: dict[str, int] = {}
-    for batch in stream:
+    for batch in badrows.guarded(stream, badrows.split_path(data, split), split):  # a broken file: a message, not a traceback
         ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
         out = model(ids, lengths)
         loss_sum += task_loss(out, y, labels, cfg, reduction="sum").item()

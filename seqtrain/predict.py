@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from seqtrain import badrows
 from seqtrain.config import Config, DataConfig
 from seqtrain.encoding import Labels, encode
 from seqtrain.errors import DataError, SeqtrainError
@@ -186,7 +187,7 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
     columns = list(ds.column_names or [])
     if columns and text_column not in columns:
         raise DataError(f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column.")
-    for n, row in enumerate(ds, 1):
+    for n, row in enumerate(badrows.guarded(ds, path, split), 1):
         text = row.get(text_column)
         if isinstance(text, str) and text.strip():
             yield text, row.get(id_column)

@@ -203,6 +203,13 @@ def csv_files(ctx: Ctx, train: bytes, skip: bool = True, **data: Any) -> list[st
     return ["train", ctx.config(data=section)]
 
 
+def broken_eval_csv(ctx: Ctx) -> list[str]:
+    args = csv_files(ctx, good_csv(), skip=False)
+    with open(ctx.tmp / "val.csv", "a") as f:
+        f.write("too,many,fields\n")
+    return args
+
+
 def good_csv(n: int = 60) -> bytes:
     return ("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in synthetic_rows(n, 0))).encode()
 
@@ -327,6 +334,7 @@ CASES = [
          r"line 62"),
     Case("csv-extra-field-error", lambda c: csv_files(c, good_csv() + b"too,many,fields\n", skip=False), 1,
          r"train\.csv.*line 62"),
+    Case("csv-eval-split-extra-field-error", broken_eval_csv, 1, r"split 'validation' of .*val\.csv.*line 22"),
     Case("csv-not-utf8-skip", lambda c: csv_files(c, good_csv() + b"caf\xe9 \xff\xfe,1\n"), 0, r"skipped.*text is not valid UTF-8': 1"),
     Case("csv-zero-bytes", lambda c: csv_files(c, b""), 1, r"train\.csv.*empty"),
     Case("parquet-zero-rows", empty_parquet, 1, r"split 'train'.*(no usable rows|empty)"),
