@@ -256,16 +256,11 @@ def explain_stream(model: Predictor, records: Iterable[Record], method: str, lab
 
 def to_record(ex: Explanation, model: Predictor, method: str) -> dict[str, Any]:
     """One JSONL object: the prediction, what is explained, and each token with its offsets and score."""
-    names = model.labels.names
+    from seqtrain.predict import to_record as prediction
+
     record: dict[str, Any] = {"id": ex.id} if ex.id is not None else {}
-    record["text"] = ex.text
-    if model.labels.task == "regression":
-        record["score"] = round(float(ex.probs[0]), 6)
-        record["explained"] = "score"
-    else:
-        record["label"] = names[int(ex.probs.argmax())]
-        record["probs"] = {name: round(float(p), 6) for name, p in zip(names, ex.probs, strict=True)}
-        record["explained"] = names[ex.target]
+    record.update(prediction(model.labels, ex.text, ex.probs))  # what `predict` writes for this text
+    record["explained"] = "score" if model.labels.task == "regression" else model.labels.names[ex.target]
     record["method"] = method
     record["tokens"] = [
         {"text": ex.text[a:b], "start": a, "end": b, "score": round(float(s), 6)}
@@ -381,7 +376,8 @@ def explain_command(target: Path, texts: list[str], input: str | None, label: st
     if method == "integrated-gradients" and isinstance(model, ExportedRun):
         raise ExplainError("integrated gradients needs the model's gradients: give the run directory, or use --method occlusion.")
     bad: list[str] = []
-    records = read_inputs(input, text_column, id_column, bad, strict) if input is not None else ((t, None) for t in texts)
+    blank: list[int] = []
+    records = read_inputs(input, text_column, id_column, bad, strict, blank) if input is not None else ((t, None) for t in texts)
     started = time.perf_counter()
     sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
     try:
@@ -393,6 +389,9 @@ def explain_command(target: Path, texts: list[str], input: str | None, label: st
     seconds = time.perf_counter() - started
     if bad:
         console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    if blank:
+        console.warn(f"blank input line(s) {', '.join(map(str, blank[:20]))}{' ...' if len(blank) > 20 else ''}: "
+                     "explained as empty texts (no tokens), one output line per input line.")
     where = f" to {output}" if output != "-" else ""
     console.info(f"explained {n:,} texts ({tokens:,} tokens) with {method}{where} in {seconds:.2f} s: {n / max(seconds, 1e-9):,.1f} texts/s")
 

@@ -183,6 +183,14 @@ def test_jsonl_rows_follow_the_input_lines_and_bad_lines_are_reported(run_dir: P
         assert r["explained"] == r["label"] and set(r["probs"]) == {"negative", "positive"}
         assert [t["text"] for t in r["tokens"]] == [r["text"][t["start"] : t["end"]] for t in r["tokens"]]
     assert rows[1]["tokens"][0] == {"text": "dull", "start": 0, "end": 4, "score": rows[1]["tokens"][0]["score"]}
+    # .txt keeps one output line per input line, as predict does: a blank line is an empty text, reported
+    txt = tmp_path / "in.txt"
+    txt.write_bytes(b"a gorgeous film\n\n\xff bad bytes\nawful\n")
+    result = runner.invoke(app, ["explain", str(run_dir), "--input", str(txt), "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["text"], len(r["tokens"])) for r in rows] == [("a gorgeous film", 3), ("", 0), ("awful", 1)]
+    assert "blank input line(s) 2" in result.stderr and "line 3: not valid UTF-8" in result.stderr
 
 
 def test_label_and_method_choices(run_dir: Path) -> None:
