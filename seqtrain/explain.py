@@ -361,8 +361,9 @@ def explain_command(target: Path, texts: list[str], input: str | None, label: st
                     batch_size: int = 256, steps: int = 32, strict: bool = False) -> None:
     """`seqtrain explain`: read texts as `predict` does, explain each, write them in order; texts/s on stderr."""
     from seqtrain import console
-    from seqtrain.predict import read_inputs
+    from seqtrain.predict import check_output, open_output, read_inputs
 
+    check_output(output)  # before loading anything
     model = load_target(target, checkpoint)
     index = None
     if label is not None:
@@ -379,7 +380,7 @@ def explain_command(target: Path, texts: list[str], input: str | None, label: st
     blank: list[int] = []
     records = read_inputs(input, text_column, id_column, bad, strict, blank) if input is not None else ((t, None) for t in texts)
     started = time.perf_counter()
-    sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
+    sink = sys.stdout if output == "-" else open_output(output)
     try:
         chunk = 64 if input == "-" else 512  # stdin: answer sooner
         n, tokens = write_explanations(model, explain_stream(model, records, method, index, chunk, batch_size, steps), sink, fmt, method)

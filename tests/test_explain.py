@@ -202,6 +202,8 @@ def test_label_and_method_choices(run_dir: Path) -> None:
     assert result.exit_code == 2 and "--method" in result.output
     result = runner.invoke(app, ["explain", str(run_dir)])
     assert result.exit_code == 2
+    result = runner.invoke(app, ["explain", str(run_dir), "a film", "--output", str(run_dir / "missing" / "x.html")])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
 
 
 def test_html_is_one_escaped_page(run_dir: Path, tmp_path: Path) -> None:
