@@ -11,6 +11,8 @@ import html
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -252,6 +254,14 @@ def test_occlusion_on_the_onnx_export_matches_the_run(run_dir: Path, run: Run, v
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
     result = runner.invoke(app, ["explain", str(tmp_path / "onnx"), "a film", "--method", "integrated-gradients"])
     assert result.exit_code == 2 and "run directory" in result.output
+    code = (  # occlusion on an export folder never imports torch
+        "import sys\nfrom seqtrain.cli import app\ntry:\n"
+        f"    app(['explain', {str(tmp_path / 'onnx')!r}, 'a gorgeous film', '--format', 'jsonl'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"][1]["text"] == "gorgeous"
 
 
 def test_top_words_per_class_in_eval_report(run: Run, run_dir: Path) -> None:
