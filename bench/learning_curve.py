@@ -1,0 +1,159 @@
+"""Few labels: IMDB validation accuracy against the number of labelled training reviews, and against
+minutes of language-model pretraining. `python -m bench.learning_curve [--sizes 1000 2000] [--lines ...]`
+
+Lines (issue 16):
+  scratch    configs/imdb-best.yaml's recipe from scratch on the first N training reviews
+  pretrained configs/imdb-semi.yaml: the same classifier fine-tuned from a `seqtrain pretrain` run
+  linear     NB-weighted uni+bigrams + logistic regression (bench.baselines' strongest), on the same N
+
+Small N trains for more epochs, so that every run takes at least --min-steps steps (N = 500 at 8 epochs
+would be 64 steps). `--pretrain-runs` adds the second figure: accuracy at one N against pretraining
+minutes, one fine-tune per pretraining snapshot (a run directory whose best/ is that snapshot).
+
+Each measured point is appended to bench/out/learning_curve.jsonl (nothing is recomputed or copied);
+the table between the markers in BENCHMARKS.md and bench/out/learning_curve.png are drawn from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.baselines import read_split
+from bench.bench import data_path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+RESULTS = OUT / "learning_curve.jsonl"
+BEGIN, END = "<!-- bench.learning_curve:begin -->", "<!-- bench.learning_curve:end -->"
+
+
+def nb_bigrams_accuracy(n: int) -> float:
+    """NB-weighted binary 1-2 grams + logistic regression (Wang & Manning 2012) on the first n reviews."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    data = data_path()
+    train, valid = read_split(data, "train").iloc[:n], read_split(data, "validation")
+    vec = CountVectorizer(ngram_range=(1, 2), binary=True, min_df=1 if n < 5000 else 2)
+    x_train, x_valid = vec.fit_transform(train.text), vec.transform(valid.text)
+    y = train.label.to_numpy()
+    p = 1 + x_train[y == 1].sum(0)
+    q = 1 + x_train[y == 0].sum(0)
+    r = np.asarray(np.log((p / p.sum()) / (q / q.sum()))).ravel()
+    clf = LogisticRegression(C=1.0, max_iter=3000).fit(x_train.multiply(r).tocsr(), y)
+    return float((clf.predict(x_valid.multiply(r).tocsr()) == valid.label.to_numpy()).mean())
+
+
+def train_point(config: str, n: int, min_steps: int, threads: int, extra: list[str]) -> dict[str, Any]:
+    from seqtrain.config import load_config
+    from seqtrain.train import train
+
+    cfg = load_config(ROOT / config)
+    epochs = max(cfg.train.epochs, math.ceil(min_steps * cfg.train.batch_size / n))
+    name = f"curve-{Path(config).stem}-{n}-" + "-".join(e.replace("/", "_").replace("=", "_") for e in extra)
+    overrides = [f"data.max_train_examples={n}", f"train.epochs={epochs}", f"train.num_threads={threads}",
+                 f"output_dir=runs/curve/{name.rstrip('-')}", *extra]
+    cfg = load_config(ROOT / config, overrides)
+    started = time.perf_counter()
+    report = train(cfg)
+    return {"accuracy": report["accuracy"], "minutes": (time.perf_counter() - started) / 60, "epochs": epochs,
+            "overrides": overrides}
+
+
+def record(point: dict[str, Any]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(point) + "\n")
+    print(json.dumps(point), flush=True)
+
+
+def render() -> None:
+    """Table and PNG from every point measured so far (the newest per line and size)."""
+    points: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for line in RESULTS.read_text().splitlines() if RESULTS.exists() else []:
+        p = json.loads(line)
+        points[(p["line"], p["n"], p.get("pretrain", ""))] = p
+    by_size = sorted({k[1] for k in points if not k[2]})
+    lines = ["scratch", "pretrained", "linear"]
+    table = ["| labelled reviews | " + " | ".join(lines) + " |", "|---:|" + "---:|" * len(lines)]
+    for n in by_size:
+        cells = []
+        for line in lines:
+            p = points.get((line, n, ""))
+            cells.append(f"{p['accuracy']:.2%} ({p['minutes']:.1f} min)" if p else "not run")
+        table.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    pre = sorted((p for k, p in points.items() if k[2]), key=lambda p: p["pretrain_minutes"])
+    if pre and ("scratch", pre[0]["n"], "") in points:  # no pretraining at all: the scratch run at that size
+        pre.insert(0, {**points[("scratch", pre[0]["n"], "")], "pretrain": "none (scratch)", "pretrain_steps": 0,
+                       "pretrain_minutes": 0.0})
+    if pre:
+        table += ["", "| pretraining snapshot | pretraining steps | pretraining minutes (as run) | labelled | fine-tuned accuracy |",
+                  "|---|---:|---:|---:|---:|"]
+        table += [f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['accuracy']:.2%} |"
+                  for p in pre]
+    text = "\n".join(table)
+    bench_md = ROOT / "BENCHMARKS.md"
+    body = bench_md.read_text()
+    if BEGIN in body:
+        head, rest = body.split(BEGIN, 1)
+        bench_md.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    print(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if pre else 1, figsize=(11 if pre else 6, 4), squeeze=False)
+    for line in lines:
+        xs = [n for n in by_size if (line, n, "") in points]
+        axes[0][0].plot(xs, [points[(line, n, "")]["accuracy"] * 100 for n in xs], marker="o", label=line)
+    axes[0][0].set(xscale="log", xlabel="labelled training reviews", ylabel="IMDB validation accuracy (%)")
+    axes[0][0].legend()
+    if pre:
+        axes[0][1].plot([p["pretrain_minutes"] for p in pre], [p["accuracy"] * 100 for p in pre], marker="o")
+        axes[0][1].set(xlabel="pretraining minutes (as run)", ylabel=f"accuracy with {pre[0]['n']:,} labels (%)")
+    fig.tight_layout()
+    fig.savefig(OUT / "learning_curve.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.learning_curve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="*", default=[500, 1000, 2000, 5000, 20000])
+    p.add_argument("--lines", nargs="*", default=["linear", "scratch", "pretrained"])
+    p.add_argument("--min-steps", type=int, default=300, help="train at least this many steps at small N")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pretrain-runs", nargs="*", type=Path, default=[],
+                   help="pretraining snapshots (run directories) for the accuracy-vs-pretraining-minutes figure")
+    p.add_argument("--pretrain-size", type=int, default=1000, help="labelled reviews for that figure")
+    p.add_argument("--render-only", action="store_true")
+    a = p.parse_args(argv)
+    if not a.render_only:
+        for n in a.sizes:
+            for line in a.lines:
+                if line == "linear":
+                    started = time.perf_counter()
+                    acc = nb_bigrams_accuracy(n)
+                    record({"line": line, "n": n, "accuracy": acc, "minutes": (time.perf_counter() - started) / 60})
+                else:
+                    config = "configs/imdb-best.yaml" if line == "scratch" else "configs/imdb-semi.yaml"
+                    record({"line": line, "n": n, **train_point(config, n, a.min_steps, a.threads, [])})
+        for run in a.pretrain_runs:
+            state = json.loads((run / "best" / "state.json").read_text())
+            minutes = json.loads((run / "pretrain-minutes.json").read_text())["minutes"]
+            point = train_point("configs/imdb-semi.yaml", a.pretrain_size, a.min_steps, a.threads,
+                                [f"model.init_from={run}"])
+            record({"line": "pretrained", "n": a.pretrain_size, "pretrain": run.name, "pretrain_steps": state["step"],
+                    "pretrain_minutes": minutes, **point})
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
