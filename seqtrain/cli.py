@@ -78,6 +78,17 @@ def train(
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted.", 130) from None
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+        raise _out_of_memory(e) from None
+
+
+def _out_of_memory(e: BaseException) -> BaseException:
+    """A failed allocation as a message that says which settings size the memory; any other error as it was."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if not isinstance(e, MemoryError) and not any(s in text.lower() for s in ("out of memory", "alloc", "not enough memory")):
+        return e
+    return _fail(f"out of memory: {text}. Make the model smaller (model.hidden_size, model.embedding_dim, model.num_layers, "
+                 "tokenizer.vocab_size) or the batches (train.batch_size, data.max_length).", 1)
 
 
 @app.command(epilog=_train_epilog())

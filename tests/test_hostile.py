@@ -466,3 +466,14 @@ def test_no_fault_injection_hook_in_product_code() -> None:
     """The SIGKILL-after-save hook lives in tests/fault_entry.py, not behind an environment variable in seqtrain."""
     for py in (ROOT / "seqtrain").glob("*.py"):
         assert "SEQTRAIN_KILL_AFTER_SAVE" not in py.read_text(), py
+
+
+def test_out_of_memory_while_building_the_model_is_a_message(tmp_path: Path, data_dir: Path) -> None:
+    """Below the parameter cap, an allocation can still fail (a small machine): exit 1 with a message that
+    names the settings to shrink, no traceback. The failure is injected by the test-only entry point."""
+    cfg = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "tests.fault_entry", "no-memory", "train", str(cfg)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert re.search(r"out of memory: .*not enough memory.*model\.hidden_size", " ".join(proc.stderr.split())), proc.stderr
