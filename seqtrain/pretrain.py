@@ -130,6 +130,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     set_threads(t.num_threads)
     if rank != 0:
         console.quiet()
+    if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
+        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume):
+            console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
     log = MetricsLog(run_dir / "metrics.jsonl")
     workers = resolve_workers(cfg.data.num_workers)
 
@@ -314,6 +317,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
     console.info(f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
                  f"fine-tune from it with model.init_from: {run_dir}")
+    checkpoint.unlock_run_dir(run_dir)
     return summary
 
 
