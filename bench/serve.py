@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--soak", type=int, default=0, help="then this many requests, 1%% malformed (issue 19: 100000)")
     parser.add_argument("--soak-concurrency", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -369,7 +369,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
     max_batch_size: Annotated[int, typer.Option(help="Texts in one forward pass, from one or several requests.")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting text waits for others to join its batch.")] = 2.0,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting text waits for others to join its batch "
+                                                    "(0: texts gather while the model runs; a batch takes all that wait).")] = 0.0,
     max_queue: Annotated[int, typer.Option(help="Texts waiting for the model; a request that would exceed it gets 503 with Retry-After.")] = 1024,
     max_texts: Annotated[int, typer.Option(help="Texts in one request; more get 413.")] = 256,
     max_bytes: Annotated[int, typer.Option(help="Bytes in one request body; more get 413.")] = 1_000_000,

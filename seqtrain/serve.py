@@ -75,7 +75,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the one chosen is printed)
     max_batch_size: int = 64  # texts in one forward pass
-    max_wait_ms: float = 2.0  # how long the oldest waiting text may wait for others to join its batch
+    max_wait_ms: float = 0.0  # how long the oldest waiting text may wait for others to join its batch (0: none;
+    # texts still gather while the model runs, and a batch takes all that wait when it is free)
     max_queue: int = 1024  # texts waiting for the model; a request that would overflow it gets 503
     max_texts: int = 256  # texts in one request; more: 413
     max_bytes: int = 1_000_000  # bytes in one request body; more: 413
