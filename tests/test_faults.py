@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -159,3 +160,36 @@ def test_predict_reports_undecodable_lines_and_keeps_order(tiny_data: Path, tmp_
     assert "line 2: not valid UTF-8" in result.output
     strict = runner.invoke(app, ["predict", str(tmp_path / "run"), "--input", str(txt), "--strict"])
     assert strict.exit_code == 1 and "line 2" in strict.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_signal_to_the_whole_process_group_with_workers_saves_last(tiny_data: Path, tmp_path: Path, signum: int) -> None:
+    """`kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal every process of the group,
+    DataLoader workers included: the run must still save last/ and exit 128 + signum, no traceback."""
+    cfg = tmp_path / "group.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_data, tmp_path / "group", data={"num_workers": 2},
+                                                      train={"epochs": 20, "eval_every": 1000, "trace_examples": True}))))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "seqtrain", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    wait_for_step(tmp_path / "group", 10, proc)
+    os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in out + err
+    assert json.loads((tmp_path / "group" / "last" / "state.json").read_text())["step"] >= 10
+
+
+def test_the_printed_resume_command_keeps_the_overrides_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, tiny_data, "hint", train={"epochs": 20, "trace_examples": True})
+    proc = start(cfg, "train.log_every=7", f"output_dir={tmp_path / 'elsewhere'}")
+    wait_for_step(tmp_path / "elsewhere", 5, proc)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    hint = " ".join(err.split("Resume with:", 1)[1].split())  # rich wraps long lines
+    assert hint.startswith("seqtrain train ") and "train.log_every=7" in hint and "--resume" in hint
+    args = shlex.split(hint)[2:]
+    resumed = start(Path(args[0]), *args[1:], "train.max_steps=30")
+    _out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "nothing to resume" not in err and "resuming" in err
