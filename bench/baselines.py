@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.bench import data_path
+from bench.common import data_path
 
 
 def read_split(data: Path, split: str) -> pd.DataFrame:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.bench import read_split
+from bench import common
+from bench.reference import read_split
 from seqtrain.explain import (
     Explanation,
     deletion_drops,
@@ -44,7 +45,7 @@ from seqtrain.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Explanations: faithfulness (issue 20)"
-BEGIN, END = "<!-- bench.explain:begin -->", "<!-- bench.explain:end -->"
+BEGIN, END = common.markers("bench.explain")
 METHODS = ("occlusion", "integrated-gradients")
 K = 10
 
@@ -173,14 +174,8 @@ def table(rows: list[dict[str, Any]], runs: dict[str, Path], args: argparse.Name
 
 
 def write_between_markers(path: Path, block: str) -> None:
-    """Replace what lies between BEGIN and END; without the markers, add the heading and them at the end."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{BEGIN}\n{block}\n{END}\n"
-    path.write_text(text, encoding="utf-8")
+    """Replace what lies between BEGIN and END; without the markers, add them under HEADING (bench.common)."""
+    common.write_between_markers(path, HEADING, "bench.explain", block)
 
 
 def main(argv: list[str] | None = None) -> int:

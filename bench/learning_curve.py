@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench.baselines import read_split
-from bench.bench import data_path
+from bench.common import data_path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.baselines import read_split
-from bench.bench import data_path
+from bench.common import data_path
 from seqtrain.metrics import regression_report
 
 SHIFTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 6.0)  # stars toward the true side, for the oracle

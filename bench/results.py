@@ -2,7 +2,8 @@
 
 Groups run directories by config name (`name` without the `-s<seed>` suffix) and writes, per
 group: validation accuracy (or MAE / Spearman for regression) as mean ± std over the seeds, wall
-time, training tokens/s and the command, into BENCHMARKS.md under `## Accuracy`. For SST-2 runs it
+time, training tokens/s and the command, into BENCHMARKS.md between the `bench.results` markers
+under `## Accuracy` (without the markers, right below the heading; text around them is kept). For SST-2 runs it
 also reports accuracy on the long validation phrases (>= 15 words), a proxy for the sentence-level
 test set that is held out of ../shared/data.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.bench import write_markdown
+from bench.common import write_between_markers
 from seqtrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| `configs/{name}.yaml` | {', '.join(str(r['seed']) for r in runs)} | {result} | {minutes:.1f} min "
                     f"| {statistics.mean(r['tokens_per_sec'] for r in runs):,.0f} | {runs[0]['threads']} |")
     section = "\n".join([
-        HEADING, "",
         "Validation splits of ../shared/data, from scratch (no pretrained embeddings). One row per shipped config; "
         "mean ± std over the seeds listed. Command for seed N: `seqtrain train configs/NAME.yaml seed=N name=NAME-sN` "
         "(then `python -m bench.results runs/*` writes this table). Wall time includes the vocabulary pass and every "
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         *rows, "",
     ])
     print(section)
-    write_markdown(a.output, section, HEADING)
+    write_between_markers(a.output, HEADING, "bench.results", section)
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from bench.bench import write_markdown
+from bench.common import write_between_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Memory at scale (make bench-scale)"
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     r1, rn = results["1x"], results[f"{a.factor}x"]
     mem, t = rn["peak_rss_mb"] / r1["peak_rss_mb"], rn["seconds"] / r1["seconds"]
     table = "\n".join([
-        HEADING, "",
         f"One epoch of a small GRU (embedding 32, hidden 32, max_length 400) on data/imdb's training split "
         f"and on a {a.factor}x copy of it, each in its own process. Target: peak memory within 1.15x.", "",
         "| stream | rows | wall time | peak RSS |", "|---|---:|---:|---:|",
@@ -101,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| {a.factor}x | {rn['rows']:,} | {rn['seconds']:.0f} s | {rn['peak_rss_mb']:.0f} MB |",
         f"| ratio | {rn['rows'] / r1['rows']:.1f} | {t:.2f} | **{mem:.3f}** {'✓' if mem <= 1.15 else '✗'} |", "",
         f"Machine: {platform.machine()}, {platform.python_version()}; {datetime.now(timezone.utc):%Y-%m-%d}; "
-        f"command: `make bench-scale`.", "",
+        f"command: `make bench-scale`.",
     ])
     print(table)
-    write_markdown(a.output, table, HEADING)
+    write_between_markers(a.output, HEADING, "bench.scale", table)
     return 0 if mem <= 1.15 else 1
 
 

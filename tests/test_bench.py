@@ -1,8 +1,20 @@
-"""bench/bench.py's arithmetic: medians of the (a)-(d) pairs and the table built from them."""
+"""bench/: the arithmetic of `make bench`'s tables, splicing into BENCHMARKS.md, and what the predict bench times."""
 
 from __future__ import annotations
 
-from bench.bench import CellResult, PredictResult, Rate, median_rate, tables
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.bench import MARKERS, SECTION, CellResult, tables
+from bench.common import markers, write_between_markers
+from bench.predict_speed import PredictResult
+from bench.reference import Rate, median_rate
+from bench.train_speed import TrainResult
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rate(per_sec: float) -> Rate:
@@ -21,15 +33,106 @@ def test_table_reports_the_median_of_the_pair_ratios() -> None:
     # would hide that each pair, measured back to back, said 0.50, 0.80 or 0.95.
     a_runs, d_runs = [rate(100), rate(200), rate(380)], [rate(200), rate(250), rate(400)]
     pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
-    result = CellResult("lstm", median_rate(a_runs), rate(10), rate(100), median_rate(d_runs), pairs,
-                        [PredictResult("run directory (torch)", texts=100, cli_seconds=2.0, ceiling_seconds=1.0,
-                                       startup_seconds=1.5, kernel_seconds=1.0)], None)
-    (_, header, rows), _, _ = tables([result], help_s=0.2)
+    train = TrainResult("lstm", median_rate(a_runs), rate(10), rate(100), median_rate(d_runs), pairs)
+    predict = [PredictResult("run directory (torch)", texts=100, cli_seconds=2.0, bare_seconds=1.0,
+                             startup_seconds=1.5, engine_seconds=0.8)]
+    (_, header, rows), (_, p_header, p_rows), _ = tables([CellResult(train, predict)], help_s=0.2)
     row = dict(zip(header, rows[0], strict=True))
-    assert row["a seqtrain"] == "200" and row["d ceiling"] == "250"
+    assert row["a seqtrain"] == "200" and row["d bare loop"] == "250"
     assert row["a/d (≥ 0.90)"] == "0.80 ✗"
     assert row["a/d of each pair"] == "0.50 0.80 0.95"
     assert row["a/b (≥ 15)"] == "20.0 ✓"
+    p_row = dict(zip(p_header, p_rows[0], strict=True))
+    assert p_row["bare forward"] == "100" and p_row["engine's forward alone"] == "125"  # 100 texts / 0.8 s
+    assert p_row["ratio after start-up"] == "2.00"  # bare 1.0 s / (2.0 - 1.5) s
+    # (a) has measured above (d) and ONNX's forward above the bare one: neither is called a ceiling
+    assert not [h for h in header + p_header if "ceiling" in h]
+
+
+def test_regenerating_keeps_the_prose_outside_the_markers(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    begin, end = markers("bench.bench")
+    # no markers yet: the block goes right below the heading; the section's old text stays below it
+    path.write_text(f"# Benchmarks\n\n{SECTION}\n\nold text\n\n## Next\n\nnext section\n", encoding="utf-8")
+    write_between_markers(path, SECTION, MARKERS, "| table 1 |\n")
+    text = path.read_text(encoding="utf-8")
+    assert text.index(SECTION) < text.index(begin) < text.index("| table 1 |") < text.index(end) < text.index("old text")
+    assert "next section" in text
+    # hand-written notes above and below the block survive the next regenerate; only the block changes
+    path.write_text(text.replace(begin, "a note by hand\n\n" + begin).replace(end, end + "\n\n| hand-run |"),
+                    encoding="utf-8")
+    write_between_markers(path, SECTION, MARKERS, "| table 2 |")
+    text = path.read_text(encoding="utf-8")
+    assert "| table 2 |" in text and "| table 1 |" not in text and text.count(begin) == text.count(end) == 1
+    for kept in ("a note by hand", "| hand-run |", "old text", "## Next", "next section"):
+        assert kept in text
+    # no heading at all: a new section at the end
+    other = tmp_path / "other.md"
+    other.write_text("# Benchmarks\n\nintro\n", encoding="utf-8")
+    write_between_markers(other, SECTION, MARKERS, "| t |")
+    assert other.read_text(encoding="utf-8") == f"# Benchmarks\n\nintro\n\n{SECTION}\n\n{begin}\n| t |\n{end}\n"
+
+
+def test_regenerating_benchmarks_md_keeps_its_hand_run_tables(tmp_path: Path) -> None:
+    """The shipped BENCHMARKS.md: each generated section has its markers, and a regenerate of each
+    changes nothing but what lies between them (the hand-run predict table and the notes stay)."""
+    original = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(original, encoding="utf-8")
+    sections = {"bench.bench": SECTION, "bench.scale": "## Memory at scale (make bench-scale)"}
+    for name, heading in sections.items():
+        begin, end = markers(name)
+        assert original.count(begin) == original.count(end) == 1, name
+        assert original.index(heading) < original.index(begin)
+        write_between_markers(path, heading, name, f"| regenerated {name} |")
+    text = path.read_text(encoding="utf-8")
+    outside = original
+    for name in sections:
+        begin, end = markers(name)
+        head, rest = outside.split(begin, 1)
+        outside = head + begin + f"\n| regenerated {name} |\n" + end + rest.split(end, 1)[1]
+    assert text == outside
+    assert "Prediction after this session's changes" in text  # the hand-run table, outside the markers
+
+
+def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_predict's torch row times the run's model: slowed down, its figure moves and the bare one does not."""
+    pytest.importorskip("onnxruntime")
+    from bench import predict_speed
+    from bench.reference import Reference
+    from seqtrain.config import from_dict, read_yaml
+    from seqtrain.model import Classifier
+    from tests.conftest import synthetic_rows, train_tiny_run
+
+    run_dir = train_tiny_run(tmp_path)
+    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
+    texts = [r["text"] for r in synthetic_rows(300, 2)]
+    monkeypatch.setattr(predict_speed, "predict_wall", lambda target, lines, out: 1.0)  # no subprocesses here
+    calls: list[tuple[str, int]] = []  # (which model, batch rows), in call order
+    real_forward, real_bare, real_export = Classifier.forward, Reference.forward_padded, predict_speed.export_run
+
+    def slow_forward(self: Classifier, ids: torch.Tensor, lengths: torch.Tensor, delta: object = None) -> torch.Tensor:
+        calls.append(("run", ids.shape[0]))
+        time.sleep(0.05)
+        return real_forward(self, ids, lengths)
+
+    def bare(self: Reference, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        calls.append(("bare", ids.shape[0]))
+        return real_bare(self, ids, lengths)
+
+    def export_then_slow_down(*args: object, **kwargs: object) -> None:
+        real_export(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setattr(Classifier, "forward", slow_forward)  # after export, so the ONNX graph is not slowed
+
+    monkeypatch.setattr(predict_speed, "export_run", export_then_slow_down)
+    monkeypatch.setattr(Reference, "forward_padded", bare)
+    torch_row, onnx_row = predict_speed.bench_predict(cfg, texts, tmp_path)
+    assert torch_row.engine.endswith("(torch)") and onnx_row.engine.endswith("(onnxruntime)")
+    # 300 texts: one chunk, batches of 256 and 44, each after a warm-up batch; the bare model first, then the run's
+    assert calls == [("bare", 256), ("bare", 256), ("bare", 44), ("run", 256), ("run", 256), ("run", 44)]
+    assert torch_row.engine_seconds >= 0.05 * 2  # the two slowed calls are inside the torch row's figure
+    assert torch_row.engine_seconds != torch_row.bare_seconds == onnx_row.bare_seconds
+    assert onnx_row.engine_seconds != torch_row.engine_seconds
 
 
 def test_rating_ensemble_grid_and_oracle_shift() -> None:
