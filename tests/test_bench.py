@@ -1,10 +1,13 @@
-"""bench/: the arithmetic of `make bench`'s tables, splicing into BENCHMARKS.md, and what the predict bench times."""
+"""bench/: the arithmetic of `make bench`'s tables, splicing into BENCHMARKS.md, what the predict bench
+times, and the distinct text of bench.scale's large stream."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -133,6 +136,35 @@ def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(tmp_path: Pa
     assert torch_row.engine_seconds >= 0.05 * 2  # the two slowed calls are inside the torch row's figure
     assert torch_row.engine_seconds != torch_row.bare_seconds == onnx_row.bare_seconds
     assert onnx_row.engine_seconds != torch_row.engine_seconds
+
+
+def test_scaled_stream_is_distinct_text_with_new_tokens(tmp_path: Path) -> None:
+    from bench.scale import make_scaled
+
+    def folder(name: str, texts: list[str], labelled: bool) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        columns = {"text": texts, **({"label": [i % 2 for i in range(len(texts))], "rating": [1] * len(texts)}
+                                     if labelled else {})}
+        pq.write_table(pa.table(columns), d / "train-00000-of-00001.parquet")
+        if labelled:
+            pq.write_table(pa.table(columns), d / "validation-00000-of-00001.parquet")
+        return d
+
+    words = [f"word{i:03d}" for i in range(400)]
+    labelled = folder("imdb", [" ".join(words[i : i + 30]) for i in range(10)], True)
+    unlabeled = folder("imdb-unlabeled", [" ".join(words[i : i + 30]) for i in range(100, 115)], False)
+    stats = make_scaled(labelled, unlabeled, tmp_path / "x4", 4)
+    rows = [r for f in sorted((tmp_path / "x4").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    texts = [r["text"] for r in rows]
+    assert len(rows) == stats["rows"] == 40 and stats["real_rows"] == 25 and stats["variant_rows"] == 15
+    assert len(set(texts)) == 40  # no row repeats another
+    assert texts[:10] == [" ".join(words[i : i + 30]) for i in range(10)]  # the labelled reviews first, as they are
+    real_vocab = {w for t in texts[:25] for w in t.split()}
+    new = {w for t in texts[25:] for w in t.split()} - real_vocab
+    assert len(new) >= 15  # each variant brings words the real text never had
+    assert {r["label"] for r in rows} == {0, 1} and set(rows[0]) == {"text", "label"}
+    assert make_scaled(labelled, unlabeled, tmp_path / "x4", 4) == stats  # built once, then reused
 
 
 def test_rating_ensemble_grid_and_oracle_shift() -> None:
