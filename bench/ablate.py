@@ -4,8 +4,8 @@
 
 Each variant trains seqtrain for warm-up + steps (as `make bench` does for (a)), rebuilds the exact
 batches it trained on, and times (d), the bare kernel loop (Embedding -> cell -> Linear forward +
-backward + fused AdamW), on them right after. Printing a/d per variant and per repeat shows how much of the gap
-is a piece of seqtrain's step and how much is this machine's run-to-run noise.
+backward + fused AdamW), on them right after. Printing a/d per variant and per repeat shows how much
+of the gap is a piece of seqtrain's step and how much is this machine's run-to-run noise.
 """
 
 from __future__ import annotations
@@ -40,11 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     base = bench_config(a.cell, data_path(), tmp / "base", s)
     for r in range(a.repeat):
         for i, (name, change) in enumerate(VARIANTS.items()):
-            cfg = dataclasses.replace(base, output_dir=str(tmp / f"repeat{r}-variant{i}"),
-                                      train=dataclasses.replace(base.train, **change))
+            cfg = dataclasses.replace(
+                base,
+                output_dir=str(tmp / f"repeat{r}-variant{i}"),
+                train=dataclasses.replace(base.train, **change),
+            )
             rate, d, _ = time_pair(cfg, s)
-            print(f"repeat {r}  {name:22s}  a {rate.per_sec:9,.0f}  d {d.per_sec:9,.0f}  a/d {rate.per_sec / d.per_sec:.3f}"
-                  f"  data wait {rate.data_wait:.1%}", flush=True)
+            print(
+                f"repeat {r}  {name:22s}  a {rate.per_sec:9,.0f}  d {d.per_sec:9,.0f}  "
+                f"a/d {rate.per_sec / d.per_sec:.3f}"
+                f"  data wait {rate.data_wait:.1%}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -65,18 +65,37 @@ OTHERS_WARN = 0.05  # flag cells during which other processes used more than thi
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (< 1 minute): tiny step counts, meaningless numbers")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run (< 1 minute): tiny step counts, meaningless numbers"
+    )
     p.add_argument("--cells", nargs="+", default=None, help="cells to run (lstm gru rnn; commas also work)")
-    p.add_argument("--steps", type=int, default=None, help=f"measured steps of (a), (c), (d) (default {FULL.steps})")
-    p.add_argument("--warmup", type=int, default=None, help=f"warm-up steps of (a), (c), (d) (default {FULL.warmup})")
-    p.add_argument("--packed-steps", type=int, default=None, help=f"measured steps of (b) (default {FULL.packed_steps})")
-    p.add_argument("--packed-warmup", type=int, default=None,
-                   help=f"warm-up steps of (b) (default {FULL.packed_warmup})")
-    p.add_argument("--repeat", type=int, default=None,
-                   help=f"(a)-(d) pairs per cell, medians reported (default {FULL.repeat})")
-    p.add_argument("--predict-texts", type=int, default=None, help="validation reviews to predict (default: all)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="markdown file to write (default: BENCHMARKS.md; with --quick: bench/out/BENCHMARKS.quick.md)")
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"measured steps of (a), (c), (d) (default {FULL.steps})"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"warm-up steps of (a), (c), (d) (default {FULL.warmup})"
+    )
+    p.add_argument(
+        "--packed-steps", type=int, default=None, help=f"measured steps of (b) (default {FULL.packed_steps})"
+    )
+    p.add_argument(
+        "--packed-warmup", type=int, default=None, help=f"warm-up steps of (b) (default {FULL.packed_warmup})"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help=f"(a)-(d) pairs per cell, medians reported (default {FULL.repeat})",
+    )
+    p.add_argument(
+        "--predict-texts", type=int, default=None, help="validation reviews to predict (default: all)"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="markdown file to write (default: BENCHMARKS.md; with --quick: bench/out/BENCHMARKS.quick.md)",
+    )
     a = p.parse_args(argv)
     profile = QUICK if a.quick else FULL
     cells = [c for item in (a.cells or list(CELLS)) for c in item.split(",") if c]
@@ -99,7 +118,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     )
     if s.steps < 1 or s.packed_steps < 1 or s.repeat < 1 or s.warmup < 0 or s.packed_warmup < 0:
         p.error("step counts and --repeat must be >= 1 (warm-ups >= 0)")
-    output = a.output or (ROOT / "bench" / "out" / "BENCHMARKS.quick.md" if a.quick else ROOT / "BENCHMARKS.md")
+    output = a.output or (
+        ROOT / "bench" / "out" / "BENCHMARKS.quick.md" if a.quick else ROOT / "BENCHMARKS.md"
+    )
     return s, output
 
 
@@ -123,22 +144,26 @@ def environment(s: Settings, data: Path) -> list[str]:
     exe_shown = os.path.relpath(exe, Path.cwd()) if exe.is_relative_to(Path.cwd()) else str(exe)
     command = shlex.join([exe_shown, "-m", "bench.bench", *sys.argv[1:]])
     return [
-        f"- Machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} logical / {physical_cores()} physical cores "
-        f"(torch threads: {torch.get_num_threads()})",
+        f"- Machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} logical / "
+        f"{physical_cores()} physical cores (torch threads: {torch.get_num_threads()})",
         f"- Versions: python {platform.python_version()}, torch {torch.__version__}, "
         f"seqtrain {package_version('seqtrain')}, datasets {package_version('datasets')}, "
         f"tokenizers {package_version('tokenizers')}",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}` (`make bench`)",
-        f"- Setup: IMDB ({os.path.relpath(data, ROOT) if data.is_relative_to(ROOT) else data}), embedding {EMBEDDING}, "
-        f"hidden {HIDDEN}, batch {BATCH}, max_length {s.max_length}, unidirectional, pooling last, fp32. "
-        f"(a), (c), (d): {s.warmup} warm-up + {s.steps} measured steps; (b): {s.packed_warmup} + {s.packed_steps}; "
+        f"- Setup: IMDB ({os.path.relpath(data, ROOT) if data.is_relative_to(ROOT) else data}), "
+        f"embedding {EMBEDDING}, hidden {HIDDEN}, batch {BATCH}, max_length {s.max_length}, "
+        "unidirectional, pooling last, fp32. "
+        f"(a), (c), (d): {s.warmup} warm-up + {s.steps} measured steps; "
+        f"(b): {s.packed_warmup} + {s.packed_steps}; "
         f"(a) and (d): {s.repeat} back-to-back pair{'s' if s.repeat > 1 else ''} per cell."
         + (f" Training stream cut to {s.max_train_examples} rows." if s.max_train_examples else ""),
     ]
 
 
-def markdown(s: Settings, data: Path, parts: list[tuple[str, list[str], list[list[str]]]], notes: list[str]) -> str:
+def markdown(
+    s: Settings, data: Path, parts: list[tuple[str, list[str], list[list[str]]]], notes: list[str]
+) -> str:
     """The generated block (the heading and the markers are bench.common's)."""
     md = [*environment(s, data), ""]
     if s.quick:
@@ -170,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{cell}: seqtrain predict on {len(valid_texts):,} validation reviews")
             predict = bench_predict(cfg, valid_texts, tmp)
             for p in predict:
-                say(f"{cell}: predict on the {p.engine}: {p.cli_per_sec:,.0f} texts/s, "
-                    f"bare forward {p.bare_per_sec:,.0f}, engine's forward {p.texts / p.engine_seconds:,.0f} texts/s")
+                say(
+                    f"{cell}: predict on the {p.engine}: {p.cli_per_sec:,.0f} texts/s, "
+                    f"bare forward {p.bare_per_sec:,.0f}, "
+                    f"engine's forward {p.texts / p.engine_seconds:,.0f} texts/s"
+                )
             train.others = others_share(snap, cpu_snapshot())
             if train.others is not None and train.others > OTHERS_WARN:
-                notes.append(f"{cell}: other processes used {train.others:.0%} of the CPUs meanwhile; "
-                             "its numbers are unreliable.")
+                notes.append(
+                    f"{cell}: other processes used {train.others:.0%} of the CPUs meanwhile; "
+                    "its numbers are unreliable."
+                )
             results.append(CellResult(train, predict))
             torch.set_num_threads(physical_cores())  # keep every variant on the same thread count
     say(f"`seqtrain --help` x{s.help_runs}")

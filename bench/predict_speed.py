@@ -60,8 +60,15 @@ def predict_wall(target: Path, lines: list[str], out: Path) -> float:
     """Wall seconds of `seqtrain predict TARGET` on `lines` (one text a line), checking it answered each."""
     txt = out.with_suffix(".txt")
     txt.write_text("".join(" ".join(t.splitlines()) + "\n" for t in lines), encoding="utf-8")
-    cmd = [str(Path(sys.executable).parent / "seqtrain"), "predict", str(target), "--input", str(txt),
-           "--output", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "seqtrain"),
+        "predict",
+        str(target),
+        "--input",
+        str(txt),
+        "--output",
+        str(out),
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=START_ENV, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -98,13 +105,18 @@ def forward_seconds(forward: Callable[[torch.Tensor, torch.Tensor], object], bat
 
 def bare_forward_seconds(cell: str, vocab_size: int, batches: Batches) -> float:
     model = fresh_model(cell, vocab_size).eval()
-    return forward_seconds(lambda ids, lengths: torch.softmax(model.forward_padded(ids, lengths), -1), batches)
+    return forward_seconds(
+        lambda ids, lengths: torch.softmax(model.forward_padded(ids, lengths), -1), batches
+    )
 
 
 def torch_forward_seconds(run_dir: Path, batches: Batches) -> float:
-    """The run's own model, loaded as `seqtrain predict` loads it, called as it calls it (inference.probs_of)."""
+    """The run's own model, loaded as `seqtrain predict` loads it, called as it calls it
+    (inference.probs_of: the model, then to_probs)."""
     run, _ = load_run(run_dir)
-    return forward_seconds(lambda ids, lengths: to_probs(run.model(ids, lengths), run.labels, run.config), batches)
+    return forward_seconds(
+        lambda ids, lengths: to_probs(run.model(ids, lengths), run.labels, run.config), batches
+    )
 
 
 def onnx_forward_seconds(onnx_dir: Path, batches: Batches) -> float:
@@ -121,39 +133,58 @@ def onnx_forward_seconds(onnx_dir: Path, batches: Batches) -> float:
 
 
 def bench_predict(cfg: Config, texts: list[str], tmp: Path) -> list[PredictResult]:
-    """`seqtrain predict` end to end on the run directory and on its ONNX export; the bare forward; each engine's forward."""
+    """`seqtrain predict` end to end on the run directory and on its ONNX export; the bare forward;
+    each engine's own forward."""
     cell = cfg.model.cell
     onnx_dir = tmp / f"onnx-{cell}"
     export_run(cfg.run_dir, "onnx", onnx_dir)  # untimed, as training is
-    walls = {target: (predict_wall(target, texts, tmp / f"reviews-{cell}-{target.name}.jsonl"),
-                      predict_wall(target, texts[:1], tmp / f"one-review-{cell}-{target.name}.jsonl"))
-             for target in (cfg.run_dir, onnx_dir)}  # newlines inside a review become spaces
+    walls = {
+        target: (
+            predict_wall(target, texts, tmp / f"reviews-{cell}-{target.name}.jsonl"),
+            predict_wall(target, texts[:1], tmp / f"one-review-{cell}-{target.name}.jsonl"),
+        )
+        for target in (cfg.run_dir, onnx_dir)
+    }  # newlines inside a review become spaces
     from tokenizers import Tokenizer
 
     tokenizer_json = cfg.run_dir / "tokenizer.json"
     batches = predict_batches(tokenizer_json, texts, cfg.data)
     bare = bare_forward_seconds(cell, Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(), batches)
-    engines = {cfg.run_dir: torch_forward_seconds(cfg.run_dir, batches), onnx_dir: onnx_forward_seconds(onnx_dir, batches)}
+    engines = {
+        cfg.run_dir: torch_forward_seconds(cfg.run_dir, batches),
+        onnx_dir: onnx_forward_seconds(onnx_dir, batches),
+    }
     names = {cfg.run_dir: "run directory (torch)", onnx_dir: "ONNX export (onnxruntime)"}
     return [PredictResult(names[t], len(texts), walls[t][0], bare, walls[t][1], engines[t]) for t in names]
 
 
 PREDICT_TITLE = "Prediction, texts per second"
-PREDICT_HEADER = ["cell", "seqtrain predict on", "texts", "texts/s", "bare forward", f"ratio (≥ {TARGET_PREDICT:.2f})",
-                  "predict wall", "predict of 1 text", "ratio after start-up", "engine's forward alone"]
+PREDICT_HEADER = [
+    "cell",
+    "seqtrain predict on",
+    "texts",
+    "texts/s",
+    "bare forward",
+    f"ratio (≥ {TARGET_PREDICT:.2f})",
+    "predict wall",
+    "predict of 1 text",
+    "ratio after start-up",
+    "engine's forward alone",
+]
 
 PREDICT_LEGEND = (
-    "Prediction: `seqtrain predict TARGET --input reviews.txt --output out.jsonl` timed as a subprocess (start-up, "
-    "loading, tokenizing, JSONL included) on the validation reviews, where TARGET is the run directory (torch) or "
-    "its export from `seqtrain export --format onnx` (onnxruntime; torch is never imported), against the bare "
-    "forward: a fresh Embedding -> cell -> Linear under `torch.inference_mode` on the same length-sorted batches of "
-    "256 (a reference point, not an upper bound). \"Engine's forward alone\" is texts/s of that engine's own forward "
-    "pass on those batches: the run's model as `seqtrain predict` calls it (model, then softmax) for the torch row, "
-    "onnxruntime running the exported model, one batch at a time, for the ONNX row. The ratio subtracts nothing; "
-    "\"predict of 1 text\" (the same command on a one-line file: start-up, imports, loading the run) shows how "
-    "much of the wall time is fixed cost, and \"ratio after start-up\" is bare forward time / (predict wall - "
-    "predict of 1 text): how close the pipeline (reading, tokenizing ahead in a helper thread, forward, JSONL) runs "
-    "to the kernels once the process is up."
+    "Prediction: `seqtrain predict TARGET --input reviews.txt --output out.jsonl` timed as a subprocess "
+    "(start-up, loading, tokenizing, JSONL included) on the validation reviews, where TARGET is the run "
+    "directory (torch) or its export from `seqtrain export --format onnx` (onnxruntime; torch is never "
+    "imported), against the bare forward: a fresh Embedding -> cell -> Linear under `torch.inference_mode` "
+    "on the same length-sorted batches of 256 (a reference point, not an upper bound). \"Engine's forward "
+    "alone\" is texts/s of that engine's own forward pass on those batches: the run's model as `seqtrain "
+    "predict` calls it (model, then softmax) for the torch row, onnxruntime running the exported model, one "
+    'batch at a time, for the ONNX row. The ratio subtracts nothing; "predict of 1 text" (the same command '
+    "on a one-line file: start-up, imports, loading the run) shows how much of the wall time is fixed cost, "
+    'and "ratio after start-up" is bare forward time / (predict wall - predict of 1 text): how close the '
+    "pipeline (reading, tokenizing ahead in a helper thread, forward, JSONL) runs to the kernels once the "
+    "process is up."
 )
 
 
@@ -164,10 +195,18 @@ def predict_table(results: list[tuple[str, list[PredictResult]]]) -> tuple[str, 
         for p in predict:
             ratio = p.cli_per_sec / p.bare_per_sec
             after = p.cli_seconds - p.startup_seconds
-            rows.append([
-                cell.upper(), p.engine, f"{p.texts:,}", f"{p.cli_per_sec:,.0f}", f"{p.bare_per_sec:,.0f}",
-                f"{ratio:.3f} {check(ratio, TARGET_PREDICT)}", f"{p.cli_seconds:.2f} s", f"{p.startup_seconds:.2f} s",
-                f"{p.bare_seconds / after:.2f}" if after > 0 else "n/a",
-                f"{p.texts / p.engine_seconds:,.0f}",
-            ])
+            rows.append(
+                [
+                    cell.upper(),
+                    p.engine,
+                    f"{p.texts:,}",
+                    f"{p.cli_per_sec:,.0f}",
+                    f"{p.bare_per_sec:,.0f}",
+                    f"{ratio:.3f} {check(ratio, TARGET_PREDICT)}",
+                    f"{p.cli_seconds:.2f} s",
+                    f"{p.startup_seconds:.2f} s",
+                    f"{p.bare_seconds / after:.2f}" if after > 0 else "n/a",
+                    f"{p.texts / p.engine_seconds:,.0f}",
+                ]
+            )
     return PREDICT_TITLE, PREDICT_HEADER, rows

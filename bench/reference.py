@@ -73,8 +73,12 @@ def timed_steps(step: Callable[[Batch], None], batches: list[Batch], warmup: int
     for b in measured:
         step(b)
     seconds = time.perf_counter() - t0
-    return Rate(sum(b.tokens for b in measured), sum(b.padded for b in measured), seconds,
-                shapes=[tuple(b.ids.shape) for b in measured])  # type: ignore[misc]
+    return Rate(
+        sum(b.tokens for b in measured),
+        sum(b.padded for b in measured),
+        seconds,
+        shapes=[(b.ids.shape[0], b.ids.shape[1]) for b in measured],
+    )
 
 
 def median_rate(rates: list[Rate]) -> Rate:
@@ -100,14 +104,16 @@ class Reference(nn.Module):
         return self.head(h_n[-1])  # (B, C)
 
     def forward_padded(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(c), (d) and the predict bench's bare forward: ids (B, T) -> logits (B, C) from each row's last real step."""
+        """(c), (d) and the predict bench's bare forward: ids (B, T) -> logits (B, C) from each row's
+        last real step."""
         out, _ = self.rnn(self.embedding(ids))  # (B, T, H): padding is on the right, after the real steps
         last = out[torch.arange(ids.shape[0]), lengths - 1]  # (B, H)
         return self.head(last)  # (B, C)
 
 
-def training_step(model: Reference, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  fused: bool = False) -> Callable[[Batch], None]:
+def training_step(
+    model: Reference, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fused: bool = False
+) -> Callable[[Batch], None]:
     """Forward, cross-entropy, backward, AdamW step: nothing else (no clipping, no dropout, no logging).
 
     The references (b, c) use AdamW as people write it; the bare kernel loop (d) uses the fused AdamW
@@ -136,7 +142,9 @@ def random_batches(seqs: list[list[int]], labels: list[int], n: int, seed: int =
     out = []
     for _ in range(n):
         idx = rng.choice(len(seqs), size=BATCH, replace=False)
-        ids = pad_sequence([torch.tensor(seqs[i]) for i in idx], batch_first=True, padding_value=PAD_ID)  # (B, T)
+        ids = pad_sequence(
+            [torch.tensor(seqs[i]) for i in idx], batch_first=True, padding_value=PAD_ID
+        )  # (B, T)
         lengths = torch.tensor([len(seqs[i]) for i in idx])  # (B,)
         out.append(Batch(ids, lengths, torch.tensor([labels[i] for i in idx])))
     return out
@@ -158,4 +166,6 @@ def pretokenize(tokenizer_json: Path, texts: list[str], max_length: int) -> list
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    return [e.ids[:max_length] or [UNK_ID] for e in encodings]  # an empty text becomes one <unk>, as in seqtrain
+    return [
+        e.ids[:max_length] or [UNK_ID] for e in encodings
+    ]  # an empty text becomes one <unk>, as in seqtrain

@@ -25,5 +25,8 @@ def help_seconds(runs: int) -> float:
 
 
 def startup_table(help_s: float) -> tuple[str, list[str], list[list[str]]]:
-    return ("CLI start-up", ["command", "median wall time", f"target (≤ {TARGET_HELP_S:g} s)"],
-            [["seqtrain --help", f"{help_s:.3f} s", check(help_s, TARGET_HELP_S, at_least=False)]])
+    return (
+        "CLI start-up",
+        ["command", "median wall time", f"target (≤ {TARGET_HELP_S:g} s)"],
+        [["seqtrain --help", f"{help_s:.3f} s", check(help_s, TARGET_HELP_S, at_least=False)]],
+    )

@@ -91,24 +91,37 @@ QUICK_TRAIN_EXAMPLES, QUICK_MAX_LENGTH = 1024, 64
 def bench_config(cell: str, data: Path, run_dir: Path, s: Settings) -> Config:
     """The issue-3 model, trained by seqtrain for warm-up + measured steps, evaluation made free."""
     log_every = math.gcd(s.warmup, s.steps) if s.warmup else s.steps  # a log line lands on step `warmup`
-    return from_dict({
-        "name": f"bench-{cell}",
-        "output_dir": str(run_dir),
-        "seed": 0,
-        "data": {
-            "path": str(data), "label_names": ["negative", "positive"], "max_length": s.max_length,
-            "truncation": "head", "max_eval_examples": 64,  # data.num_workers: seqtrain's default for this machine
-            "max_train_examples": s.max_train_examples,
-        },
-        "model": {
-            "cell": cell, "embedding_dim": EMBEDDING, "hidden_size": HIDDEN, "num_layers": 1,
-            "bidirectional": False, "pooling": "last",
-        },
-        "train": {
-            "batch_size": BATCH, "max_steps": s.warmup + s.steps, "log_every": log_every,
-            "eval_every": 10**9, "device": "cpu", "num_threads": physical_cores(),
-        },
-    })
+    return from_dict(
+        {
+            "name": f"bench-{cell}",
+            "output_dir": str(run_dir),
+            "seed": 0,
+            "data": {
+                "path": str(data),
+                "label_names": ["negative", "positive"],
+                "max_length": s.max_length,
+                "truncation": "head",
+                "max_eval_examples": 64,  # data.num_workers: seqtrain's default for this machine
+                "max_train_examples": s.max_train_examples,
+            },
+            "model": {
+                "cell": cell,
+                "embedding_dim": EMBEDDING,
+                "hidden_size": HIDDEN,
+                "num_layers": 1,
+                "bidirectional": False,
+                "pooling": "last",
+            },
+            "train": {
+                "batch_size": BATCH,
+                "max_steps": s.warmup + s.steps,
+                "log_every": log_every,
+                "eval_every": 10**9,
+                "device": "cpu",
+                "num_threads": physical_cores(),
+            },
+        }
+    )
 
 
 def seqtrain_batches(cfg: Config, labels: Labels, n: int) -> list[Batch]:
@@ -120,14 +133,25 @@ def seqtrain_batches(cfg: Config, labels: Labels, n: int) -> list[Batch]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(cfg.run_dir / "tokenizer.json"))
-    stream = BatchStream(cfg.data, cfg.data.train_split, tokenizer, labels, cfg.train.batch_size, shuffle=True,
-                         seed=cfg.seed, epoch=0, limit=cfg.data.max_train_examples)
+    stream = BatchStream(
+        cfg.data,
+        cfg.data.train_split,
+        tokenizer,
+        labels,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=0,
+        limit=cfg.data.max_train_examples,
+    )
     out: list[Batch] = []
     for item in stream:
         out.append(Batch(item["ids"], item["lengths"], item["labels"]))
         if len(out) == n:
             return out
-    raise SystemExit(f"bench: the training stream has only {len(out)} batches per epoch; use fewer steps than {n}.")
+    raise SystemExit(
+        f"bench: the training stream has only {len(out)} batches per epoch; use fewer steps than {n}."
+    )
 
 
 def bench_seqtrain(cfg: Config, s: Settings) -> tuple[Rate, list[Batch], list[str]]:
@@ -164,10 +188,13 @@ def bench_seqtrain(cfg: Config, s: Settings) -> tuple[Rate, list[Batch], list[st
         rate.padded += padded
         rate.seconds += seconds
         rate.wait += line["data_wait"] * seconds
-        rate.shapes += [tuple(b.ids.shape) for b in window]  # type: ignore[misc]
+        rate.shapes += [(b.ids.shape[0], b.ids.shape[1]) for b in window]
         if abs((1 - tokens / padded) - line["padding"]) > 1e-9:
-            notes.append(f"{cfg.model.cell}: window ending at step {step} logged padding {line['padding']:.6f} but the "
-                         f"rebuilt batches give {1 - tokens / padded:.6f}; (d) may not use seqtrain's exact batches.")
+            notes.append(
+                f"{cfg.model.cell}: window ending at step {step} logged padding {line['padding']:.6f} "
+                f"but the rebuilt batches give {1 - tokens / padded:.6f}; "
+                "(d) may not use seqtrain's exact batches."
+            )
     if prev != s.warmup + s.steps or not rate.shapes:
         raise SystemExit(f"bench: metrics.jsonl ends at step {prev}, expected {s.warmup + s.steps}.")
     return rate, batches, notes
@@ -195,11 +222,20 @@ class TrainResult:
     c: Rate
     d: Rate  # the median of the (d) runs
     ad_pairs: list[float]  # a/d of each back-to-back pair; the table's a/d is their median
-    others: float | None = None  # CPU share other processes took while this cell ran (filled in by bench.bench)
+    others: float | None = (
+        None  # CPU share other processes took while this cell ran (filled in by bench.bench)
+    )
 
 
-def bench_training(cell: str, s: Settings, data: Path, tmp: Path, train_split: tuple[list[str], list[int]],
-                   seqs_cache: dict[str, list[list[int]]], notes: list[str]) -> tuple[TrainResult, Config]:
+def bench_training(
+    cell: str,
+    s: Settings,
+    data: Path,
+    tmp: Path,
+    train_split: tuple[list[str], list[int]],
+    seqs_cache: dict[str, list[list[int]]],
+    notes: list[str],
+) -> tuple[TrainResult, Config]:
     """(a)-(d) for one cell; also returns the config of the last (a) run (the predict bench loads it)."""
     a_runs: list[Rate] = []
     d_runs: list[Rate] = []
@@ -210,8 +246,11 @@ def bench_training(cell: str, s: Settings, data: Path, tmp: Path, train_split: t
         notes += [n for n in pair_notes if n not in notes]  # the pairs train on the same batches
         a_runs.append(a)
         d_runs.append(d)
-        say(f"{cell}: pair {i + 1}: (a) {a.per_sec:,.0f}  (d) {d.per_sec:,.0f} tokens/s  a/d {a.per_sec / d.per_sec:.3f}"
-            f"  (padding {a.padding:.1%}, data wait {a.data_wait:.1%})")
+        say(
+            f"{cell}: pair {i + 1}: (a) {a.per_sec:,.0f}  (d) {d.per_sec:,.0f} tokens/s  "
+            f"a/d {a.per_sec / d.per_sec:.3f}"
+            f"  (padding {a.padding:.1%}, data wait {a.data_wait:.1%})"
+        )
     ad_pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
     tokenizer_json = cfg.run_dir / "tokenizer.json"
     vocab_size = json.loads((cfg.run_dir / "run.json").read_text())["vocab_size"]
@@ -225,7 +264,9 @@ def bench_training(cell: str, s: Settings, data: Path, tmp: Path, train_split: t
     rand = random_batches(seqs, labels, max(s.packed_warmup + s.packed_steps, s.warmup + s.steps))
     say(f"{cell}: (b) packed reference, {s.packed_warmup} + {s.packed_steps} steps")
     m = fresh_model(cell, vocab_size)
-    b = timed_steps(training_step(m, m.forward_packed), rand[: s.packed_warmup + s.packed_steps], s.packed_warmup)
+    b = timed_steps(
+        training_step(m, m.forward_packed), rand[: s.packed_warmup + s.packed_steps], s.packed_warmup
+    )
     say(f"{cell}: (c) padded reference on random batches, {s.warmup} + {s.steps} steps")
     m = fresh_model(cell, vocab_size)
     c = timed_steps(training_step(m, m.forward_padded), rand[: s.warmup + s.steps], s.warmup)
@@ -235,22 +276,35 @@ def bench_training(cell: str, s: Settings, data: Path, tmp: Path, train_split: t
 
 
 TRAIN_TITLE = "Training, real tokens per second"
-TRAIN_HEADER = ["cell", "a seqtrain", "b packed ref", "c padded ref", "d bare loop", "padding a", "padding c",
-                "data wait a", f"a/b (≥ {TARGET_A_B:g})", f"a/c (≥ {TARGET_A_C:g})", f"a/d (≥ {TARGET_A_D:.2f})",
-                "a/d of each pair", "others' CPU"]
+TRAIN_HEADER = [
+    "cell",
+    "a seqtrain",
+    "b packed ref",
+    "c padded ref",
+    "d bare loop",
+    "padding a",
+    "padding c",
+    "data wait a",
+    f"a/b (≥ {TARGET_A_B:g})",
+    f"a/c (≥ {TARGET_A_C:g})",
+    f"a/d (≥ {TARGET_A_D:.2f})",
+    "a/d of each pair",
+    "others' CPU",
+]
 
 TRAIN_LEGEND = (
-    "(a) `seqtrain.train.train` end to end (stream, tokenize, batch with the default data.num_workers, forward, "
-    "backward, clip, AdamW), from metrics.jsonl after warm-up; (b) textbook loop: pre-tokenised tensors, random "
-    "batches, `pack_padded_sequence`, h_n -> Linear, AdamW; (c) the same on the same random batches, padded, not "
-    "packed; (d) bare kernel loop: Embedding -> cell -> Linear, forward + backward + fused AdamW on the exact "
-    "batches seqtrain trained on in (a), without what seqtrain's step adds (dropout 0.2 before the head, gradient "
-    "clipping, no weight decay on biases and embeddings, logging). (d) is a reference point, not a ceiling: (a) "
-    "has measured above it (a GRU pair at 1.19). (a) and (d) show the median of their runs, and a/d is the median of the "
-    "ratios of the back-to-back (a)-(d) pairs (listed in \"a/d of each pair\"). Tokens/s count real (non-padding) "
-    "tokens. Padding: share of pad positions in the batches; data wait: share of (a)'s time spent waiting for the "
-    "next batch. Others' CPU: share of the machine other processes used while the cell ran (from /proc/stat); "
-    "above 5% the cell's numbers are not trustworthy."
+    "(a) `seqtrain.train.train` end to end (stream, tokenize, batch with the default data.num_workers, "
+    "forward, backward, clip, AdamW), from metrics.jsonl after warm-up; (b) textbook loop: pre-tokenised "
+    "tensors, random batches, `pack_padded_sequence`, h_n -> Linear, AdamW; (c) the same on the same random "
+    "batches, padded, not packed; (d) bare kernel loop: Embedding -> cell -> Linear, forward + backward + "
+    "fused AdamW on the exact batches seqtrain trained on in (a), without what seqtrain's step adds (dropout "
+    "0.2 before the head, gradient clipping, no weight decay on biases and embeddings, logging). (d) is a "
+    "reference point, not a ceiling: (a) has measured above it (a GRU pair at 1.19). (a) and (d) show the "
+    "median of their runs, and a/d is the median of the ratios of the back-to-back (a)-(d) pairs (listed in "
+    '"a/d of each pair"). Tokens/s count real (non-padding) tokens. Padding: share of pad positions in the '
+    "batches; data wait: share of (a)'s time spent waiting for the next batch. Others' CPU: share of the "
+    "machine other processes used while the cell ran (from /proc/stat); above 5% the cell's numbers are not "
+    "trustworthy."
 )
 
 
@@ -258,11 +312,21 @@ def train_table(results: list[TrainResult]) -> tuple[str, list[str], list[list[s
     rows = []
     for r in results:
         ab, ac, ad = r.a.per_sec / r.b.per_sec, r.a.per_sec / r.c.per_sec, statistics.median(r.ad_pairs)
-        rows.append([
-            r.cell.upper(), f"{r.a.per_sec:,.0f}", f"{r.b.per_sec:,.0f}", f"{r.c.per_sec:,.0f}", f"{r.d.per_sec:,.0f}",
-            f"{r.a.padding:.1%}", f"{r.c.padding:.1%}", f"{r.a.data_wait:.1%}",
-            f"{ab:.1f} {check(ab, TARGET_A_B)}", f"{ac:.2f} {check(ac, TARGET_A_C)}", f"{ad:.2f} {check(ad, TARGET_A_D)}",
-            " ".join(f"{x:.2f}" for x in r.ad_pairs),
-            "?" if r.others is None else f"{r.others:.0%}",
-        ])
+        rows.append(
+            [
+                r.cell.upper(),
+                f"{r.a.per_sec:,.0f}",
+                f"{r.b.per_sec:,.0f}",
+                f"{r.c.per_sec:,.0f}",
+                f"{r.d.per_sec:,.0f}",
+                f"{r.a.padding:.1%}",
+                f"{r.c.padding:.1%}",
+                f"{r.a.data_wait:.1%}",
+                f"{ab:.1f} {check(ab, TARGET_A_B)}",
+                f"{ac:.2f} {check(ac, TARGET_A_C)}",
+                f"{ad:.2f} {check(ad, TARGET_A_D)}",
+                " ".join(f"{x:.2f}" for x in r.ad_pairs),
+                "?" if r.others is None else f"{r.others:.0%}",
+            ]
+        )
     return TRAIN_TITLE, TRAIN_HEADER, rows

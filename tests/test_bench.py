@@ -37,8 +37,16 @@ def test_table_reports_the_median_of_the_pair_ratios() -> None:
     a_runs, d_runs = [rate(100), rate(200), rate(380)], [rate(200), rate(250), rate(400)]
     pairs = [x.per_sec / y.per_sec for x, y in zip(a_runs, d_runs, strict=True)]
     train = TrainResult("lstm", median_rate(a_runs), rate(10), rate(100), median_rate(d_runs), pairs)
-    predict = [PredictResult("run directory (torch)", texts=100, cli_seconds=2.0, bare_seconds=1.0,
-                             startup_seconds=1.5, engine_seconds=0.8)]
+    predict = [
+        PredictResult(
+            "run directory (torch)",
+            texts=100,
+            cli_seconds=2.0,
+            bare_seconds=1.0,
+            startup_seconds=1.5,
+            engine_seconds=0.8,
+        )
+    ]
     (_, header, rows), (_, p_header, p_rows), _ = tables([CellResult(train, predict)], help_s=0.2)
     row = dict(zip(header, rows[0], strict=True))
     assert row["a seqtrain"] == "200" and row["d bare loop"] == "250"
@@ -59,11 +67,19 @@ def test_regenerating_keeps_the_prose_outside_the_markers(tmp_path: Path) -> Non
     path.write_text(f"# Benchmarks\n\n{SECTION}\n\nold text\n\n## Next\n\nnext section\n", encoding="utf-8")
     write_between_markers(path, SECTION, MARKERS, "| table 1 |\n")
     text = path.read_text(encoding="utf-8")
-    assert text.index(SECTION) < text.index(begin) < text.index("| table 1 |") < text.index(end) < text.index("old text")
+    assert (
+        text.index(SECTION)
+        < text.index(begin)
+        < text.index("| table 1 |")
+        < text.index(end)
+        < text.index("old text")
+    )
     assert "next section" in text
     # hand-written notes above and below the block survive the next regenerate; only the block changes
-    path.write_text(text.replace(begin, "a note by hand\n\n" + begin).replace(end, end + "\n\n| hand-run |"),
-                    encoding="utf-8")
+    path.write_text(
+        text.replace(begin, "a note by hand\n\n" + begin).replace(end, end + "\n\n| hand-run |"),
+        encoding="utf-8",
+    )
     write_between_markers(path, SECTION, MARKERS, "| table 2 |")
     text = path.read_text(encoding="utf-8")
     assert "| table 2 |" in text and "| table 1 |" not in text and text.count(begin) == text.count(end) == 1
@@ -73,7 +89,9 @@ def test_regenerating_keeps_the_prose_outside_the_markers(tmp_path: Path) -> Non
     other = tmp_path / "other.md"
     other.write_text("# Benchmarks\n\nintro\n", encoding="utf-8")
     write_between_markers(other, SECTION, MARKERS, "| t |")
-    assert other.read_text(encoding="utf-8") == f"# Benchmarks\n\nintro\n\n{SECTION}\n\n{begin}\n| t |\n{end}\n"
+    assert (
+        other.read_text(encoding="utf-8") == f"# Benchmarks\n\nintro\n\n{SECTION}\n\n{begin}\n| t |\n{end}\n"
+    )
 
 
 def test_regenerating_benchmarks_md_keeps_its_hand_run_tables(tmp_path: Path) -> None:
@@ -98,8 +116,10 @@ def test_regenerating_benchmarks_md_keeps_its_hand_run_tables(tmp_path: Path) ->
     assert "Prediction after this session's changes" in text  # the hand-run table, outside the markers
 
 
-def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench_predict's torch row times the run's model: slowed down, its figure moves and the bare one does not."""
+def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench_predict's torch row times the run's model: slowed down, its figure moves, not the bare one."""
     pytest.importorskip("onnxruntime")
     from bench import predict_speed
     from bench.reference import Reference
@@ -112,9 +132,15 @@ def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(tmp_path: Pa
     texts = [r["text"] for r in synthetic_rows(300, 2)]
     monkeypatch.setattr(predict_speed, "predict_wall", lambda target, lines, out: 1.0)  # no subprocesses here
     calls: list[tuple[str, int]] = []  # (which model, batch rows), in call order
-    real_forward, real_bare, real_export = Classifier.forward, Reference.forward_padded, predict_speed.export_run
+    real_forward, real_bare, real_export = (
+        Classifier.forward,
+        Reference.forward_padded,
+        predict_speed.export_run,
+    )
 
-    def slow_forward(self: Classifier, ids: torch.Tensor, lengths: torch.Tensor, delta: object = None) -> torch.Tensor:
+    def slow_forward(
+        self: Classifier, ids: torch.Tensor, lengths: torch.Tensor, delta: object = None
+    ) -> torch.Tensor:
         calls.append(("run", ids.shape[0]))
         time.sleep(0.05)
         return real_forward(self, ids, lengths)
@@ -125,13 +151,15 @@ def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(tmp_path: Pa
 
     def export_then_slow_down(*args: object, **kwargs: object) -> None:
         real_export(*args, **kwargs)  # type: ignore[arg-type]
-        monkeypatch.setattr(Classifier, "forward", slow_forward)  # after export, so the ONNX graph is not slowed
+        monkeypatch.setattr(
+            Classifier, "forward", slow_forward
+        )  # after export, so the ONNX graph is not slowed
 
     monkeypatch.setattr(predict_speed, "export_run", export_then_slow_down)
     monkeypatch.setattr(Reference, "forward_padded", bare)
     torch_row, onnx_row = predict_speed.bench_predict(cfg, texts, tmp_path)
     assert torch_row.engine.endswith("(torch)") and onnx_row.engine.endswith("(onnxruntime)")
-    # 300 texts: one chunk, batches of 256 and 44, each after a warm-up batch; the bare model first, then the run's
+    # 300 texts: one chunk, batches of 256 and 44, after a warm-up batch; the bare model first, then the run's
     assert calls == [("bare", 256), ("bare", 256), ("bare", 44), ("run", 256), ("run", 256), ("run", 44)]
     assert torch_row.engine_seconds >= 0.05 * 2  # the two slowed calls are inside the torch row's figure
     assert torch_row.engine_seconds != torch_row.bare_seconds == onnx_row.bare_seconds
@@ -144,8 +172,10 @@ def test_scaled_stream_is_distinct_text_with_new_tokens(tmp_path: Path) -> None:
     def folder(name: str, texts: list[str], labelled: bool) -> Path:
         d = tmp_path / name
         d.mkdir()
-        columns = {"text": texts, **({"label": [i % 2 for i in range(len(texts))], "rating": [1] * len(texts)}
-                                     if labelled else {})}
+        columns = {
+            "text": texts,
+            **({"label": [i % 2 for i in range(len(texts))], "rating": [1] * len(texts)} if labelled else {}),
+        }
         pq.write_table(pa.table(columns), d / "train-00000-of-00001.parquet")
         if labelled:
             pq.write_table(pa.table(columns), d / "validation-00000-of-00001.parquet")
@@ -155,11 +185,15 @@ def test_scaled_stream_is_distinct_text_with_new_tokens(tmp_path: Path) -> None:
     labelled = folder("imdb", [" ".join(words[i : i + 30]) for i in range(10)], True)
     unlabeled = folder("imdb-unlabeled", [" ".join(words[i : i + 30]) for i in range(100, 115)], False)
     stats = make_scaled(labelled, unlabeled, tmp_path / "x4", 4)
-    rows = [r for f in sorted((tmp_path / "x4").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rows = [
+        r for f in sorted((tmp_path / "x4").glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
     texts = [r["text"] for r in rows]
     assert len(rows) == stats["rows"] == 40 and stats["real_rows"] == 25 and stats["variant_rows"] == 15
     assert len(set(texts)) == 40  # no row repeats another
-    assert texts[:10] == [" ".join(words[i : i + 30]) for i in range(10)]  # the labelled reviews first, as they are
+    assert texts[:10] == [
+        " ".join(words[i : i + 30]) for i in range(10)
+    ]  # the labelled reviews first, as they are
     real_vocab = {w for t in texts[:25] for w in t.split()}
     new = {w for t in texts[25:] for w in t.split()} - real_vocab
     assert len(new) >= 15  # each variant brings words the real text never had
@@ -179,7 +213,9 @@ def test_rating_ensemble_grid_and_oracle_shift() -> None:
     grid = ensemble_grid(noisy, polarity, None, stars)
     assert [row[:2] for row in grid] == [(w, 0.0) for w in (0.0, 1.0, 2.0, 3.0, 4.0)]
     assert grid[0][2] == spearman(noisy, stars)  # w = 0 is the regression alone
-    assert max(row[2] for row in grid) > grid[0][2] + 0.02  # the independent polarity adds ranking information
+    assert (
+        max(row[2] for row in grid) > grid[0][2] + 0.02
+    )  # the independent polarity adds ranking information
     assert len(ensemble_grid(noisy, None, None, stars)) == 1
 
     shifted = oracle_shift(noisy, stars, 5.5)
