@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 
 from bench.baselines import read_split
-from bench.common import data_path
+from bench.common import data_path, write_between_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 RESULTS = OUT / "learning_curve.jsonl"
-BEGIN, END = "<!-- bench.learning_curve:begin -->", "<!-- bench.learning_curve:end -->"
 
 
 def nb_bigrams_accuracy(n: int) -> float:
@@ -58,7 +57,9 @@ def train_point(config: str, n: int, min_steps: int, threads: int, extra: list[s
     cfg = load_config(ROOT / config)
     epochs = max(cfg.train.epochs, math.ceil(min_steps * cfg.train.batch_size / n))
     name = f"curve-{Path(config).stem}-{n}-" + "-".join(e.replace("/", "_").replace("=", "_") for e in extra)
+    # One evaluation, at the end: at N = 500 the epochs are many and each would evaluate 5,000 reviews.
     overrides = [f"data.max_train_examples={n}", f"train.epochs={epochs}", f"train.num_threads={threads}",
+                 "train.eval_every=1000000",
                  f"output_dir=runs/curve/{name.rstrip('-')}", *extra]
     cfg = load_config(ROOT / config, overrides)
     started = time.perf_counter()
@@ -99,11 +100,8 @@ def render() -> None:
         table += [f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['accuracy']:.2%} |"
                   for p in pre]
     text = "\n".join(table)
-    bench_md = ROOT / "BENCHMARKS.md"
-    body = bench_md.read_text()
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        bench_md.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    write_between_markers(ROOT / "BENCHMARKS.md", "## Few labels: learning from unlabeled text (issue 16)",
+                          "bench.learning_curve", text)
     print(text)
     import matplotlib
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_between_markers
 from seqtrain.config import load_config
 from seqtrain.data import BatchStream, build_text_vocab, heldout_texts, text_sources
 from seqtrain.encoding import encode
@@ -31,7 +32,6 @@ from seqtrain.optim import make_optimizer
 from seqtrain.pretrain import heldout_nll
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- bench.pretrain:begin -->", "<!-- bench.pretrain:end -->"
 
 
 def timed(step: object, batches: list[dict], repeats: int = 1) -> float:
@@ -117,11 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             table.append(f"| {softmax} | {steps:,} | {math.exp(sum(nll) / len(nll)):.1f} |")
     text = "\n".join(table)
     print(text)
-    bench_md = ROOT / "BENCHMARKS.md"
-    body = bench_md.read_text()
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        bench_md.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    write_between_markers(ROOT / "BENCHMARKS.md", "## Pretraining speed (issue 16)", "bench.pretrain", text)
     return 0
 
 
