@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import signal
 from collections import Counter
@@ -483,11 +484,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         opened, shards = self._shards(slot, workers)
         position = self.resume.get(str(slot))
         bad: Counter[str] = Counter(position["bad_rows"]) if position else Counter()
+        rows = position.get("rows", 0) if position else 0  # rows this slot has yielded in this epoch
         start_shard = position["shard_pos"] if position else 0
         for shard_pos in range(start_shard, len(shards)):
             source, index = shards[shard_pos]
-            ds = opened[source]
-            shard = ds if self.limit or ds.n_shards == 1 else ds.shard(num_shards=ds.n_shards, index=index)
+            shard = self._shard(opened[source], index)
             resuming = position is not None and shard_pos == start_shard
             if resuming:
                 assert position is not None
@@ -506,19 +507,34 @@ class BatchStream(torch.utils.data.IterableDataset):
                 for k, batch in enumerate(batches):
                     if k < skip:
                         continue
+                    rows += len(batch["lengths"])
                     batch["position"] = {
                         "slot": slot, "shard_pos": shard_pos, "chunk_idx": chunk_idx,
-                        "chunk_state": chunk_state, "batches_done": k + 1, "bad_rows": dict(bad),
+                        "chunk_state": chunk_state, "batches_done": k + 1, "bad_rows": dict(bad), "rows": rows,
                     }
                     yield batch
                 skip = 0
                 chunk_idx += 1
             position = None
 
-    def _chunk_batches(
-        self, chunk: dict[str, list[Any]], bad: Counter[str], data: DataConfig, shard: int, chunk_idx: int
-    ) -> list[dict[str, Any]]:
-        """One chunk (column -> values) of one source -> shuffled, length-bucketed batches."""
+    def _shard(self, ds: datasets.IterableDataset, index: int) -> datasets.IterableDataset:
+        return ds if self.limit or ds.n_shards == 1 else ds.shard(num_shards=ds.n_shards, index=index)
+
+    def count(self) -> tuple[int, int]:
+        """(rows, batches) of one epoch on this rank, all worker slots together: the rows are read and
+        checked as `__iter__` does, but nothing is tokenized. Under torchrun each rank counts its own part."""
+        opened, shards = self._shards(0, 1)
+        rows = batches = 0
+        for source, index in shards:
+            for chunk in self._shard(opened[source], index).iter(batch_size=self.data.chunk_size):
+                n = len(self._usable_rows(chunk, Counter(), self.sources[source][0])[0])
+                rows, batches = rows + n, batches + math.ceil(n / self.batch_size)
+        return rows, batches
+
+    def _usable_rows(
+        self, chunk: dict[str, list[Any]], bad: Counter[str], data: DataConfig
+    ) -> tuple[list[str], list[float | int]]:
+        """The chunk's texts and targets that train, minus bad rows (counted in `bad`) and held-out rows."""
         texts: list[str] = []
         targets: list[float | int] = []
         column = chunk[data.text_column]
@@ -544,6 +560,13 @@ class BatchStream(torch.utils.data.IterableDataset):
                 continue
             texts.append(text)
             targets.append(target)
+        return texts, targets
+
+    def _chunk_batches(
+        self, chunk: dict[str, list[Any]], bad: Counter[str], data: DataConfig, shard: int, chunk_idx: int
+    ) -> list[dict[str, Any]]:
+        """One chunk (column -> values) of one source -> shuffled, length-bucketed batches."""
+        texts, targets = self._usable_rows(chunk, bad, data)
         if not texts:
             return []
         seqs = encode(self.tokenizer, texts, data)

@@ -41,8 +41,11 @@ from seqtrain.runtime import (
     all_gather,
     all_reduce,
     broadcast,
+    epoch_rows,
     finish_distributed,
     init_distributed,
+    note_dropped_rows,
+    plan_ranks,
     resolve_workers,
     rng_state,
     seed_everything,
@@ -52,6 +55,8 @@ from seqtrain.runtime import (
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+
+    from seqtrain.config import DataConfig
 
 KIND = "language-model"  # state.json's "kind": what init_from accepts
 
@@ -90,7 +95,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
     tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg)
-    steps_per_epoch = max(1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows) // world)
+    steps_per_epoch = max(1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows))  # torchrun: plan_ranks
     names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
     run_info = {
         "kind": KIND, "num_train_examples": rows, "steps_per_epoch": steps_per_epoch,
@@ -105,6 +110,16 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
         f"{f', skipped {dict(bad)}' if bad else ''} ({time.perf_counter() - started:.1f}s)"
     )
     return tokenizer, run_info
+
+
+def new_stream(cfg: Config, tokenizer: Tokenizer, state: PretrainState, rank: int, world: int,
+               sources: list[tuple[DataConfig, str]]) -> BatchStream:
+    """The pretraining texts of `state.epoch`, from this rank's saved position, minus the held-out rows."""
+    return BatchStream(
+        cfg.data, cfg.data.train_split, tokenizer, None, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+        epoch=state.epoch, limit=cfg.data.max_train_examples, resume=state.positions, slot_offset=state.next_slot,
+        rank=rank, world=world, sources=sources, heldout=cfg.pretrain.heldout_fraction,
+    )
 
 
 def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.device) -> tuple[list[float], int]:
@@ -163,6 +178,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             raise
         broadcast(None, world)
     sources = text_sources(cfg)
+    fresh_stream = new_stream(cfg, tokenizer, PretrainState(), rank, world, sources)
+    if ckpt_state is None and plan_ranks(fresh_stream, world, run_info) and rank == 0:
+        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     heldout = encode(tokenizer, heldout_texts(cfg), sources[0][0]) if rank == 0 else []
 
     # ---- model and optimizer
@@ -233,12 +251,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
     with StopSignals() as stop, console.TrainProgress(total_steps, state.step, "held-out ppl") as bar:
         while state.epoch < t.epochs and state.step < total_steps:
-            stream = BatchStream(
-                cfg.data, cfg.data.train_split, tokenizer, None, t.batch_size, shuffle=True, seed=cfg.seed,
-                epoch=state.epoch, limit=cfg.data.max_train_examples, resume=state.positions,
-                slot_offset=state.next_slot, rank=rank, world=world, sources=sources, heldout=pre.heldout_fraction,
-            )
-            loader = iter(make_loader(stream, workers))
+            loader = iter(make_loader(new_stream(cfg, tokenizer, state, rank, world, sources), workers))
             epoch_done = False
             while True:
                 batch = next(loader, None)
@@ -296,6 +309,8 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                     evaluate_and_save()
             if not epoch_done:
                 break  # max_steps, inside the epoch
+            if world > 1:
+                note_dropped_rows(run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar)
             state.epoch += 1
             state.positions, state.next_slot = {}, 0
             if not t.eval_every and state.step != last_eval_step:

@@ -10,15 +10,20 @@ from __future__ import annotations
 import os
 import random
 import signal
+from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from seqtrain import console
 from seqtrain.config import physical_cores
 from seqtrain.errors import SeqtrainError
 from seqtrain.inference import pick_device
+
+if TYPE_CHECKING:
+    from seqtrain.data import BatchStream
 
 # Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -88,6 +93,46 @@ def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
     x = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return [float(v) for v in x.tolist()]
+
+
+def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> bool:
+    """torchrun: count each rank's rows and batches of an epoch (`BatchStream.count`, no tokenizing) into
+    run_info. An epoch ends for all ranks when the one with the fewest batches runs out (a rank cannot
+    step alone: the gradients are averaged over all), so that is the epoch's number of steps; the other
+    ranks' remaining batches are not trained that epoch. True when run_info changed (rank 0 rewrites run.json)."""
+    if world == 1 or "rank_batches" in run_info:
+        return False
+    counts = all_gather(stream.count(), world)
+    rows, batches = [c[0] for c in counts], [c[1] for c in counts]
+    if min(batches) == 0:
+        raise SeqtrainError(f"rank {batches.index(0)} of {world} gets no training rows (rows per rank: {rows}). Use fewer "
+                            "processes, or split the training data into more files.")
+    run_info.update(steps_per_epoch=min(batches), rank_rows=rows, rank_batches=batches, rows_dropped={})
+    if max(batches) > min(batches):
+        console.warn(f"uneven parts under torchrun: batches per epoch by rank {batches} (rows {rows}). Each epoch runs "
+                     f"{min(batches)} steps, where the smallest part ends; the other ranks' remaining "
+                     f"{sum(batches) - world * min(batches)} batches are not trained in that epoch. Files (shards) in a "
+                     "number divisible by the processes, of similar sizes, avoid that.")
+    return True
+
+
+def note_dropped_rows(run_info: dict[str, Any], epoch: int, trained: int, rank: int, run_dir: Path,
+                      bar: console.TrainProgress) -> None:
+    """torchrun, at an epoch's end: how many of the epoch's rows were not trained (uneven parts), in run.json."""
+    total = sum(run_info.get("rank_rows", []))
+    if rank != 0 or not total or total == trained:
+        return
+    run_info.setdefault("rows_dropped", {})[str(epoch)] = total - trained
+    from seqtrain import checkpoint
+
+    checkpoint.write_json_atomic(run_dir / "run.json", run_info)
+    bar.log(f"epoch {epoch}: {total - trained:,} of {total:,} training rows were not trained (uneven parts across ranks; "
+            "run.json has rows_dropped per epoch)")
+
+
+def epoch_rows(positions: dict[str, Any], world: int) -> int:
+    """Rows trained in this epoch, summed over worker slots and ranks (each slot's position counts its own)."""
+    return int(all_reduce([float(sum(p.get("rows", 0) for p in positions.values()))], world)[0])
 
 
 def seed_everything(seed: int) -> None:

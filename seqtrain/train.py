@@ -33,8 +33,11 @@ from seqtrain.runtime import (
     all_gather,
     all_reduce,
     broadcast,
+    epoch_rows,
     finish_distributed,
     init_distributed,
+    note_dropped_rows,
+    plan_ranks,
     resolve_workers,
     rng_state,
     seed_everything,
@@ -100,8 +103,8 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     t0 = time.perf_counter()
     vocab = build_vocab(cfg, init_from_pretrained(cfg)[0] if cfg.model.init_from else None)
     tokenizer, labels = vocab.tokenizer, vocab.labels
-    # Under DDP each rank takes about 1/world of the rows; all stop when the first runs out.
-    steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows) // world)
+    # Under DDP each rank counts its own part after this (runtime.plan_ranks) and the epoch is the smallest.
+    steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows))
     run_info = {
         "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
         "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
@@ -170,6 +173,10 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
             broadcast(str(e), world)
             raise
         broadcast(None, world)
+    if ckpt_state is None and plan_ranks(BatchStream(cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True,
+                                                     seed=cfg.seed, limit=cfg.data.max_train_examples, rank=rank, world=world),
+                                         world, run_info) and rank == 0:
+        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     if ckpt_state is not None and ckpt_state["train_state"].get("world", 1) != world:
         raise ConfigError(
             f"cannot resume {run_dir} with {world} processes: it was trained with {ckpt_state['train_state'].get('world', 1)}, "
@@ -386,6 +393,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                         break
             if not epoch_done or early_stop:
                 break  # max_steps or early stopping, inside the epoch
+            if world > 1:
+                note_dropped_rows(run_info, s["epoch"] + 1, epoch_rows(s["positions"], world), rank, run_dir, bar)
             s["epoch"] += 1
             s["positions"], s["next_slot"] = {}, 0
             if not t.eval_every and s["step"] != last_eval_step:

@@ -9,18 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from seqtrain.config import to_dict
 from seqtrain.metrics import read_metrics
+from seqtrain.optim import lr_at
 from seqtrain.train import train
 from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
 
-def torchrun(config: Path, *args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def torchrun(config: Path, *args: str, nproc: int = 2, timeout: float = 120, command: str = "train",
+             entry: tuple[str, ...] = ("seqtrain",)) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "seqtrain", "train", str(config), *args]
+           "-m", *entry, command, str(config), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -44,15 +47,20 @@ def test_two_process_gloo_run_matches_single_process_band(tmp_path: Path) -> Non
     assert [r["epoch"] for r in lines] == [1, 2]
 
 
-def test_uneven_shards_never_hang_and_world_size_is_checked_on_resume(tmp_path: Path) -> None:
-    rows = synthetic_rows(520, 0)
-    # shard 0 holds 500 rows, shard 1 holds 20: rank 1 runs dry long before rank 0
-    write_hub_folder(tmp_path / "d", {"validation": synthetic_rows(100, 1)})
+def uneven_data(folder: Path) -> Path:
+    """shard 0 holds 500 rows, shard 1 holds 20: rank 1 runs dry long before rank 0"""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows[:500]), tmp_path / "d" / "train-00000-of-00002.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[500:]), tmp_path / "d" / "train-00001-of-00002.parquet")
+    rows = synthetic_rows(520, 0)
+    write_hub_folder(folder, {"validation": synthetic_rows(100, 1)})
+    pq.write_table(pa.Table.from_pylist(rows[:500]), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[500:]), folder / "train-00001-of-00002.parquet")
+    return folder
+
+
+def test_uneven_shards_never_hang_and_world_size_is_checked_on_resume(tmp_path: Path) -> None:
+    uneven_data(tmp_path / "d")
     cfg = tiny_config(tmp_path / "d", tmp_path / "run", data={"chunk_size": 64}, train={"epochs": 2})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -60,6 +68,29 @@ def test_uneven_shards_never_hang_and_world_size_is_checked_on_resume(tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"]
     assert steps == 2 * 2  # 20 rows -> 2 batches of 16 per epoch on rank 1; both ranks stop there
+    # the plan is what runs: 2 steps per epoch (the schedule decays to the 4th step), and the drop is counted
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["steps_per_epoch"] == 2 and run["rank_rows"] == [500, 20] and run["rank_batches"] == [32, 2]
+    assert run["rows_dropped"] == {"1": 468, "2": 468}  # rank 0 trains 2 x 16 of its 500 rows, rank 1 all 20
+    assert "468 of 520 training rows were not trained" in " ".join(proc.stderr.split())
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
     single = subprocess.run([sys.executable, "-m", "seqtrain", "train", str(path), "--resume", "train.epochs=3"],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert single.returncode != 0 and "same --nproc_per_node" in single.stderr
+
+
+def test_pretrain_plans_the_steps_that_run_on_uneven_shards(tmp_path: Path) -> None:
+    cfg = tiny_config(uneven_data(tmp_path / "d"), tmp_path / "lm", data={"chunk_size": 64}, train={"epochs": 2},
+                      model={"bidirectional": True}, pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"})
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = torchrun(path, command="pretrain", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "lm" / "run.json").read_text())
+    assert run["rank_batches"][1] == 2 and run["steps_per_epoch"] == 2 and sum(run["rank_rows"]) == run["num_train_examples"]
+    assert json.loads((tmp_path / "lm" / "last" / "state.json").read_text())["step"] == 2 * 2
+    assert set(run["rows_dropped"]) == {"1", "2"}
+    last = [r for r in read_metrics(tmp_path / "lm" / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
+
