@@ -40,6 +40,7 @@ from seqtrain.runtime import (
     StopSignals,
     all_gather,
     all_reduce,
+    all_rng_states,
     broadcast,
     epoch_rows,
     finish_distributed,
@@ -47,9 +48,8 @@ from seqtrain.runtime import (
     note_dropped_rows,
     plan_ranks,
     resolve_workers,
-    rng_state,
+    restore_rng,
     seed_everything,
-    set_rng_state,
     set_threads,
 )
 
@@ -198,7 +198,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             optimizer.load_state_dict(opt_state)
         state = PretrainState(**ckpt_state["train_state"])
         state.positions, state.next_slot = ckpt_state["ranks"][rank]
-        set_rng_state(ckpt_state["rng"], rng)
+        restore_rng(ckpt_state["rng"], rng, rank)
     forward: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -217,9 +217,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
 
     def save(best: bool, metrics: dict[str, Any]) -> None:
         ranks = all_gather((state.positions, state.next_slot), world)
+        rng_json, rng_tensors = all_rng_states(world)
         if rank != 0:
             return
-        rng_json, rng_tensors = rng_state()
         checkpoint.save(run_dir, state.step, model, optimizer, {
             "kind": KIND, "step": state.step, "epoch": state.epoch, "train_state": asdict(state), "ranks": ranks,
             "rng": rng_json, "_rng_tensors": rng_tensors, "metrics": metrics, "model": to_dict(cfg)["model"],

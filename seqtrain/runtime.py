@@ -165,6 +165,25 @@ def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state_all(cuda)
 
 
+def all_rng_states(world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Every rank's generators (each rank calls this; rank 0 saves the result): rank 0's as `rng_state`
+    gives them, the other ranks' JSON parts under "ranks" and their tensors prefixed "rank{r}."."""
+    states = all_gather(rng_state(), world)
+    json_part, tensors = states[0]
+    json_part = {**json_part, "ranks": [j for j, _ in states[1:]]}
+    for r, (_, own) in enumerate(states[1:], start=1):
+        tensors = {**tensors, **{f"rank{r}.{k}": v for k, v in own.items()}}
+    return json_part, tensors
+
+
+def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """This rank's generators from what `all_rng_states` saved (a checkpoint without them: rank 0's)."""
+    if rank > 0 and len(state.get("ranks", [])) >= rank:
+        prefix = f"rank{rank}."
+        state, tensors = state["ranks"][rank - 1], {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    set_rng_state(state, tensors)
+
+
 class StopSignals:
     """`with StopSignals() as stop:` records SIGINT/SIGTERM/SIGHUP instead of dying mid-step; the loop
     checks `stop.signum` between steps, saves last/ and exits 128 + signum."""

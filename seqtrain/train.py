@@ -32,6 +32,7 @@ from seqtrain.runtime import (
     StopSignals,
     all_gather,
     all_reduce,
+    all_rng_states,
     broadcast,
     epoch_rows,
     finish_distributed,
@@ -39,9 +40,8 @@ from seqtrain.runtime import (
     note_dropped_rows,
     plan_ranks,
     resolve_workers,
-    rng_state,
+    restore_rng,
     seed_everything,
-    set_rng_state,
     set_threads,
 )
 
@@ -211,7 +211,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
             s[k] = ckpt_state["train_state"].get(k, s[k])
         if "ranks" in ckpt_state:  # each rank continues from its own place in the stream
             s["positions"], s["next_slot"] = ckpt_state["ranks"][rank]
-        set_rng_state(ckpt_state["rng"], rng)
+        restore_rng(ckpt_state["rng"], rng, rank)
     if cfg.model.pretrained_embeddings and ckpt_state is None:
         found, size = load_pretrained_embeddings(model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase)
         console.info(f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)")
@@ -252,9 +252,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     def save(best: bool) -> None:
         """Every rank calls this (it gathers stream positions); rank 0 writes."""
         ranks = all_gather((s["positions"], s["next_slot"]), world)
+        rng_json, rng_tensors = all_rng_states(world)
         if rank != 0:
             return
-        rng_json, rng_tensors = rng_state()
         state = {
             "step": s["step"], "epoch": s["epoch"], "train_state": dict(s), "ranks": ranks, "rng": rng_json,
             "_rng_tensors": rng_tensors, "metrics": {k: v for k, v in reports.get(s["step"], {}).items() if k != "arrays"},

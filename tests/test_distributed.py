@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from seqtrain import checkpoint
 from seqtrain.config import to_dict
 from seqtrain.metrics import read_metrics
 from seqtrain.optim import lr_at
@@ -93,4 +95,27 @@ def test_pretrain_plans_the_steps_that_run_on_uneven_shards(tmp_path: Path) -> N
     assert set(run["rows_dropped"]) == {"1", "2"}
     last = [r for r in read_metrics(tmp_path / "lm" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
+
+
+def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> None:
+    """Killed right after a checkpoint under torchrun, then resumed: each rank draws its own dropout masks
+    again (the checkpoint holds every rank's generators), so the weights equal an uninterrupted run's."""
+    rows = synthetic_rows(400, 0)
+    data = write_hub_folder(tmp_path / "d", {"train": rows, "validation": synthetic_rows(60, 1)}, shards=2)
+    paths = {}
+    for name in ("straight", "killed"):
+        cfg = tiny_config(data, tmp_path / name, data={"chunk_size": 50}, model={"dropout": 0.5, "embedding_dropout": 0.3},
+                          train={"epochs": 2, "eval_every": 5})
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(to_dict(cfg)))
+    assert torchrun(paths["straight"]).returncode == 0
+    killed = torchrun(paths["killed"], entry=("tests.fault_entry", "kill-after-save=5"))
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "killed" / "last" / "state.json").read_text())
+    rng = checkpoint.load_tensors(tmp_path / "killed" / "last" / "rng.safetensors")
+    assert state["step"] == 5 and len(state["rng"]["ranks"]) == 1 and not torch.equal(rng["torch"], rng["rank1.torch"])
+    resumed = torchrun(paths["killed"], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = (tmp_path / "straight" / "last" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "killed" / "last" / "model.safetensors").read_bytes()
 
