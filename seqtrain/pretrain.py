@@ -165,7 +165,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         if rank == 0:
             log.truncate_after(ckpt_state["step"])
     elif rank != 0:
-        error = broadcast(None, world)
+        error = broadcast(None, world, setup=True)
         if error:
             raise SeqtrainError(error)
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
@@ -174,9 +174,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         try:
             tokenizer, run_info = prepare_run(cfg, workers, world, config_path)
         except SeqtrainError as e:
-            broadcast(str(e), world)
+            broadcast(str(e), world, setup=True)
             raise
-        broadcast(None, world)
+        broadcast(None, world, setup=True)
     sources = text_sources(cfg)
     fresh_stream = new_stream(cfg, tokenizer, PretrainState(), rank, world, sources)
     if ckpt_state is None and plan_ranks(fresh_stream, world, run_info) and rank == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 
 # Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Before training, ranks other than 0 wait while rank 0 builds the vocabulary (a pass over the whole
+# training split), and all ranks count their rows: a gloo group of its own with this timeout carries
+# those waits; the training collectives keep torch's default, so a stuck step still fails in minutes.
+SETUP_TIMEOUT = timedelta(hours=24)
+_setup_group: Any = None
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -39,6 +45,8 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    global _setup_group
+    _setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     return dist.get_rank(), world, device
 
@@ -64,24 +72,24 @@ def resolve_workers(requested: int | None) -> int:
     return 1 if physical_cores() > 2 else 0
 
 
-def broadcast(obj: Any, world: int) -> Any:
-    """Rank 0's value of `obj`, on every rank."""
+def broadcast(obj: Any, world: int, setup: bool = False) -> Any:
+    """Rank 0's value of `obj`, on every rank; `setup`: with SETUP_TIMEOUT (the vocabulary wait)."""
     if world == 1:
         return obj
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_setup_group if setup else None)
     return box[0]
 
 
-def all_gather(obj: Any, world: int) -> list[Any]:
+def all_gather(obj: Any, world: int, setup: bool = False) -> list[Any]:
     if world == 1:
         return [obj]
     import torch.distributed as dist
 
     out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_setup_group if setup else None)
     return out
 
 
@@ -102,7 +110,7 @@ def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> boo
     ranks' remaining batches are not trained that epoch. True when run_info changed (rank 0 rewrites run.json)."""
     if world == 1 or "rank_batches" in run_info:
         return False
-    counts = all_gather(stream.count(), world)
+    counts = all_gather(stream.count(), world, setup=True)
     rows, batches = [c[0] for c in counts], [c[1] for c in counts]
     if min(batches) == 0:
         raise SeqtrainError(f"rank {batches.index(0)} of {world} gets no training rows (rows per rank: {rows}). Use fewer "

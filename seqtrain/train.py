@@ -161,7 +161,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                 f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
             )
     elif rank != 0:
-        error = broadcast(None, world)  # rank 0 builds the vocabulary meanwhile
+        error = broadcast(None, world, setup=True)  # rank 0 builds the vocabulary meanwhile
         if error:
             raise SeqtrainError(error)
         tokenizer, labels = read_run_files(run_dir)
@@ -170,9 +170,9 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
         try:
             tokenizer, labels, run_info = prepare_run(cfg, workers, world, config_path)
         except SeqtrainError as e:
-            broadcast(str(e), world)
+            broadcast(str(e), world, setup=True)
             raise
-        broadcast(None, world)
+        broadcast(None, world, setup=True)
     if ckpt_state is None and plan_ranks(BatchStream(cfg.data, cfg.data.train_split, tokenizer, labels, t.batch_size, shuffle=True,
                                                      seed=cfg.seed, limit=cfg.data.max_train_examples, rank=rank, world=world),
                                          world, run_info) and rank == 0:
