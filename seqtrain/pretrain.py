@@ -41,6 +41,7 @@ from seqtrain.runtime import (
     all_gather,
     all_reduce,
     all_rng_states,
+    bad_rows,
     broadcast,
     epoch_rows,
     finish_distributed,
@@ -296,7 +297,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                     elapsed = time.perf_counter() - window["start"]
                     tokens, loss_sum, steps = all_reduce([window["tokens"], window["loss"], window["steps"]], world)
                     record = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_sum / steps,
-                              "lr": lr, "tokens_per_sec": tokens / elapsed, "bad_rows": position["bad_rows"]}
+                              "lr": lr, "tokens_per_sec": tokens / elapsed, "bad_rows": bad_rows(state.positions, world)}
                     if rank == 0:
                         log.write(record)
                     shown = math.exp(state.best) if state.best is not None else 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -141,6 +142,15 @@ def note_dropped_rows(run_info: dict[str, Any], epoch: int, trained: int, rank: 
 def epoch_rows(positions: dict[str, Any], world: int) -> int:
     """Rows trained in this epoch, summed over worker slots and ranks (each slot's position counts its own)."""
     return int(all_reduce([float(sum(p.get("rows", 0) for p in positions.values()))], world)[0])
+
+
+def bad_rows(positions: dict[str, Any], world: int) -> dict[str, int]:
+    """Rows skipped so far in this epoch, by reason, summed over worker slots and ranks."""
+    total: Counter[str] = Counter()
+    for counts in all_gather([p["bad_rows"] for p in positions.values()], world):
+        for c in counts:
+            total.update(c)
+    return dict(total)
 
 
 def seed_everything(seed: int) -> None:

@@ -33,6 +33,7 @@ from seqtrain.runtime import (
     all_gather,
     all_reduce,
     all_rng_states,
+    bad_rows,
     broadcast,
     epoch_rows,
     finish_distributed,
@@ -370,14 +371,14 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                 if s["step"] % t.log_every == 0 or s["step"] == total_steps:
                     elapsed = time.perf_counter() - window["t0"]
                     if world > 1:  # the log speaks for all ranks
-                        keys = ("tokens", "padded", "loss", "correct", "n")
+                        keys = ("tokens", "padded", "loss", "correct", "n", "unk")
                         window.update(zip(keys, all_reduce([window[k] for k in keys], world), strict=True))
                     record = {
                         "step": s["step"], "epoch": s["epoch"], "split": "train", "loss": window["loss"] / window["n"],
                         ("mae" if regression else "accuracy"): window["correct"] / window["n"], "lr": lr,
                         "tokens_per_sec": window["tokens"] / elapsed, "padding": 1 - window["tokens"] / window["padded"],
                         "data_wait": window["wait"] / elapsed, "unk_rate": window["unk"] / max(1, window["tokens"]),
-                        "bad_rows": pos["bad_rows"],
+                        "bad_rows": bad_rows(s["positions"], world),
                     }
                     if rank == 0:
                         log.write(record)

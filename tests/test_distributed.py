@@ -127,3 +127,24 @@ def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_pat
     path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp_path / "run", train={"max_steps": 3}))))
     proc = torchrun(path, entry=("tests.fault_entry", "slow-vocab=5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_train_log_sums_unknown_tokens_and_skipped_rows_over_ranks(tmp_path: Path) -> None:
+    """rank 0's part has 3 empty texts and no unknown words; rank 1's has 5 empty texts and a word seen once per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = synthetic_rows(400, 0)
+    part0 = rows[:200] + [{"text": "", "label": 0}] * 3
+    part1 = [{"text": f"{r['text']} zq{i}x", "label": r["label"]} for i, r in enumerate(rows[200:])] + [{"text": "", "label": 1}] * 5
+    folder = write_hub_folder(tmp_path / "d", {"validation": synthetic_rows(40, 1)})
+    pq.write_table(pa.Table.from_pylist(part0), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(part1), folder / "train-00001-of-00002.parquet")
+    cfg = tiny_config(folder, tmp_path / "run", data={"chunk_size": 256, "on_bad_rows": "skip"}, tokenizer={"min_frequency": 2})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    proc = torchrun(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert lines and all(r["bad_rows"] == {"empty text": 8} for r in lines)
+    assert all(r["unk_rate"] > 0.01 for r in lines)
