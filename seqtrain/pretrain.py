@@ -73,6 +73,7 @@ class PretrainState:
     positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
     next_slot: int = 0
     world: int = 1
+    last_eval_step: int = -1  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
 
 
 def check_encoder_shape(model: ModelConfig) -> None:
@@ -197,7 +198,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         model.load_state_dict(weights)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
-        state = PretrainState(**ckpt_state["train_state"])
+        state = PretrainState(**{"last_eval_step": ckpt_state["step"], **ckpt_state["train_state"]})
         state.positions, state.next_slot = ckpt_state["ranks"][rank]
         restore_rng(ckpt_state["rng"], rng, rank)
     forward: torch.nn.Module = model
@@ -248,7 +249,6 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
 
     # ---- the loop
     model.train()
-    last_eval_step = state.step if ckpt_state is not None else -1
     window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
     with StopSignals() as stop, console.TrainProgress(total_steps, state.step, "held-out ppl") as bar:
         while state.epoch < t.epochs and state.step < total_steps:
@@ -306,7 +306,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 else:
                     bar.update(state.step)
                 if t.eval_every and state.step % t.eval_every == 0:
-                    last_eval_step = state.step
+                    state.last_eval_step = state.step
                     evaluate_and_save()
             if not epoch_done:
                 break  # max_steps, inside the epoch
@@ -314,10 +314,10 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 note_dropped_rows(run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar)
             state.epoch += 1
             state.positions, state.next_slot = {}, 0
-            if not t.eval_every and state.step != last_eval_step:
-                last_eval_step = state.step
+            if not t.eval_every and state.step != state.last_eval_step:
+                state.last_eval_step = state.step
                 evaluate_and_save()
-        if state.step != last_eval_step:
+        if state.step != state.last_eval_step:
             evaluate_and_save()
     finish_distributed(world)
     if rank != 0:

@@ -200,7 +200,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
         console.warn(f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): the learning rate "
                      f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}.")
     s: dict[str, Any] = {"step": 0, "epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "positions": {}, "next_slot": 0,
-                         "world": world}
+                         "world": world, "last_eval_step": -1}
     ema_weights = None
     if ckpt_state is not None:
         if t.ema_decay:  # model.safetensors holds the average; training continues from the raw weights
@@ -210,6 +210,8 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
             optimizer.load_state_dict(opt_state)
         for k in s:
             s[k] = ckpt_state["train_state"].get(k, s[k])
+        if "last_eval_step" not in ckpt_state["train_state"]:  # saved before it was: as then
+            s["last_eval_step"] = s["step"]
         if "ranks" in ckpt_state:  # each rank continues from its own place in the stream
             s["positions"], s["next_slot"] = ckpt_state["ranks"][rank]
         restore_rng(ckpt_state["rng"], rng, rank)
@@ -289,7 +291,6 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
 
     # ---- the loop
     model.train()
-    last_eval_step = s["step"] if ckpt_state is not None else -1
     early_stop = False
     window = new_window()
     with stop, console.TrainProgress(total_steps, s["step"], "mae" if regression else "acc") as bar:
@@ -388,7 +389,7 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                     bar.update(s["step"])
 
                 if t.eval_every and s["step"] % t.eval_every == 0:
-                    last_eval_step = s["step"]
+                    s["last_eval_step"] = s["step"]
                     if run_eval():
                         early_stop = True
                         break
@@ -398,10 +399,10 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                 note_dropped_rows(run_info, s["epoch"] + 1, epoch_rows(s["positions"], world), rank, run_dir, bar)
             s["epoch"] += 1
             s["positions"], s["next_slot"] = {}, 0
-            if not t.eval_every and s["step"] != last_eval_step:
-                last_eval_step = s["step"]
+            if not t.eval_every and s["step"] != s["last_eval_step"]:
+                s["last_eval_step"] = s["step"]
                 early_stop = run_eval()
-        if s["step"] != last_eval_step:
+        if s["step"] != s["last_eval_step"]:
             run_eval()
     finish_distributed(world)
     if rank != 0:

@@ -210,3 +210,44 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     b, state, _, _ = checkpoint.load(checkpoint.find(tmp_path / "killed", "last")[0])
     assert state["step"] > 45
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import seqtrain.pretrain
+    from seqtrain.metrics import read_metrics
+    from seqtrain.runtime import Interrupted
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_data, tmp_path / "lm", train={"epochs": 2, "eval_every": 0},
+                      pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"})
+    real = seqtrain.pretrain.lr_at
+
+    def lr_at_then_sigterm(step: int, *args: object) -> float:  # SIGTERM while the epoch's last batch trains
+        if step == json.loads((tmp_path / "lm" / "run.json").read_text())["steps_per_epoch"] - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seqtrain.pretrain, "lr_at", lr_at_then_sigterm)
+    with pytest.raises(Interrupted):
+        pretrain(cfg)
+    monkeypatch.undo()
+    pretrain(cfg, resume=True)
+    evals = [r for r in read_metrics(tmp_path / "lm" / "metrics.jsonl") if r["split"] == "heldout"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+
+
+def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(pretrained: Path, tmp_path: Path) -> None:
+    from seqtrain.config import load_config
+    from seqtrain.starter import write_starter
+
+    write_starter(str(SST2), tmp_path / "plain.yaml", sample=500)
+    with pytest.raises(ConfigError):  # a plain starter config has other shapes than the tiny pretrained encoder
+        init_from_pretrained(load_config(tmp_path / "plain.yaml", [f"model.init_from={pretrained}"]))
+    write_starter(str(SST2), tmp_path / "ft.yaml", sample=500, init_from=str(pretrained))
+    cfg = load_config(tmp_path / "ft.yaml")
+    assert cfg.model.init_from == str(pretrained) and cfg.model.hidden_size == 32
+    tokenizer, encoder = init_from_pretrained(cfg)  # shapes and tokenizer keys match: no error
+    assert encoder["embedding.weight"].shape[0] == tokenizer.get_vocab_size()

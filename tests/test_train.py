@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -103,3 +104,28 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Pat
         assert raw != a, "model.safetensors holds the average, not the raw weights"
     lines = [r for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in lines] == sorted({r["step"] for r in lines}), "no step is logged twice"
+
+
+def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import seqtrain.train
+    from seqtrain.runtime import Interrupted
+
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 2, "eval_every": 0})
+    real = seqtrain.train.lr_at
+
+    def lr_at_then_sigterm(step: int, *args: Any) -> float:  # SIGTERM while the epoch's last batch trains
+        if step == json.loads((tmp_path / "run" / "run.json").read_text())["steps_per_epoch"] - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(seqtrain.train, "lr_at", lr_at_then_sigterm)
+    with pytest.raises(Interrupted):
+        train(cfg)
+    monkeypatch.undo()
+    train(cfg, resume=True)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "validation"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+
