@@ -3,11 +3,13 @@
     python -m tests.fault_entry kill-after-save=STEP train CONFIG [...]
     python -m tests.fault_entry no-memory train CONFIG [...]
     python -m tests.fault_entry slow-vocab=SECONDS train CONFIG [...]
+    python -m tests.fault_entry dump-weights=FOLDER train CONFIG [...]
 
 runs the ordinary `seqtrain` command line with checkpoint.save wrapped so that the process kills
 itself with SIGKILL right after checkpoint STEP is written (a crash at the worst moment for
 resume, on demand), or with the model's allocation failing as torch reports it on a CPU, or (under torchrun) with torch's
-default collective timeout cut to SECONDS while building the vocabulary takes three times as long.
+default collective timeout cut to SECONDS while building the vocabulary takes three times as long, or
+(not a fault) with each rank writing its own final weights to FOLDER/rank<RANK>.safetensors.
 """
 
 from __future__ import annotations
@@ -61,6 +63,29 @@ def slow_vocab(seconds: int) -> None:
     seqtrain.train.build_vocab = build_vocab
 
 
+def dump_weights(folder: str) -> None:
+    import atexit
+
+    from safetensors.torch import save_file
+
+    import seqtrain.train
+
+    models = []
+    real = seqtrain.train.make_optimizer
+
+    def make_optimizer(model: Any, *args: Any) -> Any:
+        models.append(model)
+        return real(model, *args)
+
+    def write() -> None:
+        os.makedirs(folder, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in models[-1].state_dict().items()}
+        save_file(weights, os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.safetensors"))
+
+    seqtrain.train.make_optimizer = make_optimizer
+    atexit.register(write)
+
+
 if __name__ == "__main__":
     fault, _, value = sys.argv[1].partition("=")
     if fault == "kill-after-save":
@@ -69,7 +94,9 @@ if __name__ == "__main__":
         no_memory()
     elif fault == "slow-vocab":
         slow_vocab(int(value))
+    elif fault == "dump-weights":
+        dump_weights(value)
     else:
-        sys.exit(f"unknown fault {sys.argv[1]!r}; use kill-after-save=STEP, no-memory or slow-vocab=SECONDS")
+        sys.exit(f"unknown fault {sys.argv[1]!r}; use kill-after-save=STEP, no-memory, slow-vocab=SECONDS or dump-weights=FOLDER")
     sys.argv = ["seqtrain", *sys.argv[2:]]
     main()

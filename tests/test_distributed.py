@@ -49,6 +49,40 @@ def test_two_process_gloo_run_matches_single_process_band(tmp_path: Path) -> Non
     assert [r["epoch"] for r in lines] == [1, 2]
 
 
+def test_ranks_hold_equal_weights_that_match_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    """One SGD step (no dropout): 2 ranks x 16 rows through DDP end with equal weights on both ranks, equal
+    (to float rounding) to 1 process taking the same 32 rows as one batch. Without the gradient all-reduce
+    each rank would step on its own 16 rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    rows = synthetic_rows(32, 0)
+    two, one = tmp_path / "two", tmp_path / "one"
+    for folder in (two, one):
+        write_hub_folder(folder, {"validation": synthetic_rows(40, 1)})
+    pq.write_table(pa.Table.from_pylist(rows[:16]), two / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[16:]), two / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), one / "train-00000-of-00001.parquet")
+    same = {"model": {"dropout": 0.0}, "data": {"chunk_size": 64}}
+    step = {"optimizer": "sgd", "lr": 0.5, "lr_schedule": "constant", "epochs": 1}
+    ddp_cfg = tiny_config(two, tmp_path / "ddp", **same, train={**step, "batch_size": 16})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(to_dict(ddp_cfg)))
+    proc = torchrun(path, entry=("tests.fault_entry", f"dump-weights={tmp_path / 'ranks'}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tiny_config(one, tmp_path / "single", **same, train={**step, "batch_size": 32}))
+    assert json.loads((tmp_path / "ddp" / "last" / "state.json").read_text())["step"] == 1
+    assert json.loads((tmp_path / "single" / "last" / "state.json").read_text())["step"] == 1
+    rank0, rank1 = load_file(tmp_path / "ranks" / "rank0.safetensors"), load_file(tmp_path / "ranks" / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    ddp = checkpoint.load_tensors(tmp_path / "ddp" / "last" / "model.safetensors")
+    single = checkpoint.load_tensors(tmp_path / "single" / "last" / "model.safetensors")
+    assert all(torch.equal(ddp[k], rank0[k]) for k in ddp)
+    worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    assert worst < 1e-5, worst
+
+
 def uneven_data(folder: Path) -> Path:
     """shard 0 holds 500 rows, shard 1 holds 20: rank 1 runs dry long before rank 0"""
     import pyarrow as pa
