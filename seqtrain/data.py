@@ -303,6 +303,29 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
     return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
 
 
+def check_eval_split(cfg: Config, labels: Labels) -> str | None:
+    """Before training: the eval split opens and has the columns, and its labels are known from the training
+    split. Labels found only in the eval split stop here with data.on_bad_rows: error; with skip, the returned
+    warning says that evaluation will skip their rows."""
+    data = cfg.data
+    ds = open_split(data, data.eval_split, data.max_eval_examples)
+    check_columns(ds, data, data.eval_split)
+    if labels.task == "regression":
+        return None
+    unknown: Counter[str] = Counter()
+    with badrows.reading(badrows.split_path(data, data.eval_split), data.eval_split):
+        for chunk in ds.select_columns([data.label_column]).iter(batch_size=data.chunk_size):
+            unknown.update(str(v) for v in chunk[data.label_column] if v is not None and labels.target(v) is None)
+    if not unknown:
+        return None
+    msg = (f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only in the eval split {data.eval_split!r} "
+           f"of {badrows.split_path(data, data.eval_split)!r}, not in the training split {data.train_split!r} (labels "
+           f"{labels.names})")
+    if data.on_bad_rows == "error":
+        raise DataError(f"{msg}. Fix the data, or set data.on_bad_rows: skip to leave those rows out of evaluation.")
+    return f"{msg}: evaluation skips those rows (data.on_bad_rows: skip)."
+
+
 # --------------------------------------------------------------------------- unlabeled text (pretraining)
 
 

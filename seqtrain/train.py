@@ -19,7 +19,7 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.config import Config, check_resumable, dump_yaml, to_dict
-from seqtrain.data import BatchStream, build_vocab, make_loader
+from seqtrain.data import BatchStream, build_vocab, check_eval_split, make_loader
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.inference import evaluate, task_loss, to_scores
@@ -104,6 +104,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     t0 = time.perf_counter()
     vocab = build_vocab(cfg, init_from_pretrained(cfg)[0] if cfg.model.init_from else None)
     tokenizer, labels = vocab.tokenizer, vocab.labels
+    eval_warning = check_eval_split(cfg, labels)  # a missing split or unknown labels: now, not after an epoch
     # Under DDP each rank counts its own part after this (runtime.plan_ranks) and the epoch is the smallest.
     steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows))
     run_info = {
@@ -120,6 +121,8 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
         f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, {vocab.num_examples:,} training rows"
         f"{f', skipped {dict(vocab.bad_rows)}' if vocab.bad_rows else ''} ({time.perf_counter() - t0:.1f}s)"
     )
+    if eval_warning:
+        console.warn(eval_warning)
     return tokenizer, labels, run_info
 
 

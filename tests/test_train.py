@@ -129,3 +129,45 @@ def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_dat
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "validation"]
     assert [r["epoch"] for r in evals] == [1, 2]
 
+
+def test_a_missing_eval_split_stops_before_any_training(tmp_path: Path) -> None:
+    from seqtrain.errors import DataError
+    from tests.conftest import synthetic_rows, write_hub_folder
+
+    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(300, 0), "test": synthetic_rows(40, 1)})
+    with pytest.raises(DataError, match="'validation'"):
+        train(tiny_config(data, tmp_path / "run", train={"epochs": 1, "eval_every": 0}))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
+def test_labels_found_only_in_the_eval_split_are_reported_before_training(tmp_path: Path, on_bad_rows: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from seqtrain.errors import DataError
+    from tests.conftest import synthetic_rows, write_hub_folder
+
+    evals = synthetic_rows(40, 1, string_labels=True) + [{"text": "so so", "label": "meh"}] * 3
+    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(300, 0, string_labels=True), "validation": evals})
+    cfg = tiny_config(data, tmp_path / "run", data={"on_bad_rows": on_bad_rows}, train={"epochs": 1, "eval_every": 0})
+    if on_bad_rows == "error":
+        with pytest.raises(DataError, match=r"\['meh'\].*only in the eval split 'validation'"):
+            train(cfg)
+        assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+        return
+    seen = []
+    import seqtrain.train
+
+    real = seqtrain.train.lr_at
+
+    def lr_at(step: int, *args: Any) -> float:
+        seen.append(capsys.readouterr().err)  # what was printed before the first step
+        return real(step, *args)
+
+    seqtrain.train.lr_at = lr_at  # type: ignore[assignment]
+    try:
+        train(cfg)
+    finally:
+        seqtrain.train.lr_at = real
+    assert "only in the eval split 'validation'" in " ".join(seen[0].split())
+
