@@ -151,7 +151,7 @@ def eval_(
         split_name = split or run.config.data.eval_split
         data_cfg = run.config.data
         if data is not None:
-            data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None)
+            data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None, validation_split=None)
         collect = with_report or plots
         report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg, collect=collect)
         arrays = report.pop("arrays", None)  # numpy, not JSON: only for the report and the plots

@@ -50,6 +50,8 @@ class DataConfig:
     """Split to train on."""
     eval_split: str = "validation"
     """Split evaluated during and after training (best checkpoint is chosen on it)."""
+    validation_split: float | None = None
+    """A fraction (e.g. 0.1): hold out that part of train_split, chosen by a hash of each text (the same rows in every pass, worker, rank and resume), never train on it, and evaluate on it under the name eval_split. For data without a validation split, so that the test split is read only by `seqtrain eval --split test`."""
     max_length: int = 400
     """Texts are cut to this many tokens."""
     truncation: Literal["head", "tail", "head+tail"] = "head"
@@ -533,6 +535,12 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target.")
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
+    if cfg.data.validation_split is not None:
+        if not 0.0 < cfg.data.validation_split < 0.5:
+            raise ConfigError(f"data.validation_split must be in (0, 0.5), got {cfg.data.validation_split}.")
+        if cfg.data.eval_split == cfg.data.train_split:
+            raise ConfigError(f"data.validation_split holds out part of {cfg.data.train_split!r} under the name "
+                              f"data.eval_split, which must differ from data.train_split (e.g. eval_split: validation).")
     if not 0.0 < cfg.pretrain.heldout_fraction < 0.5:
         raise ConfigError(f"pretrain.heldout_fraction must be in (0, 0.5), got {cfg.pretrain.heldout_fraction}.")
     for key, n in {"pretrain.max_heldout_texts": cfg.pretrain.max_heldout_texts, "pretrain.max_length": cfg.pretrain.max_length,

@@ -22,7 +22,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +51,20 @@ def _data_files(path: str) -> list[str]:
 
 
 def open_split(data: DataConfig, split: str, limit: int | None = None) -> datasets.IterableDataset:
-    """Stream one split. The same call serves a Hub id online and a folder or files offline."""
+    """Stream one split. The same call serves a Hub id online and a folder or files offline.
+    With data.validation_split, the eval split is the held-out rows of the training split, and the
+    training split is the rest."""
     import datasets
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    fraction = data.validation_split
+    if fraction and split in (data.train_split, data.eval_split):
+        heldout = split == data.eval_split
+        ds = open_split(replace(data, validation_split=None), data.train_split)
+        column = data.text_column  # a text that is not a string stays in the training part, which counts it as a bad row
+        ds = ds.filter(lambda row: (isinstance(row[column], str) and is_heldout(row[column], fraction)) == heldout)
+        return ds.take(limit) if limit is not None else ds
     path = data.eval_path if (split == data.eval_split and data.eval_path) else data.path
     files = _data_files(path)
     try:
@@ -310,12 +319,15 @@ def check_eval_split(cfg: Config, labels: Labels) -> str | None:
     data = cfg.data
     ds = open_split(data, data.eval_split, data.max_eval_examples)
     check_columns(ds, data, data.eval_split)
-    if labels.task == "regression":
-        return None
     unknown: Counter[str] = Counter()
+    rows = 0
     with badrows.reading(badrows.split_path(data, data.eval_split), data.eval_split):
         for chunk in ds.select_columns([data.label_column]).iter(batch_size=data.chunk_size):
-            unknown.update(str(v) for v in chunk[data.label_column] if v is not None and labels.target(v) is None)
+            rows += len(chunk[data.label_column])
+            if labels.task != "regression":
+                unknown.update(str(v) for v in chunk[data.label_column] if v is not None and labels.target(v) is None)
+    if rows == 0 and data.validation_split:
+        raise DataError(f"data.validation_split {data.validation_split} holds out no row of {data.train_split!r}: raise it.")
     if not unknown:
         return None
     msg = (f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only in the eval split {data.eval_split!r} "
@@ -348,7 +360,8 @@ def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
         sources.append((unlabeled, pre.split))
     if pre.add_train_texts:
         labelled = DataConfig(path=data.path, eval_path=data.eval_path, text_column=data.text_column, max_length=pre.max_length,
-                              truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows)
+                              truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows,
+                              train_split=data.train_split, eval_split=data.eval_split, validation_split=data.validation_split)
         sources.append((labelled, data.train_split))
     if not sources:
         raise DataError("pretrain.path is null and pretrain.add_train_texts is false: there is no text to learn from. "

@@ -183,7 +183,7 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
     """Stream (text, id) from a split of a dataset, as training would read it."""
     from seqtrain.data import open_split
 
-    ds = open_split(replace(data, path=path, eval_path=None, text_column=text_column), split)
+    ds = open_split(replace(data, path=path, eval_path=None, text_column=text_column, validation_split=None), split)
     columns = list(ds.column_names or [])
     if columns and text_column not in columns:
         raise DataError(f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column.")

@@ -19,7 +19,8 @@ from seqtrain.data import _data_files, open_split
 from seqtrain.errors import DataError
 
 COMMON_SPLITS = ["train", "validation", "valid", "dev", "test"]
-EVAL_PREFERENCE = ["validation", "valid", "dev", "test"]
+EVAL_PREFERENCE = ["validation", "valid", "dev"]  # never test: without these, part of train is held out
+VALIDATION_SPLIT = 0.1  # data.validation_split written when the data has no validation split
 LABEL_NAMES = ["label", "labels", "sentiment", "target", "class", "category", "polarity", "rating", "stars", "score", "y"]
 MAX_CLASSES = 100  # more distinct values than this in a non-float column: not a label column
 
@@ -181,7 +182,8 @@ def inspect_dataset(path: str, text_column: str | None = None, label_column: str
     max_length = max(16, _nice_ceil(tok["p90"], 16))
     notes = []
     if eval_split is None:
-        notes.append(f"no held-out split found in {splits}: the config evaluates on {train_split!r}. Point data.eval_path at held-out data.")
+        notes.append(f"no validation split in {splits}: the config holds out {VALIDATION_SPLIT:.0%} of {train_split!r} "
+                     "(data.validation_split) to evaluate on; a test split is read only by `seqtrain eval --split test`.")
     if not regression and len(label_counts) < 2:
         notes.append(f"column {label_col!r} holds a single value in the sample: a classifier needs two or more labels.")
     if not regression and label_counts:
@@ -190,7 +192,8 @@ def inspect_dataset(path: str, text_column: str | None = None, label_column: str
             notes.append(f"labels are imbalanced ({most:,} vs {least:,} rows in the sample): the config sets train.class_weights: balanced.")
     return {
         "path": path, "splits": splits, "split": train_split, "train_split": train_split,
-        "eval_split": eval_split or train_split, "rows_read": rows, "whole_split": whole_split,
+        "eval_split": eval_split or "validation", "validation_split": None if eval_split else VALIDATION_SPLIT,
+        "rows_read": rows, "whole_split": whole_split,
         "columns": {c: _type_name(features.get(c), columns[c][:100]) for c in columns},
         "text_column": text_col, "label_column": label_col, "task": "regression" if regression else "classification",
         "label_counts": label_counts, "class_names": class_names,
@@ -243,7 +246,10 @@ def starter_yaml(s: dict[str, Any], name: str) -> str:
         ]
     lines += [
         _line(f"  train_split: {_scalar(s['train_split'])}"),
-        _line(f"  eval_split: {_scalar(s['eval_split'])}", f"splits found: {', '.join(s['splits'])}"),
+        *([_line(f"  validation_split: {s['validation_split']}", f"no validation split: {s['validation_split']:.0%} of "
+                 f"{s['train_split']} (by a hash of each text) is held out and evaluated")] if s.get("validation_split") else []),
+        _line(f"  eval_split: {_scalar(s['eval_split'])}", f"splits found: {', '.join(s['splits'])}"
+              + ("; the held-out part's name (test is read only by `seqtrain eval --split test`)" if s.get("validation_split") else "")),
         _line(f"  max_length: {s['max_length']}", f"tokens; about 90% of texts fit (p90 {t['p90']}), longer ones are cut"),
         _line(f"  truncation: {s['truncation']}", "long tail: keep the start and the end of long texts"
               if s["truncation"] == "head+tail" else "keep the first max_length tokens"),

@@ -63,7 +63,7 @@ def test_guesses_columns_of_a_csv_file(tmp_path: Path) -> None:
     out = tmp_path / "reviews.yaml"
     result = runner.invoke(app, ["init", str(data), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "no held-out split" in result.output  # one file: says so, and evaluates on it
+    assert "no validation split" in " ".join(result.output.split())  # one file: says so, and holds out part of it
     cfg = load_config(out)
     assert (cfg.data.text_column, cfg.data.label_column) == ("review", "sentiment")
     assert cfg.train.class_weights == "balanced"  # neutral is ~10% of the rows
@@ -96,7 +96,8 @@ def test_split_names_are_found(tmp_path: Path) -> None:
     rows = synthetic_rows(50, 0)
     folder = write_hub_folder(tmp_path / "d", {"train": rows, "test": rows[:10]})
     summary = inspect_dataset(str(folder))
-    assert sorted(summary["splits"]) == ["test", "train"] and summary["eval_split"] == "test"
+    assert sorted(summary["splits"]) == ["test", "train"] and summary["eval_split"] == "validation"
+    assert summary["validation_split"] == 0.1  # never evaluates on test
 
 
 @pytest.mark.slow
@@ -110,3 +111,13 @@ def test_init_real_sst2(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     cfg = load_config(out)
     assert (cfg.data.text_column, cfg.data.label_column) == ("sentence", "label") and cfg.data.max_length <= 64
+
+
+def test_init_without_a_validation_split_holds_out_part_of_train_not_test(tmp_path: Path) -> None:
+    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(300, 0), "test": synthetic_rows(60, 1)})
+    out = tmp_path / "config.yaml"
+    result = runner.invoke(app, ["init", str(data), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.data.validation_split == 0.1 and cfg.data.eval_split == "validation" and cfg.data.train_split == "train"
+    assert "test" in out.read_text()  # named in the comment: read only by `seqtrain eval --split test`

@@ -171,3 +171,22 @@ def test_labels_found_only_in_the_eval_split_are_reported_before_training(tmp_pa
         seqtrain.train.lr_at = real
     assert "only in the eval split 'validation'" in " ".join(seen[0].split())
 
+
+def test_validation_split_holds_out_hashed_training_rows_and_never_reads_test(tmp_path: Path) -> None:
+    from seqtrain.data import is_heldout
+    from tests.conftest import synthetic_rows, write_hub_folder
+
+    rows = synthetic_rows(600, 0)
+    data = write_hub_folder(tmp_path / "d", {"train": rows}, shards=2)
+    (data / "test-00000-of-00001.parquet").write_bytes(b"not parquet: reading the test split would fail")
+    held = [r for r in rows if is_heldout(r["text"], 0.2)]
+    assert 60 < len(held) < 180
+    cfg = tiny_config(data, tmp_path / "run", data={"validation_split": 0.2}, train={"epochs": 2, "eval_every": 0})
+    report = train(cfg)
+    assert report["n"] == len(held) and report["accuracy"] > 0.7
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["num_train_examples"] == len(rows) - len(held)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "validation"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    with pytest.raises(ConfigError, match="data.validation_split"):
+        train(tiny_config(data, tmp_path / "bad", data={"validation_split": 0.2, "eval_split": "train"}))
