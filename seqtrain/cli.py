@@ -397,6 +397,7 @@ def init(
     label_column: Annotated[str | None, typer.Option(help="Label column (default: a ClassLabel, a column named like label, or the one with fewest values).")] = None,
     sample: Annotated[int, typer.Option(help="Training rows to read.")] = 5000,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="A `seqtrain pretrain` run directory: the config fine-tunes from its encoder, with its tokenizer and shapes.")] = None,
 ) -> None:
     """Inspect a dataset (splits, columns, labels, text lengths) and write a commented starter config for it."""
     try:
@@ -405,7 +406,7 @@ def init(
 
         if sample < 1:
             raise _fail(f"--sample must be at least 1, got {sample}.", 2)
-        summary = write_starter(data, output, text_column, label_column, sample, force)
+        summary = write_starter(data, output, text_column, label_column, sample, force, init_from)
         console.print_dataset_summary(summary, str(output))
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None

@@ -216,8 +216,9 @@ def _line(code: str, comment: str = "") -> str:
     return (f"{code:<29} # {comment}" if comment else code) + "\n"
 
 
-def starter_yaml(s: dict[str, Any], name: str) -> str:
-    """The commented config; every value comes from the dataset summary or a sensible default."""
+def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pretrained: dict[str, Any] | None = None) -> str:
+    """The commented config; every value comes from the dataset summary or a sensible default. With
+    `init_from`, the tokenizer and the encoder's shapes are the pretrained run's (`pretrained`, its config)."""
     w, t = s["words"], s["tokens"]
     regression = s["task"] == "regression"
     lines = [
@@ -254,22 +255,36 @@ def starter_yaml(s: dict[str, Any], name: str) -> str:
         _line(f"  truncation: {s['truncation']}", "long tail: keep the start and the end of long texts"
               if s["truncation"] == "head+tail" else "keep the first max_length tokens"),
         _line("  on_bad_rows: skip", "count and skip empty texts and missing labels instead of stopping"),
-        _line("tokenizer:"),
-        _line("  kind: word", "or bpe: subwords, so rare and misspelt words are not <unk>"),
-        _line(f"  vocab_size: {s['vocab_size']}", f"{s['distinct_tokens_min2']:,} tokens seen twice or more in the sample"
-              + ("" if s["whole_split"] else ", more in the whole split")),
-        _line("  min_frequency: 2", "rarer tokens become <unk>"),
-        _line("  lowercase: true"),
-        _line("model:"),
+        _line("tokenizer:", f"the pretrained run's: {init_from} (model.init_from reuses its tokenizer)" if init_from else ""),
     ]
+    if pretrained is not None:
+        tok = pretrained["tokenizer"]
+        lines += [_line(f"  {key}: {_scalar(tok[key])}") for key in ("kind", "vocab_size", "min_frequency", "lowercase")]
+    else:
+        lines += [
+            _line("  kind: word", "or bpe: subwords, so rare and misspelt words are not <unk>"),
+            _line(f"  vocab_size: {s['vocab_size']}", f"{s['distinct_tokens_min2']:,} tokens seen twice or more in the sample"
+                  + ("" if s["whole_split"] else ", more in the whole split")),
+            _line("  min_frequency: 2", "rarer tokens become <unk>"),
+            _line("  lowercase: true"),
+        ]
+    lines.append(_line("model:"))
     if regression:
         lines.append(_line("  task: regression"))
+    if pretrained is not None:
+        model = pretrained["model"]
+        lines.append(_line(f"  init_from: {_scalar(init_from)}", "start the embeddings and recurrent layers from it"))
+        lines += [_line(f"  {key}: {_scalar(model[key])}", "the pretrained encoder's; must match it" if key == "cell" else "")
+                  for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional")]
+    else:
+        lines += [
+            _line("  cell: lstm", "rnn | lstm | gru"),
+            _line("  embedding_dim: 128"),
+            _line("  hidden_size: 128"),
+            _line("  num_layers: 1"),
+            _line("  bidirectional: true", "read each text both ways"),
+        ]
     lines += [
-        _line("  cell: lstm", "rnn | lstm | gru"),
-        _line("  embedding_dim: 128"),
-        _line("  hidden_size: 128"),
-        _line("  num_layers: 1"),
-        _line("  bidirectional: true", "read each text both ways"),
         _line("  pooling: max", "last | mean | max | attention"),
         _line("  dropout: 0.3"),
         _line("train:"),
@@ -288,13 +303,21 @@ def starter_yaml(s: dict[str, Any], name: str) -> str:
 
 
 def write_starter(path: str, output: Path, text_column: str | None = None, label_column: str | None = None,
-                  sample: int = 5000, force: bool = False) -> dict[str, Any]:
-    """Inspect `path`, write the starter config to `output` (never over an existing file unless `force`)."""
+                  sample: int = 5000, force: bool = False, init_from: str | None = None) -> dict[str, Any]:
+    """Inspect `path`, write the starter config to `output` (never over an existing file unless `force`).
+    `init_from`: a `seqtrain pretrain` run directory to fine-tune from (its tokenizer and shapes)."""
     if output.exists() and not force:
         raise DataError(f"{output} already exists; pick another --output or pass --force to overwrite it.")
+    pretrained = None
+    if init_from is not None:
+        run_config = Path(init_from) / "config.yaml"
+        if not run_config.is_file() or not (Path(init_from) / "tokenizer.json").is_file():
+            raise DataError(f"--init-from {init_from!r} is not a `seqtrain pretrain` run directory (no config.yaml and "
+                            "tokenizer.json there).")
+        pretrained = yaml.safe_load(run_config.read_text())
     summary = inspect_dataset(path, text_column, label_column, sample)
     name = Path(path.rstrip("/")).stem.replace(" ", "-") or "run"
-    text = starter_yaml(summary, name)
+    text = starter_yaml(summary, name, init_from, pretrained)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     return summary
