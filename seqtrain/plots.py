@@ -88,6 +88,29 @@ def plot_run_curves(run_dirs: Sequence[Path], path: Path) -> Path:
     return plot_curves(runs, path)
 
 
+def plot_pretrain_curves(run_dir: Path, path: Path) -> Path:
+    """curves.png of a `seqtrain pretrain` run: training loss per step, and the held-out perplexity of
+    each direction (exact, full softmax) at each evaluation."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("split") == "train"]
+    heldout = [r for r in records if r.get("split") == "heldout"]
+    fig, (left, right) = _figure(11, 4, cols=2)
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (the training objective)")
+    left.plot([r["step"] for r in heldout], [r["loss"] for r in heldout], "o--", label="held-out NLL per token")
+    left.set(title="loss", xlabel="step")
+    left.legend()
+    for key, label in (("perplexity", "mean of directions"), ("perplexity_forward", "forward"),
+                       ("perplexity_backward", "backward")):
+        points = [r for r in heldout if key in r]
+        if points:
+            right.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=label)
+    right.set(title="held-out perplexity", xlabel="step", yscale="log")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- evaluation pictures
 
 
