@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +41,40 @@ from seqtrain.errors import CheckpointError, ConfigError
 FORMAT = 1
 REQUIRED_FILES = ("model.safetensors", "state.json")
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?")
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights that a resume needs (both loops); state.json's "train_state"."""
+
+    step: int = 0
+    epoch: int = 0
+    best: float | None = None  # the monitored metric's best value (pretraining: the lowest held-out NLL)
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
+    next_slot: int = 0  # the worker slot whose batch comes next
+    world: int = 1
+    last_eval_step: int = -1  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], rank: int) -> TrainState:
+        """This rank's state from a checkpoint's state.json (older ones lack last_eval_step: the saved step)."""
+        known = {f.name for f in fields(cls)}
+        state = cls(**{"last_eval_step": saved["step"], **{k: v for k, v in saved["train_state"].items() if k in known}})
+        if "ranks" in saved:  # each rank continues from its own place in the stream
+            state.positions, state.next_slot = saved["ranks"][rank]
+        return state
+
+    def advance(self, position: dict[str, Any], workers: int) -> None:
+        """One step trained on the batch that ends at `position`."""
+        self.step += 1
+        self.positions[str(position["slot"])] = position
+        self.next_slot = (position["slot"] + 1) % max(1, workers)
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.positions, self.next_slot = {}, 0
 
 
 # --------------------------------------------------------------------------- atomic files

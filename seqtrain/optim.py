@@ -33,3 +33,18 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
     if t.optimizer == "adam":
         return torch.optim.Adam(groups, lr=t.lr, fused=True)
     return torch.optim.SGD(groups, lr=t.lr, momentum=0.9)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float | None) -> None:
+    """After backward: unscale and clip the gradients (train.grad_clip), step, update the fp16 loss scale."""
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()

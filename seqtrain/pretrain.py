@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from seqtrain import checkpoint, console
+from seqtrain.checkpoint import TrainState
 from seqtrain.config import Config, ModelConfig, check_resumable, dump_yaml, from_dict, read_yaml, to_dict
 from seqtrain.data import (
     BatchStream,
@@ -34,22 +33,23 @@ from seqtrain.encoding import encode, load_tokenizer
 from seqtrain.errors import CheckpointError, ConfigError, SeqtrainError
 from seqtrain.metrics import MetricsLog
 from seqtrain.model import Classifier, LanguageModel, count_parameters
-from seqtrain.optim import lr_at, make_optimizer
+from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from seqtrain.runtime import (
-    Interrupted,
     StopSignals,
-    all_gather,
     all_reduce,
-    all_rng_states,
+    amp,
     bad_rows,
     broadcast,
     epoch_rows,
     finish_distributed,
     init_distributed,
+    interrupted,
+    next_batch,
     note_dropped_rows,
     plan_ranks,
     resolve_workers,
     restore_rng,
+    save_checkpoint,
     seed_everything,
     set_threads,
 )
@@ -60,20 +60,6 @@ if TYPE_CHECKING:
     from seqtrain.config import DataConfig
 
 KIND = "language-model"  # state.json's "kind": what init_from accepts
-
-
-@dataclass
-class PretrainState:
-    """Everything besides weights that a resume needs; saved in each checkpoint's state.json."""
-
-    step: int = 0
-    epoch: int = 0
-    best: float | None = None  # lowest held-out NLL per token so far
-    best_step: int | None = None
-    positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
-    next_slot: int = 0
-    world: int = 1
-    last_eval_step: int = -1  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
 
 
 def check_encoder_shape(model: ModelConfig) -> None:
@@ -114,7 +100,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     return tokenizer, run_info
 
 
-def new_stream(cfg: Config, tokenizer: Tokenizer, state: PretrainState, rank: int, world: int,
+def new_stream(cfg: Config, tokenizer: Tokenizer, state: TrainState, rank: int, world: int,
                sources: list[tuple[DataConfig, str]]) -> BatchStream:
     """The pretraining texts of `state.epoch`, from this rank's saved position, minus the held-out rows."""
     return BatchStream(
@@ -180,7 +166,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             raise
         broadcast(None, world, setup=True)
     sources = text_sources(cfg)
-    fresh_stream = new_stream(cfg, tokenizer, PretrainState(), rank, world, sources)
+    fresh_stream = new_stream(cfg, tokenizer, TrainState(), rank, world, sources)
     if ckpt_state is None and plan_ranks(fresh_stream, world, run_info) and rank == 0:
         checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     heldout = encode(tokenizer, heldout_texts(cfg), sources[0][0]) if rank == 0 else []
@@ -193,13 +179,12 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    state = PretrainState(world=world)
+    state = TrainState(world=world)  # state.best: the lowest held-out NLL per token so far
     if ckpt_state is not None:
         model.load_state_dict(weights)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
-        state = PretrainState(**{"last_eval_step": ckpt_state["step"], **ckpt_state["train_state"]})
-        state.positions, state.next_slot = ckpt_state["ranks"][rank]
+        state = TrainState.from_checkpoint(ckpt_state, rank)
         restore_rng(ckpt_state["rng"], rng, rank)
     forward: torch.nn.Module = model
     if world > 1:
@@ -209,24 +194,15 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=pre.softmax == "adaptive",  # a batch may leave a tail cluster unused
         )
-    use_amp = device.type == "cuda" and t.precision != "fp32"
-    amp_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and t.precision == "fp16")
+    use_amp, amp_dtype, scaler = amp(device, t.precision)
     console.info(
         f"language model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters ({pre.softmax} softmax) on "
         f"{device}, {torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
 
     def save(best: bool, metrics: dict[str, Any]) -> None:
-        ranks = all_gather((state.positions, state.next_slot), world)
-        rng_json, rng_tensors = all_rng_states(world)
-        if rank != 0:
-            return
-        checkpoint.save(run_dir, state.step, model, optimizer, {
-            "kind": KIND, "step": state.step, "epoch": state.epoch, "train_state": asdict(state), "ranks": ranks,
-            "rng": rng_json, "_rng_tensors": rng_tensors, "metrics": metrics, "model": to_dict(cfg)["model"],
-            "vocab_size": vocab_size,
-        }, best=best, keep_last=t.keep_last)
+        extra = {"kind": KIND, "metrics": metrics, "model": to_dict(cfg)["model"], "vocab_size": vocab_size}
+        save_checkpoint(run_dir, state, rank, world, model, optimizer, extra, best=best, keep_last=t.keep_last)
 
     def evaluate_and_save() -> None:
         """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint."""
@@ -255,41 +231,26 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             loader = iter(make_loader(new_stream(cfg, tokenizer, state, rank, world, sources), workers))
             epoch_done = False
             while True:
-                batch = next(loader, None)
-                exhausted, signalled = all_reduce([float(batch is None), float(stop.signum is not None)], world, op="max")
+                batch, signalled = next_batch(loader, stop, world)
                 if signalled:
                     save(best=False, metrics={})
-                    signum = stop.signum or signal.SIGTERM
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(signum).name} at step {state.step}; last/ is saved. Resume with: "
-                        f"seqtrain pretrain {config_path} --resume", signum,
-                    )
-                if exhausted:
+                    raise interrupted(stop, state.step, "pretrain", config_path)
+                if batch is None:
                     epoch_done = True
                     break
                 if state.step >= total_steps:
                     break
-                assert batch is not None
                 ids, lengths = batch["ids"].to(device), batch["lengths"].to(device)  # (B, T), (B,)
 
                 lr = lr_at(state.step, t, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     nll_sums, targets = forward(ids, lengths)  # (directions,), targets per direction
                     loss = nll_sums.mean() / max(1, targets)  # mean NLL per target token, averaged over directions
                 scaler.scale(loss).backward()
-                if t.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-
-                state.step += 1
-                position = batch["position"]
-                state.positions[str(position["slot"])] = position
-                state.next_slot = (position["slot"] + 1) % max(1, workers)
+                optimizer_step(model, optimizer, scaler, t.grad_clip)
+                state.advance(batch["position"], workers)
                 window["tokens"] += float(batch["lengths"].sum())
                 window["loss"] += loss.item()
                 window["steps"] += 1
@@ -312,8 +273,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 break  # max_steps, inside the epoch
             if world > 1:
                 note_dropped_rows(run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar)
-            state.epoch += 1
-            state.positions, state.next_slot = {}, 0
+            state.next_epoch()
             if not t.eval_every and state.step != state.last_eval_step:
                 state.last_eval_step = state.step
                 evaluate_and_save()
@@ -326,9 +286,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                "train_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
     checkpoint.write_json_atomic(run_dir / "pretrain-summary.json", summary)
     try:
-        from seqtrain.plots import plot_pretrain_curves
+        from seqtrain.plots import plot_run_curves
 
-        plot_pretrain_curves(run_dir, run_dir / "curves.png")
+        plot_run_curves([run_dir], run_dir / "curves.png")
     except Exception as e:  # a picture is a bonus
         console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
     console.info(f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "

@@ -11,6 +11,8 @@ import os
 import random
 import signal
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -25,6 +27,7 @@ from seqtrain.errors import SeqtrainError
 from seqtrain.inference import pick_device
 
 if TYPE_CHECKING:
+    from seqtrain.checkpoint import TrainState
     from seqtrain.data import BatchStream
 
 # Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
@@ -200,6 +203,44 @@ def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: i
         prefix = f"rank{rank}."
         state, tensors = state["ranks"][rank - 1], {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     set_rng_state(state, tensors)
+
+
+def next_batch(loader: Iterator[dict[str, Any]], stop: StopSignals, world: int) -> tuple[dict[str, Any] | None, bool]:
+    """The next batch, or None when this or any rank ran out (the epoch ends at the same step for all, so no
+    rank waits forever in an all-reduce); and whether a stop signal reached any rank (all stop)."""
+    batch = next(loader, None)
+    exhausted, signalled = all_reduce([float(batch is None), float(stop.signum is not None)], world, op="max")
+    return (None if exhausted else batch), bool(signalled)
+
+
+def interrupted(stop: StopSignals, step: int, command: str, config_path: str) -> Interrupted:
+    """What a loop raises after saving last/ on a stop signal."""
+    signum = stop.signum or signal.SIGTERM
+    return Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}; last/ is saved. Resume with: "
+                       f"seqtrain {command} {config_path} --resume", signum)
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, rank: int, world: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, extra: dict[str, Any], *, best: bool, keep_last: int,
+                    train_model: torch.nn.Module | None = None) -> None:
+    """Every rank calls this (it gathers each rank's stream position and generators); rank 0 writes."""
+    from seqtrain import checkpoint
+
+    ranks = all_gather((state.positions, state.next_slot), world)
+    rng_json, rng_tensors = all_rng_states(world)
+    if rank != 0:
+        return
+    checkpoint.save(run_dir, state.step, model, optimizer, {
+        "step": state.step, "epoch": state.epoch, "train_state": asdict(state), "ranks": ranks, "rng": rng_json,
+        "_rng_tensors": rng_tensors, **extra,
+    }, best=best, keep_last=keep_last, train_model=train_model)
+
+
+def amp(device: torch.device, precision: str) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """train.precision on this device: whether to autocast, to which dtype, and the (fp16) loss scaler."""
+    use_amp = device.type == "cuda" and precision != "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return use_amp, dtype, torch.amp.GradScaler("cuda", enabled=use_amp and precision == "fp16")
 
 
 class StopSignals:
