@@ -72,14 +72,15 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("workers,kills,ema", [(0, [10], None), (2, [10], None), (0, [10, 30], None), (0, ["epoch"], None),
-                                              (0, [10], 0.99)])
+@pytest.mark.parametrize("workers,kills,ema,held", [(0, [10], None, None), (2, [10], None, None), (0, [10, 30], None, None),
+                                                   (0, ["epoch"], None, None), (0, [10], 0.99, None), (2, [10], None, 0.2)])
 def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path, workers: int, kills: list,
-                                                  ema: float | None) -> None:
+                                                  ema: float | None, held: float | None) -> None:
     """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
-    the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights)."""
+    the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights;
+    with data.validation_split: the stream of the rows left for training)."""
     def config(out: str) -> Path:
-        cfg = tiny_config(tiny_data, tmp_path / out, data={"num_workers": workers},
+        cfg = tiny_config(tiny_data, tmp_path / out, data={"num_workers": workers, "validation_split": held},
                           train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema})
         path = tmp_path / f"{out}.yaml"
         path.write_text(yaml.safe_dump(to_dict(cfg)))
