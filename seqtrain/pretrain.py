@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from seqtrain.runtime import (
     amp,
     bad_rows,
     broadcast,
+    check_same_layout,
     epoch_rows,
     finish_distributed,
     init_distributed,
@@ -124,6 +126,49 @@ def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.devic
     return (totals / max(1, count)).tolist(), count
 
 
+@dataclass
+class LMRun:
+    """What pretrain()'s evaluations and checkpoints use; only `state` changes."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    log: MetricsLog
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    heldout: list[list[int]]  # the encoded held-out texts (rank 0's; empty elsewhere)
+    state: TrainState
+
+
+def save(run: LMRun, best: bool, metrics: dict[str, Any]) -> None:
+    """Every rank calls this; rank 0 writes checkpoints/step-N."""
+    extra = {"kind": KIND, "metrics": metrics, "model": to_dict(run.cfg)["model"], "vocab_size": run.model.vocab_size}
+    save_checkpoint(run.cfg.run_dir, run.state, run.rank, run.world, run.model, run.optimizer, extra, best=best,
+                    keep_last=run.cfg.train.keep_last)
+
+
+def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
+    """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint."""
+    state = run.state
+    metrics: dict[str, Any] = {}
+    improved = False
+    if run.rank == 0:
+        per_direction, tokens = heldout_nll(run.model, run.heldout, run.device)
+        nll = sum(per_direction) / len(per_direction)
+        metrics = {"step": state.step, "epoch": state.epoch, "split": "heldout", "loss": nll, "perplexity": math.exp(nll),
+                   "perplexity_forward": math.exp(per_direction[0]), "tokens": tokens}
+        if len(per_direction) == 2:
+            metrics["perplexity_backward"] = math.exp(per_direction[1])
+        run.log.write(metrics)
+        improved = state.best is None or nll < state.best
+        if improved:
+            state.best, state.best_step = nll, state.step
+        bar.log(f"step {state.step:,} epoch {state.epoch}: held-out perplexity {math.exp(nll):.1f}"
+                f"{'  (best)' if improved else ''}")
+    save(run, best=bool(broadcast(improved, run.world)), metrics=metrics)
+
+
 def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
     """Train the config's encoder as a language model; return the best held-out perplexities (rank 0)."""
     t, run_dir = cfg.train, cfg.run_dir
@@ -152,6 +197,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
         if rank == 0:
             log.truncate_after(ckpt_state["step"])
+        check_same_layout(run_dir, run_info, ckpt_state, workers, world)
     elif rank != 0:
         error = broadcast(None, world, setup=True)
         if error:
@@ -200,28 +246,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         f"{device}, {torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
 
-    def save(best: bool, metrics: dict[str, Any]) -> None:
-        extra = {"kind": KIND, "metrics": metrics, "model": to_dict(cfg)["model"], "vocab_size": vocab_size}
-        save_checkpoint(run_dir, state, rank, world, model, optimizer, extra, best=best, keep_last=t.keep_last)
-
-    def evaluate_and_save() -> None:
-        """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint."""
-        metrics: dict[str, Any] = {}
-        improved = False
-        if rank == 0:
-            per_direction, tokens = heldout_nll(model, heldout, device)
-            nll = sum(per_direction) / len(per_direction)
-            metrics = {"step": state.step, "epoch": state.epoch, "split": "heldout", "loss": nll, "perplexity": math.exp(nll),
-                       "perplexity_forward": math.exp(per_direction[0]), "tokens": tokens}
-            if len(per_direction) == 2:
-                metrics["perplexity_backward"] = math.exp(per_direction[1])
-            log.write(metrics)
-            improved = state.best is None or nll < state.best
-            if improved:
-                state.best, state.best_step = nll, state.step
-            bar.log(f"step {state.step:,} epoch {state.epoch}: held-out perplexity {math.exp(nll):.1f}"
-                    f"{'  (best)' if improved else ''}")
-        save(best=bool(broadcast(improved, world)), metrics=metrics)
+    run = LMRun(cfg, rank, world, device, log, model, optimizer, heldout, state)
 
     # ---- the loop
     model.train()
@@ -233,7 +258,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             while True:
                 batch, signalled = next_batch(loader, stop, world)
                 if signalled:
-                    save(best=False, metrics={})
+                    save(run, best=False, metrics={})
                     raise interrupted(stop, state.step, "pretrain", config_path)
                 if batch is None:
                     epoch_done = True
@@ -268,7 +293,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                     bar.update(state.step)
                 if t.eval_every and state.step % t.eval_every == 0:
                     state.last_eval_step = state.step
-                    evaluate_and_save()
+                    evaluate_and_save(run, bar)
             if not epoch_done:
                 break  # max_steps, inside the epoch
             if world > 1:
@@ -276,9 +301,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             state.next_epoch()
             if not t.eval_every and state.step != state.last_eval_step:
                 state.last_eval_step = state.step
-                evaluate_and_save()
+                evaluate_and_save(run, bar)
         if state.step != state.last_eval_step:
-            evaluate_and_save()
+            evaluate_and_save(run, bar)
     finish_distributed(world)
     if rank != 0:
         return {}

@@ -23,7 +23,7 @@ import torch
 
 from seqtrain import console
 from seqtrain.config import physical_cores
-from seqtrain.errors import SeqtrainError
+from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.inference import pick_device
 
 if TYPE_CHECKING:
@@ -203,6 +203,20 @@ def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: i
         prefix = f"rank{rank}."
         state, tensors = state["ranks"][rank - 1], {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     set_rng_state(state, tensors)
+
+
+def check_same_layout(run_dir: Path, run_info: dict[str, Any], saved: dict[str, Any], workers: int, world: int) -> None:
+    """A resume needs the data workers and processes the run had: each one's stream position is saved."""
+    if run_info.get("workers") is not None and run_info["workers"] != workers:
+        raise ConfigError(
+            f"cannot resume {run_dir} with {workers} data workers: it was trained with {run_info['workers']}, and "
+            f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
+        )
+    if saved["train_state"].get("world", 1) != world:
+        raise ConfigError(
+            f"cannot resume {run_dir} with {world} processes: it was trained with {saved['train_state'].get('world', 1)}, "
+            "and each process's position in the data stream is saved. Resume with the same --nproc_per_node."
+        )
 
 
 def next_batch(loader: Iterator[dict[str, Any]], stop: StopSignals, world: int) -> tuple[dict[str, Any] | None, bool]:

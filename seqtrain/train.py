@@ -37,6 +37,7 @@ from seqtrain.runtime import (
     amp,
     bad_rows,
     broadcast,
+    check_same_layout,
     epoch_rows,
     finish_distributed,
     init_distributed,
@@ -231,16 +232,7 @@ def open_run(cfg: Config, resume: bool, config_path: str, rank: int, world: int,
         if rank == 0:
             log.truncate_after(saved.state["step"])
             truncate_trace(run_dir / "trained-examples.tsv", saved.state["step"])
-        if run_info.get("workers") is not None and run_info["workers"] != workers:
-            raise ConfigError(
-                f"cannot resume {run_dir} with {workers} data workers: it was trained with {run_info['workers']}, and "
-                f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
-            )
-        if saved.state["train_state"].get("world", 1) != world:
-            raise ConfigError(
-                f"cannot resume {run_dir} with {world} processes: it was trained with {saved.state['train_state'].get('world', 1)}, "
-                "and each process's position in the data stream is saved. Resume with the same --nproc_per_node."
-            )
+        check_same_layout(run_dir, run_info, saved.state, workers, world)
         return tokenizer, labels, run_info, saved
     if rank != 0:
         error = broadcast(None, world, setup=True)  # rank 0 builds the vocabulary meanwhile

@@ -129,6 +129,9 @@ def test_pretrain_plans_the_steps_that_run_on_uneven_shards(tmp_path: Path) -> N
     assert set(run["rows_dropped"]) == {"1", "2"}
     last = [r for r in read_metrics(tmp_path / "lm" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
+    single = subprocess.run([sys.executable, "-m", "seqtrain", "pretrain", str(path), "--resume", "train.epochs=3"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert single.returncode != 0 and "same --nproc_per_node" in single.stderr and "Traceback" not in single.stderr
 
 
 def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> None:
