@@ -311,9 +311,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                "train_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
     checkpoint.write_json_atomic(run_dir / "pretrain-summary.json", summary)
     try:
-        from seqtrain.plots import plot_run_curves
+        from seqtrain.plots import plot_pretrain_curves
 
-        plot_run_curves([run_dir], run_dir / "curves.png")
+        plot_pretrain_curves(run_dir, run_dir / "curves.png")
     except Exception as e:  # a picture is a bonus
         console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
     console.info(f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
