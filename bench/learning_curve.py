@@ -55,7 +55,8 @@ def train_point(config: str, n: int, min_steps: int, threads: int, extra: list[s
     from seqtrain.train import train
 
     cfg = load_config(ROOT / config)
-    epochs = max(cfg.train.epochs, math.ceil(min_steps * cfg.train.batch_size / n))
+    # The same epochs for every line at a given N (not each config's own), so the lines train equally long.
+    epochs = max(8, math.ceil(min_steps * cfg.train.batch_size / n))
     name = f"curve-{Path(config).stem}-{n}-" + "-".join(e.replace("/", "_").replace("=", "_") for e in extra)
     # One evaluation, at the end: at N = 500 the epochs are many and each would evaluate 5,000 reviews.
     overrides = [f"data.max_train_examples={n}", f"train.epochs={epochs}", f"train.num_threads={threads}",
@@ -88,17 +89,21 @@ def render() -> None:
         cells = []
         for line in lines:
             p = points.get((line, n, ""))
-            cells.append(f"{p['accuracy']:.2%} ({p['minutes']:.1f} min)" if p else "not run")
+            if p is None:
+                cells.append("not run")
+                continue
+            epochs = f"{p['epochs']} epochs, " if "epochs" in p else ""
+            cells.append(f"{p['accuracy']:.2%} ({epochs}{p['minutes']:.1f} min)")
         table.append(f"| {n:,} | " + " | ".join(cells) + " |")
     pre = sorted((p for k, p in points.items() if k[2]), key=lambda p: p["pretrain_minutes"])
     if pre and ("scratch", pre[0]["n"], "") in points:  # no pretraining at all: the scratch run at that size
         pre.insert(0, {**points[("scratch", pre[0]["n"], "")], "pretrain": "none (scratch)", "pretrain_steps": 0,
                        "pretrain_minutes": 0.0})
     if pre:
-        table += ["", "| pretraining snapshot | pretraining steps | pretraining minutes (as run) | labelled | fine-tuned accuracy |",
-                  "|---|---:|---:|---:|---:|"]
-        table += [f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['accuracy']:.2%} |"
-                  for p in pre]
+        table += ["", "| pretraining snapshot | pretraining steps | pretraining minutes (as run) | labelled | epochs "
+                  "| fine-tuned accuracy |", "|---|---:|---:|---:|---:|---:|"]
+        table += [f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['epochs']} "
+                  f"| {p['accuracy']:.2%} |" for p in pre]
     text = "\n".join(table)
     write_between_markers(ROOT / "BENCHMARKS.md", "## Few labels: learning from unlabeled text (issue 16)",
                           "bench.learning_curve", text)
