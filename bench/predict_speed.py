@@ -30,7 +30,8 @@ from seqtrain.config import Config, DataConfig
 from seqtrain.data import sorted_batches
 from seqtrain.encoding import encode
 from seqtrain.export import export_run
-from seqtrain.inference import load_run, to_probs
+from seqtrain.inference import load_run
+from seqtrain.losses import to_probs
 
 PREDICT_BATCH, PREDICT_CHUNK = 256, 2048  # what `seqtrain predict` uses (cli -> predict_stream)
 TARGET_PREDICT = 0.85

@@ -165,7 +165,7 @@ def integrated_gradients(run: Run, encoded: list[Encoded], targets: list[int], s
     text and at the baseline. Completeness: scores[i].sum() ~= ends[i, 0] - ends[i, 1]."""
     import torch
 
-    from seqtrain.inference import to_probs
+    from seqtrain.losses import to_probs
 
     model = run.model
     was_training = model.training

@@ -35,14 +35,13 @@ from seqtrain import __version__
 from seqtrain.config import Config
 from seqtrain.encoding import PAD_ID, UNK_ID, Labels
 from seqtrain.errors import SeqtrainError
-from seqtrain.inference import to_probs
+from seqtrain.losses import to_probs
 from seqtrain.model import Classifier
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 # torch.onnx.export needs onnx. The TorchScript-based exporter used below runs without onnxscript
-# (it was needed by the dynamo exporter used before); dropping it from this check and from the
-# `export` extra is a separate change.
-ONNX_PACKAGES = ("onnx", "onnxscript")
+# (only the dynamo exporter used before needed it), so it is not checked for.
+ONNX_PACKAGES = ("onnx",)
 INSTALL_HINT = "pip install 'seqtrain[export]'"
 
 

@@ -25,7 +25,8 @@ from seqtrain.config import Config, check_resumable, dump_yaml, to_dict
 from seqtrain.data import BatchStream, build_vocab, check_eval_split, make_loader
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.inference import evaluate, task_loss, to_scores
+from seqtrain.inference import evaluate
+from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import Classifier, build_model, count_parameters, load_pretrained_embeddings
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr

@@ -65,7 +65,7 @@ def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Pa
     what it should, so an option that silently did nothing fails here."""
     from seqtrain.config import Config
     from seqtrain.encoding import Labels
-    from seqtrain.inference import task_loss
+    from seqtrain.losses import task_loss
 
     base_lines, base = short_run(tiny_data, tmp_path / "base")
     lr = 0.01  # tiny_config's

@@ -155,7 +155,7 @@ def test_distribution_head_needs_integer_targets(tmp_path: Path) -> None:
 def test_squared_emd_grows_with_distance_on_the_value_scale() -> None:
     import torch
 
-    from seqtrain.inference import squared_emd
+    from seqtrain.losses import squared_emd
 
     support = torch.tensor([1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 10.0])
     sure = torch.full((8, 8), -30.0).fill_diagonal_(30.0)  # row k: all mass on value k
