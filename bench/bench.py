@@ -56,7 +56,7 @@ from bench.train_speed import (
     bench_training,
     train_table,
 )
-from seqtrain.config import physical_cores
+from seqtrain.machine import physical_cores
 
 SECTION = "## CPU speed (make bench)"
 MARKERS = "bench.bench"  # <!-- bench.bench:begin --> ... <!-- bench.bench:end -->

@@ -41,9 +41,10 @@ from bench.reference import (
     timed_steps,
     training_step,
 )
-from seqtrain.config import Config, from_dict, physical_cores
+from seqtrain.config import Config, from_dict
 from seqtrain.data import BatchStream
 from seqtrain.encoding import Labels
+from seqtrain.machine import physical_cores
 from seqtrain.metrics import read_metrics
 from seqtrain.train import train as seqtrain_train
 

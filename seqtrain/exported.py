@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqtrain.config import Config, from_dict, physical_cores, read_yaml
+from seqtrain.config import Config, from_dict, read_yaml
 from seqtrain.encoding import Labels, read_run_files, sorted_batches
 from seqtrain.errors import CheckpointError
+from seqtrain.machine import physical_cores
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

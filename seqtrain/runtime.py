@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from seqtrain import console
-from seqtrain.config import physical_cores
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.inference import pick_device
+from seqtrain.machine import physical_cores
 
 if TYPE_CHECKING:
     from seqtrain.checkpoint import TrainState

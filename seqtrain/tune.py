@@ -50,11 +50,11 @@ from seqtrain.config import (
     describe_type,
     dump_yaml,
     from_dict,
-    physical_cores,
     read_yaml,
     safe_parse,
 )
 from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.machine import physical_cores
 
 if TYPE_CHECKING:
     import optuna
