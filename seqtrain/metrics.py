@@ -77,6 +77,40 @@ def regression_report(pred: np.ndarray, target: np.ndarray, integer: bool, low: 
 LOWER_IS_BETTER = {"loss", "mae", "rmse"}
 
 
+def precision_recall(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Precision and recall at every threshold (highest score first) and the average precision."""
+    order = np.argsort(-scores, kind="stable")
+    hits = positive[order].astype(np.float64)
+    tp = np.cumsum(hits)
+    k = np.arange(1, len(hits) + 1)
+    # Keep only the last of tied scores: a threshold cannot split them.
+    last = np.r_[np.diff(scores[order]) != 0, True]
+    precision, recall = (tp / k)[last], (tp / max(hits.sum(), 1))[last]
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return precision, recall, ap
+
+
+def calibration(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Top-label reliability: confidence vs accuracy in equal-width confidence bins, and the ECE.
+
+    ECE (expected calibration error) = sum over bins of (share of rows) * |accuracy - confidence|.
+    """
+    conf = probs.max(1)
+    correct = probs.argmax(1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        acc, c = float(correct[m].mean()), float(conf[m].mean())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(m.sum()), "confidence": c, "accuracy": acc})
+        ece += m.mean() * abs(acc - c)
+    return {"bins": rows, "ece": float(ece)}
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqtrain.metrics import read_metrics
+from seqtrain.metrics import calibration, precision_recall, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -137,19 +137,6 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def precision_recall(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Precision and recall at every threshold (highest score first) and the average precision."""
-    order = np.argsort(-scores, kind="stable")
-    hits = positive[order].astype(np.float64)
-    tp = np.cumsum(hits)
-    k = np.arange(1, len(hits) + 1)
-    # Keep only the last of tied scores: a threshold cannot split them.
-    last = np.r_[np.diff(scores[order]) != 0, True]
-    precision, recall = (tp / k)[last], (tp / max(hits.sum(), 1))[last]
-    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    return precision, recall, ap
-
-
 def plot_pr(probs: np.ndarray, targets: np.ndarray, names: Sequence[str], path: Path) -> Path:
     """Binary tasks: precision against recall for the second class (index 1) as the positive one."""
     scores, positive = probs[:, 1], targets == 1
@@ -165,27 +152,6 @@ def plot_pr(probs: np.ndarray, targets: np.ndarray, names: Sequence[str], path: 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
-
-
-def calibration(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict[str, Any]:
-    """Top-label reliability: confidence vs accuracy in equal-width confidence bins, and the ECE.
-
-    ECE (expected calibration error) = sum over bins of (share of rows) * |accuracy - confidence|.
-    """
-    conf = probs.max(1)
-    correct = probs.argmax(1) == targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    rows = []
-    ece = 0.0
-    for b in range(bins):
-        m = which == b
-        if not m.any():
-            continue
-        acc, c = float(correct[m].mean()), float(conf[m].mean())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(m.sum()), "confidence": c, "accuracy": acc})
-        ece += m.mean() * abs(acc - c)
-    return {"bins": rows, "ece": float(ece)}
 
 
 def plot_calibration(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> Path:

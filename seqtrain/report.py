@@ -80,7 +80,7 @@ def build_report(arrays: dict[str, np.ndarray], eval_report: dict[str, Any], tok
         "unk_rate": eval_report["unk_rate"],
     }
     if not regression:
-        from seqtrain.plots import calibration
+        from seqtrain.metrics import calibration
 
         report["ece"] = calibration(outputs, targets)["ece"]
     return report

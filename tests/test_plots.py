@@ -11,14 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from seqtrain.cli import app
-from seqtrain.plots import (
-    calibration,
-    plot_calibration,
-    plot_confusion,
-    plot_curves,
-    plot_pr,
-    precision_recall,
-)
+from seqtrain.metrics import calibration, precision_recall
+from seqtrain.plots import plot_calibration, plot_confusion, plot_curves, plot_pr
 from seqtrain.report import length_buckets, truncation_stats
 from tests.conftest import synthetic_rows, tiny_config, train_tiny_run
 
