@@ -328,7 +328,7 @@ def load(ckpt: Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], d
     return weights, state, optimizer, rng
 
 
-def find(run_dir: Path, which: str = "best", fallback: bool = True) -> tuple[Path, list[str]]:
+def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
     """The checkpoint `which` points at, verified; if it is damaged, the newest good one (with warnings)."""
     warnings: list[str] = []
     candidates: list[Path] = []
@@ -337,10 +337,7 @@ def find(run_dir: Path, which: str = "best", fallback: bool = True) -> tuple[Pat
         if link.exists():
             candidates.append(link.resolve())
         elif link.is_symlink() and name == which:  # a dangling link: its checkpoint was removed
-            msg = f"{link} points at {os.readlink(link)}, which is missing."
-            if not fallback:
-                raise CheckpointError(msg)
-            warnings.append(f"{msg} Falling back to an older checkpoint.")
+            warnings.append(f"{link} points at {os.readlink(link)}, which is missing. Falling back to an older checkpoint.")
     candidates += [p.resolve() for p in reversed(step_dirs(run_dir))]
     seen: set[Path] = set()
     for ckpt in candidates:
@@ -351,8 +348,6 @@ def find(run_dir: Path, which: str = "best", fallback: bool = True) -> tuple[Pat
             verify(ckpt)
             return ckpt, warnings
         except CheckpointError as e:
-            if not fallback:
-                raise
             warnings.append(f"{e} Falling back to an older checkpoint.")
     if not candidates:
         raise CheckpointError(f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain train CONFIG.")

@@ -126,9 +126,6 @@ class Labels:
         """Width of what `predict` reports per text: class probabilities, or 1 regression score."""
         return 1 if self.task == "regression" else len(self.names)
 
-    def index(self, value: Any) -> int | None:
-        return self._index.get(value)
-
     def target(self, value: Any) -> float | int | None:
         """Training target for a raw label value; None when it is not a known class / not a number."""
         if self.task == "regression":
