@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -131,77 +131,22 @@ def eval_(
 ) -> None:
     """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix; writes eval-<split>.json."""
     try:
-        import dataclasses
-
         from seqtrain import console
-        from seqtrain.checkpoint import write_json_atomic
-        from seqtrain.inference import evaluate, load_run
+        from seqtrain.evaluation import evaluate_run
 
         if checkpoint not in ("best", "last"):
             raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
         if limit is not None and limit < 1:
             raise _fail(f"--limit must be at least 1, got {limit}.", 2)
-        run, warnings = load_run(run_dir, checkpoint)
-        for w in warnings:
-            console.warn(w)
-        split_name = split or run.config.data.eval_split
-        data_cfg = run.config.data
-        if data is not None:
-            data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None, validation_split=None)
-        collect = with_report or plots
-        report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg, collect=collect)
-        arrays = report.pop("arrays", None)  # numpy, not JSON: only for the report and the plots
-        if with_report and arrays is not None:
-            from seqtrain.report import build_report
-
-            report["report"] = build_report(arrays, report, run.tokenizer, data_cfg, split_name, limit)
-            from seqtrain.explain import top_words
-
-            report["report"]["top_words"] = top_words(run, data_cfg, split_name, limit)
-        if plots and arrays is not None:
-            _eval_plots(run_dir, split_name if split_name != run.config.data.eval_split else None, report, arrays)
-        report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if run.checkpoint.is_relative_to(run_dir.resolve()) else str(run.checkpoint)
-        report["data"] = data_cfg.path
-        saved = run_dir / eval_file_name(split_name, data, checkpoint, limit)
-        write_json_atomic(saved, report)
-        console.info(f"wrote {saved}")
+        report, title = evaluate_run(run_dir, split, data, checkpoint, limit, with_report, plots)
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")
         else:
-            console.print_eval(report, f"{run_dir} ({run.checkpoint.name}) on {split_name}")
+            console.print_eval(report, title)
             if "report" in report:
                 console.print_report(report["report"])
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
-
-
-def eval_file_name(split: str, data: str | None, checkpoint: str, limit: int | None) -> str:
-    """eval-<split>.json is the training run's summary; an evaluation on other data, another checkpoint
-    or part of the split gets its own name (eval-validation-last-limit100.json), so it never replaces it."""
-    import re
-
-    parts = [f"eval-{split}"]
-    if data is not None:
-        parts.append("data-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", data).strip("_.")[-60:] or "x"))
-    if checkpoint != "best":
-        parts.append(checkpoint)
-    if limit is not None:
-        parts.append(f"limit{limit}")
-    return "-".join(parts) + ".json"
-
-
-def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], arrays: dict[str, Any]) -> None:
-    """The eval pictures; a split other than the config's eval split gets its name in the file names."""
-    from seqtrain import console
-
-    if report.get("task") == "regression":
-        console.warn("--plots draws classification pictures (confusion, precision-recall, calibration); this run is a regression.")
-        return
-    from seqtrain.plots import eval_plots
-
-    suffix = f"-{other_split}" if other_split else ""
-    for path in eval_plots(run_dir, arrays["outputs"], arrays["targets"], report["confusion_matrix"], report["labels"], suffix):
-        console.info(f"wrote {path}")
 
 
 @app.command()
@@ -224,16 +169,8 @@ def predict(
 ) -> None:
     """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
-        from seqtrain import console
-        from seqtrain.exported import is_export_folder, load_exported_run
-        from seqtrain.predict import (
-            Predictor,
-            check_output,
-            open_output,
-            read_dataset,
-            read_inputs,
-            write_predictions,
-        )
+        from seqtrain.exported import is_export_folder
+        from seqtrain.predict import check_output, predict_command
 
         fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
         if fmt not in ("jsonl", "csv"):
@@ -245,42 +182,10 @@ def predict(
         if batch_size < 1 or (top_k is not None and top_k < 1):
             raise _fail(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}.", 2)
         check_output(output)
-        run: Predictor
-        warnings: list[str] = []
-        if is_export_folder(run_dir):  # torch is never imported on this path
-            if checkpoint != "best":
-                raise _fail("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2)
-            run = load_exported_run(run_dir)
-        else:
-            from seqtrain.inference import load_run
-
-            run, warnings = load_run(run_dir, checkpoint)
-        for w in warnings:
-            console.warn(w)
-        if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):
-            raise _fail("--threshold applies to binary classification only.", 2)
-        bad: list[str] = []
-        blank: list[int] = []
-        if data is not None:
-            records = read_dataset(run.config.data, data, split, text_column, id_column, bad)
-        elif input is not None:
-            records = read_inputs(input, text_column, id_column, bad, strict, blank)
-        else:
-            records = ((t, None) for t in texts or [])
-        sink = sys.stdout if output == "-" else open_output(output)
-        try:
-            chunk = 4 * batch_size if input == "-" else max(2048, 4 * batch_size)  # stdin: answer sooner
-            n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk)
-        finally:
-            if sink is not sys.stdout:
-                sink.close()
-        if bad:
-            console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
-        if blank:
-            console.warn(f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
-                         f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line.")
-        if output != "-":
-            console.info(f"wrote {n:,} predictions to {output}")
+        if checkpoint != "best" and is_export_folder(run_dir):
+            raise _fail("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2)
+        predict_command(run_dir, texts, input, data, split, output, fmt, text_column, id_column, checkpoint,
+                        batch_size, strict, top_k, threshold)
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 

@@ -270,3 +270,50 @@ def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], 
             sink.flush()
     sink.flush()
     return n
+
+
+def predict_command(run_dir: Path, texts: list[str] | None, input: str | None, data: str | None, split: str, output: str,
+                    fmt: str, text_column: str, id_column: str, checkpoint: str, batch_size: int, strict: bool,
+                    top_k: int | None, threshold: float | None) -> int:
+    """`seqtrain predict` once its options are checked: load the run (or the export, without torch), read
+    the inputs, write one result per text in order, report skipped and blank lines. Returns the count."""
+    from seqtrain import console
+    from seqtrain.errors import ConfigError
+    from seqtrain.exported import is_export_folder, load_exported_run
+
+    run: Predictor
+    warnings: list[str] = []
+    if is_export_folder(run_dir):  # torch is never imported on this path
+        run = load_exported_run(run_dir)
+    else:
+        from seqtrain.inference import load_run
+
+        run, warnings = load_run(run_dir, checkpoint)
+    for w in warnings:
+        console.warn(w)
+    if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):
+        raise ConfigError("--threshold applies to binary classification only.")
+    bad: list[str] = []
+    blank: list[int] = []
+    records: Iterable[tuple[str, Any]]
+    if data is not None:
+        records = read_dataset(run.config.data, data, split, text_column, id_column, bad)
+    elif input is not None:
+        records = read_inputs(input, text_column, id_column, bad, strict, blank)
+    else:
+        records = ((t, None) for t in texts or [])
+    sink = sys.stdout if output == "-" else open_output(output)
+    try:
+        chunk = 4 * batch_size if input == "-" else max(2048, 4 * batch_size)  # stdin: answer sooner
+        n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk)
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    if bad:
+        console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    if blank:
+        console.warn(f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
+                     f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line.")
+    if output != "-":
+        console.info(f"wrote {n:,} predictions to {output}")
+    return n
