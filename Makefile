@@ -35,6 +35,7 @@ lint: install
 
 bench: install data
 	$(BIN)/python -m bench.bench
+	$(BIN)/python -m bench.pretrain
 
 bench-scale: install data
 	$(BIN)/python -m bench.scale
