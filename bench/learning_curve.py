@@ -76,14 +76,22 @@ def record(point: dict[str, Any]) -> None:
     print(json.dumps(point), flush=True)
 
 
+def label(point: dict[str, Any]) -> str:
+    """A line's name with the overrides that set it apart (not the ones every curve run gets)."""
+    own = [o for o in point.get("overrides", []) if not o.startswith(
+        ("data.max_train_examples=", "train.epochs=", "train.num_threads=", "train.eval_every=", "output_dir=", "model.init_from="))]
+    return point["line"] + (f" ({', '.join(own)})" if own else "")
+
+
 def render() -> None:
     """Table and PNG from every point measured so far (the newest per line and size)."""
     points: dict[tuple[str, int, str], dict[str, Any]] = {}
     for line in RESULTS.read_text().splitlines() if RESULTS.exists() else []:
         p = json.loads(line)
-        points[(p["line"], p["n"], p.get("pretrain", ""))] = p
+        points[(label(p), p["n"], p.get("pretrain", ""))] = p
     by_size = sorted({k[1] for k in points if not k[2]})
-    lines = ["scratch", "pretrained", "linear"]
+    named = {k[0] for k in points if not k[2]}
+    lines = ["scratch", "pretrained", *sorted(named - {"scratch", "pretrained", "linear"}), "linear"]
     table = ["| labelled reviews | " + " | ".join(lines) + " |", "|---:|" + "---:|" * len(lines)]
     for n in by_size:
         cells = []
@@ -135,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-runs", nargs="*", type=Path, default=[],
                    help="pretraining snapshots (run directories) for the accuracy-vs-pretraining-minutes figure")
     p.add_argument("--pretrain-size", type=int, default=1000, help="labelled reviews for that figure")
+    p.add_argument("--pretrained-overrides", nargs="*", default=[],
+                   help="KEY=VALUE overrides of configs/imdb-semi.yaml for the pretrained line, e.g. train.lr=0.005")
     p.add_argument("--render-only", action="store_true")
     a = p.parse_args(argv)
     if not a.render_only:
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                     record({"line": line, "n": n, "accuracy": acc, "minutes": (time.perf_counter() - started) / 60})
                 else:
                     config = "configs/imdb-best.yaml" if line == "scratch" else "configs/imdb-semi.yaml"
-                    record({"line": line, "n": n, **train_point(config, n, a.min_steps, a.threads, [])})
+                    extra = a.pretrained_overrides if line == "pretrained" else []
+                    record({"line": line, "n": n, **train_point(config, n, a.min_steps, a.threads, extra)})
         for run in a.pretrain_runs:
             state = json.loads((run / "best" / "state.json").read_text())
             minutes = json.loads((run / "pretrain-minutes.json").read_text())["minutes"]
