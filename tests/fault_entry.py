@@ -1,6 +1,6 @@
 """A test-only entry point for fault injection; nothing in seqtrain knows about it.
 
-    python -m tests.fault_entry kill-after-save=STEP train CONFIG [...]
+    python -m tests.fault_entry kill-after-save=STEP train|pretrain CONFIG [...]
     python -m tests.fault_entry no-memory train CONFIG [...]
     python -m tests.fault_entry slow-vocab=SECONDS train CONFIG [...]
     python -m tests.fault_entry dump-weights=FOLDER train CONFIG [...]

@@ -176,22 +176,6 @@ def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(pretra
     assert "model.hidden_size is 64" in done.stderr and "32" in done.stderr
 
 
-KILL_AFTER_SAVE = """
-import os, signal, sys
-from seqtrain import checkpoint
-from seqtrain.cli import main
-real_save = checkpoint.save
-def save(run_dir, step, *args, **kwargs):
-    path = real_save(run_dir, step, *args, **kwargs)
-    if step == {step}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-checkpoint.save = save
-sys.argv = ["seqtrain", *sys.argv[1:]]
-main()
-"""
-
-
 def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     changes = {"data": {"max_train_examples": 1500}, "train": {"epochs": 2, "eval_every": 15}}
     paths = {}
@@ -201,8 +185,8 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
         paths[name] = path
     assert run_cli("pretrain", str(paths["straight"])).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE.format(step=45), "pretrain", str(paths["killed"])],
-                            capture_output=True, text=True, env=env, timeout=300)
+    killed = subprocess.run([sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(paths["killed"])],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert killed.returncode == -9, killed.stderr
     resumed = run_cli("pretrain", str(paths["killed"]), "--resume")
     assert resumed.returncode == 0, resumed.stderr
