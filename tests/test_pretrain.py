@@ -235,3 +235,22 @@ def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(pretra
     assert cfg.model.init_from == str(pretrained) and cfg.model.hidden_size == 32
     tokenizer, encoder = init_from_pretrained(cfg)  # shapes and tokenizer keys match: no error
     assert encoder["embedding.weight"].shape[0] == tokenizer.get_vocab_size()
+
+
+def test_the_training_stream_leaves_out_exactly_the_heldout_rows(pretrained: Path) -> None:
+    # run.json's row count comes from the vocabulary pass; this counts what the training stream yields.
+    # (Token ids cannot tell texts apart: different texts of unknown words encode alike.)
+    from seqtrain.data import BatchStream
+
+    cfg = lm_config(pretrained)
+    tokenizer = load_tokenizer(pretrained / "tokenizer.json")
+
+    def rows(heldout: float) -> int:
+        stream = BatchStream(cfg.data, "train", tokenizer, None, 64, shuffle=False, limit=cfg.data.max_train_examples,
+                             sources=text_sources(cfg), heldout=heldout)
+        return sum(len(batch["lengths"]) for batch in stream)
+
+    expected = json.loads((pretrained / "run.json").read_text())["num_train_examples"]
+    assert rows(cfg.pretrain.heldout_fraction) == expected
+    assert rows(0.0) == expected + len(heldout_texts(from_dict({**to_dict(cfg), "pretrain": {
+        **to_dict(cfg)["pretrain"], "max_heldout_texts": 10**6}})))
