@@ -59,14 +59,23 @@ def train_point(config: str, n: int, min_steps: int, threads: int, extra: list[s
     epochs = max(8, math.ceil(min_steps * cfg.train.batch_size / n))
     name = f"curve-{Path(config).stem}-{n}-" + "-".join(e.replace("/", "_").replace("=", "_") for e in extra)
     # One evaluation, at the end: at N = 500 the epochs are many and each would evaluate 5,000 reviews.
-    overrides = [f"data.max_train_examples={n}", f"train.epochs={epochs}", f"train.num_threads={threads}",
-                 "train.eval_every=1000000",
-                 f"output_dir=runs/curve/{name.rstrip('-')}", *extra]
+    overrides = [
+        f"data.max_train_examples={n}",
+        f"train.epochs={epochs}",
+        f"train.num_threads={threads}",
+        "train.eval_every=1000000",
+        f"output_dir=runs/curve/{name.rstrip('-')}",
+        *extra,
+    ]
     cfg = load_config(ROOT / config, overrides)
     started = time.perf_counter()
     report = train(cfg)
-    return {"accuracy": report["accuracy"], "minutes": (time.perf_counter() - started) / 60, "epochs": epochs,
-            "overrides": overrides}
+    return {
+        "accuracy": report["accuracy"],
+        "minutes": (time.perf_counter() - started) / 60,
+        "epochs": epochs,
+        "overrides": overrides,
+    }
 
 
 def record(point: dict[str, Any]) -> None:
@@ -78,8 +87,20 @@ def record(point: dict[str, Any]) -> None:
 
 def label(point: dict[str, Any]) -> str:
     """A line's name with the overrides that set it apart (not the ones every curve run gets)."""
-    own = [o for o in point.get("overrides", []) if not o.startswith(
-        ("data.max_train_examples=", "train.epochs=", "train.num_threads=", "train.eval_every=", "output_dir=", "model.init_from="))]
+    own = [
+        o
+        for o in point.get("overrides", [])
+        if not o.startswith(
+            (
+                "data.max_train_examples=",
+                "train.epochs=",
+                "train.num_threads=",
+                "train.eval_every=",
+                "output_dir=",
+                "model.init_from=",
+            )
+        )
+    ]
     return point["line"] + (f" ({', '.join(own)})" if own else "")
 
 
@@ -105,16 +126,34 @@ def render() -> None:
         table.append(f"| {n:,} | " + " | ".join(cells) + " |")
     pre = sorted((p for k, p in points.items() if k[2]), key=lambda p: p["pretrain_minutes"])
     if pre and ("scratch", pre[0]["n"], "") in points:  # no pretraining at all: the scratch run at that size
-        pre.insert(0, {**points[("scratch", pre[0]["n"], "")], "pretrain": "none (scratch)", "pretrain_steps": 0,
-                       "pretrain_minutes": 0.0})
+        pre.insert(
+            0,
+            {
+                **points[("scratch", pre[0]["n"], "")],
+                "pretrain": "none (scratch)",
+                "pretrain_steps": 0,
+                "pretrain_minutes": 0.0,
+            },
+        )
     if pre:
-        table += ["", "| pretraining snapshot | pretraining steps | pretraining minutes (as run) | labelled | epochs "
-                  "| fine-tuned accuracy |", "|---|---:|---:|---:|---:|---:|"]
-        table += [f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['epochs']} "
-                  f"| {p['accuracy']:.2%} |" for p in pre]
+        table += [
+            "",
+            "| pretraining snapshot | pretraining steps | pretraining minutes (as run) | labelled | epochs "
+            "| fine-tuned accuracy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        table += [
+            f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['epochs']} "
+            f"| {p['accuracy']:.2%} |"
+            for p in pre
+        ]
     text = "\n".join(table)
-    write_between_markers(ROOT / "BENCHMARKS.md", "## Few labels: learning from unlabeled text (issue 16)",
-                          "bench.learning_curve", text)
+    write_between_markers(
+        ROOT / "BENCHMARKS.md",
+        "## Few labels: learning from unlabeled text (issue 16)",
+        "bench.learning_curve",
+        text,
+    )
     print(text)
     import matplotlib
 
@@ -129,7 +168,9 @@ def render() -> None:
     axes[0][0].legend()
     if pre:
         axes[0][1].plot([p["pretrain_minutes"] for p in pre], [p["accuracy"] * 100 for p in pre], marker="o")
-        axes[0][1].set(xlabel="pretraining minutes (as run)", ylabel=f"accuracy with {pre[0]['n']:,} labels (%)")
+        axes[0][1].set(
+            xlabel="pretraining minutes (as run)", ylabel=f"accuracy with {pre[0]['n']:,} labels (%)"
+        )
     fig.tight_layout()
     fig.savefig(OUT / "learning_curve.png", dpi=120)
 
@@ -140,11 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", nargs="*", default=["linear", "scratch", "pretrained"])
     p.add_argument("--min-steps", type=int, default=300, help="train at least this many steps at small N")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pretrain-runs", nargs="*", type=Path, default=[],
-                   help="pretraining snapshots (run directories) for the accuracy-vs-pretraining-minutes figure")
+    p.add_argument(
+        "--pretrain-runs",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="pretraining snapshots (run directories) for the accuracy-vs-pretraining-minutes figure",
+    )
     p.add_argument("--pretrain-size", type=int, default=1000, help="labelled reviews for that figure")
-    p.add_argument("--pretrained-overrides", nargs="*", default=[],
-                   help="KEY=VALUE overrides of configs/imdb-semi.yaml for the pretrained line, e.g. train.lr=0.005")
+    p.add_argument(
+        "--pretrained-overrides",
+        nargs="*",
+        default=[],
+        help="KEY=VALUE overrides of configs/imdb-semi.yaml for the pretrained line, e.g. train.lr=0.005",
+    )
     p.add_argument("--render-only", action="store_true")
     a = p.parse_args(argv)
     if not a.render_only:
@@ -153,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                 if line == "linear":
                     started = time.perf_counter()
                     acc = nb_bigrams_accuracy(n)
-                    record({"line": line, "n": n, "accuracy": acc, "minutes": (time.perf_counter() - started) / 60})
+                    record(
+                        {
+                            "line": line,
+                            "n": n,
+                            "accuracy": acc,
+                            "minutes": (time.perf_counter() - started) / 60,
+                        }
+                    )
                 else:
                     config = "configs/imdb-best.yaml" if line == "scratch" else "configs/imdb-semi.yaml"
                     extra = a.pretrained_overrides if line == "pretrained" else []
@@ -161,10 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         for run in a.pretrain_runs:
             state = json.loads((run / "best" / "state.json").read_text())
             minutes = json.loads((run / "pretrain-minutes.json").read_text())["minutes"]
-            point = train_point("configs/imdb-semi.yaml", a.pretrain_size, a.min_steps, a.threads,
-                                [f"model.init_from={run}"])
-            record({"line": "pretrained", "n": a.pretrain_size, "pretrain": run.name, "pretrain_steps": state["step"],
-                    "pretrain_minutes": minutes, **point})
+            point = train_point(
+                "configs/imdb-semi.yaml", a.pretrain_size, a.min_steps, a.threads, [f"model.init_from={run}"]
+            )
+            record(
+                {
+                    "line": "pretrained",
+                    "n": a.pretrain_size,
+                    "pretrain": run.name,
+                    "pretrain_steps": state["step"],
+                    "pretrain_minutes": minutes,
+                    **point,
+                }
+            )
     render()
     return 0
 

@@ -33,8 +33,9 @@ def spearman(pred: np.ndarray, target: np.ndarray) -> float:
     return float(regression_report(pred, target, True, float(target.min()), float(target.max()))["spearman"])
 
 
-def ensemble_grid(regression: np.ndarray, positive: np.ndarray | None, ridge: np.ndarray | None,
-                  target: np.ndarray) -> list[tuple[float, float, float]]:
+def ensemble_grid(
+    regression: np.ndarray, positive: np.ndarray | None, ridge: np.ndarray | None, target: np.ndarray
+) -> list[tuple[float, float, float]]:
     """(w, v, Spearman) of (1 - v) x (regression + w x positive) + v x (ridge + w x positive).
 
     regression (N,) stars; positive (N,) P(positive) or None; ridge (N,) stars or None.
@@ -43,7 +44,11 @@ def ensemble_grid(regression: np.ndarray, positive: np.ndarray | None, ridge: np
     vs = (0.0, 0.1, 0.2, 0.3) if ridge is not None else (0.0,)
     pos = positive if positive is not None else np.zeros_like(regression)
     rid = ridge if ridge is not None else np.zeros_like(regression)
-    return [(w, v, spearman((1 - v) * (regression + w * pos) + v * (rid + w * pos), target)) for w in ws for v in vs]
+    return [
+        (w, v, spearman((1 - v) * (regression + w * pos) + v * (rid + w * pos), target))
+        for w in ws
+        for v in vs
+    ]
 
 
 def oracle_shift(score: np.ndarray, target: np.ndarray, middle: float) -> list[tuple[float, float, float]]:
@@ -58,8 +63,16 @@ def oracle_shift(score: np.ndarray, target: np.ndarray, middle: float) -> list[t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ratings", description=__doc__.split("\n\n")[0])
-    p.add_argument("--regression", nargs="+", type=Path, required=True, help="IMDB rating regression run directories")
-    p.add_argument("--binary", nargs="*", type=Path, default=[], help="binary IMDB run directories (labels negative/positive)")
+    p.add_argument(
+        "--regression", nargs="+", type=Path, required=True, help="IMDB rating regression run directories"
+    )
+    p.add_argument(
+        "--binary",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="binary IMDB run directories (labels negative/positive)",
+    )
     p.add_argument("--no-ridge", action="store_true", help="skip the TF-IDF + ridge model (about a minute)")
     a = p.parse_args(argv)
     from seqtrain.inference import load_run, predict_probs
@@ -73,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in a.regression:
         run, _ = load_run(run_dir)
         scores.append(predict_probs(run, texts)[:, 0].astype(np.float64))
-        print(f"{run_dir}: Spearman {spearman(scores[-1], y):.4f}, MAE {np.abs(scores[-1] - y).mean():.3f}", flush=True)
+        print(
+            f"{run_dir}: Spearman {spearman(scores[-1], y):.4f}, MAE {np.abs(scores[-1] - y).mean():.3f}",
+            flush=True,
+        )
     stars = np.mean(scores, axis=0)
     if len(scores) > 1:
         print(f"the {len(scores)} regression runs averaged: Spearman {spearman(stars, y):.4f}")
@@ -85,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             run, _ = load_run(run_dir)
             probs.append(predict_probs(run, texts)[:, run.labels.names.index("positive")].astype(np.float64))
         positive = np.mean(probs, axis=0)
-        print(f"the {len(probs)} binary runs averaged: polarity accuracy {((positive > 0.5) == (y > middle)).mean():.2%}")
+        print(
+            f"the {len(probs)} binary runs averaged: polarity accuracy {((positive > 0.5) == (y > middle)).mean():.2%}"
+        )
 
     ridge = None
     if not a.no_ridge:
@@ -96,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("bench.ratings needs scikit-learn: pip install 'seqtrain[baselines]'") from None
         train = read_split(data, "train")
         tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=500_000)
-        ridge_model = Ridge(alpha=1.0).fit(tfidf.fit_transform(train.text), train.rating.to_numpy().astype(np.float64))
+        ridge_model = Ridge(alpha=1.0).fit(
+            tfidf.fit_transform(train.text), train.rating.to_numpy().astype(np.float64)
+        )
         ridge = ridge_model.predict(tfidf.transform(valid.text))
-        print(f"TF-IDF (1-2 grams) + ridge: Spearman {spearman(ridge, y):.4f}, MAE {np.abs(ridge - y).mean():.3f}")
+        print(
+            f"TF-IDF (1-2 grams) + ridge: Spearman {spearman(ridge, y):.4f}, MAE {np.abs(ridge - y).mean():.3f}"
+        )
 
     grid = ensemble_grid(stars, positive, ridge, y)
     for w, v, rho in grid:

@@ -48,8 +48,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     ev = json.loads((run_dir / f"eval-{cfg['data']['eval_split']}.json").read_text())
     train_lines = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
     tps = statistics.mean(r["tokens_per_sec"] for r in train_lines) if train_lines else float("nan")
-    out = {"name": re.sub(r"-s\d+$", "", cfg["name"]), "seed": cfg["seed"], "eval": ev, "tokens_per_sec": tps,
-           "seconds": ev.get("train_seconds", float("nan")), "threads": ev.get("threads"), "cfg": cfg}
+    out = {
+        "name": re.sub(r"-s\d+$", "", cfg["name"]),
+        "seed": cfg["seed"],
+        "eval": ev,
+        "tokens_per_sec": tps,
+        "seconds": ev.get("train_seconds", float("nan")),
+        "threads": ev.get("threads"),
+        "cfg": cfg,
+    }
     if "sst2" in cfg["data"]["path"] and ev.get("task", "classification") == "classification":
         out["long_acc"], out["long_n"] = long_phrase_accuracy(run_dir)
     return out
@@ -70,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in a.runs:
         groups[(s := summarize(run))["name"]].append(s)
-    rows = ["| config | seeds | validation result | wall time / run | train tokens/s | threads |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| config | seeds | validation result | wall time / run | train tokens/s | threads |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, runs in sorted(groups.items()):
         ev = [r["eval"] for r in runs]
         if ev[0].get("task") == "regression":
@@ -78,20 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = f"accuracy {fmt([e['accuracy'] for e in ev])}%"
             if "long_acc" in runs[0]:
-                result += f"; phrases ≥ 15 words ({runs[0]['long_n']:,}): {fmt([r['long_acc'] for r in runs])}%"
+                result += (
+                    f"; phrases ≥ 15 words ({runs[0]['long_n']:,}): {fmt([r['long_acc'] for r in runs])}%"
+                )
             if "top_k_accuracy" in ev[0]:
                 result += f"; top-{ev[0]['top_k']} {fmt([e['top_k_accuracy'] for e in ev])}%"
         minutes = statistics.mean(r["seconds"] for r in runs) / 60
-        rows.append(f"| `configs/{name}.yaml` | {', '.join(str(r['seed']) for r in runs)} | {result} | {minutes:.1f} min "
-                    f"| {statistics.mean(r['tokens_per_sec'] for r in runs):,.0f} | {runs[0]['threads']} |")
-    section = "\n".join([
-        "Validation splits of ../shared/data, from scratch (no pretrained embeddings). One row per shipped config; "
-        "mean ± std over the seeds listed. Command for seed N: `seqtrain train configs/NAME.yaml seed=N name=NAME-sN` "
-        "(then `python -m bench.results runs/*` writes this table). Wall time includes the vocabulary pass and every "
-        "evaluation; `threads` is the intra-op thread count of the run (runs made with 1 thread shared the machine "
-        "with other work; with 2 threads on an idle 2-core machine they run about 1.6x faster).", "",
-        *rows, "",
-    ])
+        rows.append(
+            f"| `configs/{name}.yaml` | {', '.join(str(r['seed']) for r in runs)} | {result} | {minutes:.1f} min "
+            f"| {statistics.mean(r['tokens_per_sec'] for r in runs):,.0f} | {runs[0]['threads']} |"
+        )
+    section = "\n".join(
+        [
+            "Validation splits of ../shared/data, from scratch (no pretrained embeddings). One row per shipped config; "
+            "mean ± std over the seeds listed. Command for seed N: `seqtrain train configs/NAME.yaml seed=N name=NAME-sN` "
+            "(then `python -m bench.results runs/*` writes this table). Wall time includes the vocabulary pass and every "
+            "evaluation; `threads` is the intra-op thread count of the run (runs made with 1 thread shared the machine "
+            "with other work; with 2 threads on an idle 2-core machine they run about 1.6x faster).",
+            "",
+            *rows,
+            "",
+        ]
+    )
     print(section)
     write_between_markers(a.output, HEADING, "bench.results", section)
     return 0

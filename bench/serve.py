@@ -38,7 +38,12 @@ def eval_texts(target: Path) -> list[str]:
     files = sorted(Path(data.eval_path or data.path).glob(f"{data.eval_split}-*.parquet"))
     if not files:
         sys.exit(f"no {data.eval_split}-*.parquet under {data.eval_path or data.path}")
-    return [t for f in files for t in pq.read_table(f, columns=[data.text_column]).column(0).to_pylist() if t and t.strip()]
+    return [
+        t
+        for f in files
+        for t in pq.read_table(f, columns=[data.text_column]).column(0).to_pylist()
+        if t and t.strip()
+    ]
 
 
 def ceiling(target: Path, texts: list[str], batch_size: int, seconds: float = 5.0) -> float:
@@ -81,8 +86,14 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float) -> 
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "texts_per_s": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "statuses": statuses}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "texts_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "statuses": statuses,
+    }
 
 
 MALFORMED = [  # (body, the status it must get): one request in 100 during the soak
@@ -100,15 +111,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def soak(url: str, texts: list[str], total: int, concurrency: int, pid: int, max_seconds: float = 900) -> dict[str, Any]:
+async def soak(
+    url: str, texts: list[str], total: int, concurrency: int, pid: int, max_seconds: float = 900
+) -> dict[str, Any]:
     """`total` requests, 1% of them malformed: no 5xx, each malformed one its 4xx, and the server's
     resident memory at the 10,000th request (or a tenth of the way) and at the end."""
     import aiohttp
 
     counter = iter(range(total))
     mark = min(10_000, total // 10)
-    found: dict[str, Any] = {"good": {}, "malformed_right": 0, "malformed_wrong": [], "server_errors": 0, "mark": mark,
-                             "rss_mb_at_mark": None}
+    found: dict[str, Any] = {
+        "good": {},
+        "malformed_right": 0,
+        "malformed_wrong": [],
+        "server_errors": 0,
+        "mark": mark,
+        "rss_mb_at_mark": None,
+    }
     stop = time.perf_counter() + max_seconds
 
     async def client(session: aiohttp.ClientSession) -> None:
@@ -119,7 +138,9 @@ async def soak(url: str, texts: list[str], total: int, concurrency: int, pid: in
                 found["rss_mb_at_mark"] = rss_mb(pid)
             bad = MALFORMED[(i // 100) % len(MALFORMED)] if i % 100 == 99 else None
             body = bad[0] if bad else json.dumps({"text": texts[i % len(texts)]}).encode()
-            async with session.post(url + "/predict", data=body, headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                url + "/predict", data=body, headers={"Content-Type": "application/json"}
+            ) as r:
                 await r.read()
             found["server_errors"] += r.status >= 500
             if bad is None:
@@ -133,7 +154,9 @@ async def soak(url: str, texts: list[str], total: int, concurrency: int, pid: in
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     found.update(requests=total, seconds=time.perf_counter() - start, rss_mb_at_end=rss_mb(pid))
-    found["rss_growth"] = found["rss_mb_at_end"] / found["rss_mb_at_mark"] - 1 if found["rss_mb_at_mark"] else None
+    found["rss_growth"] = (
+        found["rss_mb_at_end"] / found["rss_mb_at_mark"] - 1 if found["rss_mb_at_mark"] else None
+    )
     return found
 
 
@@ -148,22 +171,44 @@ def batch_sizes(url: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("target", type=Path)
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
-    parser.add_argument("--soak", type=int, default=0, help="then this many requests, 1%% malformed (issue 19: 100000)")
+    parser.add_argument(
+        "--soak", type=int, default=0, help="then this many requests, 1%% malformed (issue 19: 100000)"
+    )
     parser.add_argument("--soak-concurrency", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     texts = eval_texts(args.target)
     top = ceiling(args.target, texts, args.max_batch_size)
-    print(f"{len(texts):,} texts; batched forward-only ceiling: {top:,.0f} texts/s (batches of {args.max_batch_size})", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "seqtrain", "serve", str(args.target), "--port", "0", "--max-batch-size",
-                             str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    print(
+        f"{len(texts):,} texts; batched forward-only ceiling: {top:,.0f} texts/s (batches of {args.max_batch_size})",
+        flush=True,
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "seqtrain",
+            "serve",
+            str(args.target),
+            "--port",
+            "0",
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     rows = []
     try:
         assert proc.stderr is not None
@@ -179,23 +224,31 @@ def main() -> None:
             row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             row["of_ceiling"] = row["texts_per_s"] / top
             rows.append(row)
-            print(f"concurrency {n:>3}: {row['texts_per_s']:8,.0f} texts/s ({row['of_ceiling']:.2f}x ceiling)  "
-                  f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:5.1f}  "
-                  f"statuses {row['statuses']}", flush=True)
+            print(
+                f"concurrency {n:>3}: {row['texts_per_s']:8,.0f} texts/s ({row['of_ceiling']:.2f}x ceiling)  "
+                f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:5.1f}  "
+                f"statuses {row['statuses']}",
+                flush=True,
+            )
         if args.soak:
             result = asyncio.run(soak(url, texts, args.soak, args.soak_concurrency, proc.pid))
             rows.append({"soak": result})
-            print(f"soak: {args.soak:,} requests at concurrency {args.soak_concurrency} in {result['seconds']:.0f} s: "
-                  f"{result['server_errors']} 5xx, {result['malformed_right']} malformed answered with their 4xx, "
-                  f"wrong answers {result['malformed_wrong'][:5]}, good {result['good']}; resident memory "
-                  f"{result['rss_mb_at_mark']:.1f} MB at request {result['mark']:,}, {result['rss_mb_at_end']:.1f} MB at the end "
-                  f"({100 * (result['rss_growth'] or 0):+.2f}%)", flush=True)
+            print(
+                f"soak: {args.soak:,} requests at concurrency {args.soak_concurrency} in {result['seconds']:.0f} s: "
+                f"{result['server_errors']} 5xx, {result['malformed_right']} malformed answered with their 4xx, "
+                f"wrong answers {result['malformed_wrong'][:5]}, good {result['good']}; resident memory "
+                f"{result['rss_mb_at_mark']:.1f} MB at request {result['mark']:,}, {result['rss_mb_at_end']:.1f} MB at the end "
+                f"({100 * (result['rss_growth'] or 0):+.2f}%)",
+                flush=True,
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     print(f"server exit code after SIGTERM: {code}")
     if args.json:
-        args.json.write_text(json.dumps({"ceiling_texts_per_s": top, "loads": rows, "exit_code": code}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"ceiling_texts_per_s": top, "loads": rows, "exit_code": code}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -59,14 +59,23 @@ def reading(path: str, split: str) -> Iterator[None]:
     except Exception as e:
         name = type(e).__name__
         module = type(e).__module__ or ""
-        if not module.startswith(("pandas", "pyarrow", "datasets", "json")) and name not in ("ArrowInvalid", "ParserError"):
+        if not module.startswith(("pandas", "pyarrow", "datasets", "json")) and name not in (
+            "ArrowInvalid",
+            "ParserError",
+        ):
             raise
         text = str(e).strip().splitlines()[-1] if str(e).strip() else name
         if "BatchSize must be greater than 0" in text:  # the parquet builder reads row groups of 0 rows
             raise DataError(f"split {split!r} of {path!r} is empty: a parquet file holds 0 rows.") from None
         if name == "EmptyDataError":
-            raise DataError(f"split {split!r} of {path!r}: a file is empty (0 bytes, not even a header line).") from None
-        hint = " Fix the line, or set data.on_bad_rows: skip to skip such lines." if name == "ParserError" else ""
+            raise DataError(
+                f"split {split!r} of {path!r}: a file is empty (0 bytes, not even a header line)."
+            ) from None
+        hint = (
+            " Fix the line, or set data.on_bad_rows: skip to skip such lines."
+            if name == "ParserError"
+            else ""
+        )
         raise DataError(f"cannot read split {split!r} of {path!r}: {text}.{hint}") from None
 
 
@@ -75,7 +84,11 @@ def check_folder(path: str) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
     if all(p.name.upper().startswith("README") or p.suffix.lower() == ".md" for p in files):
         shown = ", ".join(sorted(p.name for p in files)[:5]) or "nothing"
         raise DataError(

@@ -55,13 +55,20 @@ class TrainState:
     positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
     next_slot: int = 0  # the worker slot whose batch comes next
     world: int = 1
-    last_eval_step: int = -1  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
+    last_eval_step: int = (
+        -1
+    )  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], rank: int) -> TrainState:
         """This rank's state from a checkpoint's state.json (older ones lack last_eval_step: the saved step)."""
         known = {f.name for f in fields(cls)}
-        state = cls(**{"last_eval_step": saved["step"], **{k: v for k, v in saved["train_state"].items() if k in known}})
+        state = cls(
+            **{
+                "last_eval_step": saved["step"],
+                **{k: v for k, v in saved["train_state"].items() if k in known},
+            }
+        )
         if "ranks" in saved:  # each rank continues from its own place in the stream
             state.positions, state.next_slot = saved["ranks"][rank]
         return state
@@ -171,7 +178,9 @@ def save(
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:08d}"
     resave = 0
-    while final.exists():  # same step saved twice: a new folder, so `last`/`best` never point at a missing one
+    while (
+        final.exists()
+    ):  # same step saved twice: a new folder, so `last`/`best` never point at a missing one
         resave += 1
         final = ckpt_root / f"step-{step:08d}-{resave}"
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -200,7 +209,9 @@ def save(
         for name in files:
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
-        manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+        manifest = {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        }
         (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "files": manifest}, indent=2))
         with open(tmp / "manifest.json", "rb+") as f:
             os.fsync(f.fileno())
@@ -270,13 +281,16 @@ def verify(ckpt: Path) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint.")
         if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{path} does not match its SHA-256 in manifest.json: the file is truncated or altered.")
+            raise CheckpointError(
+                f"{path} does not match its SHA-256 in manifest.json: the file is truncated or altered."
+            )
     return manifest
 
 
 def _manifest_files(manifest: Any, path: Path) -> dict[str, dict[str, Any]]:
     """manifest["files"], checked to be {file name: {"sha256": hex, "bytes": int}} naming at least the
     weights and state.json: a manifest of another shape would verify nothing."""
+
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path} is malformed: {what}; refusing a checkpoint it cannot vouch for.")
 
@@ -284,7 +298,11 @@ def _manifest_files(manifest: Any, path: Path) -> dict[str, dict[str, Any]]:
         raise bad(f"it holds a {type(manifest).__name__}, not a JSON object with a 'files' key")
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise bad("no 'files' object (file name -> sha256 and bytes)" if files is None else "'files' is not an object")
+        raise bad(
+            "no 'files' object (file name -> sha256 and bytes)"
+            if files is None
+            else "'files' is not an object"
+        )
     for name in REQUIRED_FILES:
         if name not in files:
             raise bad(f"'files' does not list {name}")
@@ -315,7 +333,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(ckpt: Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
+def load(
+    ckpt: Path, verified: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
     """Verified (model weights, state, optimizer state or None, rng tensors); `verified`: find() just hashed it."""
     if not verified:
         verify(ckpt)
@@ -337,7 +357,9 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
         if link.exists():
             candidates.append(link.resolve())
         elif link.is_symlink() and name == which:  # a dangling link: its checkpoint was removed
-            warnings.append(f"{link} points at {os.readlink(link)}, which is missing. Falling back to an older checkpoint.")
+            warnings.append(
+                f"{link} points at {os.readlink(link)}, which is missing. Falling back to an older checkpoint."
+            )
     candidates += [p.resolve() for p in reversed(step_dirs(run_dir))]
     seen: set[Path] = set()
     for ckpt in candidates:
@@ -350,7 +372,9 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
         except CheckpointError as e:
             warnings.append(f"{e} Falling back to an older checkpoint.")
     if not candidates:
-        raise CheckpointError(f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain train CONFIG.")
+        raise CheckpointError(
+            f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain train CONFIG."
+        )
     raise CheckpointError(f"no intact checkpoint in {run_dir}: " + " ".join(warnings))
 
 
@@ -415,8 +439,11 @@ def clean_stale(run_dir: Path) -> list[str]:
     """Remove what killed saves leave: checkpoints/.tmp-step-* and .old-step-* folders, temporary links
     and files (.last.tmp-PID, .config.yaml.tmp-PID). Only call it holding the run's lock."""
     removed = []
-    stale = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".old-step-*"),
-             *run_dir.glob(".*.tmp-*")]
+    stale = [
+        *(run_dir / "checkpoints").glob(".tmp-step-*"),
+        *(run_dir / "checkpoints").glob(".old-step-*"),
+        *run_dir.glob(".*.tmp-*"),
+    ]
     for p in stale:
         with contextlib.suppress(OSError):
             if p.is_dir() and not p.is_symlink():

@@ -25,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _fail(msg: str, code: int) -> typer.Exit:
     from seqtrain import console
 
@@ -40,7 +41,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     pass
 
@@ -49,7 +52,8 @@ def _train_epilog() -> str:
     from seqtrain.config import SECTIONS
 
     return (
-        "Config sections: top level (name, output_dir, seed), " + ", ".join(SECTIONS)
+        "Config sections: top level (name, output_dir, seed), "
+        + ", ".join(SECTIONS)
         + ". Run `seqtrain config-help` for every key with its default and meaning."
     )
 
@@ -57,8 +61,12 @@ def _train_epilog() -> str:
 @app.command(epilog=_train_epilog())
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. model.cell=gru train.lr=3e-4.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides, e.g. model.cell=gru train.lr=3e-4.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")
+    ] = False,
 ) -> None:
     """Train a model as CONFIG says: progress on screen, checkpoints and metrics in the run directory."""
     from seqtrain.config import dump_yaml, load_config
@@ -81,17 +89,26 @@ def train(
 def _out_of_memory(e: BaseException) -> BaseException:
     """A failed allocation as a message that says which settings size the memory; any other error as it was."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    if not isinstance(e, MemoryError) and not any(s in text.lower() for s in ("out of memory", "alloc", "not enough memory")):
+    if not isinstance(e, MemoryError) and not any(
+        s in text.lower() for s in ("out of memory", "alloc", "not enough memory")
+    ):
         return e
-    return _fail(f"out of memory: {text}. Make the model smaller (model.hidden_size, model.embedding_dim, model.num_layers, "
-                 "tokenizer.vocab_size) or the batches (train.batch_size, data.max_length).", 1)
+    return _fail(
+        f"out of memory: {text}. Make the model smaller (model.hidden_size, model.embedding_dim, model.num_layers, "
+        "tokenizer.vocab_size) or the batches (train.batch_size, data.max_length).",
+        1,
+    )
 
 
 @app.command(epilog=_train_epilog())
 def pretrain(
     config: Annotated[Path, typer.Argument(help="YAML config file (see configs/imdb-pretrain.yaml).")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=1000.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.max_steps=1000.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")
+    ] = False,
 ) -> None:
     """Pretrain the config's encoder as a language model on unlabeled text (the `pretrain:` section);
     fine-tune from it with `model.init_from: RUN_DIR`."""
@@ -121,13 +138,29 @@ def config_help() -> None:
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
-    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the config's eval split).")] = None,
-    data: Annotated[str | None, typer.Option(help="Evaluate on another dataset: Hub id, folder or data files.")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to evaluate (default: the config's eval split).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Evaluate on another dataset: Hub id, folder or data files.")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object to stdout.")] = False,
-    with_report: Annotated[bool, typer.Option("--report", help="Add accuracy by text length, truncation and unknown-token rates, calibration error.")] = False,
-    plots: Annotated[bool, typer.Option("--plots", help="Write confusion.png, pr.png (two classes) and calibration.png into the run directory.")] = False,
+    with_report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Add accuracy by text length, truncation and unknown-token rates, calibration error.",
+        ),
+    ] = False,
+    plots: Annotated[
+        bool,
+        typer.Option(
+            "--plots",
+            help="Write confusion.png, pr.png (two classes) and calibration.png into the run directory.",
+        ),
+    ] = False,
 ) -> None:
     """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix; writes eval-<split>.json."""
     try:
@@ -151,21 +184,47 @@ def eval_(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`, or an ONNX export folder "
-                                             "(`seqtrain export --format onnx`: runs on onnxruntime, starts without torch).")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Run directory written by `seqtrain train`, or an ONNX export folder "
+            "(`seqtrain export --format onnx`: runs on onnxruntime, starts without torch)."
+        ),
+    ],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.")] = None,
-    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin.")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="A dataset instead: Hub id, local folder or data files (with --split).")] = None,
+    input: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="A dataset instead: Hub id, local folder or data files (with --split)."),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of --data to predict.")] = "test",
     output: Annotated[str, typer.Option("--output", "-o", help="Where to write results; - is stdout.")] = "-",
-    format: Annotated[str | None, typer.Option("--format", help="jsonl or csv (default: from --output's extension, else jsonl).")] = None,
-    text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv / .parquet / dataset input.")] = "text",
-    id_column: Annotated[str, typer.Option(help="Carried through to the output when the input has it.")] = "id",
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl or csv (default: from --output's extension, else jsonl)."),
+    ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Text field in .jsonl / .csv / .parquet / dataset input.")
+    ] = "text",
+    id_column: Annotated[
+        str, typer.Option(help="Carried through to the output when the input has it.")
+    ] = "id",
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 256,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Also list the k most likely labels with their probabilities.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Binary tasks: predict the second label when its probability is at least this.")] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")
+    ] = False,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Also list the k most likely labels with their probabilities."),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Binary tasks: predict the second label when its probability is at least this."),
+    ] = None,
 ) -> None:
     """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
@@ -176,16 +235,35 @@ def predict(
         if fmt not in ("jsonl", "csv"):
             raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
         if sum(x is not None and x != [] for x in (texts, input, data)) != 1:
-            raise _fail("give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.", 2)
+            raise _fail(
+                "give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.",
+                2,
+            )
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
         if batch_size < 1 or (top_k is not None and top_k < 1):
             raise _fail(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}.", 2)
         check_output(output)
         if checkpoint != "best" and is_export_folder(run_dir):
-            raise _fail("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2)
-        predict_command(run_dir, texts, input, data, split, output, fmt, text_column, id_column, checkpoint,
-                        batch_size, strict, top_k, threshold)
+            raise _fail(
+                "--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2
+            )
+        predict_command(
+            run_dir,
+            texts,
+            input,
+            data,
+            split,
+            output,
+            fmt,
+            text_column,
+            id_column,
+            checkpoint,
+            batch_size,
+            strict,
+            top_k,
+            threshold,
+        )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 
@@ -194,37 +272,72 @@ def predict(
 def explain(
     target: Annotated[Path, typer.Argument(help="Run directory, or an ONNX export folder (occlusion only).")],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to explain.")] = None,
-    input: Annotated[str | None, typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin.")] = None,
-    label: Annotated[str | None, typer.Option(help="Explain this class's probability (default: the predicted class).")] = None,
-    method: Annotated[str, typer.Option(help="occlusion (each token made <unk>) or integrated-gradients (run directories).")] = "occlusion",
-    format: Annotated[str, typer.Option("--format", help="terminal (coloured text), jsonl (tokens with offsets and scores) or html.")] = "terminal",
+    input: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="File of texts (.txt, .jsonl, .csv, .parquet), or - for stdin."),
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Explain this class's probability (default: the predicted class).")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="occlusion (each token made <unk>) or integrated-gradients (run directories).")
+    ] = "occlusion",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="terminal (coloured text), jsonl (tokens with offsets and scores) or html."
+        ),
+    ] = "terminal",
     output: Annotated[str, typer.Option("--output", "-o", help="Where to write; - is stdout.")] = "-",
     text_column: Annotated[str, typer.Option(help="Text field in .jsonl / .csv / .parquet input.")] = "text",
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 256,
-    steps: Annotated[int, typer.Option(help="Integrated gradients: points on the path from the baseline.")] = 32,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")] = False,
+    steps: Annotated[
+        int, typer.Option(help="Integrated gradients: points on the path from the baseline.")
+    ] = 32,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop at the first malformed input line instead of skipping it.")
+    ] = False,
 ) -> None:
     """Which tokens drove each prediction: a score per token, with its character offsets in the input."""
     try:
         from seqtrain.explain import FORMATS, METHODS, explain_command
 
         if method not in METHODS or format not in FORMATS:
-            raise _fail(f"--method must be one of {', '.join(METHODS)} and --format one of {', '.join(FORMATS)}.", 2)
+            raise _fail(
+                f"--method must be one of {', '.join(METHODS)} and --format one of {', '.join(FORMATS)}.", 2
+            )
         if (texts is not None and texts != []) == (input is not None):
             raise _fail("give texts as arguments, or --input FILE (- for stdin): one of them.", 2)
         if batch_size < 1 or steps < 1:
             raise _fail("--batch-size and --steps must be at least 1.", 2)
-        explain_command(target, texts or [], input, label, method, format, output, text_column=text_column,
-                        checkpoint=checkpoint, batch_size=batch_size, steps=steps, strict=strict)
+        explain_command(
+            target,
+            texts or [],
+            input,
+            label,
+            method,
+            format,
+            output,
+            text_column=text_column,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            steps=steps,
+            strict=strict,
+        )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 
 
 @app.command()
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories (each with metrics.jsonl).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write (default: curves.png in the first run directory).")] = None,
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="One or more run directories (each with metrics.jsonl).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="PNG to write (default: curves.png in the first run directory)."),
+    ] = None,
 ) -> None:
     """Draw loss and accuracy per step, train and eval, of one or more runs on one figure."""
     try:
@@ -241,7 +354,9 @@ def plot(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "torchscript",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write (default: RUN_DIR/export).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder to write (default: RUN_DIR/export).")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
 ) -> None:
     """Export the model (inputs: padded token ids and lengths) with tokenizer.json, labels.json and export.json beside it."""
@@ -257,26 +372,50 @@ def export(
         for w in info["warnings"]:
             console.warn(w)
         diff = info["max_abs_diff"]
-        check = f"max abs difference from the eager model {diff:.2e}" if diff is not None else "not checked (onnxruntime is not installed)"
-        console.info(f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) with tokenizer.json, labels.json, "
-                     f"config.yaml and export.json; {check}")
+        check = (
+            f"max abs difference from the eager model {diff:.2e}"
+            if diff is not None
+            else "not checked (onnxruntime is not installed)"
+        )
+        console.info(
+            f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) with tokenizer.json, labels.json, "
+            f"config.yaml and export.json; {check}"
+        )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 
 
 @app.command()
 def serve(
-    target: Annotated[Path, typer.Argument(help="Run directory (torch), or an ONNX export folder (onnxruntime, no torch).")],
+    target: Annotated[
+        Path, typer.Argument(help="Run directory (torch), or an ONNX export folder (onnxruntime, no torch).")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Texts in one forward pass, from one or several requests.")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting text waits for others to join its batch "
-                                                    "(0: texts gather while the model runs; a batch takes all that wait).")] = 0.0,
-    max_queue: Annotated[int, typer.Option(help="Texts waiting for the model; a request that would exceed it gets 503 with Retry-After.")] = 1024,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Texts in one forward pass, from one or several requests.")
+    ] = 64,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            help="How long the oldest waiting text waits for others to join its batch "
+            "(0: texts gather while the model runs; a batch takes all that wait)."
+        ),
+    ] = 0.0,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            help="Texts waiting for the model; a request that would exceed it gets 503 with Retry-After."
+        ),
+    ] = 1024,
     max_texts: Annotated[int, typer.Option(help="Texts in one request; more get 413.")] = 256,
     max_bytes: Annotated[int, typer.Option(help="Bytes in one request body; more get 413.")] = 1_000_000,
-    checkpoint: Annotated[str, typer.Option(help="Which checkpoint of a run directory: best or last.")] = "best",
-    grace_s: Annotated[int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")] = 30,
+    checkpoint: Annotated[
+        str, typer.Option(help="Which checkpoint of a run directory: best or last.")
+    ] = "best",
+    grace_s: Annotated[
+        int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")
+    ] = 30,
 ) -> None:
     """Serve predictions over HTTP: POST /predict, GET /health /ready /info /metrics, and a page at / to try the model."""
     try:
@@ -284,21 +423,46 @@ def serve(
             from seqtrain.serve import ServeOptions
             from seqtrain.serve import serve as run_server
         except ImportError as e:
-            raise _fail(f"`seqtrain serve` needs the serve extra ({e.name} is not installed): pip install 'seqtrain[serve]'", 1) from None
-        run_server(target, ServeOptions(host, port, max_batch_size, max_wait_ms, max_queue, max_texts, max_bytes, checkpoint, grace_s))
+            raise _fail(
+                f"`seqtrain serve` needs the serve extra ({e.name} is not installed): pip install 'seqtrain[serve]'",
+                1,
+            ) from None
+        run_server(
+            target,
+            ServeOptions(
+                host, port, max_batch_size, max_wait_ms, max_queue, max_texts, max_bytes, checkpoint, grace_s
+            ),
+        )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
 
 
 @app.command()
 def init(
-    data: Annotated[str, typer.Argument(help="Hub id, local dataset folder, or data files (.parquet/.csv/.jsonl/.txt).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("config.yaml"),
-    text_column: Annotated[str | None, typer.Option(help="Text column (default: the string column with the longest texts).")] = None,
-    label_column: Annotated[str | None, typer.Option(help="Label column (default: a ClassLabel, a column named like label, or the one with fewest values).")] = None,
+    data: Annotated[
+        str, typer.Argument(help="Hub id, local dataset folder, or data files (.parquet/.csv/.jsonl/.txt).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path(
+        "config.yaml"
+    ),
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column (default: the string column with the longest texts).")
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Label column (default: a ClassLabel, a column named like label, or the one with fewest values)."
+        ),
+    ] = None,
     sample: Annotated[int, typer.Option(help="Training rows to read.")] = 5000,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
-    init_from: Annotated[str | None, typer.Option("--init-from", help="A `seqtrain pretrain` run directory: the config fine-tunes from its encoder, with its tokenizer and shapes.")] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="A `seqtrain pretrain` run directory: the config fine-tunes from its encoder, with its tokenizer and shapes.",
+        ),
+    ] = None,
 ) -> None:
     """Inspect a dataset (splits, columns, labels, text lengths) and write a commented starter config for it."""
     try:
@@ -315,16 +479,40 @@ def init(
 
 @app.command()
 def tune(
-    config: Annotated[Path, typer.Argument(help="YAML config to start from; each trial changes the keys of the search space.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides of CONFIG, e.g. train.epochs=2.")] = None,
-    trials: Annotated[int, typer.Option("--trials", "-n", help="Trials in the study, counting those of earlier runs.")] = 20,
+    config: Annotated[
+        Path,
+        typer.Argument(help="YAML config to start from; each trial changes the keys of the search space."),
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides of CONFIG, e.g. train.epochs=2.")
+    ] = None,
+    trials: Annotated[
+        int, typer.Option("--trials", "-n", help="Trials in the study, counting those of earlier runs.")
+    ] = 20,
     timeout: Annotated[float | None, typer.Option(help="Start no trial after this many minutes.")] = None,
-    space: Annotated[Path | None, typer.Option(help="Search space YAML: dotted keys -> distributions (default: runs/<study>/space.yaml shows it).")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in runs/<study>/study.db); postgresql:// or mysql:// for several machines.")] = None,
-    study: Annotated[str | None, typer.Option(help="Study name and folder runs/<study> (default: <name>-tune).")] = None,
-    jobs: Annotated[int, typer.Option(help="Trials at once on this machine, the cores divided between them.")] = 1,
+    space: Annotated[
+        Path | None,
+        typer.Option(
+            help="Search space YAML: dotted keys -> distributions (default: runs/<study>/space.yaml shows it)."
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL (default: sqlite in runs/<study>/study.db); postgresql:// or mysql:// for several machines."
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study name and folder runs/<study> (default: <name>-tune).")
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Trials at once on this machine, the cores divided between them.")
+    ] = 1,
     pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
-    seed: Annotated[int | None, typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process."),
+    ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:
     """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN, bad ones pruned early;
@@ -333,7 +521,21 @@ def tune(
         from seqtrain.tune import Options
         from seqtrain.tune import tune as run_tune
 
-        code = run_tune(Options(config, overrides or [], trials, timeout, space, storage, study, jobs, pruner, not no_report, seed))
+        code = run_tune(
+            Options(
+                config,
+                overrides or [],
+                trials,
+                timeout,
+                space,
+                storage,
+                study,
+                jobs,
+                pruner,
+                not no_report,
+                seed,
+            )
+        )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:

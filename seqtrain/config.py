@@ -297,7 +297,9 @@ def help_text() -> str:
             if f.name in SECTIONS:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  {(section + '.' if section else '') + f.name} ({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}")
+            lines.append(
+                f"  {(section + '.' if section else '') + f.name} ({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}"
+            )
     return "\n".join(lines)
 
 
@@ -313,7 +315,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: each key may appear once.")
+            raise ConfigError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: each key may appear once."
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -446,7 +450,9 @@ def _check_name(name: str) -> None:
     if not name.strip():
         raise ConfigError(f"name must not be empty (got {name!r}): the run directory is runs/<name>.")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ConfigError(f"name {name!r} holds control characters (a newline, a tab, ...); use a plain folder name.")
+        raise ConfigError(
+            f"name {name!r} holds control characters (a newline, a tab, ...); use a plain folder name."
+        )
     if "/" in name or "\\" in name or name.strip() in (".", ".."):
         raise ConfigError(
             f"name {name!r} must be a plain folder name (no / or \\, not . or ..): the run directory is runs/<name>. "
@@ -496,8 +502,12 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {p}.")
     if cfg.model.emd_weight < 0:
         raise ConfigError(f"model.emd_weight must be 0 or more, got {cfg.model.emd_weight}.")
-    if cfg.model.emd_weight and not (cfg.model.task == "regression" and cfg.model.regression_head == "distribution"):
-        raise ConfigError("model.emd_weight applies to model.task: regression with model.regression_head: distribution; set it to 0 or use that head.")
+    if cfg.model.emd_weight and not (
+        cfg.model.task == "regression" and cfg.model.regression_head == "distribution"
+    ):
+        raise ConfigError(
+            "model.emd_weight applies to model.task: regression with model.regression_head: distribution; set it to 0 or use that head."
+        )
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
     if cfg.train.adversarial_eps < 0:
@@ -506,13 +516,20 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}.")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip must be positive or null, got {cfg.train.grad_clip}.")
-    for key, n in {"train.eval_every": cfg.train.eval_every, "train.warmup_steps": cfg.train.warmup_steps,
-                   "data.num_workers": cfg.data.num_workers or 0}.items():
+    for key, n in {
+        "train.eval_every": cfg.train.eval_every,
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "data.num_workers": cfg.data.num_workers or 0,
+    }.items():
         if n < 0:
             raise ConfigError(f"{key} must be >= 0, got {n}.")
     if cfg.data.label_names is not None and len(set(cfg.data.label_names)) != len(cfg.data.label_names):
         raise ConfigError(f"data.label_names has duplicates: {cfg.data.label_names}.")
-    if cfg.data.label_names is not None and len(cfg.data.label_names) < 2 and cfg.model.task == "classification":
+    if (
+        cfg.data.label_names is not None
+        and len(cfg.data.label_names) < 2
+        and cfg.model.task == "classification"
+    ):
         raise ConfigError(
             f"data.label_names must name two or more classes, got {cfg.data.label_names}; remove the key (or set it to "
             "null) to take the class names from the data."
@@ -527,23 +544,36 @@ def _check_values(cfg: Config) -> None:
         )
     regression_metrics = {"mae", "rmse", "r2", "spearman"}
     if cfg.model.task == "classification" and cfg.train.monitor in regression_metrics:
-        raise ConfigError(f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss.")
+        raise ConfigError(
+            f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss."
+        )
     if cfg.model.task == "regression" and cfg.train.monitor in {"accuracy", "f1_macro"}:
-        raise ConfigError(f"train.monitor {cfg.train.monitor!r} needs classes; for regression use mae, rmse, r2, spearman or loss.")
+        raise ConfigError(
+            f"train.monitor {cfg.train.monitor!r} needs classes; for regression use mae, rmse, r2, spearman or loss."
+        )
     if cfg.model.regression_head == "distribution" and cfg.model.bounded:
-        raise ConfigError("model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target.")
+        raise ConfigError(
+            "model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target."
+        )
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
     if cfg.data.validation_split is not None:
         if not 0.0 < cfg.data.validation_split < 0.5:
             raise ConfigError(f"data.validation_split must be in (0, 0.5), got {cfg.data.validation_split}.")
         if cfg.data.eval_split == cfg.data.train_split:
-            raise ConfigError(f"data.validation_split holds out part of {cfg.data.train_split!r} under the name "
-                              f"data.eval_split, which must differ from data.train_split (e.g. eval_split: validation).")
+            raise ConfigError(
+                f"data.validation_split holds out part of {cfg.data.train_split!r} under the name "
+                f"data.eval_split, which must differ from data.train_split (e.g. eval_split: validation)."
+            )
     if not 0.0 < cfg.pretrain.heldout_fraction < 0.5:
-        raise ConfigError(f"pretrain.heldout_fraction must be in (0, 0.5), got {cfg.pretrain.heldout_fraction}.")
-    for key, n in {"pretrain.max_heldout_texts": cfg.pretrain.max_heldout_texts, "pretrain.max_length": cfg.pretrain.max_length,
-                   "pretrain.num_samples": cfg.pretrain.num_samples}.items():
+        raise ConfigError(
+            f"pretrain.heldout_fraction must be in (0, 0.5), got {cfg.pretrain.heldout_fraction}."
+        )
+    for key, n in {
+        "pretrain.max_heldout_texts": cfg.pretrain.max_heldout_texts,
+        "pretrain.max_length": cfg.pretrain.max_length,
+        "pretrain.num_samples": cfg.pretrain.num_samples,
+    }.items():
         if n < 1:
             raise ConfigError(f"{key} must be at least 1, got {n}.")
 
@@ -602,8 +632,18 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys that may differ between the first run and a --resume; everything else must match.
 RESUMABLE_CHANGES = {
-    "name", "output_dir", "train.epochs", "train.max_steps", "train.lr", "train.eval_every", "train.log_every",
-    "train.patience", "train.keep_last", "train.device", "train.num_threads", "data.max_eval_examples",
+    "name",
+    "output_dir",
+    "train.epochs",
+    "train.max_steps",
+    "train.lr",
+    "train.eval_every",
+    "train.log_every",
+    "train.patience",
+    "train.keep_last",
+    "train.device",
+    "train.num_threads",
+    "data.max_eval_examples",
 }
 
 
@@ -634,7 +674,11 @@ def check_resumable(cfg: Config) -> None:
         )
 
 
-if __name__ == "__main__":  # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
+if (
+    __name__ == "__main__"
+):  # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
     import json
 
-    Path(__file__).with_name(HELP_SNAPSHOT).write_text(json.dumps(help_snapshot(), indent=1, sort_keys=True) + "\n")
+    Path(__file__).with_name(HELP_SNAPSHOT).write_text(
+        json.dumps(help_snapshot(), indent=1, sort_keys=True) + "\n"
+    )

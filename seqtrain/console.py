@@ -56,20 +56,28 @@ class TrainProgress:
         self.progress = Progress(
             BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("ep {task.fields[epoch]} loss {task.fields[loss]:.3f} " + metric + " {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
+            TextColumn(
+                "ep {task.fields[epoch]} loss {task.fields[loss]:.3f} "
+                + metric
+                + " {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"
+            ),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(compact=True),
             console=err,
             transient=False,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch=0, loss=0.0, acc=0.0, tps=0.0)
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, epoch=0, loss=0.0, acc=0.0, tps=0.0
+        )
 
     def __enter__(self) -> TrainProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.progress.stop()
 
     def update(self, step: int, **fields: Any) -> None:
@@ -83,7 +91,9 @@ def print_eval(report: dict[str, Any], title: str) -> None:
     """Summary, per-class table and confusion matrix (classification) or error measures (regression)."""
     if report.get("task") == "regression":
         table = Table(title=title)
-        cols = ["n", "loss", "MAE", "RMSE", "R²", "Spearman"] + (["rounded accuracy"] if "accuracy_rounded" in report else [])
+        cols = ["n", "loss", "MAE", "RMSE", "R²", "Spearman"] + (
+            ["rounded accuracy"] if "accuracy_rounded" in report else []
+        )
         for col in cols:
             table.add_column(col, justify="right")
         row = [f"{report['n']:,}"] + [f"{report[k]:.4f}" for k in ("loss", "mae", "rmse", "r2", "spearman")]
@@ -94,15 +104,25 @@ def print_eval(report: dict[str, Any], title: str) -> None:
     for col in ("n", "loss", "accuracy", "precision (macro)", "recall (macro)", "F1 (macro)"):
         summary.add_column(col, justify="right")
     summary.add_row(
-        f"{report['n']:,}", f"{report['loss']:.4f}", f"{report['accuracy']:.4f}",
-        f"{report['precision_macro']:.4f}", f"{report['recall_macro']:.4f}", f"{report['f1_macro']:.4f}",
+        f"{report['n']:,}",
+        f"{report['loss']:.4f}",
+        f"{report['accuracy']:.4f}",
+        f"{report['precision_macro']:.4f}",
+        f"{report['recall_macro']:.4f}",
+        f"{report['f1_macro']:.4f}",
     )
     out.print(summary)
     per_class = Table(title="per class")
     for col in ("label", "precision", "recall", "F1", "support"):
         per_class.add_column(col, justify="right" if col != "label" else "left")
     for name, row in report["per_class"].items():
-        per_class.add_row(escape(name), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", f"{row['support']:,}")
+        per_class.add_row(
+            escape(name),
+            f"{row['precision']:.4f}",
+            f"{row['recall']:.4f}",
+            f"{row['f1']:.4f}",
+            f"{row['support']:,}",
+        )
     out.print(per_class)
     cm = Table(title="confusion matrix (rows: true, columns: predicted)")
     cm.add_column("")
@@ -111,7 +131,11 @@ def print_eval(report: dict[str, Any], title: str) -> None:
     for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
         cm.add_row(escape(name), *(f"{v:,}" for v in row))
     out.print(cm)
-    extra = {k: v for k, v in report.items() if k in ("top_k_accuracy", "unk_rate", "truncated_rate", "examples_per_sec")}
+    extra = {
+        k: v
+        for k, v in report.items()
+        if k in ("top_k_accuracy", "unk_rate", "truncated_rate", "examples_per_sec")
+    }
     if extra:
         out.print("  ".join(f"{k}: {v:.4g}" for k, v in extra.items()))
 
@@ -124,7 +148,9 @@ def print_report(report: dict[str, Any]) -> None:
     for col in ("tokens", "n", metric):
         table.add_column(col, justify="right")
     for row in rows:
-        span = f"{row['min_tokens']}-{row['max_tokens']}" + (" (incl. truncated)" if row.get("includes_truncated") else "")
+        span = f"{row['min_tokens']}-{row['max_tokens']}" + (
+            " (incl. truncated)" if row.get("includes_truncated") else ""
+        )
         table.add_row(span, f"{row['n']:,}", f"{row[metric]:.4f}")
     out.print(table)
     tr = report["truncation"]
@@ -140,7 +166,9 @@ def print_report(report: dict[str, Any]) -> None:
         print_top_words(report["top_words"])
 
 
-def print_attributions(text: str, spans: list[tuple[int, int, float]], header: str, file: IO[str] | None = None) -> None:
+def print_attributions(
+    text: str, spans: list[tuple[int, int, float]], header: str, file: IO[str] | None = None
+) -> None:
     """`seqtrain explain --format terminal`: a header line, then the text with each scored token on a
     background that is green (for the explained label) or red (against), the stronger the larger
     |score| relative to the text's largest. Written to stdout, or as plain text to `file`."""
@@ -165,8 +193,10 @@ def print_attributions(text: str, spans: list[tuple[int, int, float]], header: s
 
 def print_top_words(top: dict[str, Any]) -> None:
     """`eval --report`: per class, the words whose occlusion moves the model most toward it."""
-    table = Table(title=f"words with the largest mean {top['method']} score per class "
-                        f"(first {top['texts']:,} texts, words seen {top['min_count']}+ times)")
+    table = Table(
+        title=f"words with the largest mean {top['method']} score per class "
+        f"(first {top['texts']:,} texts, words seen {top['min_count']}+ times)"
+    )
     names = list(top["by_class"])
     for name in names:
         table.add_column(escape(name))
@@ -175,14 +205,19 @@ def print_top_words(top: dict[str, Any]) -> None:
         cells = []
         for name in names:
             rows = top["by_class"][name]
-            cells.append(escape(f"{rows[i]['word']} {rows[i]['mean']:+.3f} ({rows[i]['n']})") if i < len(rows) else "")
+            cells.append(
+                escape(f"{rows[i]['word']} {rows[i]['mean']:+.3f} ({rows[i]['n']})") if i < len(rows) else ""
+            )
         table.add_row(*cells)
     out.print(table)
 
 
 def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
     """`seqtrain init`: what was found in the dataset and where the starter config went."""
-    table = Table(title=f"{summary['path']} (first {summary['rows_read']:,} rows of {summary['split']!r})", show_header=False)
+    table = Table(
+        title=f"{summary['path']} (first {summary['rows_read']:,} rows of {summary['split']!r})",
+        show_header=False,
+    )
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("splits", escape(", ".join(summary["splits"])))
@@ -191,17 +226,24 @@ def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
     table.add_row("label column", escape(f"{summary['label_column']} ({summary['task']})"))
     if summary["task"] == "classification":
         counts = summary["label_counts"]
-        shown = ", ".join(f"{k}: {v:,}" for k, v in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
+        shown = ", ".join(f"{k}: {v:,}" for k, v in list(counts.items())[:12]) + (
+            " ..." if len(counts) > 12 else ""
+        )
         table.add_row(f"labels ({len(counts)})", escape(shown))
     w, t = summary["words"], summary["tokens"]
     table.add_row("words per text", f"p50 {w['p50']}, p90 {w['p90']}, p99 {w['p99']}, max {w['max']:,}")
     table.add_row("tokens per text", f"p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']:,}")
-    table.add_row("distinct tokens", f"{summary['distinct_tokens']:,} ({summary['distinct_tokens_min2']:,} seen twice or more)")
+    table.add_row(
+        "distinct tokens",
+        f"{summary['distinct_tokens']:,} ({summary['distinct_tokens_min2']:,} seen twice or more)",
+    )
     out.print(table)
     for note in summary.get("notes", []):
         warn(note)
-    err.print(f"wrote {escape(config_path)}: max_length {summary['max_length']}, vocab_size {summary['vocab_size']:,}. "
-              f"Train with: seqtrain train {escape(config_path)}")
+    err.print(
+        f"wrote {escape(config_path)}: max_length {summary['max_length']}, vocab_size {summary['vocab_size']:,}. "
+        f"Train with: seqtrain train {escape(config_path)}"
+    )
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -38,7 +38,14 @@ if TYPE_CHECKING:
     import datasets
     from tokenizers import Tokenizer
 
-FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".txt": "text",
+}
 
 
 # --------------------------------------------------------------------------- reading
@@ -62,8 +69,12 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
     if fraction and split in (data.train_split, data.eval_split):
         heldout = split == data.eval_split
         ds = open_split(replace(data, validation_split=None), data.train_split)
-        column = data.text_column  # a text that is not a string stays in the training part, which counts it as a bad row
-        ds = ds.filter(lambda row: (isinstance(row[column], str) and is_heldout(row[column], fraction)) == heldout)
+        column = (
+            data.text_column
+        )  # a text that is not a string stays in the training part, which counts it as a bad row
+        ds = ds.filter(
+            lambda row: (isinstance(row[column], str) and is_heldout(row[column], fraction)) == heldout
+        )
         return ds.take(limit) if limit is not None else ds
     path = data.eval_path if (split == data.eval_split and data.eval_path) else data.path
     files = _data_files(path)
@@ -71,11 +82,15 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
         if files:
             suffix = Path(files[0]).suffix.lower()
             if suffix not in FILE_BUILDERS:
-                raise DataError(f"data.path {path!r}: cannot read {suffix!r} files; use one of {', '.join(FILE_BUILDERS)}.")
+                raise DataError(
+                    f"data.path {path!r}: cannot read {suffix!r} files; use one of {', '.join(FILE_BUILDERS)}."
+                )
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
             if FILE_BUILDERS[suffix] == "csv":
                 kwargs.update(badrows.csv_options(data.on_bad_rows))
-            ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files={split: files}, split=split, streaming=True, **kwargs)
+            ds = datasets.load_dataset(
+                FILE_BUILDERS[suffix], data_files={split: files}, split=split, streaming=True, **kwargs
+            )
         elif Path(path).is_dir() or not _looks_like_hub_id(path):
             if not Path(path).exists():
                 raise DataError(
@@ -104,7 +119,9 @@ def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") <= 1 and not path.startswith((".", "/", "~"))
 
 
-def check_columns(ds: datasets.IterableDataset, data: DataConfig, split: str, need_label: bool = True) -> None:
+def check_columns(
+    ds: datasets.IterableDataset, data: DataConfig, split: str, need_label: bool = True
+) -> None:
     """Fail before training if the configured columns are not in the split."""
     columns = list(ds.column_names or (ds.features or {}).keys())
     if not columns:
@@ -141,8 +158,14 @@ def regression_labels(values: list[float], data: DataConfig, head: str = "scalar
                 "Use regression_head: scalar."
             )
     return Labels(
-        names=[data.label_column], values=support, task="regression", mean=float(arr.mean()), std=std if std > 0 else 1.0,
-        integer=integer, low=float(arr.min()), high=float(arr.max()),
+        names=[data.label_column],
+        values=support,
+        task="regression",
+        mean=float(arr.mean()),
+        std=std if std > 0 else 1.0,
+        integer=integer,
+        low=float(arr.min()),
+        high=float(arr.max()),
     )
 
 
@@ -166,7 +189,9 @@ def resolve_labels(ds: datasets.IterableDataset, data: DataConfig, seen: Iterabl
             return Labels(names=names, values=list(range(len(names))))
         bad = sorted(str(v) for v in seen_set - set(names))
         if bad:
-            raise DataError(f"label column {data.label_column!r} holds {bad[:5]}, which are not in data.label_names {names}.")
+            raise DataError(
+                f"label column {data.label_column!r} holds {bad[:5]}, which are not in data.label_names {names}."
+            )
         return Labels(names=names, values=names)
     if not seen_set:
         raise DataError(f"no labels found in column {data.label_column!r} of split {data.train_split!r}.")
@@ -189,13 +214,19 @@ def new_tokenizer(tok: TokenizerConfig) -> tuple[Tokenizer, Any]:
     if tok.kind == "word":
         tokenizer = Tokenizer(WordLevel(unk_token=UNK))
         trainer: Any = trainers.WordLevelTrainer(
-            vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, special_tokens=specials, show_progress=False
+            vocab_size=tok.vocab_size,
+            min_frequency=tok.min_frequency,
+            special_tokens=specials,
+            show_progress=False,
         )
     else:
         tokenizer = Tokenizer(BPE(unk_token=UNK, continuing_subword_prefix="##"))
         trainer = trainers.BpeTrainer(
-            vocab_size=tok.vocab_size, min_frequency=tok.min_frequency, special_tokens=specials,
-            continuing_subword_prefix="##", show_progress=False,
+            vocab_size=tok.vocab_size,
+            min_frequency=tok.min_frequency,
+            special_tokens=specials,
+            continuing_subword_prefix="##",
+            show_progress=False,
         )
     tokenizer.normalizer = normalizers.Sequence(norm)
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -213,7 +244,9 @@ class Vocab:
     chunk_rows: list[int]  # usable rows in each chunk BatchStream will read
 
 
-def bad_row_reason(text: Any, label: Any, need_label: bool = True, label_names: list[str] | None = None) -> str | None:
+def bad_row_reason(
+    text: Any, label: Any, need_label: bool = True, label_names: list[str] | None = None
+) -> str | None:
     if text is None:
         return "null text"
     if not isinstance(text, str):
@@ -264,7 +297,9 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
                     reason = bad_row_reason(text, label, label_names=None if regression else data.label_names)
                     if reason:
                         if data.on_bad_rows == "error":
-                            where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
+                            where = f"row {row - 1}" + (
+                                f" (shard {index}, row {i - 1})" if n_shards > 1 else ""
+                            )
                             raise DataError(
                                 f"split {data.train_split!r} of {data.path!r}, {where}: {reason}{f' {label!r}' * (reason == 'unknown label')}. Fix the row, or set "
                                 "data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
@@ -274,7 +309,9 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
                     if regression:
                         x = number(label)
                         if x is None:
-                            where = f"row {row - 1}" + (f" (shard {index}, row {i - 1})" if n_shards > 1 else "")
+                            where = f"row {row - 1}" + (
+                                f" (shard {index}, row {i - 1})" if n_shards > 1 else ""
+                            )
                             raise DataError(
                                 f"model.task is regression but column {data.label_column!r} holds {label!r} at {where} of split "
                                 f"{data.train_split!r}: targets must be numbers. Pick a numeric data.label_column."
@@ -296,7 +333,9 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
             for _ in texts():  # labels and row counts only
                 pass
     if count == 0:
-        raise DataError(f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'}).")
+        raise DataError(
+            f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'})."
+        )
     if regression:
         labels = regression_labels(numbers, data, cfg.model.regression_head)
         if cfg.model.bounded and not (labels.low >= 0.0 and labels.high <= 1.0):
@@ -304,11 +343,15 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
                 f"model.bounded squashes predictions into [0, 1], but column {data.label_column!r} ranges from "
                 f"{labels.low:g} to {labels.high:g}. Rescale the targets or set model.bounded: false."
             )
-        return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
+        return Vocab(
+            tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows
+        )
     labels = resolve_labels(ds, data, seen)
     labels.counts = [seen.get(v, 0) for v in labels.values]
     if len(labels.names) < 2:
-        raise DataError(f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more.")
+        raise DataError(
+            f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more."
+        )
     return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
 
 
@@ -325,16 +368,24 @@ def check_eval_split(cfg: Config, labels: Labels) -> str | None:
         for chunk in ds.select_columns([data.label_column]).iter(batch_size=data.chunk_size):
             rows += len(chunk[data.label_column])
             if labels.task != "regression":
-                unknown.update(str(v) for v in chunk[data.label_column] if v is not None and labels.target(v) is None)
+                unknown.update(
+                    str(v) for v in chunk[data.label_column] if v is not None and labels.target(v) is None
+                )
     if rows == 0 and data.validation_split:
-        raise DataError(f"data.validation_split {data.validation_split} holds out no row of {data.train_split!r}: raise it.")
+        raise DataError(
+            f"data.validation_split {data.validation_split} holds out no row of {data.train_split!r}: raise it."
+        )
     if not unknown:
         return None
-    msg = (f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only in the eval split {data.eval_split!r} "
-           f"of {badrows.split_path(data, data.eval_split)!r}, not in the training split {data.train_split!r} (labels "
-           f"{labels.names})")
+    msg = (
+        f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only in the eval split {data.eval_split!r} "
+        f"of {badrows.split_path(data, data.eval_split)!r}, not in the training split {data.train_split!r} (labels "
+        f"{labels.names})"
+    )
     if data.on_bad_rows == "error":
-        raise DataError(f"{msg}. Fix the data, or set data.on_bad_rows: skip to leave those rows out of evaluation.")
+        raise DataError(
+            f"{msg}. Fix the data, or set data.on_bad_rows: skip to leave those rows out of evaluation."
+        )
     return f"{msg}: evaluation skips those rows (data.on_bad_rows: skip)."
 
 
@@ -355,17 +406,35 @@ def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
     data = cfg.data
     sources = []
     if pre.path:
-        unlabeled = DataConfig(path=pre.path, text_column=pre.text_column, train_split=pre.split, max_length=pre.max_length,
-                               truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows)
+        unlabeled = DataConfig(
+            path=pre.path,
+            text_column=pre.text_column,
+            train_split=pre.split,
+            max_length=pre.max_length,
+            truncation="head",
+            chunk_size=data.chunk_size,
+            on_bad_rows=data.on_bad_rows,
+        )
         sources.append((unlabeled, pre.split))
     if pre.add_train_texts:
-        labelled = DataConfig(path=data.path, eval_path=data.eval_path, text_column=data.text_column, max_length=pre.max_length,
-                              truncation="head", chunk_size=data.chunk_size, on_bad_rows=data.on_bad_rows,
-                              train_split=data.train_split, eval_split=data.eval_split, validation_split=data.validation_split)
+        labelled = DataConfig(
+            path=data.path,
+            eval_path=data.eval_path,
+            text_column=data.text_column,
+            max_length=pre.max_length,
+            truncation="head",
+            chunk_size=data.chunk_size,
+            on_bad_rows=data.on_bad_rows,
+            train_split=data.train_split,
+            eval_split=data.eval_split,
+            validation_split=data.validation_split,
+        )
         sources.append((labelled, data.train_split))
     if not sources:
-        raise DataError("pretrain.path is null and pretrain.add_train_texts is false: there is no text to learn from. "
-                        "Set pretrain.path to unlabeled texts.")
+        raise DataError(
+            "pretrain.path is null and pretrain.add_train_texts is false: there is no text to learn from. "
+            "Set pretrain.path to unlabeled texts."
+        )
     return sources
 
 
@@ -407,7 +476,9 @@ def build_text_vocab(cfg: Config) -> tuple[Tokenizer, int, list[int], Counter[st
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     if count == 0:
-        raise DataError(f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows.")
+        raise DataError(
+            f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows."
+        )
     return tokenizer, count, chunk_rows, bad
 
 
@@ -421,7 +492,9 @@ def heldout_texts(cfg: Config) -> list[str]:
         taken = 0
         for chunk in ds.iter(batch_size=data.chunk_size):
             for text in chunk[data.text_column]:
-                if bad_row_reason(text, None, need_label=False) is None and is_heldout(text, cfg.pretrain.heldout_fraction):
+                if bad_row_reason(text, None, need_label=False) is None and is_heldout(
+                    text, cfg.pretrain.heldout_fraction
+                ):
                     out.append(text)
                     taken += 1
                     if taken >= per_source:
@@ -439,7 +512,9 @@ def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
-def sorted_batches(seqs: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+def sorted_batches(
+    seqs: list[list[int]], batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """encoding.sorted_batches as tensors: (row indices, ids, lengths), for eval and predict."""
     for idx, ids, lengths in encoding.sorted_batches(seqs, batch_size):
         yield idx, torch.from_numpy(ids), torch.from_numpy(lengths)
@@ -481,7 +556,13 @@ class BatchStream(torch.utils.data.IterableDataset):
         heldout: float = 0.0,
     ) -> None:
         self.data, self.split, self.tokenizer, self.labels = data, split, tokenizer, labels
-        self.batch_size, self.shuffle, self.seed, self.epoch, self.limit = batch_size, shuffle, seed, epoch, limit
+        self.batch_size, self.shuffle, self.seed, self.epoch, self.limit = (
+            batch_size,
+            shuffle,
+            seed,
+            epoch,
+            limit,
+        )
         self.resume = resume or {}  # slot -> position
         # Worker i plays slot (i + slot_offset) % workers: on resume, the slot due next becomes
         # worker 0, which the DataLoader asks first, so the round-robin order continues unchanged.
@@ -492,7 +573,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.sources = sources or [(data, split)]
         self.heldout = heldout
 
-    def _shards(self, worker: int, workers: int) -> tuple[list[datasets.IterableDataset], list[tuple[int, int]]]:
+    def _shards(
+        self, worker: int, workers: int
+    ) -> tuple[list[datasets.IterableDataset], list[tuple[int, int]]]:
         """This worker's (source, shard) pairs, in this epoch's order, and each source's dataset."""
         opened = []
         order = []
@@ -506,7 +589,9 @@ class BatchStream(torch.utils.data.IterableDataset):
                 # Whole shards per rank when they divide evenly, else every world-th row.
                 ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
             opened.append(ds)
-            order += [(source, i) for i in range(1 if self.limit else ds.n_shards)]  # a row cap reads one logical shard
+            order += [
+                (source, i) for i in range(1 if self.limit else ds.n_shards)
+            ]  # a row cap reads one logical shard
         if self.shuffle:
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         return opened, order[worker::workers]
@@ -539,14 +624,21 @@ class BatchStream(torch.utils.data.IterableDataset):
                 chunk = next(chunks, None)
                 if not chunk:
                     break
-                batches = self._chunk_batches(chunk, bad, self.sources[source][0], source * 100_000 + index, chunk_idx)
+                batches = self._chunk_batches(
+                    chunk, bad, self.sources[source][0], source * 100_000 + index, chunk_idx
+                )
                 for k, batch in enumerate(batches):
                     if k < skip:
                         continue
                     rows += len(batch["lengths"])
                     batch["position"] = {
-                        "slot": slot, "shard_pos": shard_pos, "chunk_idx": chunk_idx,
-                        "chunk_state": chunk_state, "batches_done": k + 1, "bad_rows": dict(bad), "rows": rows,
+                        "slot": slot,
+                        "shard_pos": shard_pos,
+                        "chunk_idx": chunk_idx,
+                        "chunk_state": chunk_state,
+                        "batches_done": k + 1,
+                        "bad_rows": dict(bad),
+                        "rows": rows,
                     }
                     yield batch
                 skip = 0
@@ -574,7 +666,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         texts: list[str] = []
         targets: list[float | int] = []
         column = chunk[data.text_column]
-        for text, label in zip(column, chunk[data.label_column] if self.labels else [None] * len(column), strict=True):
+        for text, label in zip(
+            column, chunk[data.label_column] if self.labels else [None] * len(column), strict=True
+        ):
             reason = bad_row_reason(text, label, self.labels is not None)
             target: float | int = -1
             if reason is None and self.heldout and is_heldout(text, self.heldout):
@@ -582,7 +676,9 @@ class BatchStream(torch.utils.data.IterableDataset):
             if reason is None and self.labels is not None:
                 found = self.labels.target(label)
                 if found is None:
-                    reason = "target that is not a number" if self.labels.task == "regression" else "unknown label"
+                    reason = (
+                        "target that is not a number" if self.labels.task == "regression" else "unknown label"
+                    )
                 else:
                     target = found
             if reason:
@@ -620,7 +716,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         for idx in cuts:
             ids, lens = pad([seqs[i] for i in idx])
             dtype = torch.float32 if self.labels and self.labels.task == "regression" else torch.long
-            out.append({"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=dtype)})
+            out.append(
+                {"ids": ids, "lengths": lens, "labels": torch.tensor([targets[i] for i in idx], dtype=dtype)}
+            )
         return out
 
 

@@ -78,7 +78,9 @@ def pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def sorted_batches(seqs: list[list[int]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def sorted_batches(
+    seqs: list[list[int]], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For eval and predict: (row indices, ids, lengths) of batches of similar length."""
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -135,7 +137,12 @@ class Labels:
         return self._index.get(value)
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"task": self.task, "names": self.names, "values": self.values, "counts": self.counts}
+        d: dict[str, Any] = {
+            "task": self.task,
+            "names": self.names,
+            "values": self.values,
+            "counts": self.counts,
+        }
         if self.task == "regression":
             d.update(mean=self.mean, std=self.std, integer=self.integer, low=self.low, high=self.high)
         return d
@@ -143,9 +150,15 @@ class Labels:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Labels:
         return cls(
-            names=list(d["names"]), values=list(d["values"]), task=d.get("task", "classification"),
-            counts=list(d.get("counts", [])), mean=d.get("mean", 0.0), std=d.get("std", 1.0),
-            integer=d.get("integer", False), low=d.get("low", 0.0), high=d.get("high", 0.0),
+            names=list(d["names"]),
+            values=list(d["values"]),
+            task=d.get("task", "classification"),
+            counts=list(d.get("counts", [])),
+            mean=d.get("mean", 0.0),
+            std=d.get("std", 1.0),
+            integer=d.get("integer", False),
+            low=d.get("low", 0.0),
+            high=d.get("high", 0.0),
         )
 
 

@@ -12,8 +12,15 @@ from seqtrain.checkpoint import write_json_atomic
 from seqtrain.inference import evaluate, load_run
 
 
-def evaluate_run(run_dir: Path, split: str | None, data: str | None, checkpoint: str, limit: int | None,
-                 with_report: bool, plots: bool) -> tuple[dict[str, Any], str]:
+def evaluate_run(
+    run_dir: Path,
+    split: str | None,
+    data: str | None,
+    checkpoint: str,
+    limit: int | None,
+    with_report: bool,
+    plots: bool,
+) -> tuple[dict[str, Any], str]:
     """Evaluate, write eval-<...>.json (and the pictures); return the report and a title for it."""
     run, warnings = load_run(run_dir, checkpoint)
     for w in warnings:
@@ -23,7 +30,17 @@ def evaluate_run(run_dir: Path, split: str | None, data: str | None, checkpoint:
     if data is not None:
         data_cfg = dataclasses.replace(data_cfg, path=data, eval_path=None, validation_split=None)
     collect = with_report or plots
-    report = evaluate(run.model, run.config, run.tokenizer, run.labels, split_name, run.device, limit, data_cfg, collect=collect)
+    report = evaluate(
+        run.model,
+        run.config,
+        run.tokenizer,
+        run.labels,
+        split_name,
+        run.device,
+        limit,
+        data_cfg,
+        collect=collect,
+    )
     arrays = report.pop("arrays", None)  # numpy, not JSON: only for the report and the plots
     if with_report and arrays is not None:
         from seqtrain.explain import top_words
@@ -34,7 +51,9 @@ def evaluate_run(run_dir: Path, split: str | None, data: str | None, checkpoint:
     if plots and arrays is not None:
         _eval_plots(run_dir, split_name if split_name != run.config.data.eval_split else None, report, arrays)
     inside = run.checkpoint.is_relative_to(run_dir.resolve())
-    report["checkpoint"] = str(run.checkpoint.relative_to(run_dir.resolve())) if inside else str(run.checkpoint)
+    report["checkpoint"] = (
+        str(run.checkpoint.relative_to(run_dir.resolve())) if inside else str(run.checkpoint)
+    )
     report["data"] = data_cfg.path
     saved = run_dir / eval_file_name(split_name, data, checkpoint, limit)
     write_json_atomic(saved, report)
@@ -57,15 +76,21 @@ def eval_file_name(split: str, data: str | None, checkpoint: str, limit: int | N
     return "-".join(parts) + ".json"
 
 
-def _eval_plots(run_dir: Path, other_split: str | None, report: dict[str, Any], arrays: dict[str, Any]) -> None:
+def _eval_plots(
+    run_dir: Path, other_split: str | None, report: dict[str, Any], arrays: dict[str, Any]
+) -> None:
     """The eval pictures; a split other than the config's eval split gets its name in the file names."""
     from seqtrain import console
 
     if report.get("task") == "regression":
-        console.warn("--plots draws classification pictures (confusion, precision-recall, calibration); this run is a regression.")
+        console.warn(
+            "--plots draws classification pictures (confusion, precision-recall, calibration); this run is a regression."
+        )
         return
     from seqtrain.plots import eval_plots
 
     suffix = f"-{other_split}" if other_split else ""
-    for path in eval_plots(run_dir, arrays["outputs"], arrays["targets"], report["confusion_matrix"], report["labels"], suffix):
+    for path in eval_plots(
+        run_dir, arrays["outputs"], arrays["targets"], report["confusion_matrix"], report["labels"], suffix
+    ):
         console.info(f"wrote {path}")

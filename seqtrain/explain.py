@@ -102,13 +102,17 @@ def encode_with_offsets(tokenizer: Tokenizer, texts: list[str], data: DataConfig
     # clipped characters after `tail_from` come from the original's tail (tail: all; head+tail: after the joining space)
     tail_from = {"tail": -1, "head+tail": data.max_length * CHARS_PER_TOKEN // 2}.get(data.truncation)
     out: list[Encoded] = []
-    for text, cut, e in zip(texts, clipped, tokenizer.encode_batch(clipped, add_special_tokens=False), strict=True):
+    for text, cut, e in zip(
+        texts, clipped, tokenizer.encode_batch(clipped, add_special_tokens=False), strict=True
+    ):
         keep = kept_positions(len(e.ids), data.max_length, data.truncation)
         shift = len(text) - len(cut)
         spans = []
         for i in keep:
             a, b = e.offsets[i]
-            spans.append((a + shift, b + shift) if shift and tail_from is not None and a > tail_from else (a, b))
+            spans.append(
+                (a + shift, b + shift) if shift and tail_from is not None and a > tail_from else (a, b)
+            )
         out.append(Encoded([e.ids[i] for i in keep] or [UNK_ID], spans))
     return out
 
@@ -116,8 +120,13 @@ def encode_with_offsets(tokenizer: Tokenizer, texts: list[str], data: DataConfig
 # --------------------------------------------------------------------------- occlusion
 
 
-def occlusion(model: Predictor, encoded: list[Encoded], batch_size: int = 256, mode: str = "unk",
-              max_rows: int = OCCLUSION_ROWS) -> tuple[np.ndarray, list[np.ndarray]]:
+def occlusion(
+    model: Predictor,
+    encoded: list[Encoded],
+    batch_size: int = 256,
+    mode: str = "unk",
+    max_rows: int = OCCLUSION_ROWS,
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """(probs (N, W), per text (n_i, W)): every output's change when token i is replaced by <unk> (mode
     "unk") or removed ("drop"): p(text) - p(text without token i). W is the number of classes, or 1
     (the regression score). Texts go in length order, so each call holds rows of similar length."""
@@ -146,7 +155,9 @@ def occlusion(model: Predictor, encoded: list[Encoded], batch_size: int = 256, m
         ids = encoded[i].ids
         rows.append(ids)
         for j in range(len(encoded[i].spans)):
-            rows.append([*ids[:j], UNK_ID, *ids[j + 1:]] if mode == "unk" else (ids[:j] + ids[j + 1 :]) or [UNK_ID])
+            rows.append(
+                [*ids[:j], UNK_ID, *ids[j + 1 :]] if mode == "unk" else (ids[:j] + ids[j + 1 :]) or [UNK_ID]
+            )
         pending.append(i)
         if len(rows) >= max_rows:
             flush()
@@ -158,8 +169,14 @@ def occlusion(model: Predictor, encoded: list[Encoded], batch_size: int = 256, m
 # --------------------------------------------------------------------------- integrated gradients
 
 
-def integrated_gradients(run: Run, encoded: list[Encoded], targets: list[int], steps: int = 32, baseline: str = "unk",
-                         max_tokens: int = IG_TOKENS) -> tuple[list[np.ndarray], np.ndarray]:
+def integrated_gradients(
+    run: Run,
+    encoded: list[Encoded],
+    targets: list[int],
+    steps: int = 32,
+    baseline: str = "unk",
+    max_tokens: int = IG_TOKENS,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """(per text (n_i,) scores, ends (N, 2)): integrated gradients of output `targets[i]` (a class
     probability, or the regression score) with respect to the embeddings, and that output at the
     text and at the baseline. Completeness: scores[i].sum() ~= ends[i, 0] - ends[i, 1]."""
@@ -184,21 +201,38 @@ def integrated_gradients(run: Run, encoded: list[Encoded], targets: list[int], s
             idx = order[start:end]
             start = end
             ids_np, lengths_np = pad([encoded[i].ids for i in idx])
-            ids, lengths = torch.from_numpy(ids_np).to(run.device), torch.from_numpy(lengths_np).to(run.device)
+            ids, lengths = (
+                torch.from_numpy(ids_np).to(run.device),
+                torch.from_numpy(lengths_np).to(run.device),
+            )
             B, T = ids.shape
             emb = model.embedding(ids).detach()  # (B, T, E)
-            real = (torch.arange(T, device=run.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
-            ref = model.embedding.weight[UNK_ID].detach() if baseline == "unk" else torch.zeros_like(emb[0, 0])
+            real = (torch.arange(T, device=run.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(
+                -1
+            )  # (B, T, 1)
+            ref = (
+                model.embedding.weight[UNK_ID].detach() if baseline == "unk" else torch.zeros_like(emb[0, 0])
+            )
             diff = torch.where(real, emb - ref, torch.zeros_like(emb))  # (B, T, E); zero at padding
             target = torch.tensor([targets[i] for i in idx], device=run.device)
-            delta = ((alphas - 1).view(1, steps, 1, 1) * diff.unsqueeze(1)).reshape(B * steps, T, -1).requires_grad_()
-            out = to_probs(model(ids.repeat_interleave(steps, 0), lengths.repeat_interleave(steps, 0), delta), run.labels, run.config)
+            delta = (
+                ((alphas - 1).view(1, steps, 1, 1) * diff.unsqueeze(1))
+                .reshape(B * steps, T, -1)
+                .requires_grad_()
+            )
+            out = to_probs(
+                model(ids.repeat_interleave(steps, 0), lengths.repeat_interleave(steps, 0), delta),
+                run.labels,
+                run.config,
+            )
             picked = out.gather(1, target.repeat_interleave(steps).unsqueeze(1)).sum()
             (grad,) = torch.autograd.grad(picked, delta)
             attr = (grad.view(B, steps, T, -1).mean(1) * diff).sum(-1).detach().cpu().numpy()  # (B, T)
             with torch.no_grad():
                 at_text = to_probs(model(ids, lengths), run.labels, run.config).gather(1, target.unsqueeze(1))
-                at_base = to_probs(model(ids, lengths, -diff), run.labels, run.config).gather(1, target.unsqueeze(1))
+                at_base = to_probs(model(ids, lengths, -diff), run.labels, run.config).gather(
+                    1, target.unsqueeze(1)
+                )
             for row, i in enumerate(idx):
                 scores[i] = attr[row, : len(encoded[i].spans)].astype(np.float32)
                 ends[i] = float(at_text[row, 0]), float(at_base[row, 0])
@@ -219,8 +253,15 @@ class Explanation:
     scores: np.ndarray  # (len(encoded.spans),)
 
 
-def explain_texts(model: Predictor, texts: list[str], method: str = "occlusion", label: int | None = None,
-                  batch_size: int = 256, steps: int = 32, ids: list[Any] | None = None) -> list[Explanation]:
+def explain_texts(
+    model: Predictor,
+    texts: list[str],
+    method: str = "occlusion",
+    label: int | None = None,
+    batch_size: int = 256,
+    steps: int = 32,
+    ids: list[Any] | None = None,
+) -> list[Explanation]:
     """Explain each text's predicted class (or output `label`), in input order."""
     encoded = encode_with_offsets(model.tokenizer, texts, model.config.data)
     if method == "occlusion":
@@ -231,7 +272,9 @@ def explain_texts(model: Predictor, texts: list[str], method: str = "occlusion",
         from seqtrain.inference import Run
 
         if not isinstance(model, Run):
-            raise ExplainError("integrated gradients needs the model's gradients: give the run directory, or use --method occlusion.")
+            raise ExplainError(
+                "integrated gradients needs the model's gradients: give the run directory, or use --method occlusion."
+            )
         probs = model.probs([e.ids for e in encoded], batch_size)
         targets = [label if label is not None else int(p.argmax()) for p in probs]
         scores = integrated_gradients(model, encoded, targets, steps)[0]
@@ -241,17 +284,28 @@ def explain_texts(model: Predictor, texts: list[str], method: str = "occlusion",
     return [Explanation(*row) for row in zip(texts, ids, probs, targets, encoded, scores, strict=True)]
 
 
-def explain_stream(model: Predictor, records: Iterable[Record], method: str, label: int | None = None,
-                   chunk: int = 512, batch_size: int = 256, steps: int = 32) -> Iterator[Explanation]:
+def explain_stream(
+    model: Predictor,
+    records: Iterable[Record],
+    method: str,
+    label: int | None = None,
+    chunk: int = 512,
+    batch_size: int = 256,
+    steps: int = 32,
+) -> Iterator[Explanation]:
     """Explanations in input order, `chunk` texts at a time (sorted by length inside each chunk)."""
     buf: list[Record] = []
     for record in records:
         buf.append(record)
         if len(buf) >= chunk:
-            yield from explain_texts(model, [t for t, _ in buf], method, label, batch_size, steps, [i for _, i in buf])
+            yield from explain_texts(
+                model, [t for t, _ in buf], method, label, batch_size, steps, [i for _, i in buf]
+            )
             buf = []
     if buf:
-        yield from explain_texts(model, [t for t, _ in buf], method, label, batch_size, steps, [i for _, i in buf])
+        yield from explain_texts(
+            model, [t for t, _ in buf], method, label, batch_size, steps, [i for _, i in buf]
+        )
 
 
 def to_record(ex: Explanation, model: Predictor, method: str) -> dict[str, Any]:
@@ -297,8 +351,10 @@ def html_block(record: dict[str, Any]) -> str:
         parts.append(html.escape(text[at : t["start"]]))
         alpha = min(1.0, abs(t["score"]) / top) * 0.75
         rgb = "0,150,0" if t["score"] >= 0 else "210,0,0"
-        parts.append(f'<span style="background: rgba({rgb},{alpha:.2f})" title="{t["score"]:+.4f}">'
-                     f"{html.escape(text[t['start'] : t['end']])}</span>")
+        parts.append(
+            f'<span style="background: rgba({rgb},{alpha:.2f})" title="{t["score"]:+.4f}">'
+            f"{html.escape(text[t['start'] : t['end']])}</span>"
+        )
         at = t["end"]
     parts.append(html.escape(text[at:]))
     return f'<div class="ex"><div class="head">{html.escape(headline(record))}</div><div class="text">{"".join(parts)}</div></div>\n'
@@ -315,7 +371,9 @@ def headline(record: dict[str, Any]) -> str:
     return f"{head}; {method}"
 
 
-def write_explanations(model: Predictor, explanations: Iterable[Explanation], sink: IO[str], fmt: str, method: str) -> tuple[int, int]:
+def write_explanations(
+    model: Predictor, explanations: Iterable[Explanation], sink: IO[str], fmt: str, method: str
+) -> tuple[int, int]:
     """Write as they come, in input order; returns (texts, tokens)."""
     from seqtrain import console
 
@@ -330,7 +388,9 @@ def write_explanations(model: Predictor, explanations: Iterable[Explanation], si
             sink.write(html_block(record))
         else:
             spans = [(t["start"], t["end"], t["score"]) for t in record["tokens"]]
-            console.print_attributions(record["text"], spans, headline(record), None if sink is sys.stdout else sink)
+            console.print_attributions(
+                record["text"], spans, headline(record), None if sink is sys.stdout else sink
+            )
         texts += 1
         tokens += len(record["tokens"])
         if texts % 64 == 0:
@@ -356,9 +416,22 @@ def load_target(target: Path, checkpoint: str) -> Predictor:
     return run
 
 
-def explain_command(target: Path, texts: list[str], input: str | None, label: str | None, method: str, fmt: str,
-                    output: str, *, text_column: str = "text", id_column: str = "id", checkpoint: str = "best",
-                    batch_size: int = 256, steps: int = 32, strict: bool = False) -> None:
+def explain_command(
+    target: Path,
+    texts: list[str],
+    input: str | None,
+    label: str | None,
+    method: str,
+    fmt: str,
+    output: str,
+    *,
+    text_column: str = "text",
+    id_column: str = "id",
+    checkpoint: str = "best",
+    batch_size: int = 256,
+    steps: int = 32,
+    strict: bool = False,
+) -> None:
     """`seqtrain explain`: read texts as `predict` does, explain each, write them in order; texts/s on stderr."""
     from seqtrain import console
     from seqtrain.predict import check_output, open_output, read_inputs
@@ -370,38 +443,62 @@ def explain_command(target: Path, texts: list[str], input: str | None, label: st
         if model.labels.task == "regression":
             raise ExplainError("--label names a class; this run is a regression (its score is explained).")
         if label not in model.labels.names:
-            raise ExplainError(f"--label {label!r} is not one of the run's labels: {', '.join(model.labels.names)}.")
+            raise ExplainError(
+                f"--label {label!r} is not one of the run's labels: {', '.join(model.labels.names)}."
+            )
         index = model.labels.names.index(label)
     from seqtrain.exported import ExportedRun
 
     if method == "integrated-gradients" and isinstance(model, ExportedRun):
-        raise ExplainError("integrated gradients needs the model's gradients: give the run directory, or use --method occlusion.")
+        raise ExplainError(
+            "integrated gradients needs the model's gradients: give the run directory, or use --method occlusion."
+        )
     bad: list[str] = []
     blank: list[int] = []
-    records = read_inputs(input, text_column, id_column, bad, strict, blank) if input is not None else ((t, None) for t in texts)
+    records = (
+        read_inputs(input, text_column, id_column, bad, strict, blank)
+        if input is not None
+        else ((t, None) for t in texts)
+    )
     started = time.perf_counter()
     sink = sys.stdout if output == "-" else open_output(output)
     try:
         chunk = 64 if input == "-" else 512  # stdin: answer sooner
-        n, tokens = write_explanations(model, explain_stream(model, records, method, index, chunk, batch_size, steps), sink, fmt, method)
+        n, tokens = write_explanations(
+            model, explain_stream(model, records, method, index, chunk, batch_size, steps), sink, fmt, method
+        )
     finally:
         if sink is not sys.stdout:
             sink.close()
     seconds = time.perf_counter() - started
     if bad:
-        console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        console.warn(
+            f"skipped {len(bad)} malformed input line(s): "
+            + "; ".join(bad[:10])
+            + (" ..." if len(bad) > 10 else "")
+        )
     if blank:
-        console.warn(f"blank input line(s) {', '.join(map(str, blank[:20]))}{' ...' if len(blank) > 20 else ''}: "
-                     "explained as empty texts (no tokens), one output line per input line.")
+        console.warn(
+            f"blank input line(s) {', '.join(map(str, blank[:20]))}{' ...' if len(blank) > 20 else ''}: "
+            "explained as empty texts (no tokens), one output line per input line."
+        )
     where = f" to {output}" if output != "-" else ""
-    console.info(f"explained {n:,} texts ({tokens:,} tokens) with {method}{where} in {seconds:.2f} s: {n / max(seconds, 1e-9):,.1f} texts/s")
+    console.info(
+        f"explained {n:,} texts ({tokens:,} tokens) with {method}{where} in {seconds:.2f} s: {n / max(seconds, 1e-9):,.1f} texts/s"
+    )
 
 
 # --------------------------------------------------------------------------- faithfulness and summaries
 
 
-def deletion_drops(model: Predictor, encoded: list[Encoded], scores: list[np.ndarray], targets: list[int],
-                   k_max: int = 10, batch_size: int = 256) -> np.ndarray:
+def deletion_drops(
+    model: Predictor,
+    encoded: list[Encoded],
+    scores: list[np.ndarray],
+    targets: list[int],
+    k_max: int = 10,
+    batch_size: int = 256,
+) -> np.ndarray:
     """(N, k_max): p_target(text) - p_target(text without its k highest-scored tokens), k = 1..k_max.
 
     The deletion test behind AOPC (Samek et al., 2017): its mean over k and texts is the area over
@@ -429,8 +526,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
-def top_words(model: Predictor, data: DataConfig, split: str, limit: int | None = None, max_texts: int = 2000,
-              max_cost: int = 4_000_000, k: int = 10, min_count: int = 5, batch_size: int = 256) -> dict[str, Any]:
+def top_words(
+    model: Predictor,
+    data: DataConfig,
+    split: str,
+    limit: int | None = None,
+    max_texts: int = 2000,
+    max_cost: int = 4_000_000,
+    k: int = 10,
+    min_count: int = 5,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """`eval --report`: per class, the words with the largest mean occlusion score toward that class
     (words seen at least `min_count` times), over the first texts of the split: at most `max_texts`,
     and no more than `max_cost` tokens fed to the model (a text of n tokens costs n(n + 1)), which
@@ -461,6 +567,13 @@ def top_words(model: Predictor, data: DataConfig, split: str, limit: int | None 
     by_class: dict[str, list[dict[str, Any]]] = {}
     for c, name in enumerate(names):
         means = sorted(((float(sums[t][c]) / counts[t], t) for t in frequent), reverse=True)[:k]
-        by_class[name] = [{"word": model.tokenizer.id_to_token(t), "mean": round(m, 6), "n": counts[t]} for m, t in means]
-    return {"texts": len(encoded), "min_count": min_count, "method": "occlusion", "by_class": by_class,
-            "seconds": round(time.perf_counter() - started, 2)}
+        by_class[name] = [
+            {"word": model.tokenizer.id_to_token(t), "mean": round(m, 6), "n": counts[t]} for m, t in means
+        ]
+    return {
+        "texts": len(encoded),
+        "min_count": min_count,
+        "method": "occlusion",
+        "by_class": by_class,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -49,7 +49,9 @@ class ExportError(SeqtrainError):
     pass
 
 
-def example_inputs(vocab_size: int, batch: int = 3, steps: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(
+    vocab_size: int, batch: int = 3, steps: int = 7, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded random ids and distinct lengths: batch and time above 1 so neither is specialised as a constant."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.linspace(steps, 1, batch).round().long().clamp(min=1)
@@ -79,7 +81,9 @@ def export_torchscript(model: WithProbs, path: Path, vocab_size: int) -> Path:
     """torch.jit.trace: the forward has no data-dependent Python branches, so the trace is the whole model."""
     ids, lengths = example_inputs(vocab_size)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings about shape-derived Python ints; the parity check covers them
+        warnings.simplefilter(
+            "ignore"
+        )  # TracerWarnings about shape-derived Python ints; the parity check covers them
         traced = torch.jit.trace(model, (ids, lengths), check_trace=False)
     traced.save(str(path))
     return path
@@ -95,7 +99,9 @@ def export_onnx(model: WithProbs, path: Path, vocab_size: int) -> Path:
     """
     missing = missing_onnx_packages()
     if missing:
-        raise ExportError(f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_HINT} (or use --format torchscript).")
+        raise ExportError(
+            f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_HINT} (or use --format torchscript)."
+        )
     ids, lengths = example_inputs(vocab_size)
     # The exporter warns about internals and deprecations; none of it concerns this model, the
     # parity check after export is what counts, and the CLI shows its own message.
@@ -106,9 +112,19 @@ def export_onnx(model: WithProbs, path: Path, vocab_size: int) -> Path:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (ids, lengths), str(path), input_names=["ids", "lengths"], output_names=["logits", "probs"],
-                dynamic_axes={"ids": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"}},
-                dynamo=False, verbose=False,
+                model,
+                (ids, lengths),
+                str(path),
+                input_names=["ids", "lengths"],
+                output_names=["logits", "probs"],
+                dynamic_axes={
+                    "ids": {0: "batch", 1: "time"},
+                    "lengths": {0: "batch"},
+                    "logits": {0: "batch"},
+                    "probs": {0: "batch"},
+                },
+                dynamo=False,
+                verbose=False,
             )
     finally:
         onnx_log.setLevel(level)
@@ -125,11 +141,15 @@ def load_exported(path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
         def run_onnx(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(["logits"], {"ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)})[0])
+            return np.asarray(
+                session.run(["logits"], {"ids": ids.astype(np.int64), "lengths": lengths.astype(np.int64)})[0]
+            )
 
         return run_onnx
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in torch 2.13, still supported
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # TorchScript is deprecated in torch 2.13, still supported
         module = torch.jit.load(str(path))
 
     def run_ts(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -162,7 +182,9 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     if fmt == "onnx" and missing_onnx_packages():  # before loading anything: fail fast
-        raise ExportError(f"ONNX export needs the package(s) {', '.join(missing_onnx_packages())}: {INSTALL_HINT}.")
+        raise ExportError(
+            f"ONNX export needs the package(s) {', '.join(missing_onnx_packages())}: {INSTALL_HINT}."
+        )
     run, load_warnings = load_run(run_dir, which, device="cpu")
     model = WithProbs(run.model.eval(), run.labels, run.config).eval()
     folder = output if output is not None else run_dir / "export"
@@ -177,7 +199,10 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
         shutil.copyfile(run_dir / name, folder / name)
     data = run.config.data
     info: dict[str, Any] = {
-        "format": fmt, "model": target.name, "seqtrain": __version__, "torch": torch.__version__,
+        "format": fmt,
+        "model": target.name,
+        "seqtrain": __version__,
+        "torch": torch.__version__,
         "checkpoint": run.checkpoint.name,
         "inputs": {
             "ids": "int64 (batch, time): token ids from tokenizer.json (add_special_tokens=False), right-padded with pad_id",
@@ -187,8 +212,11 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
             "logits": "float32 (batch, classes): the model's raw outputs",
             "probs": "float32 (batch, classes): the probabilities of labels.json's names (softmax of logits)",
         },
-        "pad_id": PAD_ID, "unk_id": UNK_ID, "empty_text": "a single unk_id",
-        "max_length": data.max_length, "truncation": data.truncation,
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "empty_text": "a single unk_id",
+        "max_length": data.max_length,
+        "truncation": data.truncation,
         "labels": run.labels.names,
     }
     if run.labels.task == "regression":

@@ -80,9 +80,13 @@ def load_exported_run(folder: Path) -> ExportedRun:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise CheckpointError(f"predicting with {folder / 'model.onnx'} needs onnxruntime: pip install 'seqtrain[export]'") from None
+        raise CheckpointError(
+            f"predicting with {folder / 'model.onnx'} needs onnxruntime: pip install 'seqtrain[export]'"
+        ) from None
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT warns about initializers it folds, which concern no one here
+    options.log_severity_level = (
+        3  # errors only: ORT warns about initializers it folds, which concern no one here
+    )
     config = from_dict(read_yaml(folder / "config.yaml"))
     # onnxruntime's CPU RNN kernel runs on one thread, whatever intra_op_num_threads says; its LSTM
     # and GRU kernels split every time step across the threads. So an RNN runs one batch per core

@@ -58,7 +58,9 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
         raise CheckpointError(f"run directory {str(run_dir)!r} does not exist.")
     for name in ("config.yaml", "tokenizer.json", "labels.json"):
         if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir / name} is missing: {run_dir} is not a complete seqtrain run directory.")
+            raise CheckpointError(
+                f"{run_dir / name} is missing: {run_dir} is not a complete seqtrain run directory."
+            )
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
     tokenizer, labels = read_run_files(run_dir)
     ckpt, warnings = checkpoint.find(run_dir, which)
@@ -67,7 +69,9 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[R
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not fit the model in config.yaml: {e}") from None
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} does not fit the model in config.yaml: {e}"
+        ) from None
     dev = pick_device(device)
     model.to(dev).eval()
     return Run(run_dir, cfg, tokenizer, labels, model, ckpt, dev), warnings
@@ -101,7 +105,9 @@ def evaluate(
     loss_sum, tokens, unk = 0.0, 0, 0
     start = time.perf_counter()
     bad: dict[str, int] = {}
-    for batch in badrows.guarded(stream, badrows.split_path(data, split), split):  # a broken file: a message, not a traceback
+    for batch in badrows.guarded(
+        stream, badrows.split_path(data, split), split
+    ):  # a broken file: a message, not a traceback
         ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
         out = model(ids, lengths)
         loss_sum += task_loss(out, y, labels, cfg, reduction="sum").item()
@@ -128,8 +134,12 @@ def evaluate(
             report["top_k"] = min(3, C - 1)
             report["top_k_accuracy"] = top_k_accuracy(out_all, y_all, report["top_k"])
     report.update(
-        loss=loss_sum / n, split=split, task=labels.task, unk_rate=unk / max(tokens, 1),
-        examples_per_sec=n / (time.perf_counter() - start), bad_rows=bad,
+        loss=loss_sum / n,
+        split=split,
+        task=labels.task,
+        unk_rate=unk / max(tokens, 1),
+        examples_per_sec=n / (time.perf_counter() - start),
+        bad_rows=bad,
     )
     if collect:
         report["arrays"] = {"outputs": out_all, "targets": y_all, "lengths": np.concatenate(lengths_all)}

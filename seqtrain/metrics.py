@@ -11,7 +11,9 @@ import numpy as np
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C) counts: rows are true classes, columns predicted."""
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def classification_report(cm: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -56,7 +58,9 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return sums[inverse] / counts[inverse]
 
 
-def regression_report(pred: np.ndarray, target: np.ndarray, integer: bool, low: float, high: float) -> dict[str, Any]:
+def regression_report(
+    pred: np.ndarray, target: np.ndarray, integer: bool, low: float, high: float
+) -> dict[str, Any]:
     """MAE, RMSE, R², Spearman; with integer targets also the accuracy of the rounded prediction."""
     err = pred - target
     var = float(((target - target.mean()) ** 2).sum())
@@ -106,7 +110,15 @@ def calibration(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict[
         if not m.any():
             continue
         acc, c = float(correct[m].mean()), float(conf[m].mean())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(m.sum()), "confidence": c, "accuracy": acc})
+        rows.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": int(m.sum()),
+                "confidence": c,
+                "accuracy": acc,
+            }
+        )
         ece += m.mean() * abs(acc - c)
     return {"bins": rows, "ece": float(ece)}
 
@@ -132,7 +144,9 @@ class MetricsLog:
             except ImportError:
                 from seqtrain.errors import ConfigError
 
-                raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'seqtrain[tensorboard]'.") from None
+                raise ConfigError(
+                    "train.tensorboard needs the tensorboard package: pip install 'seqtrain[tensorboard]'."
+                ) from None
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -148,7 +162,11 @@ class MetricsLog:
         """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
 

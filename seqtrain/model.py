@@ -78,7 +78,9 @@ class Classifier(nn.Module):
                             H = p.shape[0] // 4
                             p.data[H : 2 * H] = 1.0  # forget gate open at the start
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """ids (B, T) right-padded token ids, lengths (B,) >= 1 -> logits (B, C).
 
         delta (B, T, E), training only: added to the (dropped-out) embeddings; adversarial training
@@ -90,13 +92,17 @@ class Classifier(nn.Module):
             out = torch.sigmoid(out)  # a score in [0, 1]
         return out
 
-    def encode(self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """ids (B, T), lengths (B,) -> every step's state (B, T, directions * H): the forward direction's
         at step t has read tokens 0..t, the backward direction's has read tokens t..length-1."""
         T = ids.shape[1]
         if self.training and self.cfg.word_dropout:
             real = torch.arange(T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-            ids = ids.masked_fill((torch.rand(ids.shape, device=ids.device) < self.cfg.word_dropout) & real, UNK_ID)
+            ids = ids.masked_fill(
+                (torch.rand(ids.shape, device=ids.device) < self.cfg.word_dropout) & real, UNK_ID
+            )
         x = self.embedding_dropout(self.embedding(ids))  # (B, T, E)
         if delta is not None:
             x = x + delta
@@ -133,7 +139,9 @@ class Classifier(nn.Module):
             if self.directions == 1:
                 return last
             return torch.cat([last, x[:, 0, H:]], dim=-1)  # backward state after reading back to token 0
-        mask = (torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
+        mask = (torch.arange(T, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(
+            -1
+        )  # (B, T, 1)
         if self.cfg.pooling == "mean":
             return (x * mask).sum(1) / lengths.unsqueeze(1).to(x.dtype)
         if self.cfg.pooling == "max":
@@ -162,8 +170,13 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, vocab_size: int, softmax: str = "sampled", num_samples: int = 1024,
-        cutoffs: list[int] | None = None, init: bool = True,
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        softmax: str = "sampled",
+        num_samples: int = 1024,
+        cutoffs: list[int] | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         self.encoder = Classifier(cfg, vocab_size, 0, init)
@@ -182,11 +195,13 @@ class LanguageModel(nn.Module):
         """The training objective (what DDP wraps): see `nll`."""
         return self.nll(ids, lengths)
 
-    def targets(self, ids: torch.Tensor, lengths: torch.Tensor, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def targets(
+        self, ids: torch.Tensor, lengths: torch.Tensor, states: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For each direction, (hidden states (N, H), target ids (N,)) at every step that has a target."""
         H = self.encoder.cfg.hidden_size
         T = ids.shape[1]
-        has_next = (torch.arange(1, T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1))  # (B, T-1)
+        has_next = torch.arange(1, T, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T-1)
         # forward: the state at step t (read 0..t) predicts token t+1
         pairs = [(states[:, :-1, :H][has_next], ids[:, 1:][has_next])]
         if self.encoder.directions == 2:
@@ -207,14 +222,18 @@ class LanguageModel(nn.Module):
             elif exact or self.softmax == "full":
                 losses.append(full_softmax_nll(h, y, self.out_weight[d], self.out_bias[d]))
             else:
-                losses.append(sampled_softmax_nll(h, y, self.out_weight[d], self.out_bias[d], self.num_samples))
+                losses.append(
+                    sampled_softmax_nll(h, y, self.out_weight[d], self.out_bias[d], self.num_samples)
+                )
         total = torch.stack(losses)
         if count == 0:  # only one-token texts: keep the graph connected so backward (and DDP) still run
             total = total + 0.0 * states.sum()
         return total, count
 
 
-def full_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def full_softmax_nll(
+    h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Summed -log p(y | h) over the whole vocabulary, 4,096 positions at a time: h (N, H), weight (V, H)."""
     total = h.new_zeros(())
     for start in range(0, len(y), 4096):
@@ -223,7 +242,9 @@ def full_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bia
     return total
 
 
-def sampled_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+def sampled_softmax_nll(
+    h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int
+) -> torch.Tensor:
     """Summed sampled-softmax loss: the true word against k negatives shared by all N positions.
 
     Negatives are drawn with replacement from the log-uniform distribution P(w) = log((w+2)/(w+1)) / log(V+1);
@@ -239,7 +260,9 @@ def sampled_softmax_nll(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     true_logit = (h * weight[y]).sum(-1) + bias[y] - log_expected(y)  # (N,)
     neg_logit = torch.addmm(bias[neg], h, weight[neg].t()) - log_expected(neg)  # (N, k)
     neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
-    logits = torch.cat([true_logit.unsqueeze(1), neg_logit], dim=1).float()  # (N, 1 + k); the target is column 0
+    logits = torch.cat(
+        [true_logit.unsqueeze(1), neg_logit], dim=1
+    ).float()  # (N, 1 + k); the target is column 0
     return F.cross_entropy(logits, torch.zeros_like(y), reduction="sum")
 
 
@@ -247,7 +270,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool 
     return Classifier(cfg, vocab_size, num_classes, init)
 
 
-def load_pretrained_embeddings(model: Classifier, path: str, vocab: dict[str, int], lowercase: bool) -> tuple[int, int]:
+def load_pretrained_embeddings(
+    model: Classifier, path: str, vocab: dict[str, int], lowercase: bool
+) -> tuple[int, int]:
     """Copy vectors of vocabulary words from a GloVe / word2vec text file; returns (found, vocabulary size).
 
     The file is streamed line by line, so a multi-GB vectors file costs no more memory than the

@@ -42,7 +42,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _metric_key(records: list[dict[str, Any]]) -> str:
     """The second panel's metric: accuracy for classification runs, MAE for regression runs."""
-    return "accuracy" if any("accuracy" in r for r in records) or not any("mae" in r for r in records) else "mae"
+    return (
+        "accuracy" if any("accuracy" in r for r in records) or not any("mae" in r for r in records) else "mae"
+    )
 
 
 def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path) -> Path:
@@ -65,7 +67,14 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path) ->
             if tr:
                 ax.plot(*zip(*tr, strict=True), color=color, linewidth=1.2, alpha=0.8, label=f"{prefix}train")
             if ev:
-                ax.plot(*zip(*ev, strict=True), color=color, linestyle="--", marker="o", markersize=4, label=f"{prefix}{eval_name}")
+                ax.plot(
+                    *zip(*ev, strict=True),
+                    color=color,
+                    linestyle="--",
+                    marker="o",
+                    markersize=4,
+                    label=f"{prefix}{eval_name}",
+                )
     for ax, title in ((ax_loss, "loss"), (ax_metric, metric)):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -83,7 +92,9 @@ def plot_run_curves(run_dirs: Sequence[Path], path: Path) -> Path:
         if not records:
             from seqtrain.errors import SeqtrainError
 
-            raise SeqtrainError(f"{d / 'metrics.jsonl'} is missing or empty: is {d} a seqtrain run directory?")
+            raise SeqtrainError(
+                f"{d / 'metrics.jsonl'} is missing or empty: is {d} a seqtrain run directory?"
+            )
         runs.append((d.name or str(d), records))
     return plot_curves(runs, path)
 
@@ -96,11 +107,16 @@ def plot_pretrain_curves(run_dir: Path, path: Path) -> Path:
     heldout = [r for r in records if r.get("split") == "heldout"]
     fig, (left, right) = _figure(11, 4, cols=2)
     left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (the training objective)")
-    left.plot([r["step"] for r in heldout], [r["loss"] for r in heldout], "o--", label="held-out NLL per token")
+    left.plot(
+        [r["step"] for r in heldout], [r["loss"] for r in heldout], "o--", label="held-out NLL per token"
+    )
     left.set(title="loss", xlabel="step")
     left.legend()
-    for key, label in (("perplexity", "mean of directions"), ("perplexity_forward", "forward"),
-                       ("perplexity_backward", "backward")):
+    for key, label in (
+        ("perplexity", "mean of directions"),
+        ("perplexity_forward", "forward"),
+        ("perplexity_backward", "backward"),
+    ):
         points = [r for r in heldout if key in r]
         if points:
             right.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=label)
@@ -124,15 +140,24 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> Path:
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, label="share of the true class")
-    ax.set_xticks(range(C), labels=list(names), rotation=45 if C > 4 else 0, ha="right" if C > 4 else "center")
+    ax.set_xticks(
+        range(C), labels=list(names), rotation=45 if C > 4 else 0, ha="right" if C > 4 else "center"
+    )
     ax.set_yticks(range(C), labels=list(names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if C <= 30:  # beyond that the numbers are unreadable anyway
         for i in range(C):
             for j in range(C):
-                ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{cm[i, j]:,}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_title(f"confusion matrix (n={int(cm.sum()):,})")
     return _save(fig, path)
 
@@ -142,7 +167,12 @@ def plot_pr(probs: np.ndarray, targets: np.ndarray, names: Sequence[str], path: 
     scores, positive = probs[:, 1], targets == 1
     precision, recall, ap = precision_recall(scores, positive)
     fig, ax = _figure(5.5, 4.5)
-    ax.step(np.r_[0.0, recall], np.r_[precision[0] if len(precision) else 1.0, precision], where="post", color="C0")
+    ax.step(
+        np.r_[0.0, recall],
+        np.r_[precision[0] if len(precision) else 1.0, precision],
+        where="post",
+        color="C0",
+    )
     ax.axhline(positive.mean(), color="grey", linestyle=":", label=f"chance ({positive.mean():.2f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
@@ -161,9 +191,17 @@ def plot_calibration(probs: np.ndarray, targets: np.ndarray, path: Path, bins: i
     fig, ax = _figure(5.5, 4.5)
     width = 1.0 / bins
     mids = [(r["low"] + r["high"]) / 2 for r in cal["bins"]]
-    ax.bar(mids, [r["accuracy"] for r in cal["bins"]], width=width * 0.9, color="C0", alpha=0.8, label="accuracy")
-    ax.plot([r["confidence"] for r in cal["bins"]], [r["accuracy"] for r in cal["bins"]], "o", color="C1", markersize=4,
-            label="mean confidence")
+    ax.bar(
+        mids, [r["accuracy"] for r in cal["bins"]], width=width * 0.9, color="C0", alpha=0.8, label="accuracy"
+    )
+    ax.plot(
+        [r["confidence"] for r in cal["bins"]],
+        [r["accuracy"] for r in cal["bins"]],
+        "o",
+        color="C1",
+        markersize=4,
+        label="mean confidence",
+    )
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     for m, r in zip(mids, cal["bins"], strict=True):
         ax.text(m, 0.02, f"{r['n']:,}", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -177,8 +215,14 @@ def plot_calibration(probs: np.ndarray, targets: np.ndarray, path: Path, bins: i
     return _save(fig, path)
 
 
-def eval_plots(run_dir: Path, probs: np.ndarray, targets: np.ndarray, cm: np.ndarray, names: Sequence[str],
-               suffix: str = "") -> list[Path]:
+def eval_plots(
+    run_dir: Path,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    cm: np.ndarray,
+    names: Sequence[str],
+    suffix: str = "",
+) -> list[Path]:
     """confusion.png, pr.png (two classes only) and calibration.png in `run_dir`; returns the paths."""
     paths = [plot_confusion(cm, names, run_dir / f"confusion{suffix}.png")]
     if len(names) == 2:

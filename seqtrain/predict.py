@@ -53,7 +53,9 @@ class Predictor(Protocol):
         ...
 
 
-def predict_stream(run: Predictor, texts: Iterable[str], chunk: int = 2048, batch_size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+def predict_stream(
+    run: Predictor, texts: Iterable[str], chunk: int = 2048, batch_size: int = 256
+) -> Iterator[tuple[str, np.ndarray]]:
     """(text, probs) in input order, reading `chunk` texts at a time so output streams.
 
     A helper thread reads and tokenizes the next chunk (HF tokenizers runs outside the GIL) while
@@ -80,7 +82,9 @@ def predict_stream(run: Predictor, texts: Iterable[str], chunk: int = 2048, batc
 
 def _bad(bad: list[str], msg: str, strict: bool) -> None:
     if strict:
-        raise MalformedInput(f"{msg}. Fix the input, or drop --strict to skip such lines and predict the rest.")
+        raise MalformedInput(
+            f"{msg}. Fix the input, or drop --strict to skip such lines and predict the rest."
+        )
     bad.append(msg)
 
 
@@ -93,12 +97,20 @@ def _decoded_lines(raw: IO[bytes], bad: list[str], strict: bool) -> Iterator[tup
             _bad(bad, f"line {n}: not valid UTF-8 ({e.reason} at byte {e.start})", strict)
 
 
-def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], strict: bool = False,
-                blank: list[int] | None = None) -> Iterator[Record]:
+def read_inputs(
+    path: str,
+    text_column: str,
+    id_column: str,
+    bad: list[str],
+    strict: bool = False,
+    blank: list[int] | None = None,
+) -> Iterator[Record]:
     """Stream (text, id) from stdin (-) or a .txt, .jsonl, .csv or .parquet file."""
     suffix = Path(path).suffix.lower() if path != "-" else ".txt"
     if path != "-" and Path(path).is_dir():
-        raise SeqtrainError(f"--input {path!r} is a folder; give a file (.txt, .jsonl, .csv, .parquet) or - for stdin.")
+        raise SeqtrainError(
+            f"--input {path!r} is a folder; give a file (.txt, .jsonl, .csv, .parquet) or - for stdin."
+        )
     if path != "-" and not Path(path).is_file():
         raise SeqtrainError(f"--input {path!r} does not exist.")
     if suffix == ".parquet":
@@ -108,7 +120,9 @@ def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], str
     try:
         lines = _decoded_lines(raw, bad, strict)
         if suffix in (".csv", ".tsv"):
-            yield from _read_csv(path, lines, text_column, id_column, bad, strict, "\t" if suffix == ".tsv" else ",")
+            yield from _read_csv(
+                path, lines, text_column, id_column, bad, strict, "\t" if suffix == ".tsv" else ","
+            )
         elif suffix in (".jsonl", ".json"):
             for n, line in lines:
                 if not line.strip():
@@ -133,8 +147,15 @@ def read_inputs(path: str, text_column: str, id_column: str, bad: list[str], str
             raw.close()
 
 
-def _read_csv(path: str, lines: Iterator[tuple[int, str]], text_column: str, id_column: str, bad: list[str],
-              strict: bool, delimiter: str) -> Iterator[Record]:
+def _read_csv(
+    path: str,
+    lines: Iterator[tuple[int, str]],
+    text_column: str,
+    id_column: str,
+    bad: list[str],
+    strict: bool,
+    delimiter: str,
+) -> Iterator[Record]:
     current = [0]
 
     def text_lines() -> Iterator[str]:
@@ -144,7 +165,9 @@ def _read_csv(path: str, lines: Iterator[tuple[int, str]], text_column: str, id_
 
     reader = csv.DictReader(text_lines(), delimiter=delimiter)
     if reader.fieldnames is None or text_column not in reader.fieldnames:
-        raise SeqtrainError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column.")
+        raise SeqtrainError(
+            f"{path}: no column {text_column!r} (columns: {reader.fieldnames}); use --text-column."
+        )
     width = len(reader.fieldnames)
     for row in reader:
         fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
@@ -158,7 +181,9 @@ def _read_csv(path: str, lines: Iterator[tuple[int, str]], text_column: str, id_
         yield text, row.get(id_column)
 
 
-def _read_parquet(path: str, text_column: str, id_column: str, bad: list[str], strict: bool) -> Iterator[Record]:
+def _read_parquet(
+    path: str, text_column: str, id_column: str, bad: list[str], strict: bool
+) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(path)
@@ -178,15 +203,20 @@ def _read_parquet(path: str, text_column: str, id_column: str, bad: list[str], s
             yield text, id_
 
 
-def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_column: str,
-                 bad: list[str] | None = None) -> Iterator[Record]:
+def read_dataset(
+    data: DataConfig, path: str, split: str, text_column: str, id_column: str, bad: list[str] | None = None
+) -> Iterator[Record]:
     """Stream (text, id) from a split of a dataset, as training would read it."""
     from seqtrain.data import open_split
 
-    ds = open_split(replace(data, path=path, eval_path=None, text_column=text_column, validation_split=None), split)
+    ds = open_split(
+        replace(data, path=path, eval_path=None, text_column=text_column, validation_split=None), split
+    )
     columns = list(ds.column_names or [])
     if columns and text_column not in columns:
-        raise DataError(f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column.")
+        raise DataError(
+            f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column."
+        )
     for n, row in enumerate(badrows.guarded(ds, path, split), 1):
         text = row.get(text_column)
         if isinstance(text, str) and text.strip():
@@ -195,8 +225,9 @@ def read_dataset(data: DataConfig, path: str, split: str, text_column: str, id_c
             bad.append(f"row {n}: empty or null {text_column!r}")
 
 
-def to_record(labels: Labels, text: str, probs: np.ndarray, top_k: int | None = None,
-              threshold: float | None = None) -> dict[str, Any]:
+def to_record(
+    labels: Labels, text: str, probs: np.ndarray, top_k: int | None = None, threshold: float | None = None
+) -> dict[str, Any]:
     """What `predict` writes for one text (and `serve` answers): {"text", "label", "probs"[, "top_k"]} or {"text", "score"}."""
     names = labels.names
     record: dict[str, Any] = {"text": text}
@@ -218,9 +249,13 @@ def check_output(output: str) -> None:
         return
     path = Path(output)
     if path.is_dir():
-        raise SeqtrainError(f"--output {output!r} is a folder; give a file name, e.g. {str(path / 'predictions.jsonl')!r}.")
+        raise SeqtrainError(
+            f"--output {output!r} is a folder; give a file name, e.g. {str(path / 'predictions.jsonl')!r}."
+        )
     if not path.parent.is_dir():
-        raise SeqtrainError(f"--output {output!r}: the folder {str(path.parent)!r} does not exist; create it first.")
+        raise SeqtrainError(
+            f"--output {output!r}: the folder {str(path.parent)!r} does not exist; create it first."
+        )
 
 
 def open_output(output: str) -> IO[str]:
@@ -231,8 +266,17 @@ def open_output(output: str) -> IO[str]:
         raise SeqtrainError(f"cannot write --output {output!r}: {e.strerror or e}") from None
 
 
-def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], fmt: str, *, top_k: int | None = None,
-                      threshold: float | None = None, batch_size: int = 256, chunk: int = 2048) -> int:
+def write_predictions(
+    run: Predictor,
+    records: Iterator[Record],
+    sink: IO[str],
+    fmt: str,
+    *,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    batch_size: int = 256,
+    chunk: int = 2048,
+) -> int:
     """Predict in input order and write JSONL or CSV as results come; returns the count.
 
     Texts are read `chunk` at a time and sorted by length inside each chunk: a bigger chunk pads
@@ -261,7 +305,11 @@ def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], 
         record.update(to_record(run.labels, text, probs, top_k, threshold))
         if writer:
             row = [record["id"]] if with_id else []
-            row += [text, record["score"]] if regression else [text, record["label"], *(f"{p:.6f}" for p in probs)]
+            row += (
+                [text, record["score"]]
+                if regression
+                else [text, record["label"], *(f"{p:.6f}" for p in probs)]
+            )
             writer.writerow(row)
         else:
             sink.write(json.dumps(record) + "\n")
@@ -272,9 +320,22 @@ def write_predictions(run: Predictor, records: Iterator[Record], sink: IO[str], 
     return n
 
 
-def predict_command(run_dir: Path, texts: list[str] | None, input: str | None, data: str | None, split: str, output: str,
-                    fmt: str, text_column: str, id_column: str, checkpoint: str, batch_size: int, strict: bool,
-                    top_k: int | None, threshold: float | None) -> int:
+def predict_command(
+    run_dir: Path,
+    texts: list[str] | None,
+    input: str | None,
+    data: str | None,
+    split: str,
+    output: str,
+    fmt: str,
+    text_column: str,
+    id_column: str,
+    checkpoint: str,
+    batch_size: int,
+    strict: bool,
+    top_k: int | None,
+    threshold: float | None,
+) -> int:
     """`seqtrain predict` once its options are checked: load the run (or the export, without torch), read
     the inputs, write one result per text in order, report skipped and blank lines. Returns the count."""
     from seqtrain import console
@@ -305,15 +366,23 @@ def predict_command(run_dir: Path, texts: list[str] | None, input: str | None, d
     sink = sys.stdout if output == "-" else open_output(output)
     try:
         chunk = 4 * batch_size if input == "-" else max(2048, 4 * batch_size)  # stdin: answer sooner
-        n = write_predictions(run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk)
+        n = write_predictions(
+            run, records, sink, fmt, top_k=top_k, threshold=threshold, batch_size=batch_size, chunk=chunk
+        )
     finally:
         if sink is not sys.stdout:
             sink.close()
     if bad:
-        console.warn(f"skipped {len(bad)} malformed input line(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        console.warn(
+            f"skipped {len(bad)} malformed input line(s): "
+            + "; ".join(bad[:10])
+            + (" ..." if len(bad) > 10 else "")
+        )
     if blank:
-        console.warn(f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
-                     f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line.")
+        console.warn(
+            f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
+            f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line."
+        )
     if output != "-":
         console.info(f"wrote {n:,} predictions to {output}")
     return n

@@ -85,12 +85,20 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
     tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg)
-    steps_per_epoch = max(1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows))  # torchrun: plan_ranks
+    steps_per_epoch = max(
+        1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows)
+    )  # torchrun: plan_ranks
     names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
     run_info = {
-        "kind": KIND, "num_train_examples": rows, "steps_per_epoch": steps_per_epoch,
-        "vocab_size": tokenizer.get_vocab_size(), "bad_rows": dict(bad), "workers": workers, "world": world,
-        "sources": names, "torch": torch.__version__,
+        "kind": KIND,
+        "num_train_examples": rows,
+        "steps_per_epoch": steps_per_epoch,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "bad_rows": dict(bad),
+        "workers": workers,
+        "world": world,
+        "sources": names,
+        "torch": torch.__version__,
     }
     checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
     checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
@@ -102,13 +110,31 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     return tokenizer, run_info
 
 
-def new_stream(cfg: Config, tokenizer: Tokenizer, state: TrainState, rank: int, world: int,
-               sources: list[tuple[DataConfig, str]]) -> BatchStream:
+def new_stream(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    state: TrainState,
+    rank: int,
+    world: int,
+    sources: list[tuple[DataConfig, str]],
+) -> BatchStream:
     """The pretraining texts of `state.epoch`, from this rank's saved position, minus the held-out rows."""
     return BatchStream(
-        cfg.data, cfg.data.train_split, tokenizer, None, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-        epoch=state.epoch, limit=cfg.data.max_train_examples, resume=state.positions, slot_offset=state.next_slot,
-        rank=rank, world=world, sources=sources, heldout=cfg.pretrain.heldout_fraction,
+        cfg.data,
+        cfg.data.train_split,
+        tokenizer,
+        None,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=state.epoch,
+        limit=cfg.data.max_train_examples,
+        resume=state.positions,
+        slot_offset=state.next_slot,
+        rank=rank,
+        world=world,
+        sources=sources,
+        heldout=cfg.pretrain.heldout_fraction,
     )
 
 
@@ -143,9 +169,23 @@ class LMRun:
 
 def save(run: LMRun, best: bool, metrics: dict[str, Any]) -> None:
     """Every rank calls this; rank 0 writes checkpoints/step-N."""
-    extra = {"kind": KIND, "metrics": metrics, "model": to_dict(run.cfg)["model"], "vocab_size": run.model.vocab_size}
-    save_checkpoint(run.cfg.run_dir, run.state, run.rank, run.world, run.model, run.optimizer, extra, best=best,
-                    keep_last=run.cfg.train.keep_last)
+    extra = {
+        "kind": KIND,
+        "metrics": metrics,
+        "model": to_dict(run.cfg)["model"],
+        "vocab_size": run.model.vocab_size,
+    }
+    save_checkpoint(
+        run.cfg.run_dir,
+        run.state,
+        run.rank,
+        run.world,
+        run.model,
+        run.optimizer,
+        extra,
+        best=best,
+        keep_last=run.cfg.train.keep_last,
+    )
 
 
 def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
@@ -156,16 +196,25 @@ def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
     if run.rank == 0:
         per_direction, tokens = heldout_nll(run.model, run.heldout, run.device)
         nll = sum(per_direction) / len(per_direction)
-        metrics = {"step": state.step, "epoch": state.epoch, "split": "heldout", "loss": nll, "perplexity": math.exp(nll),
-                   "perplexity_forward": math.exp(per_direction[0]), "tokens": tokens}
+        metrics = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "split": "heldout",
+            "loss": nll,
+            "perplexity": math.exp(nll),
+            "perplexity_forward": math.exp(per_direction[0]),
+            "tokens": tokens,
+        }
         if len(per_direction) == 2:
             metrics["perplexity_backward"] = math.exp(per_direction[1])
         run.log.write(metrics)
         improved = state.best is None or nll < state.best
         if improved:
             state.best, state.best_step = nll, state.step
-        bar.log(f"step {state.step:,} epoch {state.epoch}: held-out perplexity {math.exp(nll):.1f}"
-                f"{'  (best)' if improved else ''}")
+        bar.log(
+            f"step {state.step:,} epoch {state.epoch}: held-out perplexity {math.exp(nll):.1f}"
+            f"{'  (best)' if improved else ''}"
+        )
     save(run, best=bool(broadcast(improved, run.world)), metrics=metrics)
 
 
@@ -194,7 +243,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt, verified=True)
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         run_info = json.loads((run_dir / "run.json").read_text())
-        console.info(f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})")
+        console.info(
+            f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})"
+        )
         if rank == 0:
             log.truncate_after(ckpt_state["step"])
         check_same_layout(run_dir, run_info, ckpt_state, workers, world)
@@ -221,7 +272,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     seed_everything(cfg.seed)
     pre = cfg.pretrain
     vocab_size = tokenizer.get_vocab_size()
-    model = LanguageModel(cfg.model, vocab_size, pre.softmax, pre.num_samples, pre.adaptive_cutoffs).to(device)
+    model = LanguageModel(cfg.model, vocab_size, pre.softmax, pre.num_samples, pre.adaptive_cutoffs).to(
+        device
+    )
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
@@ -237,7 +290,8 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=pre.softmax == "adaptive",  # a batch may leave a tail cluster unused
         )
     use_amp, amp_dtype, scaler = amp(device, t.precision)
@@ -272,7 +326,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     nll_sums, targets = forward(ids, lengths)  # (directions,), targets per direction
-                    loss = nll_sums.mean() / max(1, targets)  # mean NLL per target token, averaged over directions
+                    loss = nll_sums.mean() / max(
+                        1, targets
+                    )  # mean NLL per target token, averaged over directions
                 scaler.scale(loss).backward()
                 optimizer_step(model, optimizer, scaler, t.grad_clip)
                 state.advance(batch["position"], workers)
@@ -281,13 +337,28 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 window["steps"] += 1
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window["start"]
-                    tokens, loss_sum, steps = all_reduce([window["tokens"], window["loss"], window["steps"]], world)
-                    record = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_sum / steps,
-                              "lr": lr, "tokens_per_sec": tokens / elapsed, "bad_rows": bad_rows(state.positions, world)}
+                    tokens, loss_sum, steps = all_reduce(
+                        [window["tokens"], window["loss"], window["steps"]], world
+                    )
+                    record = {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "split": "train",
+                        "loss": loss_sum / steps,
+                        "lr": lr,
+                        "tokens_per_sec": tokens / elapsed,
+                        "bad_rows": bad_rows(state.positions, world),
+                    }
                     if rank == 0:
                         log.write(record)
                     shown = math.exp(state.best) if state.best is not None else 0.0
-                    bar.update(state.step, epoch=state.epoch, loss=record["loss"], acc=shown, tps=record["tokens_per_sec"])
+                    bar.update(
+                        state.step,
+                        epoch=state.epoch,
+                        loss=record["loss"],
+                        acc=shown,
+                        tps=record["tokens_per_sec"],
+                    )
                     window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
                 else:
                     bar.update(state.step)
@@ -297,7 +368,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             if not epoch_done:
                 break  # max_steps, inside the epoch
             if world > 1:
-                note_dropped_rows(run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar)
+                note_dropped_rows(
+                    run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar
+                )
             state.next_epoch()
             if not t.eval_every and state.step != state.last_eval_step:
                 state.last_eval_step = state.step
@@ -307,8 +380,12 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     finish_distributed(world)
     if rank != 0:
         return {}
-    summary = {"best_step": state.best_step, "heldout_perplexity": math.exp(state.best or 0.0),
-               "train_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    summary = {
+        "best_step": state.best_step,
+        "heldout_perplexity": math.exp(state.best or 0.0),
+        "train_seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
     checkpoint.write_json_atomic(run_dir / "pretrain-summary.json", summary)
     try:
         from seqtrain.plots import plot_pretrain_curves
@@ -316,8 +393,10 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         plot_pretrain_curves(run_dir, run_dir / "curves.png")
     except Exception as e:  # a picture is a bonus
         console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
-    console.info(f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
-                 f"fine-tune from it with model.init_from: {run_dir}")
+    console.info(
+        f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
+        f"fine-tune from it with model.init_from: {run_dir}"
+    )
     checkpoint.unlock_run_dir(run_dir)
     return summary
 
@@ -330,25 +409,33 @@ def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     that `cfg.model` and `cfg.tokenizer` match the run's. Errors name the key and both values."""
     source = Path(cfg.model.init_from or "")
     if not (source / "config.yaml").is_file() or not (source / "tokenizer.json").is_file():
-        raise ConfigError(f"model.init_from: {str(source)!r} is not a `seqtrain pretrain` run directory "
-                          "(no config.yaml and tokenizer.json there).")
+        raise ConfigError(
+            f"model.init_from: {str(source)!r} is not a `seqtrain pretrain` run directory "
+            "(no config.yaml and tokenizer.json there)."
+        )
     theirs = from_dict(read_yaml(source / "config.yaml"))
     for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional"):
         mine, other = getattr(cfg.model, key), getattr(theirs.model, key)
         if mine != other:
-            raise ConfigError(f"model.{key} is {mine!r}, but the pretrained encoder in {source} has {other!r}. "
-                              f"Set model.{key}: {other!r} (or pretrain another encoder).")
+            raise ConfigError(
+                f"model.{key} is {mine!r}, but the pretrained encoder in {source} has {other!r}. "
+                f"Set model.{key}: {other!r} (or pretrain another encoder)."
+            )
     for key in ("kind", "vocab_size", "min_frequency", "lowercase"):
         mine, other = getattr(cfg.tokenizer, key), getattr(theirs.tokenizer, key)
         if mine != other:
-            raise ConfigError(f"tokenizer.{key} is {mine!r}, but model.init_from reuses the tokenizer of {source}, built "
-                              f"with {other!r}. Set tokenizer.{key}: {other!r}.")
+            raise ConfigError(
+                f"tokenizer.{key} is {mine!r}, but model.init_from reuses the tokenizer of {source}, built "
+                f"with {other!r}. Set tokenizer.{key}: {other!r}."
+            )
     ckpt, warnings = checkpoint.find(source, "best")
     for w in warnings:
         console.warn(w)
     weights, state, _, _ = checkpoint.load(ckpt)
     if state.get("kind") != KIND:
-        raise CheckpointError(f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run.")
+        raise CheckpointError(
+            f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run."
+        )
     encoder = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
     return load_tokenizer(source / "tokenizer.json"), encoder
 
@@ -360,8 +447,10 @@ def load_encoder(model: Classifier, encoder: dict[str, torch.Tensor], source: st
         if name not in own:
             raise ConfigError(f"model.init_from: {source} holds {name}, which this model does not have.")
         if own[name].shape != tensor.shape:
-            raise ConfigError(f"model.init_from: {name} is {tuple(tensor.shape)} in {source} but "
-                              f"{tuple(own[name].shape)} here; the vocabulary or model shapes differ.")
+            raise ConfigError(
+                f"model.init_from: {name} is {tuple(tensor.shape)} in {source} but "
+                f"{tuple(own[name].shape)} here; the vocabulary or model shapes differ."
+            )
     missing = [n for n in own if n.startswith(("embedding.", "layers.")) and n not in encoder]
     if missing:
         raise ConfigError(f"model.init_from: {source} lacks {', '.join(missing[:3])}.")

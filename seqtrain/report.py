@@ -20,8 +20,13 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-def length_buckets(lengths: np.ndarray, correct: np.ndarray, buckets: int = 4, max_length: int | None = None,
-                   regression: bool = False) -> list[dict[str, Any]]:
+def length_buckets(
+    lengths: np.ndarray,
+    correct: np.ndarray,
+    buckets: int = 4,
+    max_length: int | None = None,
+    regression: bool = False,
+) -> list[dict[str, Any]]:
     """Rows split at quantiles of token length; per bucket: range, n, and accuracy (or mean abs error).
 
     `correct` is 1/0 per row for classification, the absolute error for regression. Lengths are
@@ -53,20 +58,32 @@ def truncation_stats(tokenizer: Tokenizer, data: DataConfig, split: str, limit: 
     budget = data.max_length * CHARS_PER_TOKEN
     lengths: list[int] = []
     for chunk in ds.iter(batch_size=1024):
-        texts = [t[:budget] for t in chunk[data.text_column] if bad_row_reason(t, None, need_label=False) is None]
+        texts = [
+            t[:budget] for t in chunk[data.text_column] if bad_row_reason(t, None, need_label=False) is None
+        ]
         lengths.extend(len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False))
     arr = np.asarray(lengths or [0])
     p50, p90, p99 = (int(v) for v in np.percentile(arr, [50, 90, 99]))
     return {
         "max_length": data.max_length,
         "truncated_rate": float((arr > data.max_length).mean()),
-        "tokens_p50": p50, "tokens_p90": p90, "tokens_p99": p99,
-        "tokens_max": int(arr.max()), "note": f"token lengths before truncation (capped at {budget:,} characters)",
+        "tokens_p50": p50,
+        "tokens_p90": p90,
+        "tokens_p99": p99,
+        "tokens_max": int(arr.max()),
+        "note": f"token lengths before truncation (capped at {budget:,} characters)",
     }
 
 
-def build_report(arrays: dict[str, np.ndarray], eval_report: dict[str, Any], tokenizer: Tokenizer, data: DataConfig,
-                 split: str, limit: int | None, buckets: int = 4) -> dict[str, Any]:
+def build_report(
+    arrays: dict[str, np.ndarray],
+    eval_report: dict[str, Any],
+    tokenizer: Tokenizer,
+    data: DataConfig,
+    split: str,
+    limit: int | None,
+    buckets: int = 4,
+) -> dict[str, Any]:
     """The `report` entry of eval JSON, from `evaluate(..., collect=True)`'s arrays."""
     outputs, targets, lengths = arrays["outputs"], arrays["targets"], arrays["lengths"]
     regression = eval_report.get("task") == "regression"

@@ -117,19 +117,24 @@ def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> boo
     counts = all_gather(stream.count(), world, setup=True)
     rows, batches = [c[0] for c in counts], [c[1] for c in counts]
     if min(batches) == 0:
-        raise SeqtrainError(f"rank {batches.index(0)} of {world} gets no training rows (rows per rank: {rows}). Use fewer "
-                            "processes, or split the training data into more files.")
+        raise SeqtrainError(
+            f"rank {batches.index(0)} of {world} gets no training rows (rows per rank: {rows}). Use fewer "
+            "processes, or split the training data into more files."
+        )
     run_info.update(steps_per_epoch=min(batches), rank_rows=rows, rank_batches=batches, rows_dropped={})
     if max(batches) > min(batches):
-        console.warn(f"uneven parts under torchrun: batches per epoch by rank {batches} (rows {rows}). Each epoch runs "
-                     f"{min(batches)} steps, where the smallest part ends; the other ranks' remaining "
-                     f"{sum(batches) - world * min(batches)} batches are not trained in that epoch. Files (shards) in a "
-                     "number divisible by the processes, of similar sizes, avoid that.")
+        console.warn(
+            f"uneven parts under torchrun: batches per epoch by rank {batches} (rows {rows}). Each epoch runs "
+            f"{min(batches)} steps, where the smallest part ends; the other ranks' remaining "
+            f"{sum(batches) - world * min(batches)} batches are not trained in that epoch. Files (shards) in a "
+            "number divisible by the processes, of similar sizes, avoid that."
+        )
     return True
 
 
-def note_dropped_rows(run_info: dict[str, Any], epoch: int, trained: int, rank: int, run_dir: Path,
-                      bar: console.TrainProgress) -> None:
+def note_dropped_rows(
+    run_info: dict[str, Any], epoch: int, trained: int, rank: int, run_dir: Path, bar: console.TrainProgress
+) -> None:
     """torchrun, at an epoch's end: how many of the epoch's rows were not trained (uneven parts), in run.json."""
     total = sum(run_info.get("rank_rows", []))
     if rank != 0 or not total or total == trained:
@@ -138,8 +143,10 @@ def note_dropped_rows(run_info: dict[str, Any], epoch: int, trained: int, rank: 
     from seqtrain import checkpoint
 
     checkpoint.write_json_atomic(run_dir / "run.json", run_info)
-    bar.log(f"epoch {epoch}: {total - trained:,} of {total:,} training rows were not trained (uneven parts across ranks; "
-            "run.json has rows_dropped per epoch)")
+    bar.log(
+        f"epoch {epoch}: {total - trained:,} of {total:,} training rows were not trained (uneven parts across ranks; "
+        "run.json has rows_dropped per epoch)"
+    )
 
 
 def epoch_rows(positions: dict[str, Any], world: int) -> int:
@@ -201,11 +208,16 @@ def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: i
     """This rank's generators from what `all_rng_states` saved (a checkpoint without them: rank 0's)."""
     if rank > 0 and len(state.get("ranks", [])) >= rank:
         prefix = f"rank{rank}."
-        state, tensors = state["ranks"][rank - 1], {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        state, tensors = (
+            state["ranks"][rank - 1],
+            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+        )
     set_rng_state(state, tensors)
 
 
-def check_same_layout(run_dir: Path, run_info: dict[str, Any], saved: dict[str, Any], workers: int, world: int) -> None:
+def check_same_layout(
+    run_dir: Path, run_info: dict[str, Any], saved: dict[str, Any], workers: int, world: int
+) -> None:
     """A resume needs the data workers and processes the run had: each one's stream position is saved."""
     if run_info.get("workers") is not None and run_info["workers"] != workers:
         raise ConfigError(
@@ -219,7 +231,9 @@ def check_same_layout(run_dir: Path, run_info: dict[str, Any], saved: dict[str, 
         )
 
 
-def next_batch(loader: Iterator[dict[str, Any]], stop: StopSignals, world: int) -> tuple[dict[str, Any] | None, bool]:
+def next_batch(
+    loader: Iterator[dict[str, Any]], stop: StopSignals, world: int
+) -> tuple[dict[str, Any] | None, bool]:
     """The next batch, or None when this or any rank ran out (the epoch ends at the same step for all, so no
     rank waits forever in an all-reduce); and whether a stop signal reached any rank (all stop)."""
     batch = next(loader, None)
@@ -230,13 +244,26 @@ def next_batch(loader: Iterator[dict[str, Any]], stop: StopSignals, world: int) 
 def interrupted(stop: StopSignals, step: int, command: str, config_path: str) -> Interrupted:
     """What a loop raises after saving last/ on a stop signal."""
     signum = stop.signum or signal.SIGTERM
-    return Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}; last/ is saved. Resume with: "
-                       f"seqtrain {command} {config_path} --resume", signum)
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name} at step {step}; last/ is saved. Resume with: "
+        f"seqtrain {command} {config_path} --resume",
+        signum,
+    )
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, rank: int, world: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, extra: dict[str, Any], *, best: bool, keep_last: int,
-                    train_model: torch.nn.Module | None = None) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    rank: int,
+    world: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    *,
+    best: bool,
+    keep_last: int,
+    train_model: torch.nn.Module | None = None,
+) -> None:
     """Every rank calls this (it gathers each rank's stream position and generators); rank 0 writes."""
     from seqtrain import checkpoint
 
@@ -244,10 +271,24 @@ def save_checkpoint(run_dir: Path, state: TrainState, rank: int, world: int, mod
     rng_json, rng_tensors = all_rng_states(world)
     if rank != 0:
         return
-    checkpoint.save(run_dir, state.step, model, optimizer, {
-        "step": state.step, "epoch": state.epoch, "train_state": asdict(state), "ranks": ranks, "rng": rng_json,
-        "_rng_tensors": rng_tensors, **extra,
-    }, best=best, keep_last=keep_last, train_model=train_model)
+    checkpoint.save(
+        run_dir,
+        state.step,
+        model,
+        optimizer,
+        {
+            "step": state.step,
+            "epoch": state.epoch,
+            "train_state": asdict(state),
+            "ranks": ranks,
+            "rng": rng_json,
+            "_rng_tensors": rng_tensors,
+            **extra,
+        },
+        best=best,
+        keep_last=keep_last,
+        train_model=train_model,
+    )
 
 
 def amp(device: torch.device, precision: str) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
@@ -272,7 +313,9 @@ class StopSignals:
         self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 

@@ -75,7 +75,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the one chosen is printed)
     max_batch_size: int = 64  # texts in one forward pass
-    max_wait_ms: float = 0.0  # how long the oldest waiting text may wait for others to join its batch (0: none;
+    max_wait_ms: float = (
+        0.0  # how long the oldest waiting text may wait for others to join its batch (0: none;
+    )
     # texts still gather while the model runs, and a batch takes all that wait when it is free)
     max_queue: int = 1024  # texts waiting for the model; a request that would overflow it gets 503
     max_texts: int = 256  # texts in one request; more: 413
@@ -89,12 +91,20 @@ class ServeOptions:
         problems = [
             (not 0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}."),
             (self.max_batch_size < 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}."),
-            (not 0 <= self.max_wait_ms <= 10_000, f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}."),
+            (
+                not 0 <= self.max_wait_ms <= 10_000,
+                f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}.",
+            ),
             (self.max_texts < 1, f"--max-texts must be at least 1, got {self.max_texts}."),
-            (self.max_queue < self.max_texts,
-             f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), or a full-size request could never fit."),
+            (
+                self.max_queue < self.max_texts,
+                f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), or a full-size request could never fit.",
+            ),
             (self.max_bytes < 16, f"--max-bytes must be at least 16, got {self.max_bytes}."),
-            (self.checkpoint not in ("best", "last"), f"--checkpoint must be 'best' or 'last', got {self.checkpoint!r}."),
+            (
+                self.checkpoint not in ("best", "last"),
+                f"--checkpoint must be 'best' or 'last', got {self.checkpoint!r}.",
+            ),
             (self.grace_s < 0, f"--grace-s must be at least 0, got {self.grace_s}."),
         ]
         for bad, message in problems:
@@ -122,7 +132,9 @@ def load_target(target: Path, checkpoint: str = "best") -> tuple[Predictor, list
 
         return load_run(target, checkpoint)
     if checkpoint != "best":
-        raise ConfigError("--checkpoint picks a checkpoint of a run directory; an export folder holds one model.")
+        raise ConfigError(
+            "--checkpoint picks a checkpoint of a run directory; an export folder holds one model."
+        )
     return load_exported_run(target), []
 
 
@@ -141,10 +153,16 @@ def describe(run: Predictor, target: Path, opts: ServeOptions) -> dict[str, Any]
             versions[package] = version(package)
     data = run.config.data
     return {
-        "target": str(target), "backend": backend, "task": run.labels.task, "labels": run.labels.names,
-        "checkpoint": name, "step": int(step.group(1)) if step else None,
-        "max_length": data.max_length, "truncation": data.truncation,
-        "limits": {k: v for k, v in asdict(opts).items() if k.startswith("max_")}, "versions": versions,
+        "target": str(target),
+        "backend": backend,
+        "task": run.labels.task,
+        "labels": run.labels.names,
+        "checkpoint": name,
+        "step": int(step.group(1)) if step else None,
+        "max_length": data.max_length,
+        "truncation": data.truncation,
+        "limits": {k: v for k, v in asdict(opts).items() if k.startswith("max_")},
+        "versions": versions,
     }
 
 
@@ -157,11 +175,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("seqtrain_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("seqtrain_request_seconds", "Time from request to response, by endpoint.", ["endpoint"], registry=r,
-                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
-        self.batch = Histogram("seqtrain_batch_texts", "Texts in each forward pass (micro-batch size).", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.requests = Counter(
+            "seqtrain_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "seqtrain_request_seconds",
+            "Time from request to response, by endpoint.",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+        )
+        self.batch = Histogram(
+            "seqtrain_batch_texts",
+            "Texts in each forward pass (micro-batch size).",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
         self.queue = Gauge("seqtrain_queue_texts", "Texts waiting for the model.", registry=r)
         self.texts = Counter("seqtrain_texts", "Texts predicted.", registry=r)
 
@@ -216,15 +248,24 @@ class Batcher:
     closing: bool = False
     ready: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="seqtrain-serve"))
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="seqtrain-serve")
+    )
 
     def admit(self, n: int) -> None:
         """503 unless `n` more texts fit in the queue."""
         if self.closing or not self.ready:
-            raise ApiError(503, "the server is " + ("shutting down." if self.closing else "starting."), {"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "the server is " + ("shutting down." if self.closing else "starting."),
+                {"Retry-After": "1"},
+            )
         if (queued := self.waiting + self.explaining) + n > self.opts.max_queue:
-            raise ApiError(503, f"the queue is full ({queued} of {self.opts.max_queue} texts waiting); retry shortly.",
-                           {"Retry-After": "1"})
+            raise ApiError(
+                503,
+                f"the queue is full ({queued} of {self.opts.max_queue} texts waiting); retry shortly.",
+                {"Retry-After": "1"},
+            )
 
     def submit(self, texts: list[str], top_k: int | None) -> asyncio.Future[list[str]]:
         """Queue a request's texts; its future gets one JSON line per text, in order."""
@@ -245,7 +286,9 @@ class Batcher:
 
     async def warm_up(self) -> None:
         """One forward pass before /ready says yes: the first real request pays no lazy initialisation."""
-        await asyncio.get_running_loop().run_in_executor(self.pool, lambda: list(predict_stream(self.run, ["warm up"])))
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: list(predict_stream(self.run, ["warm up"]))
+        )
         self.ready = True
 
     async def loop(self) -> None:
@@ -257,7 +300,11 @@ class Batcher:
                 await self.wake.wait()
                 continue
             deadline = self.jobs[0].arrived + self.opts.max_wait_ms / 1000
-            while self.waiting < self.opts.max_batch_size and not self.closing and (left := deadline - loop.time()) > 0:
+            while (
+                self.waiting < self.opts.max_batch_size
+                and not self.closing
+                and (left := deadline - loop.time()) > 0
+            ):
                 self.wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), left)
@@ -308,8 +355,12 @@ class Batcher:
         rows = iter(predict_stream(self.run, texts, chunk=len(texts), batch_size=self.opts.max_batch_size))
         out = []
         for job in batch:
-            out.append([json.dumps(to_record(self.run.labels, text, probs, job.top_k)) for text, probs in
-                        (next(rows) for _ in job.texts)])
+            out.append(
+                [
+                    json.dumps(to_record(self.run.labels, text, probs, job.top_k))
+                    for text, probs in (next(rows) for _ in job.texts)
+                ]
+            )
         self.metrics.texts.inc(len(texts))
         return out
 
@@ -319,7 +370,10 @@ class Batcher:
         from seqtrain import explain
 
         def run() -> list[str]:
-            return [json.dumps(explain.to_record(ex, self.run, "occlusion")) for ex in explain.explain_texts(self.run, texts)]
+            return [
+                json.dumps(explain.to_record(ex, self.run, "occlusion"))
+                for ex in explain.explain_texts(self.run, texts)
+            ]
 
         self.admit(len(texts))
         self._count(len(texts), explain=True)
@@ -342,7 +396,9 @@ class Batcher:
 async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"the request body has {int(declared):,} bytes; the limit is {max_bytes:,} (--max-bytes).")
+        raise ApiError(
+            413, f"the request body has {int(declared):,} bytes; the limit is {max_bytes:,} (--max-bytes)."
+        )
     chunks, size = [], 0
     async for chunk in request.stream():  # a chunked body without Content-Length is cut off at the limit too
         size += len(chunk)
@@ -382,7 +438,9 @@ def parse_request(body: bytes, max_texts: int) -> tuple[list[str], int | None, b
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not valid Unicode.") from None
+            raise ApiError(
+                400, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not valid Unicode."
+            ) from None
     top_k = obj.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ApiError(422, f"'top_k' must be a positive integer, got {json.dumps(top_k)}.")
@@ -391,13 +449,22 @@ def parse_request(body: bytes, max_texts: int) -> tuple[list[str], int | None, b
 
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, for messages."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return names.get(type(value), "null")
 
 
 def json_lines(lines: list[str], single: bool, key: str) -> Response:
     """{"text": ...} gets its line itself; {"texts": [...]} gets {key: [lines]}."""
-    return Response(lines[0] if single else f'{{"{key}": [' + ", ".join(lines) + "]}", media_type="application/json")
+    return Response(
+        lines[0] if single else f'{{"{key}": [' + ", ".join(lines) + "]}", media_type="application/json"
+    )
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -436,12 +503,18 @@ def create_app(run: Predictor, opts: ServeOptions, target: Path) -> FastAPI:
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(422, str(e.errors()))
 
-    @app.post("/predict", summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` writes')
+    @app.post(
+        "/predict",
+        summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` writes',
+    )
     async def predict(request: Request) -> Response:
         texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
         return json_lines(await request.app.state.batcher.submit(texts, top_k), single, "predictions")
 
-    @app.post("/explain", summary='{"texts": [...]} or {"text": "..."}: the lines `seqtrain explain --format jsonl` writes')
+    @app.post(
+        "/explain",
+        summary='{"texts": [...]} or {"text": "..."}: the lines `seqtrain explain --format jsonl` writes',
+    )
     async def explain(request: Request) -> Response:
         texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
         if top_k is not None:
@@ -513,8 +586,16 @@ def listen(host: str, port: int) -> socket.socket:
 def make_server(run: Predictor, opts: ServeOptions, target: Path, **uvicorn_config: Any) -> Server:
     """uvicorn on the app; its parser and event loop are the fastest installed (httptools, uvloop) unless given."""
     app = create_app(run, opts, target)
-    return Server(uvicorn.Config(app, log_level=opts.log_level, access_log=False, lifespan="on",
-                                 timeout_graceful_shutdown=opts.grace_s, **uvicorn_config))
+    return Server(
+        uvicorn.Config(
+            app,
+            log_level=opts.log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=opts.grace_s,
+            **uvicorn_config,
+        )
+    )
 
 
 def serve(target: Path, opts: ServeOptions) -> None:

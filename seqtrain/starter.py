@@ -21,7 +21,19 @@ from seqtrain.errors import DataError
 COMMON_SPLITS = ["train", "validation", "valid", "dev", "test"]
 EVAL_PREFERENCE = ["validation", "valid", "dev"]  # never test: without these, part of train is held out
 VALIDATION_SPLIT = 0.1  # data.validation_split written when the data has no validation split
-LABEL_NAMES = ["label", "labels", "sentiment", "target", "class", "category", "polarity", "rating", "stars", "score", "y"]
+LABEL_NAMES = [
+    "label",
+    "labels",
+    "sentiment",
+    "target",
+    "class",
+    "category",
+    "polarity",
+    "rating",
+    "stars",
+    "score",
+    "y",
+]
 MAX_CLASSES = 100  # more distinct values than this in a non-float column: not a label column
 
 
@@ -85,7 +97,9 @@ def _guess_text_column(columns: dict[str, list[Any]]) -> str | None:
     return best
 
 
-def _guess_label_column(columns: dict[str, list[Any]], features: dict[str, Any], text_column: str) -> str | None:
+def _guess_label_column(
+    columns: dict[str, list[Any]], features: dict[str, Any], text_column: str
+) -> str | None:
     """A ClassLabel column, else a usual label name, else the column with fewest distinct values (2..100)."""
     others = [c for c in columns if c != text_column]
     for c in others:
@@ -122,8 +136,9 @@ def _nice_ceil(x: float, step: int) -> int:
     return int(math.ceil(x / step) * step)
 
 
-def inspect_dataset(path: str, text_column: str | None = None, label_column: str | None = None,
-                    sample: int = 5000) -> dict[str, Any]:
+def inspect_dataset(
+    path: str, text_column: str | None = None, label_column: str | None = None, sample: int = 5000
+) -> dict[str, Any]:
     """Splits, columns, guessed text and label columns, labels, and text lengths from a sample of the training split."""
     from tokenizers import normalizers, pre_tokenizers
 
@@ -141,13 +156,19 @@ def inspect_dataset(path: str, text_column: str | None = None, label_column: str
     rows = len(next(iter(columns.values())))
     for key, col in (("--text-column", text_column), ("--label-column", label_column)):
         if col is not None and col not in columns:
-            raise DataError(f"{key} {col!r} is not a column of {path!r}; its columns are: {', '.join(columns)}.")
+            raise DataError(
+                f"{key} {col!r} is not a column of {path!r}; its columns are: {', '.join(columns)}."
+            )
     text_col = text_column or _guess_text_column(columns)
     if text_col is None:
-        raise DataError(f"no column of {path!r} holds strings ({', '.join(columns)}); name it with --text-column.")
+        raise DataError(
+            f"no column of {path!r} holds strings ({', '.join(columns)}); name it with --text-column."
+        )
     label_col = label_column or _guess_label_column(columns, features, text_col)
     if label_col is None or label_col == text_col:
-        raise DataError(f"cannot tell which column of {path!r} holds the labels ({', '.join(columns)}); name it with --label-column.")
+        raise DataError(
+            f"cannot tell which column of {path!r} holds the labels ({', '.join(columns)}); name it with --label-column."
+        )
 
     # Count tokens the way the word tokenizer will (normalize, lowercase, split words and punctuation).
     norm = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -182,26 +203,45 @@ def inspect_dataset(path: str, text_column: str | None = None, label_column: str
     max_length = max(16, _nice_ceil(tok["p90"], 16))
     notes = []
     if eval_split is None:
-        notes.append(f"no validation split in {splits}: the config holds out {VALIDATION_SPLIT:.0%} of {train_split!r} "
-                     "(data.validation_split) to evaluate on; a test split is read only by `seqtrain eval --split test`.")
+        notes.append(
+            f"no validation split in {splits}: the config holds out {VALIDATION_SPLIT:.0%} of {train_split!r} "
+            "(data.validation_split) to evaluate on; a test split is read only by `seqtrain eval --split test`."
+        )
     if not regression and len(label_counts) < 2:
-        notes.append(f"column {label_col!r} holds a single value in the sample: a classifier needs two or more labels.")
+        notes.append(
+            f"column {label_col!r} holds a single value in the sample: a classifier needs two or more labels."
+        )
     if not regression and label_counts:
         most, least = max(label_counts.values()), min(label_counts.values())
         if most > 5 * least:
-            notes.append(f"labels are imbalanced ({most:,} vs {least:,} rows in the sample): the config sets train.class_weights: balanced.")
+            notes.append(
+                f"labels are imbalanced ({most:,} vs {least:,} rows in the sample): the config sets train.class_weights: balanced."
+            )
     return {
-        "path": path, "splits": splits, "split": train_split, "train_split": train_split,
-        "eval_split": eval_split or "validation", "validation_split": None if eval_split else VALIDATION_SPLIT,
-        "rows_read": rows, "whole_split": whole_split,
+        "path": path,
+        "splits": splits,
+        "split": train_split,
+        "train_split": train_split,
+        "eval_split": eval_split or "validation",
+        "validation_split": None if eval_split else VALIDATION_SPLIT,
+        "rows_read": rows,
+        "whole_split": whole_split,
         "columns": {c: _type_name(features.get(c), columns[c][:100]) for c in columns},
-        "text_column": text_col, "label_column": label_col, "task": "regression" if regression else "classification",
-        "label_counts": label_counts, "class_names": class_names,
+        "text_column": text_col,
+        "label_column": label_col,
+        "task": "regression" if regression else "classification",
+        "label_counts": label_counts,
+        "class_names": class_names,
         "label_values": _sorted_values(labels) if not regression else [],
         "text_column_guessed": text_column is None,
-        "words": _percentiles(words), "tokens": tok, "distinct_tokens": len(vocab), "distinct_tokens_min2": seen_twice,
-        "max_length": max_length, "truncation": "head+tail" if tok["p99"] > 2 * max_length else "head",
-        "vocab_size": vocab_size, "notes": notes,
+        "words": _percentiles(words),
+        "tokens": tok,
+        "distinct_tokens": len(vocab),
+        "distinct_tokens_min2": seen_twice,
+        "max_length": max_length,
+        "truncation": "head+tail" if tok["p99"] > 2 * max_length else "head",
+        "vocab_size": vocab_size,
+        "notes": notes,
         "imbalanced": any("imbalanced" in n for n in notes),
     }
 
@@ -216,7 +256,9 @@ def _line(code: str, comment: str = "") -> str:
     return (f"{code:<29} # {comment}" if comment else code) + "\n"
 
 
-def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pretrained: dict[str, Any] | None = None) -> str:
+def starter_yaml(
+    s: dict[str, Any], name: str, init_from: str | None = None, pretrained: dict[str, Any] | None = None
+) -> str:
     """The commented config; every value comes from the dataset summary or a sensible default. With
     `init_from`, the tokenizer and the encoder's shapes are the pretrained run's (`pretrained`, its config)."""
     w, t = s["words"], s["tokens"]
@@ -230,14 +272,20 @@ def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pre
         _line("seed: 0"),
         _line("data:"),
         _line(f"  path: {_scalar(s['path'])}"),
-        _line(f"  text_column: {_scalar(s['text_column'])}", "the string column with the longest texts"
-              if s["text_column_guessed"] else ""),
+        _line(
+            f"  text_column: {_scalar(s['text_column'])}",
+            "the string column with the longest texts" if s["text_column_guessed"] else "",
+        ),
         _line(f"  label_column: {_scalar(s['label_column'])}"),
     ]
     if regression:
-        lines.append("  # the labels are numbers with fractions or many values: the model regresses them (model.task)\n")
+        lines.append(
+            "  # the labels are numbers with fractions or many values: the model regresses them (model.task)\n"
+        )
     elif s["class_names"]:
-        lines.append(f"  # the labels are a ClassLabel feature; its names are used: {_scalar(list(s['class_names']))}\n")
+        lines.append(
+            f"  # the labels are a ClassLabel feature; its names are used: {_scalar(list(s['class_names']))}\n"
+        )
     else:
         values = s["label_values"]
         more = " ..." if len(values) > 20 else ""
@@ -247,24 +295,56 @@ def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pre
         ]
     lines += [
         _line(f"  train_split: {_scalar(s['train_split'])}"),
-        *([_line(f"  validation_split: {s['validation_split']}", f"no validation split: {s['validation_split']:.0%} of "
-                 f"{s['train_split']} (by a hash of each text) is held out and evaluated")] if s.get("validation_split") else []),
-        _line(f"  eval_split: {_scalar(s['eval_split'])}", f"splits found: {', '.join(s['splits'])}"
-              + ("; the held-out part's name (test is read only by `seqtrain eval --split test`)" if s.get("validation_split") else "")),
-        _line(f"  max_length: {s['max_length']}", f"tokens; about 90% of texts fit (p90 {t['p90']}), longer ones are cut"),
-        _line(f"  truncation: {s['truncation']}", "long tail: keep the start and the end of long texts"
-              if s["truncation"] == "head+tail" else "keep the first max_length tokens"),
+        *(
+            [
+                _line(
+                    f"  validation_split: {s['validation_split']}",
+                    f"no validation split: {s['validation_split']:.0%} of "
+                    f"{s['train_split']} (by a hash of each text) is held out and evaluated",
+                )
+            ]
+            if s.get("validation_split")
+            else []
+        ),
+        _line(
+            f"  eval_split: {_scalar(s['eval_split'])}",
+            f"splits found: {', '.join(s['splits'])}"
+            + (
+                "; the held-out part's name (test is read only by `seqtrain eval --split test`)"
+                if s.get("validation_split")
+                else ""
+            ),
+        ),
+        _line(
+            f"  max_length: {s['max_length']}",
+            f"tokens; about 90% of texts fit (p90 {t['p90']}), longer ones are cut",
+        ),
+        _line(
+            f"  truncation: {s['truncation']}",
+            "long tail: keep the start and the end of long texts"
+            if s["truncation"] == "head+tail"
+            else "keep the first max_length tokens",
+        ),
         _line("  on_bad_rows: skip", "count and skip empty texts and missing labels instead of stopping"),
-        _line("tokenizer:", f"the pretrained run's: {init_from} (model.init_from reuses its tokenizer)" if init_from else ""),
+        _line(
+            "tokenizer:",
+            f"the pretrained run's: {init_from} (model.init_from reuses its tokenizer)" if init_from else "",
+        ),
     ]
     if pretrained is not None:
         tok = pretrained["tokenizer"]
-        lines += [_line(f"  {key}: {_scalar(tok[key])}") for key in ("kind", "vocab_size", "min_frequency", "lowercase")]
+        lines += [
+            _line(f"  {key}: {_scalar(tok[key])}")
+            for key in ("kind", "vocab_size", "min_frequency", "lowercase")
+        ]
     else:
         lines += [
             _line("  kind: word", "or bpe: subwords, so rare and misspelt words are not <unk>"),
-            _line(f"  vocab_size: {s['vocab_size']}", f"{s['distinct_tokens_min2']:,} tokens seen twice or more in the sample"
-                  + ("" if s["whole_split"] else ", more in the whole split")),
+            _line(
+                f"  vocab_size: {s['vocab_size']}",
+                f"{s['distinct_tokens_min2']:,} tokens seen twice or more in the sample"
+                + ("" if s["whole_split"] else ", more in the whole split"),
+            ),
             _line("  min_frequency: 2", "rarer tokens become <unk>"),
             _line("  lowercase: true"),
         ]
@@ -273,9 +353,16 @@ def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pre
         lines.append(_line("  task: regression"))
     if pretrained is not None:
         model = pretrained["model"]
-        lines.append(_line(f"  init_from: {_scalar(init_from)}", "start the embeddings and recurrent layers from it"))
-        lines += [_line(f"  {key}: {_scalar(model[key])}", "the pretrained encoder's; must match it" if key == "cell" else "")
-                  for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional")]
+        lines.append(
+            _line(f"  init_from: {_scalar(init_from)}", "start the embeddings and recurrent layers from it")
+        )
+        lines += [
+            _line(
+                f"  {key}: {_scalar(model[key])}",
+                "the pretrained encoder's; must match it" if key == "cell" else "",
+            )
+            for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional")
+        ]
     else:
         lines += [
             _line("  cell: lstm", "rnn | lstm | gru"),
@@ -302,8 +389,15 @@ def starter_yaml(s: dict[str, Any], name: str, init_from: str | None = None, pre
     return "".join(lines)
 
 
-def write_starter(path: str, output: Path, text_column: str | None = None, label_column: str | None = None,
-                  sample: int = 5000, force: bool = False, init_from: str | None = None) -> dict[str, Any]:
+def write_starter(
+    path: str,
+    output: Path,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    sample: int = 5000,
+    force: bool = False,
+    init_from: str | None = None,
+) -> dict[str, Any]:
     """Inspect `path`, write the starter config to `output` (never over an existing file unless `force`).
     `init_from`: a `seqtrain pretrain` run directory to fine-tune from (its tokenizer and shapes)."""
     if output.exists() and not force:
@@ -312,8 +406,10 @@ def write_starter(path: str, output: Path, text_column: str | None = None, label
     if init_from is not None:
         run_config = Path(init_from) / "config.yaml"
         if not run_config.is_file() or not (Path(init_from) / "tokenizer.json").is_file():
-            raise DataError(f"--init-from {init_from!r} is not a `seqtrain pretrain` run directory (no config.yaml and "
-                            "tokenizer.json there).")
+            raise DataError(
+                f"--init-from {init_from!r} is not a `seqtrain pretrain` run directory (no config.yaml and "
+                "tokenizer.json there)."
+            )
         pretrained = yaml.safe_load(run_config.read_text())
     summary = inspect_dataset(path, text_column, label_column, sample)
     name = Path(path.rstrip("/")).stem.replace(" ", "-") or "run"

@@ -61,7 +61,10 @@ if TYPE_CHECKING:
 
 def example_hashes(ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     """A short hash of each row's real token ids."""
-    return [hashlib.blake2b(row[:n].numpy().tobytes(), digest_size=8).hexdigest() for row, n in zip(ids, lengths.tolist(), strict=True)]
+    return [
+        hashlib.blake2b(row[:n].numpy().tobytes(), digest_size=8).hexdigest()
+        for row, n in zip(ids, lengths.tolist(), strict=True)
+    ]
 
 
 def truncate_trace(path: Path, step: int) -> None:
@@ -85,7 +88,9 @@ class Run:
     run_info: dict[str, Any]
     log: MetricsLog
     model: Classifier  # the weights that train
-    forward: torch.nn.Module  # `model`, or its DistributedDataParallel wrapper (backward all-reduces the gradients)
+    forward: (
+        torch.nn.Module
+    )  # `model`, or its DistributedDataParallel wrapper (backward all-reduces the gradients)
     ema: Classifier | None  # train.ema_decay: the moving average, evaluated and saved as model.safetensors
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -101,7 +106,11 @@ class Run:
 
     @property
     def monitor(self) -> str:
-        return self.cfg.train.monitor if self.cfg.train.monitor != "auto" else ("mae" if self.regression else "accuracy")
+        return (
+            self.cfg.train.monitor
+            if self.cfg.train.monitor != "auto"
+            else ("mae" if self.regression else "accuracy")
+        )
 
     @property
     def inference_model(self) -> Classifier:
@@ -132,7 +141,9 @@ class TrainWindow:
     n: float = 0
     unk: float = 0
 
-    def add(self, batch: dict[str, Any], loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, run: Run) -> None:
+    def add(
+        self, batch: dict[str, Any], loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, run: Run
+    ) -> None:
         self.tokens += int(batch["lengths"].sum())
         self.padded += batch["ids"].numel()
         self.unk += int((batch["ids"] == UNK_ID).sum())
@@ -151,10 +162,16 @@ class TrainWindow:
             for key, value in zip(keys, all_reduce([getattr(self, k) for k in keys], run.world), strict=True):
                 setattr(self, key, value)
         return {
-            "step": run.state.step, "epoch": run.state.epoch, "split": "train", "loss": self.loss / self.n,
-            ("mae" if run.regression else "accuracy"): self.correct / self.n, "lr": lr,
-            "tokens_per_sec": self.tokens / elapsed, "padding": 1 - self.tokens / self.padded,
-            "data_wait": self.wait / elapsed, "unk_rate": self.unk / max(1, self.tokens),
+            "step": run.state.step,
+            "epoch": run.state.epoch,
+            "split": "train",
+            "loss": self.loss / self.n,
+            ("mae" if run.regression else "accuracy"): self.correct / self.n,
+            "lr": lr,
+            "tokens_per_sec": self.tokens / elapsed,
+            "padding": 1 - self.tokens / self.padded,
+            "data_wait": self.wait / elapsed,
+            "unk_rate": self.unk / max(1, self.tokens),
             "bad_rows": bad_rows(run.state.positions, run.world),
         }
 
@@ -181,7 +198,9 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
     return eps * g / torch.sqrt((g * g).sum(dim=(1, 2), keepdim=True) + 1e-6)
 
 
-def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tuple[Tokenizer, Labels, dict[str, Any]]:
+def prepare_run(
+    cfg: Config, workers: int, world: int, config_path: str
+) -> tuple[Tokenizer, Labels, dict[str, Any]]:
     """A fresh run: refuse to overwrite one, stream the training split once, write the run's files."""
     t, run_dir = cfg.train, cfg.run_dir
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -198,10 +217,16 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     # Under DDP each rank counts its own part after this (runtime.plan_ranks) and the epoch is the smallest.
     steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows))
     run_info = {
-        "num_train_examples": vocab.num_examples, "steps_per_epoch": steps_per_epoch,
-        "vocab_size": tokenizer.get_vocab_size(), "labels": labels.names, "bad_rows": dict(vocab.bad_rows),
-        "workers": workers, "world": world,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "num_train_examples": vocab.num_examples,
+        "steps_per_epoch": steps_per_epoch,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "labels": labels.names,
+        "bad_rows": dict(vocab.bad_rows),
+        "workers": workers,
+        "world": world,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
     }
     checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
     checkpoint.write_json_atomic(run_dir / "labels.json", labels.to_json())
@@ -216,8 +241,9 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     return tokenizer, labels, run_info
 
 
-def open_run(cfg: Config, resume: bool, config_path: str, rank: int, world: int, workers: int,
-             log: MetricsLog) -> tuple[Tokenizer, Labels, dict[str, Any], Resumed | None]:
+def open_run(
+    cfg: Config, resume: bool, config_path: str, rank: int, world: int, workers: int, log: MetricsLog
+) -> tuple[Tokenizer, Labels, dict[str, Any], Resumed | None]:
     """Resume: the run's files and the checkpoint to continue from. Fresh: rank 0 builds the vocabulary
     and writes the run's files while the other ranks wait, then they read them."""
     run_dir = cfg.run_dir
@@ -229,7 +255,9 @@ def open_run(cfg: Config, resume: bool, config_path: str, rank: int, world: int,
         saved = Resumed(ckpt, *checkpoint.load(ckpt, verified=True))  # find() verified it
         tokenizer, labels = read_run_files(run_dir)
         run_info = json.loads((run_dir / "run.json").read_text())
-        console.info(f"resuming {run_dir} from {ckpt.name} (step {saved.state['step']}, epoch {saved.state['epoch']})")
+        console.info(
+            f"resuming {run_dir} from {ckpt.name} (step {saved.state['step']}, epoch {saved.state['epoch']})"
+        )
         if rank == 0:
             log.truncate_after(saved.state["step"])
             truncate_trace(run_dir / "trained-examples.tsv", saved.state["step"])
@@ -248,17 +276,32 @@ def open_run(cfg: Config, resume: bool, config_path: str, rank: int, world: int,
             broadcast(str(e), world, setup=True)
             raise
         broadcast(None, world, setup=True)
-    if plan_ranks(train_stream(cfg, tokenizer, labels, TrainState(), rank, world), world, run_info) and rank == 0:
+    if (
+        plan_ranks(train_stream(cfg, tokenizer, labels, TrainState(), rank, world), world, run_info)
+        and rank == 0
+    ):
         checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     return tokenizer, labels, run_info, None
 
 
-def train_stream(cfg: Config, tokenizer: Tokenizer, labels: Labels, state: TrainState, rank: int, world: int) -> BatchStream:
+def train_stream(
+    cfg: Config, tokenizer: Tokenizer, labels: Labels, state: TrainState, rank: int, world: int
+) -> BatchStream:
     """The training split for `state.epoch`, from this rank's saved position."""
     return BatchStream(
-        cfg.data, cfg.data.train_split, tokenizer, labels, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-        epoch=state.epoch, limit=cfg.data.max_train_examples, resume=state.positions, slot_offset=state.next_slot,
-        rank=rank, world=world,
+        cfg.data,
+        cfg.data.train_split,
+        tokenizer,
+        labels,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=state.epoch,
+        limit=cfg.data.max_train_examples,
+        resume=state.positions,
+        slot_offset=state.next_slot,
+        rank=rank,
+        world=world,
     )
 
 
@@ -275,7 +318,9 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
         for name in checkpoint.lock_run_dir(run_dir, fresh=not resume):
             console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None)
+    log = MetricsLog(
+        run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None
+    )
     workers = resolve_workers(cfg.data.num_workers)
     tokenizer, labels, run_info, saved = open_run(cfg, resume, config_path, rank, world, workers, log)
 
@@ -289,8 +334,10 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
     if t.warmup_steps > total_steps:
-        console.warn(f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): the learning rate "
-                     f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}.")
+        console.warn(
+            f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): the learning rate "
+            f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}."
+        )
     state, ema_weights = TrainState(world=world), None
     if saved is not None:
         weights = saved.weights
@@ -318,22 +365,50 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
         f"{torch.get_num_threads()} threads, {workers} data workers; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
-    return Run(cfg, config_path, rank, world, device, workers, tokenizer, labels, run_info, log, model, forward, ema,
-               optimizer, scaler, use_amp, amp_dtype, class_weights, total_steps, state)
+    return Run(
+        cfg,
+        config_path,
+        rank,
+        world,
+        device,
+        workers,
+        tokenizer,
+        labels,
+        run_info,
+        log,
+        model,
+        forward,
+        ema,
+        optimizer,
+        scaler,
+        use_amp,
+        amp_dtype,
+        class_weights,
+        total_steps,
+        state,
+    )
 
 
-def start_from_pretrained(cfg: Config, model: Classifier, tokenizer: Tokenizer, run_info: dict[str, Any], rank: int) -> None:
+def start_from_pretrained(
+    cfg: Config, model: Classifier, tokenizer: Tokenizer, run_info: dict[str, Any], rank: int
+) -> None:
     """A fresh run's model.pretrained_embeddings (word vectors) and model.init_from (a pretrained encoder)."""
     if cfg.model.pretrained_embeddings:
-        found, size = load_pretrained_embeddings(model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase)
-        console.info(f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)")
+        found, size = load_pretrained_embeddings(
+            model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase
+        )
+        console.info(
+            f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)"
+        )
         run_info["embedding_coverage"] = found / size
         if rank == 0:
             checkpoint.write_json_atomic(cfg.run_dir / "run.json", run_info)
     if cfg.model.init_from:
         _, encoder = init_from_pretrained(cfg)
         load_encoder(model, encoder, cfg.model.init_from)
-        console.info(f"encoder (embeddings and recurrent layers) from {cfg.model.init_from}; the head starts fresh")
+        console.info(
+            f"encoder (embeddings and recurrent layers) from {cfg.model.init_from}; the head starts fresh"
+        )
 
 
 def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -357,7 +432,9 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
     if delta is not None and delta.grad is not None:
         r_adv = adversarial_perturbation(delta.grad, t.adversarial_eps)  # (B, T, E)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
-            adv_loss = task_loss(run.forward(ids, lengths, r_adv), y, run.labels, cfg, class_weights=run.class_weights)
+            adv_loss = task_loss(
+                run.forward(ids, lengths, r_adv), y, run.labels, cfg, class_weights=run.class_weights
+            )
         run.scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
     optimizer_step(run.model, run.optimizer, run.scaler, t.grad_clip)
     if run.ema is not None and t.ema_decay:
@@ -368,25 +445,62 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
 def save(run: Run, reports: dict[int, dict[str, Any]], best: bool) -> None:
     """Every rank calls this; rank 0 writes checkpoints/step-N with this step's evaluation, if any."""
     metrics = {k: v for k, v in reports.get(run.state.step, {}).items() if k != "arrays"}
-    extra = {"metrics": metrics, "model": to_dict(run.cfg)["model"], "vocab_size": run.tokenizer.get_vocab_size(),
-             "labels": run.labels.names}
-    save_checkpoint(run.cfg.run_dir, run.state, run.rank, run.world, run.inference_model, run.optimizer, extra, best=best,
-                    keep_last=run.cfg.train.keep_last, train_model=run.model if run.ema is not None else None)
+    extra = {
+        "metrics": metrics,
+        "model": to_dict(run.cfg)["model"],
+        "vocab_size": run.tokenizer.get_vocab_size(),
+        "labels": run.labels.names,
+    }
+    save_checkpoint(
+        run.cfg.run_dir,
+        run.state,
+        run.rank,
+        run.world,
+        run.inference_model,
+        run.optimizer,
+        extra,
+        best=best,
+        keep_last=run.cfg.train.keep_last,
+        train_model=run.model if run.ema is not None else None,
+    )
 
 
-def evaluate_and_save(run: Run, reports: dict[int, dict[str, Any]], bar: console.TrainProgress,
-                      should_stop: Callable[[int, dict[str, Any]], bool] | None) -> bool:
+def evaluate_and_save(
+    run: Run,
+    reports: dict[int, dict[str, Any]],
+    bar: console.TrainProgress,
+    should_stop: Callable[[int, dict[str, Any]], bool] | None,
+) -> bool:
     """Rank 0 evaluates and logs, every rank takes part in the checkpoint; True when the run should stop
     (early stopping, or `should_stop(step, report)`: a caller's verdict, `seqtrain tune`'s pruner)."""
     cfg, t, state = run.cfg, run.cfg.train, run.state
     if run.rank != 0:
         save(run, reports, best=False)
         return bool(broadcast(None, run.world))
-    report = evaluate(run.inference_model, cfg, run.tokenizer, run.labels, cfg.data.eval_split, run.device, cfg.data.max_eval_examples)
+    report = evaluate(
+        run.inference_model,
+        cfg,
+        run.tokenizer,
+        run.labels,
+        cfg.data.eval_split,
+        run.device,
+        cfg.data.max_eval_examples,
+    )
     reports[state.step] = report
-    keys = ("mae", "rmse", "r2", "spearman", "accuracy_rounded") if run.regression else ("accuracy", "f1_macro", "top_k_accuracy")
-    run.log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split, "loss": report["loss"],
-                   **{k: report[k] for k in keys if k in report}})
+    keys = (
+        ("mae", "rmse", "r2", "spearman", "accuracy_rounded")
+        if run.regression
+        else ("accuracy", "f1_macro", "top_k_accuracy")
+    )
+    run.log.write(
+        {
+            "step": state.step,
+            "epoch": state.epoch,
+            "split": cfg.data.eval_split,
+            "loss": report["loss"],
+            **{k: report[k] for k in keys if k in report},
+        }
+    )
     value = report[run.monitor]
     improved = is_better(run.monitor, value, state.best)
     if improved:
@@ -395,14 +509,20 @@ def evaluate_and_save(run: Run, reports: dict[int, dict[str, Any]], bar: console
         state.bad_evals += 1
     save(run, reports, best=improved)
     shown = " ".join(f"{k} {report[k]:.4f}" for k in keys[:4] if k in report)
-    bar.log(f"step {state.step:,} epoch {state.epoch}: {cfg.data.eval_split} loss {report['loss']:.4f} {shown}"
-            f"{'  (best)' if improved else ''}")
+    bar.log(
+        f"step {state.step:,} epoch {state.epoch}: {cfg.data.eval_split} loss {report['loss']:.4f} {shown}"
+        f"{'  (best)' if improved else ''}"
+    )
     stop_now = should_stop is not None and should_stop(state.step, report)
     return bool(broadcast((t.patience is not None and state.bad_evals >= t.patience) or stop_now, run.world))
 
 
-def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
-          should_stop: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    resume: bool = False,
+    config_path: str = "CONFIG",
+    should_stop: Callable[[int, dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
     """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
     started = time.perf_counter()
     run = setup(cfg, resume, config_path)
@@ -412,9 +532,16 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
     window = TrainWindow()
     run.model.train()
     # Ctrl-C / SIGTERM / SIGHUP on any rank: finish the step, save last/, exit non-zero
-    with StopSignals() as stop, console.TrainProgress(run.total_steps, state.step, "mae" if run.regression else "acc") as bar:
+    with (
+        StopSignals() as stop,
+        console.TrainProgress(run.total_steps, state.step, "mae" if run.regression else "acc") as bar,
+    ):
         while state.epoch < t.epochs and state.step < run.total_steps and not early_stop:
-            loader = iter(make_loader(train_stream(cfg, run.tokenizer, run.labels, state, run.rank, run.world), run.workers))
+            loader = iter(
+                make_loader(
+                    train_stream(cfg, run.tokenizer, run.labels, state, run.rank, run.world), run.workers
+                )
+            )
             epoch_done = False
             while True:
                 waited = time.perf_counter()
@@ -434,14 +561,21 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
                 window.add(batch, loss, logits, y, run)
                 if t.trace_examples and run.rank == 0:
                     with open(cfg.run_dir / "trained-examples.tsv", "a") as trace:
-                        trace.writelines(f"{state.step}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"]))
+                        trace.writelines(
+                            f"{state.step}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"])
+                        )
 
                 if state.step % t.log_every == 0 or state.step == run.total_steps:
                     record = window.record(run, lr)
                     if run.rank == 0:
                         run.log.write(record)
-                    bar.update(state.step, epoch=state.epoch, loss=record["loss"], acc=window.correct / window.n,
-                               tps=record["tokens_per_sec"])
+                    bar.update(
+                        state.step,
+                        epoch=state.epoch,
+                        loss=record["loss"],
+                        acc=window.correct / window.n,
+                        tps=record["tokens_per_sec"],
+                    )
                     window = TrainWindow()
                 else:
                     bar.update(state.step)
@@ -453,7 +587,14 @@ def train(cfg: Config, resume: bool = False, config_path: str = "CONFIG",
             if not epoch_done or early_stop:
                 break  # max_steps or early stopping, inside the epoch
             if run.world > 1:
-                note_dropped_rows(run.run_info, state.epoch + 1, epoch_rows(state.positions, run.world), run.rank, cfg.run_dir, bar)
+                note_dropped_rows(
+                    run.run_info,
+                    state.epoch + 1,
+                    epoch_rows(state.positions, run.world),
+                    run.rank,
+                    cfg.run_dir,
+                    bar,
+                )
             state.next_epoch()
             if not t.eval_every and state.step != state.last_eval_step:
                 state.last_eval_step = state.step
@@ -472,11 +613,18 @@ def finish(run: Run, reports: dict[int, dict[str, Any]], started: float) -> dict
         best_dir = (run_dir / "best").resolve()
         best = json.loads((best_dir / "state.json").read_text()).get("metrics") or {}
     if best:
-        checkpoint.write_json_atomic(run_dir / f"eval-{cfg.data.eval_split}.json", {
-            **best, "checkpoint": f"best ({state.best_step})", "train_seconds": time.perf_counter() - started,
-            "threads": torch.get_num_threads(),
-        })
-        console.print_eval(best, f"{cfg.name}: best checkpoint (step {state.best_step}) on {cfg.data.eval_split}")
+        checkpoint.write_json_atomic(
+            run_dir / f"eval-{cfg.data.eval_split}.json",
+            {
+                **best,
+                "checkpoint": f"best ({state.best_step})",
+                "train_seconds": time.perf_counter() - started,
+                "threads": torch.get_num_threads(),
+            },
+        )
+        console.print_eval(
+            best, f"{cfg.name}: best checkpoint (step {state.best_step}) on {cfg.data.eval_split}"
+        )
     try:  # a picture is a bonus: a plotting problem must not fail a finished training
         from seqtrain.plots import plot_run_curves
 

@@ -113,13 +113,17 @@ class Param:
         if self.kind == "categorical":
             return trial.suggest_categorical(name, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
     def describe(self) -> str:
         if self.kind == "categorical":
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        low, high, step = (_fmt(int(v) if self.kind == "int" else v) for v in (self.low, self.high, self.step or 0))
+        low, high, step = (
+            _fmt(int(v) if self.kind == "int" else v) for v in (self.low, self.high, self.step or 0)
+        )
         return f"{self.kind} {low}..{high}" + (" (log)" if self.log else f" step {step}" if self.step else "")
 
 
@@ -128,18 +132,28 @@ def _field_type(key: str) -> Any:
     valid = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     valid += [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
     if key in SECTIONS:
-        raise ConfigError(f"{key!r} is a config section; name a key inside it, e.g. {key}.{dataclasses.fields(SECTIONS[key])[0].name}.")
+        raise ConfigError(
+            f"{key!r} is a config section; name a key inside it, e.g. {key}.{dataclasses.fields(SECTIONS[key])[0].name}."
+        )
     if key not in valid:
-        raise ConfigError(f"unknown config key {key!r}.{_suggest(key, valid)} See `seqtrain config-help` for every key.")
+        raise ConfigError(
+            f"unknown config key {key!r}.{_suggest(key, valid)} See `seqtrain config-help` for every key."
+        )
     if key in TUNE_SETS:
-        raise ConfigError(f"{key!r} cannot be searched: tune sets it for each trial (runs/<study>/trial-NNNN).")
+        raise ConfigError(
+            f"{key!r} cannot be searched: tune sets it for each trial (runs/<study>/trial-NNNN)."
+        )
     section, _, name = key.rpartition(".")
     return typing.get_type_hints(SECTIONS[section] if section else Config)[name]
 
 
 def _numeric(tp: Any) -> type | None:
     """int or float when the key takes numbers (null allowed), else None."""
-    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    args = (
+        [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) in (Union, types.UnionType)
+        else [tp]
+    )
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
@@ -162,11 +176,15 @@ def _parse_param(key: str, spec: Any, base: dict[str, Any]) -> Param:
     if isinstance(spec, dict):
         for k in spec:
             if k not in SPEC_KEYS:
-                raise ConfigError(f"{key}: unknown distribution key {k!r}.{_suggest(str(k), list(SPEC_KEYS))} "
-                                  f"Use low/high (with log or step) or choices.")
+                raise ConfigError(
+                    f"{key}: unknown distribution key {k!r}.{_suggest(str(k), list(SPEC_KEYS))} "
+                    f"Use low/high (with log or step) or choices."
+                )
         if "choices" in spec:
             if set(spec) != {"choices"}:
-                raise ConfigError(f"{key}: choices cannot be combined with {', '.join(k for k in spec if k != 'choices')}.")
+                raise ConfigError(
+                    f"{key}: choices cannot be combined with {', '.join(k for k in spec if k != 'choices')}."
+                )
             spec = spec["choices"]
     if isinstance(spec, list):
         if not spec:
@@ -177,7 +195,9 @@ def _parse_param(key: str, spec: Any, base: dict[str, Any]) -> Param:
         values: list[Any] = list(spec)
     elif isinstance(spec, dict):
         if number is None:
-            raise ConfigError(f"{key} takes {describe_type(tp)}: give a list of choices, e.g. {key}: [a, b], not a range.")
+            raise ConfigError(
+                f"{key} takes {describe_type(tp)}: give a list of choices, e.g. {key}: [a, b], not a range."
+            )
         missing = [k for k in ("low", "high") if k not in spec]
         if missing:
             raise ConfigError(f"{key}: a range needs low and high; {' and '.join(missing)} missing.")
@@ -197,7 +217,9 @@ def _parse_param(key: str, spec: Any, base: dict[str, Any]) -> Param:
         param = Param("int" if number is int else "float", low, high, log, step)
         values = [number(low), number(high)]
     else:
-        raise ConfigError(f"{key}: give a list of choices ([a, b]) or a range ({{low: A, high: B}}), got {spec!r}.")
+        raise ConfigError(
+            f"{key}: give a list of choices ([a, b]) or a range ({{low: A, high: B}}), got {spec!r}."
+        )
     for value in values:  # each value must make a valid config on its own
         try:
             from_dict(_with(base, key, value))
@@ -212,15 +234,23 @@ def _number(value: Any, key: str, what: str, number: type) -> float | None:
     if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
         with contextlib.suppress(ValueError):
             value = float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or (number is int and value != int(value)):
-        raise ConfigError(f"{key}: {what} must be {'an integer' if number is int else 'a number'}, got {value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (number is int and value != int(value))
+    ):
+        raise ConfigError(
+            f"{key}: {what} must be {'an integer' if number is int else 'a number'}, got {value!r}."
+        )
     return float(value)
 
 
 def parse_space(raw: Any, base: dict[str, Any], where: str) -> dict[str, Param]:
     """Validate a parsed space (dotted key -> distribution) against the config schema and `base`."""
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{where} must map dotted config keys to distributions, e.g. `train.lr: {{low: 1e-4, high: 1e-2, log: true}}`.")
+        raise ConfigError(
+            f"{where} must map dotted config keys to distributions, e.g. `train.lr: {{low: 1e-4, high: 1e-2, log: true}}`."
+        )
     try:
         return {str(key): _parse_param(str(key), spec, base) for key, spec in raw.items()}
     except ConfigError as e:
@@ -251,11 +281,17 @@ class Options:
     jobs: int = 1
     pruner: Any = "median"  # a name from PRUNERS, or an optuna pruner object (Python API)
     report: bool = True  # False in the worker processes that --jobs starts
-    seed: int | None = None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
+    seed: int | None = (
+        None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
+    )
 
 
 def _monitor(cfg: Config) -> tuple[str, Literal["maximize", "minimize"]]:
-    monitor = cfg.train.monitor if cfg.train.monitor != "auto" else ("mae" if cfg.model.task == "regression" else "accuracy")
+    monitor = (
+        cfg.train.monitor
+        if cfg.train.monitor != "auto"
+        else ("mae" if cfg.model.task == "regression" else "accuracy")
+    )
     return monitor, "maximize" if monitor in MAXIMIZE else "minimize"
 
 
@@ -270,7 +306,9 @@ def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
     if pruner == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}.{_suggest(pruner, list(PRUNERS))}")
+    raise ConfigError(
+        f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}.{_suggest(pruner, list(PRUNERS))}"
+    )
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
@@ -381,8 +419,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
             trial.report(float(metrics[monitor]), seen["evals"])
         planned = _planned(run_dir)  # run.json is written before the first evaluation
         seen["pruned"] = (planned is None or step >= PRUNE_AFTER * planned) and trial.should_prune()
-        _say(f"trial {n} eval {seen['evals']} (step {step:,}): {monitor} {metrics[monitor]:.4f}"
-             + ("  pruned" if seen["pruned"] else ""))
+        _say(
+            f"trial {n} eval {seen['evals']} (step {step:,}): {monitor} {metrics[monitor]:.4f}"
+            + ("  pruned" if seen["pruned"] else "")
+        )
         return bool(seen["pruned"])
 
     try:
@@ -391,13 +431,19 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         if resume:
             seen["evals"] = _backfill(trial, run_dir, cfg.data.eval_split, monitor)
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a trial killed before its first checkpoint starts over
+            shutil.rmtree(
+                run_dir, ignore_errors=True
+            )  # a trial killed before its first checkpoint starts over
         _say(f"trial {n} {'resumed from ' + str(run_dir / 'last') if resume else 'started'}: {shown}")
         with _quiet():
-            best = train(cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop)
+            best = train(
+                cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop
+            )
     except Interrupted as e:  # the trial stays RUNNING; rerunning tune resumes it from last/
-        stopped = SeqtrainError(f"trial {n} stopped with its last/ checkpoint saved; run the same `seqtrain tune` "
-                                "command again to resume it and continue the study.")
+        stopped = SeqtrainError(
+            f"trial {n} stopped with its last/ checkpoint saved; run the same `seqtrain tune` "
+            "command again to resume it and continue the study."
+        )
         stopped.exit_code = e.exit_code
         raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
@@ -503,21 +549,27 @@ def tune(opts: Options) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = storage_for(url)
-    study = optuna.create_study(study_name=study_name, storage=storage, pruner=pruner, direction=direction, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, pruner=pruner, direction=direction, load_if_exists=True
+    )
     # constant liar: trials running in parallel spread out instead of sampling the same region
     seed = None if opts.seed is None else opts.seed + len(study.get_trials(deepcopy=False))
     study.sampler = optuna.samplers.TPESampler(constant_liar=True, seed=seed)
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {study_name!r} in {url} is set to {study.direction.name.lower()}, but this config's "
-                          f"train.monitor ({monitor}) wants {direction}: use another --study.")
+        raise ConfigError(
+            f"study {study_name!r} in {url} is set to {study.direction.name.lower()}, but this config's "
+            f"train.monitor ({monitor}) wants {direction}: use another --study."
+        )
     study.set_user_attr("monitor", monitor)
     (folder / "space.yaml").write_text(space_text, encoding="utf-8")
     deadline = started + opts.timeout_min * 60 if opts.timeout_min else None
     if opts.report:
         done = len(study.get_trials(deepcopy=False))
-        console.info(f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; {monitor} ({direction}), "
-                     f"pruner {opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__}, "
-                     f"{len(space)} parameters: " + "; ".join(f"{k} {p.describe()}" for k, p in space.items()))
+        console.info(
+            f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; {monitor} ({direction}), "
+            f"pruner {opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__}, "
+            f"{len(space)} parameters: " + "; ".join(f"{k} {p.describe()}" for k, p in space.items())
+        )
     if opts.jobs > 1:
         run_workers(opts, study_name, url, deadline)
     else:
@@ -531,8 +583,25 @@ def tune(opts: Options) -> int:
 def run_workers(opts: Options, study_name: str, url: str, deadline: float | None) -> None:
     """--jobs J: J `seqtrain tune` processes on the same storage, the cores divided between them."""
     threads = max(1, physical_cores() // opts.jobs)
-    cmd = [sys.executable, "-m", "seqtrain", "tune", str(opts.config), *opts.overrides, "--trials", str(opts.trials),
-           "--study", study_name, "--storage", url, "--jobs", "1", "--no-report", "--pruner", str(opts.pruner)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqtrain",
+        "tune",
+        str(opts.config),
+        *opts.overrides,
+        "--trials",
+        str(opts.trials),
+        "--study",
+        study_name,
+        "--storage",
+        url,
+        "--jobs",
+        "1",
+        "--no-report",
+        "--pruner",
+        str(opts.pruner),
+    ]
     if not any(o.startswith("train.num_threads=") for o in opts.overrides):
         cmd.append(f"train.num_threads={threads}")
     if opts.space is not None:
@@ -567,41 +636,59 @@ def report(study: optuna.Study, base: dict[str, Any], folder: Path, monitor: str
     keys = sorted({k for t in trials for k in t.params})
     rows = []
     for t in trials:
-        value = t.value if t.state == TrialState.COMPLETE else (t.intermediate_values[max(t.intermediate_values)]
-                                                                if t.intermediate_values else None)
+        value = (
+            t.value
+            if t.state == TrialState.COMPLETE
+            else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        )
         steps = t.user_attrs.get("steps")
         planned = t.user_attrs.get("planned_steps")
-        rows.append([
-            f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
-            t.state.name + (f": {t.user_attrs['error'][:60]}" if "error" in t.user_attrs else ""),
-            "" if value is None else f"{value:.4f}",
-            "" if steps is None else f"{steps:,}" + (f"/{planned:,}" if planned else ""),
-            f"{t.user_attrs.get('seconds', 0.0) / 60:.1f}",
-            *(_fmt(t.params[k]) if k in t.params else "" for k in keys),
-        ])
+        rows.append(
+            [
+                f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
+                t.state.name + (f": {t.user_attrs['error'][:60]}" if "error" in t.user_attrs else ""),
+                "" if value is None else f"{value:.4f}",
+                "" if steps is None else f"{steps:,}" + (f"/{planned:,}" if planned else ""),
+                f"{t.user_attrs.get('seconds', 0.0) / 60:.1f}",
+                *(_fmt(t.params[k]) if k in t.params else "" for k in keys),
+            ]
+        )
     short = [k.rsplit(".", 1)[-1] for k in keys]  # the last part of each key, unless two keys share it
     names = [s if short.count(s) == 1 else k for s, k in zip(short, keys, strict=True)]
-    console.print_table(f"study {study.study_name}: {len(trials)} trials (* best)",
-                        ["trial", "state", monitor, "steps", "minutes", *names], rows)
+    console.print_table(
+        f"study {study.study_name}: {len(trials)} trials (* best)",
+        ["trial", "state", monitor, "steps", "minutes", *names],
+        rows,
+    )
     trained = sum(t.user_attrs.get("steps", 0) for t in trials)
     planned = sum(t.user_attrs.get("planned_steps", 0) for t in trials if "steps" in t.user_attrs)
     if planned:
-        console.info(f"steps trained: {trained:,} of {planned:,} planned ({1 - trained / planned:.0%} saved by pruning and early stopping)")
+        console.info(
+            f"steps trained: {trained:,} of {planned:,} planned ({1 - trained / planned:.0%} saved by pruning and early stopping)"
+        )
     plots(study, folder, len(complete))
     if best is None:
         console.error(f"no trial of study {study.study_name!r} completed; see the errors above.")
         return 1
-    path = write_best(base, best.params, folder, study.study_name, f"{monitor} {best.value:.4f}, trial {best.number}")
-    console.info(f"best: trial {best.number}, {monitor} {best.value:.4f} ({folder / f'trial-{best.number:04d}'}); "
-                 f"its config: {path}. Train it with: seqtrain train {path}")
+    path = write_best(
+        base, best.params, folder, study.study_name, f"{monitor} {best.value:.4f}, trial {best.number}"
+    )
+    console.info(
+        f"best: trial {best.number}, {monitor} {best.value:.4f} ({folder / f'trial-{best.number:04d}'}); "
+        f"its config: {path}. Train it with: seqtrain train {path}"
+    )
     return 0
 
 
-def write_best(base: dict[str, Any], params: dict[str, Any], folder: Path, study_name: str, what: str) -> Path:
+def write_best(
+    base: dict[str, Any], params: dict[str, Any], folder: Path, study_name: str, what: str
+) -> Path:
     cfg = trial_config(base, params, f"{study_name}-best", None)
     path = folder / "best.yaml"
-    header = (f"# Best config of study {study_name!r} ({what}), written by `seqtrain tune`.\n"
-              f"# Train it with: seqtrain train {path}\n")
+    header = (
+        f"# Best config of study {study_name!r} ({what}), written by `seqtrain tune`.\n"
+        f"# Train it with: seqtrain train {path}\n"
+    )
     path.write_text(header + dump_yaml(cfg), encoding="utf-8")
     return path
 
@@ -617,7 +704,12 @@ def plots(study: optuna.Study, folder: Path, completed: int) -> None:
 
     figures: list[tuple[str, Any]] = [("history.png", lambda: vis.plot_optimization_history(study))]
     if completed >= 2 and len({k for t in study.trials for k in t.params}) >= 1:
-        figures.append(("importances.png", lambda: vis.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())))
+        figures.append(
+            (
+                "importances.png",
+                lambda: vis.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
+            )
+        )
     for name, draw in figures:
         try:
             with warnings.catch_warnings():

@@ -18,7 +18,22 @@ REAL_DATA = next((p for p in (ROOT / "data", SHARED) if (p / "sst2").is_dir()), 
 
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful", "charming", "excellent"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "tedious", "clumsy", "bland", "dreadful"]
-FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "and", "a", "with", "its", "this", "of"]
+FILLER = [
+    "the",
+    "film",
+    "movie",
+    "plot",
+    "actors",
+    "story",
+    "was",
+    "is",
+    "and",
+    "a",
+    "with",
+    "its",
+    "this",
+    "of",
+]
 
 
 def synthetic_rows(n: int, seed: int, string_labels: bool = False) -> list[dict[str, Any]]:
@@ -30,7 +45,9 @@ def synthetic_rows(n: int, seed: int, string_labels: bool = False) -> list[dict[
         words = [rng.choice(FILLER) for _ in range(rng.randint(2, 50))]
         for _ in range(rng.randint(1, 3)):
             words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        rows.append({"text": " ".join(words), "label": ("pos" if label else "neg") if string_labels else label})
+        rows.append(
+            {"text": " ".join(words), "label": ("pos" if label else "neg") if string_labels else label}
+        )
     return rows
 
 
@@ -61,7 +78,9 @@ def train_tiny_run(tmp: Path, **sections: dict[str, Any]) -> Path:
     from seqtrain.cli import app
     from seqtrain.config import to_dict
 
-    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)})
+    data = write_hub_folder(
+        tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)}
+    )
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp / "run", **sections))))
     result = CliRunner().invoke(app, ["train", str(path)])

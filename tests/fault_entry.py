@@ -39,8 +39,10 @@ def no_memory() -> None:
     import seqtrain.train
 
     def build_model(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
-                           "you tried to allocate 400000000000 bytes.")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+            "you tried to allocate 400000000000 bytes."
+        )
 
     seqtrain.train.build_model = build_model
 
@@ -97,6 +99,8 @@ if __name__ == "__main__":
     elif fault == "dump-weights":
         dump_weights(value)
     else:
-        sys.exit(f"unknown fault {sys.argv[1]!r}; use kill-after-save=STEP, no-memory, slow-vocab=SECONDS or dump-weights=FOLDER")
+        sys.exit(
+            f"unknown fault {sys.argv[1]!r}; use kill-after-save=STEP, no-memory, slow-vocab=SECONDS or dump-weights=FOLDER"
+        )
     sys.argv = ["seqtrain", *sys.argv[2:]]
     main()

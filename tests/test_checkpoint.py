@@ -12,7 +12,9 @@ from seqtrain.errors import CheckpointError
 from seqtrain.model import build_model
 
 
-def saved(tmp_path: Path, step: int = 10, best: bool = True, keep_last: int = 1) -> tuple[Path, torch.nn.Module, torch.optim.Optimizer]:
+def saved(
+    tmp_path: Path, step: int = 10, best: bool = True, keep_last: int = 1
+) -> tuple[Path, torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(step)
     model = build_model(ModelConfig(hidden_size=8, embedding_dim=8), 30, 2)
     opt = torch.optim.AdamW(model.parameters())

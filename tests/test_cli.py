@@ -24,7 +24,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("cli"), data={"label_names": ["negative", "positive"]}, train={"epochs": 3})
+    return train_tiny_run(
+        tmp_path_factory.mktemp("cli"), data={"label_names": ["negative", "positive"]}, train={"epochs": 3}
+    )
 
 
 def test_train_writes_run(trained: Path) -> None:
@@ -37,17 +39,33 @@ def test_train_prints_the_resolved_config(tmp_path: Path) -> None:
     from seqtrain.config import load_config, to_dict
 
     path = tmp_path / "c.yaml"
-    path.write_text(f"name: shown\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: {tmp_path / 'no-such-data'}\n")
+    path.write_text(
+        f"name: shown\noutput_dir: {tmp_path / 'run'}\ndata:\n  path: {tmp_path / 'no-such-data'}\n"
+    )
     overrides = ["model.cell=gru", "train.lr=0.5", "data.label_names=[bad, good]"]
     exe = Path(sys.executable).parent / "seqtrain"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "seqtrain"]
-    proc = subprocess.run([*cmd, "train", str(path), *overrides], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "400"}, timeout=120)
-    assert proc.returncode == 1 and "does not exist" in proc.stderr, proc.stderr  # it stops at the data, after printing
+    proc = subprocess.run(
+        [*cmd, "train", str(path), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "400"},
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "does not exist" in proc.stderr, (
+        proc.stderr
+    )  # it stops at the data, after printing
     printed = yaml.safe_load(proc.stderr.split("error:")[0])
     assert printed == to_dict(load_config(path, overrides))
-    assert printed["model"]["cell"] == "gru" and printed["train"]["lr"] == 0.5 and printed["data"]["label_names"] == ["bad", "good"]
-    assert printed["model"]["hidden_size"] == 256 and printed["train"]["warmup_steps"] == 0, "defaults are filled in"
+    assert (
+        printed["model"]["cell"] == "gru"
+        and printed["train"]["lr"] == 0.5
+        and printed["data"]["label_names"] == ["bad", "good"]
+    )
+    assert printed["model"]["hidden_size"] == 256 and printed["train"]["warmup_steps"] == 0, (
+        "defaults are filled in"
+    )
 
 
 def test_eval_json_is_one_object(trained: Path) -> None:
@@ -80,13 +98,23 @@ def test_predict_stdin_and_files_keep_order(trained: Path, tmp_path: Path) -> No
     result = runner.invoke(app, ["predict", str(trained), "--input", "-"], input="\n".join(texts) + "\n")
     assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == texts
     jsonl = tmp_path / "in.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]) + "not json\n" + json.dumps({"text": texts[2]}) + "\n")
+    jsonl.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts[:2])
+        + "not json\n"
+        + json.dumps({"text": texts[2]})
+        + "\n"
+    )
     out = tmp_path / "out.csv"
     result = runner.invoke(app, ["predict", str(trained), "--input", str(jsonl), "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "line 3" in result.output  # the malformed line is reported, the rest predicted in order
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert [r["text"] for r in rows] == texts[:3] and set(rows[0]) == {"text", "label", "prob_negative", "prob_positive"}
+    assert [r["text"] for r in rows] == texts[:3] and set(rows[0]) == {
+        "text",
+        "label",
+        "prob_negative",
+        "prob_positive",
+    }
     csv_in = tmp_path / "in.csv"
     csv_in.write_text("id,review\n1,great superb\n2,awful dull\n")
     result = runner.invoke(app, ["predict", str(trained), "-i", str(csv_in), "--text-column", "review"])
@@ -140,15 +168,21 @@ def test_predict_parquet_dataset_ids_and_threshold(trained: Path, tmp_path: Path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"id": "a1", "review": "great superb"}, {"id": "b2", "review": "awful dull"}]),
-                   tmp_path / "in.parquet")
-    result = runner.invoke(app, ["predict", str(trained), "-i", str(tmp_path / "in.parquet"), "--text-column", "review"])
+    pq.write_table(
+        pa.Table.from_pylist([{"id": "a1", "review": "great superb"}, {"id": "b2", "review": "awful dull"}]),
+        tmp_path / "in.parquet",
+    )
+    result = runner.invoke(
+        app, ["predict", str(trained), "-i", str(tmp_path / "in.parquet"), "--text-column", "review"]
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["id"], r["label"]) for r in rows] == [("a1", "positive"), ("b2", "negative")]
     always = runner.invoke(app, ["predict", str(trained), "awful dull", "--threshold", "0.0"])
     assert json.loads(always.stdout)["label"] == "positive"
     data = yaml.safe_load((trained / "config.yaml").read_text())["data"]["path"]
-    result = runner.invoke(app, ["predict", str(trained), "--data", data, "--split", "validation", "-o", str(tmp_path / "o.csv")])
+    result = runner.invoke(
+        app, ["predict", str(trained), "--data", data, "--split", "validation", "-o", str(tmp_path / "o.csv")]
+    )
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 201
 
@@ -158,8 +192,12 @@ def test_predict_streams_stdin_before_input_ends(trained: Path) -> None:
     import select
 
     exe = Path(sys.executable).parent / "seqtrain"
-    proc = subprocess.Popen([str(exe), "predict", str(trained), "--input", "-", "--batch-size", "8"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "predict", str(trained), "--input", "-", "--batch-size", "8"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("great superb film\n" * 40)
     proc.stdin.flush()

@@ -13,10 +13,26 @@ from seqtrain.errors import DataError
 from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 
 
-def batches(cfg: Any, vocab: Any, epoch: int = 0, resume: dict[str, Any] | None = None, workers: int = 0,
-            offset: int = 0) -> list[dict[str, Any]]:
-    stream = BatchStream(cfg.data, "train", vocab.tokenizer, vocab.labels, cfg.train.batch_size, shuffle=True,
-                         seed=cfg.seed, epoch=epoch, resume=resume, slot_offset=offset)
+def batches(
+    cfg: Any,
+    vocab: Any,
+    epoch: int = 0,
+    resume: dict[str, Any] | None = None,
+    workers: int = 0,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    stream = BatchStream(
+        cfg.data,
+        "train",
+        vocab.tokenizer,
+        vocab.labels,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=epoch,
+        resume=resume,
+        slot_offset=offset,
+    )
     return list(make_loader(stream, workers))
 
 
@@ -25,7 +41,9 @@ def test_batches_cover_every_row_once_bucketed_and_counted(tiny_data: Path, tmp_
     vocab = build_vocab(cfg)
     assert vocab.num_examples == 600
     got = batches(cfg, vocab)
-    assert len(got) == sum(-(-n // cfg.train.batch_size) for n in vocab.chunk_rows), "steps per epoch are exact"
+    assert len(got) == sum(-(-n // cfg.train.batch_size) for n in vocab.chunk_rows), (
+        "steps per epoch are exact"
+    )
     assert sum(len(b["labels"]) for b in got) == 600
     real = sum(int(b["lengths"].sum()) for b in got)
     padded = sum(b["ids"].numel() for b in got)
@@ -44,7 +62,9 @@ def test_batch_order_is_random_but_seeded(tiny_data: Path, tmp_path: Path) -> No
     assert first == again
     assert first != other
     maxes = [max(x) for x in first]
-    assert maxes != sorted(maxes) and maxes != sorted(maxes, reverse=True), "batches are not served in length order"
+    assert maxes != sorted(maxes) and maxes != sorted(maxes, reverse=True), (
+        "batches are not served in length order"
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -58,7 +78,9 @@ def test_resume_from_any_batch_continues_exactly(tiny_data: Path, tmp_path: Path
             positions[str(b["position"]["slot"])] = b["position"]
         offset = (full[k - 1]["position"]["slot"] + 1) % max(1, workers)
         rest = batches(cfg, vocab, resume=json.loads(json.dumps(positions)), workers=workers, offset=offset)
-        assert [b["ids"].tolist() for b in rest] == [b["ids"].tolist() for b in full[k:]], f"resume after batch {k}"
+        assert [b["ids"].tolist() for b in rest] == [b["ids"].tolist() for b in full[k:]], (
+            f"resume after batch {k}"
+        )
 
 
 def test_truncation_head_tail_and_both(tiny_data: Path, tmp_path: Path) -> None:
@@ -67,7 +89,11 @@ def test_truncation_head_tail_and_both(tiny_data: Path, tmp_path: Path) -> None:
     text = " ".join(["great"] * 10 + ["the"] * 100 + ["awful"] * 10)
     tok = vocab.tokenizer
     great, awful = tok.token_to_id("great"), tok.token_to_id("awful")
-    for mode, first, last in (("head", great, tok.token_to_id("the")), ("tail", tok.token_to_id("the"), awful), ("head+tail", great, awful)):
+    for mode, first, last in (
+        ("head", great, tok.token_to_id("the")),
+        ("tail", tok.token_to_id("the"), awful),
+        ("head+tail", great, awful),
+    ):
         data = type(cfg.data)(**{**cfg.data.__dict__, "max_length": 20, "truncation": mode})
         ids = encode(tok, [text], data)[0]
         assert len(ids) == 20 and ids[0] == first and ids[-1] == last, mode
@@ -92,8 +118,13 @@ def test_empty_text_encodes_to_unk() -> None:
 
 
 def test_string_labels_are_discovered_sorted(tmp_path: Path) -> None:
-    data = write_hub_folder(tmp_path / "s", {"train": synthetic_rows(100, 0, string_labels=True),
-                                             "validation": synthetic_rows(20, 1, string_labels=True)})
+    data = write_hub_folder(
+        tmp_path / "s",
+        {
+            "train": synthetic_rows(100, 0, string_labels=True),
+            "validation": synthetic_rows(20, 1, string_labels=True),
+        },
+    )
     cfg = tiny_config(data, tmp_path / "run")
     vocab = build_vocab(cfg)
     assert vocab.labels.names == ["neg", "pos"]
@@ -110,7 +141,9 @@ def test_label_names_for_integer_labels_and_out_of_range(tiny_data: Path, tmp_pa
     cfg = tiny_config(three, tmp_path / "run", data={"label_names": ["negative", "positive"]})
     with pytest.raises(DataError, match="row 5: unknown label 2"):
         build_vocab(cfg)
-    cfg = tiny_config(three, tmp_path / "run", data={"label_names": ["negative", "positive"], "on_bad_rows": "skip"})
+    cfg = tiny_config(
+        three, tmp_path / "run", data={"label_names": ["negative", "positive"], "on_bad_rows": "skip"}
+    )
     assert dict(build_vocab(cfg).bad_rows) == {"unknown label": 1}
 
 
@@ -173,14 +206,21 @@ def test_pad_shapes() -> None:
 
 
 def test_vocab_is_built_from_a_capped_sample(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_data, tmp_path / "run", tokenizer={"max_examples": 10, "vocab_size": 500, "min_frequency": 1})
+    cfg = tiny_config(
+        tiny_data, tmp_path / "run", tokenizer={"max_examples": 10, "vocab_size": 500, "min_frequency": 1}
+    )
     vocab = build_vocab(cfg)
     assert vocab.num_examples == 600  # every row is still counted for the schedule
-    assert vocab.tokenizer.get_vocab_size() < build_vocab(tiny_config(tiny_data, tmp_path / "r2")).tokenizer.get_vocab_size()
+    assert (
+        vocab.tokenizer.get_vocab_size()
+        < build_vocab(tiny_config(tiny_data, tmp_path / "r2")).tokenizer.get_vocab_size()
+    )
 
 
 def test_bpe_tokenizer_has_fewer_unknowns(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_data, tmp_path / "run", tokenizer={"kind": "bpe", "vocab_size": 300, "min_frequency": 1})
+    cfg = tiny_config(
+        tiny_data, tmp_path / "run", tokenizer={"kind": "bpe", "vocab_size": 300, "min_frequency": 1}
+    )
     vocab = build_vocab(cfg)
     ids = encode(vocab.tokenizer, ["wonderfullest greatness"], cfg.data)[0]
     assert UNK_ID not in ids and len(ids) >= 2

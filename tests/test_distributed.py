@@ -21,19 +21,39 @@ from seqtrain.train import train
 from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
 
-def torchrun(config: Path, *args: str, nproc: int = 2, timeout: float = 120, command: str = "train",
-             entry: tuple[str, ...] = ("seqtrain",)) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    config: Path,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 120,
+    command: str = "train",
+    entry: tuple[str, ...] = ("seqtrain",),
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", *entry, command, str(config), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        *entry,
+        command,
+        str(config),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_two_process_gloo_run_matches_single_process_band(tmp_path: Path) -> None:
-    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(1200, 0), "validation": synthetic_rows(300, 1)}, shards=4)
+    data = write_hub_folder(
+        tmp_path / "d", {"train": synthetic_rows(1200, 0), "validation": synthetic_rows(300, 1)}, shards=4
+    )
     single = tiny_config(data, tmp_path / "single", train={"epochs": 2, "batch_size": 32})
     start = time.perf_counter()
-    ddp_cfg = tiny_config(data, tmp_path / "ddp", train={"epochs": 2, "batch_size": 16})  # 2 x 16 = the same global batch
+    ddp_cfg = tiny_config(
+        data, tmp_path / "ddp", train={"epochs": 2, "batch_size": 16}
+    )  # 2 x 16 = the same global batch
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(to_dict(ddp_cfg)))
     proc = torchrun(path)
@@ -74,7 +94,10 @@ def test_ranks_hold_equal_weights_that_match_one_process_at_the_same_global_batc
     train(tiny_config(one, tmp_path / "single", **same, train={**step, "batch_size": 32}))
     assert json.loads((tmp_path / "ddp" / "last" / "state.json").read_text())["step"] == 1
     assert json.loads((tmp_path / "single" / "last" / "state.json").read_text())["step"] == 1
-    rank0, rank1 = load_file(tmp_path / "ranks" / "rank0.safetensors"), load_file(tmp_path / "ranks" / "rank1.safetensors")
+    rank0, rank1 = (
+        load_file(tmp_path / "ranks" / "rank0.safetensors"),
+        load_file(tmp_path / "ranks" / "rank1.safetensors"),
+    )
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     ddp = checkpoint.load_tensors(tmp_path / "ddp" / "last" / "model.safetensors")
     single = checkpoint.load_tensors(tmp_path / "single" / "last" / "model.safetensors")
@@ -111,27 +134,51 @@ def test_uneven_shards_never_hang_and_world_size_is_checked_on_resume(tmp_path: 
     assert "468 of 520 training rows were not trained" in " ".join(proc.stderr.split())
     last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
-    single = subprocess.run([sys.executable, "-m", "seqtrain", "train", str(path), "--resume", "train.epochs=3"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    single = subprocess.run(
+        [sys.executable, "-m", "seqtrain", "train", str(path), "--resume", "train.epochs=3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
     assert single.returncode != 0 and "same --nproc_per_node" in single.stderr
 
 
 def test_pretrain_plans_the_steps_that_run_on_uneven_shards(tmp_path: Path) -> None:
-    cfg = tiny_config(uneven_data(tmp_path / "d"), tmp_path / "lm", data={"chunk_size": 64}, train={"epochs": 2},
-                      model={"bidirectional": True}, pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"})
+    cfg = tiny_config(
+        uneven_data(tmp_path / "d"),
+        tmp_path / "lm",
+        data={"chunk_size": 64},
+        train={"epochs": 2},
+        model={"bidirectional": True},
+        pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"},
+    )
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     proc = torchrun(path, command="pretrain", timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "lm" / "run.json").read_text())
-    assert run["rank_batches"][1] == 2 and run["steps_per_epoch"] == 2 and sum(run["rank_rows"]) == run["num_train_examples"]
+    assert (
+        run["rank_batches"][1] == 2
+        and run["steps_per_epoch"] == 2
+        and sum(run["rank_rows"]) == run["num_train_examples"]
+    )
     assert json.loads((tmp_path / "lm" / "last" / "state.json").read_text())["step"] == 2 * 2
     assert set(run["rows_dropped"]) == {"1", "2"}
     last = [r for r in read_metrics(tmp_path / "lm" / "metrics.jsonl") if r["split"] == "train"][-1]
     assert last["step"] == 4 and last["lr"] == pytest.approx(lr_at(3, cfg.train, 4))
-    single = subprocess.run([sys.executable, "-m", "seqtrain", "pretrain", str(path), "--resume", "train.epochs=3"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert single.returncode != 0 and "same --nproc_per_node" in single.stderr and "Traceback" not in single.stderr
+    single = subprocess.run(
+        [sys.executable, "-m", "seqtrain", "pretrain", str(path), "--resume", "train.epochs=3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert (
+        single.returncode != 0
+        and "same --nproc_per_node" in single.stderr
+        and "Traceback" not in single.stderr
+    )
 
 
 def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> None:
@@ -141,8 +188,13 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
     data = write_hub_folder(tmp_path / "d", {"train": rows, "validation": synthetic_rows(60, 1)}, shards=2)
     paths = {}
     for name in ("straight", "killed"):
-        cfg = tiny_config(data, tmp_path / name, data={"chunk_size": 50}, model={"dropout": 0.5, "embedding_dropout": 0.3},
-                          train={"epochs": 2, "eval_every": 5})
+        cfg = tiny_config(
+            data,
+            tmp_path / name,
+            data={"chunk_size": 50},
+            model={"dropout": 0.5, "embedding_dropout": 0.3},
+            train={"epochs": 2, "eval_every": 5},
+        )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(to_dict(cfg)))
     assert torchrun(paths["straight"]).returncode == 0
@@ -150,7 +202,11 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
     assert killed.returncode != 0
     state = json.loads((tmp_path / "killed" / "last" / "state.json").read_text())
     rng = checkpoint.load_tensors(tmp_path / "killed" / "last" / "rng.safetensors")
-    assert state["step"] == 5 and len(state["rng"]["ranks"]) == 1 and not torch.equal(rng["torch"], rng["rank1.torch"])
+    assert (
+        state["step"] == 5
+        and len(state["rng"]["ranks"]) == 1
+        and not torch.equal(rng["torch"], rng["rank1.torch"])
+    )
     resumed = torchrun(paths["killed"], "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = (tmp_path / "straight" / "last" / "model.safetensors").read_bytes()
@@ -159,7 +215,9 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
 
 def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_path: Path) -> None:
     """rank 0 builds the vocabulary for 15 s while torch's default collective timeout is 5 s: rank 1 still waits."""
-    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(200, 0), "validation": synthetic_rows(40, 1)}, shards=2)
+    data = write_hub_folder(
+        tmp_path / "d", {"train": synthetic_rows(200, 0), "validation": synthetic_rows(40, 1)}, shards=2
+    )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp_path / "run", train={"max_steps": 3}))))
     proc = torchrun(path, entry=("tests.fault_entry", "slow-vocab=5"))
@@ -173,11 +231,18 @@ def test_train_log_sums_unknown_tokens_and_skipped_rows_over_ranks(tmp_path: Pat
 
     rows = synthetic_rows(400, 0)
     part0 = rows[:200] + [{"text": "", "label": 0}] * 3
-    part1 = [{"text": f"{r['text']} zq{i}x", "label": r["label"]} for i, r in enumerate(rows[200:])] + [{"text": "", "label": 1}] * 5
+    part1 = [{"text": f"{r['text']} zq{i}x", "label": r["label"]} for i, r in enumerate(rows[200:])] + [
+        {"text": "", "label": 1}
+    ] * 5
     folder = write_hub_folder(tmp_path / "d", {"validation": synthetic_rows(40, 1)})
     pq.write_table(pa.Table.from_pylist(part0), folder / "train-00000-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist(part1), folder / "train-00001-of-00002.parquet")
-    cfg = tiny_config(folder, tmp_path / "run", data={"chunk_size": 256, "on_bad_rows": "skip"}, tokenizer={"min_frequency": 2})
+    cfg = tiny_config(
+        folder,
+        tmp_path / "run",
+        data={"chunk_size": 256, "on_bad_rows": "skip"},
+        tokenizer={"min_frequency": 2},
+    )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     proc = torchrun(path)

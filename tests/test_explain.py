@@ -33,7 +33,9 @@ from seqtrain.explain import (
 from seqtrain.inference import Run, load_run
 from tests.conftest import REAL_DATA, tiny_config
 
-pytestmark = pytest.mark.skipif(not (REAL_DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2 or data/sst2")
+pytestmark = pytest.mark.skipif(
+    not (REAL_DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2 or data/sst2"
+)
 runner = CliRunner()
 Truncation = Literal["head", "tail", "head+tail"]
 
@@ -44,11 +46,23 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     tmp = tmp_path_factory.mktemp("explain")
     cfg = tiny_config(
-        REAL_DATA / "sst2", tmp / "run",
-        data={"text_column": "sentence", "label_names": ["negative", "positive"], "max_train_examples": 6000,
-              "max_eval_examples": 500, "max_length": 48},
+        REAL_DATA / "sst2",
+        tmp / "run",
+        data={
+            "text_column": "sentence",
+            "label_names": ["negative", "positive"],
+            "max_train_examples": 6000,
+            "max_eval_examples": 500,
+            "max_length": 48,
+        },
         tokenizer={"vocab_size": 4000, "min_frequency": 2},
-        model={"cell": "gru", "embedding_dim": 32, "hidden_size": 32, "bidirectional": True, "pooling": "max"},
+        model={
+            "cell": "gru",
+            "embedding_dim": 32,
+            "hidden_size": 32,
+            "bidirectional": True,
+            "pooling": "max",
+        },
         train={"batch_size": 32, "epochs": 2, "lr": 0.01, "eval_every": 0},
     )
     report = train(cfg)
@@ -67,7 +81,9 @@ def validation(run: Run) -> list[str]:
     from seqtrain.data import open_split
 
     texts = [row["sentence"] for row in open_split(run.config.data, "validation").take(1000)]
-    return [t for t, s in zip(texts, encode(run.tokenizer, texts, run.config.data), strict=True) if len(s) >= 4][:300]
+    return [
+        t for t, s in zip(texts, encode(run.tokenizer, texts, run.config.data), strict=True) if len(s) >= 4
+    ][:300]
 
 
 TRICKY = [
@@ -95,9 +111,14 @@ def test_offsets_slice_the_original_text_back_to_each_token(run: Run, truncation
                 assert token == "<unk>" or token == piece.replace("ﬁ", "fi").lower(), (piece, token)
             assert all(p and not p.isspace() for p in pieces)
     ends = ["wörd78", "très", "good", "wörd79", "très", "good"]
-    cases: list[tuple[Truncation, list[str]]] = [("tail", ends), ("head+tail", ["wörd0", "très", "good", *ends[3:]])]
+    cases: list[tuple[Truncation, list[str]]] = [
+        ("tail", ends),
+        ("head+tail", ["wörd0", "très", "good", *ends[3:]]),
+    ]
     for mode, kept in cases:
-        e = encode_with_offsets(run.tokenizer, [long], dataclasses.replace(run.config.data, max_length=6, truncation=mode))[0]
+        e = encode_with_offsets(
+            run.tokenizer, [long], dataclasses.replace(run.config.data, max_length=6, truncation=mode)
+        )[0]
         assert [long[a:b] for a, b in e.spans] == kept
         assert e.spans[-1][1] == len(long)
 
@@ -109,7 +130,7 @@ def test_occlusion_score_is_the_probability_drop_measured_by_hand(run: Run, vali
     for text, ex, ex0 in zip(texts, explained, other, strict=True):
         ids = encode(run.tokenizer, [text], run.config.data)[0]
         j = len(ids) // 2
-        before, after = run.probs([ids, [*ids[:j], UNK_ID, *ids[j + 1:]]], 1)
+        before, after = run.probs([ids, [*ids[:j], UNK_ID, *ids[j + 1 :]]], 1)
         c = int(before.argmax())
         assert ex.target == c and ex.scores[j] == pytest.approx(before[c] - after[c], abs=1e-6)
         assert ex0.target == 0 and ex0.scores[j] == pytest.approx(before[0] - after[0], abs=1e-6)
@@ -123,11 +144,15 @@ def test_integrated_gradients_are_complete(run: Run, validation: list[str]) -> N
     probs = run.probs([e.ids for e in encoded], 64)
     targets = [int(p.argmax()) for p in probs]
     for baseline in ("unk", "zero"):
-        scores, ends = integrated_gradients(run, encoded, targets, steps=64, baseline=baseline, max_tokens=2000)
+        scores, ends = integrated_gradients(
+            run, encoded, targets, steps=64, baseline=baseline, max_tokens=2000
+        )
         np.testing.assert_allclose(ends[:, 0], probs[np.arange(len(texts)), targets], atol=1e-5)
         gaps = np.array([s.sum() for s in scores]) - (ends[:, 0] - ends[:, 1])
         assert np.abs(gaps).max() < 0.02, (baseline, np.abs(gaps).max())
-        assert np.abs(ends[:, 0] - ends[:, 1]).mean() > 0.1  # not trivially complete: the baseline changes the output
+        assert (
+            np.abs(ends[:, 0] - ends[:, 1]).mean() > 0.1
+        )  # not trivially complete: the baseline changes the output
     # the <unk> baseline is the all-unknown text of the same length
     all_unk = run.probs([[UNK_ID] * len(e.ids) for e in encoded], 64)
     unk_ends = integrated_gradients(run, encoded, targets, steps=8)[1]
@@ -135,15 +160,27 @@ def test_integrated_gradients_are_complete(run: Run, validation: list[str]) -> N
 
 
 @pytest.mark.parametrize("method", ["occlusion", "integrated-gradients"])
-def test_removing_the_most_attributed_word_moves_the_prediction_more(run: Run, validation: list[str], method: str) -> None:
+def test_removing_the_most_attributed_word_moves_the_prediction_more(
+    run: Run, validation: list[str], method: str
+) -> None:
     """On confidently classified texts, removing the top-scored word lowers the predicted class's
     probability more than removing the lowest-scored one."""
     explained = [ex for ex in explain_texts(run, validation[:150], method) if ex.probs.max() > 0.8]
     assert len(explained) > 50
-    top = deletion_drops(run, [ex.encoded for ex in explained], [ex.scores for ex in explained],
-                         [ex.target for ex in explained], k_max=1)[:, 0]
-    bottom = deletion_drops(run, [ex.encoded for ex in explained], [-ex.scores for ex in explained],
-                            [ex.target for ex in explained], k_max=1)[:, 0]
+    top = deletion_drops(
+        run,
+        [ex.encoded for ex in explained],
+        [ex.scores for ex in explained],
+        [ex.target for ex in explained],
+        k_max=1,
+    )[:, 0]
+    bottom = deletion_drops(
+        run,
+        [ex.encoded for ex in explained],
+        [-ex.scores for ex in explained],
+        [ex.target for ex in explained],
+        k_max=1,
+    )[:, 0]
     assert top.mean() > bottom.mean() + 0.05 and (top > bottom).mean() > 0.7, (top.mean(), bottom.mean())
 
 
@@ -172,19 +209,33 @@ def explain_cli(*args: str) -> list[dict]:
 
 def test_jsonl_rows_follow_the_input_lines_and_bad_lines_are_reported(run_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    lines = ['{"text": "a gorgeous, witty film", "id": 7}', "not json", '{"text": "  "}',
-             '{"text": "dull and far too long", "id": 9}', '{"text": "<unseen> ☃ words"}']
+    lines = [
+        '{"text": "a gorgeous, witty film", "id": 7}',
+        "not json",
+        '{"text": "  "}',
+        '{"text": "dull and far too long", "id": 9}',
+        '{"text": "<unseen> ☃ words"}',
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = runner.invoke(app, ["explain", str(run_dir), "--input", str(path), "--format", "jsonl"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["text"] for r in rows] == ["a gorgeous, witty film", "dull and far too long", "<unseen> ☃ words"]
+    assert [r["text"] for r in rows] == [
+        "a gorgeous, witty film",
+        "dull and far too long",
+        "<unseen> ☃ words",
+    ]
     assert [r.get("id") for r in rows] == [7, 9, None]
     assert "line 2" in result.stderr and "line 3" in result.stderr and "texts/s" in result.stderr
     for r in rows:
         assert r["explained"] == r["label"] and set(r["probs"]) == {"negative", "positive"}
         assert [t["text"] for t in r["tokens"]] == [r["text"][t["start"] : t["end"]] for t in r["tokens"]]
-    assert rows[1]["tokens"][0] == {"text": "dull", "start": 0, "end": 4, "score": rows[1]["tokens"][0]["score"]}
+    assert rows[1]["tokens"][0] == {
+        "text": "dull",
+        "start": 0,
+        "end": 4,
+        "score": rows[1]["tokens"][0]["score"],
+    }
     # .txt keeps one output line per input line, as predict does: a blank line is an empty text, reported
     txt = tmp_path / "in.txt"
     txt.write_bytes(b"a gorgeous film\n\n\xff bad bytes\nawful\n")
@@ -196,7 +247,9 @@ def test_jsonl_rows_follow_the_input_lines_and_bad_lines_are_reported(run_dir: P
 
 
 def test_label_and_method_choices(run_dir: Path) -> None:
-    rows = explain_cli(str(run_dir), "a gorgeous film", "--label", "negative", "--method", "integrated-gradients")
+    rows = explain_cli(
+        str(run_dir), "a gorgeous film", "--label", "negative", "--method", "integrated-gradients"
+    )
     assert rows[0]["label"] == "positive" and rows[0]["explained"] == "negative"
     result = runner.invoke(app, ["explain", str(run_dir), "a film", "--label", "neutral"])
     assert result.exit_code == 2 and "not one of the run's labels" in result.output
@@ -204,14 +257,18 @@ def test_label_and_method_choices(run_dir: Path) -> None:
     assert result.exit_code == 2 and "--method" in result.output
     result = runner.invoke(app, ["explain", str(run_dir)])
     assert result.exit_code == 2
-    result = runner.invoke(app, ["explain", str(run_dir), "a film", "--output", str(run_dir / "missing" / "x.html")])
+    result = runner.invoke(
+        app, ["explain", str(run_dir), "a film", "--output", str(run_dir / "missing" / "x.html")]
+    )
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
 
 
 def test_html_is_one_escaped_page(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.html"
     attack = 'great <script>alert("x")</script> & <b>bold</b> film'
-    result = runner.invoke(app, ["explain", str(run_dir), attack, "a dull film", "--format", "html", "--output", str(out)])
+    result = runner.invoke(
+        app, ["explain", str(run_dir), attack, "a dull film", "--format", "html", "--output", str(out)]
+    )
     assert result.exit_code == 0, result.output
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
@@ -223,24 +280,36 @@ def test_html_is_one_escaped_page(run_dir: Path, tmp_path: Path) -> None:
     assert 'title="+' in page or 'title="-' in page  # tokens carry their scores
 
 
-def test_terminal_format_prints_each_text_with_its_label(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_terminal_format_prints_each_text_with_its_label(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rich.console import Console
 
     from seqtrain import console
 
-    result = runner.invoke(app, ["explain", str(run_dir), "a gorgeous film [red]", "a dull , boring and awful mess"])
+    result = runner.invoke(
+        app, ["explain", str(run_dir), "a gorgeous film [red]", "a dull , boring and awful mess"]
+    )
     assert result.exit_code == 0, result.output
     assert "a gorgeous film [red]" in result.stdout and "a dull , boring and awful mess" in result.stdout
     assert "positive (" in result.stdout and "negative (" in result.stdout
     # on a colour terminal, the strongest token is highlighted and markup in the text stays text
-    monkeypatch.setattr(console, "out", Console(file=io.StringIO(), force_terminal=True, color_system="truecolor"))
-    console.print_attributions("so [bold]good[/bold] ok", [(0, 2, 0.01), (9, 13, -0.9), (21, 23, 0.3)], "head")
+    monkeypatch.setattr(
+        console, "out", Console(file=io.StringIO(), force_terminal=True, color_system="truecolor")
+    )
+    console.print_attributions(
+        "so [bold]good[/bold] ok", [(0, 2, 0.01), (9, 13, -0.9), (21, 23, 0.3)], "head"
+    )
     shown = console.out.file.getvalue()  # type: ignore[attr-defined]
     assert "[bold]" in shown and "\x1b[" in shown
-    assert re.search(r"\x1b\[[0-9;]*48;2;[0-9;]*m\s*good", shown) and not re.search(r"48;2;[0-9;]*m\s*so", shown)
+    assert re.search(r"\x1b\[[0-9;]*48;2;[0-9;]*m\s*good", shown) and not re.search(
+        r"48;2;[0-9;]*m\s*so", shown
+    )
 
 
-def test_occlusion_on_the_onnx_export_matches_the_run(run_dir: Path, run: Run, validation: list[str], tmp_path: Path) -> None:
+def test_occlusion_on_the_onnx_export_matches_the_run(
+    run_dir: Path, run: Run, validation: list[str], tmp_path: Path
+) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from seqtrain.export import export_run
@@ -252,7 +321,9 @@ def test_occlusion_on_the_onnx_export_matches_the_run(run_dir: Path, run: Run, v
     for a, b in zip(on_torch, on_onnx, strict=True):
         assert a.target == b.target and a.encoded == b.encoded
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
-    result = runner.invoke(app, ["explain", str(tmp_path / "onnx"), "a film", "--method", "integrated-gradients"])
+    result = runner.invoke(
+        app, ["explain", str(tmp_path / "onnx"), "a film", "--method", "integrated-gradients"]
+    )
     assert result.exit_code == 2 and "run directory" in result.output
     code = (  # occlusion on an export folder never imports torch
         "import sys\nfrom seqtrain.cli import app\ntry:\n"
@@ -272,7 +343,9 @@ def test_top_words_per_class_in_eval_report(run: Run, run_dir: Path) -> None:
     assert {"bad", "worst", "dull", "boring", "no", "not", "too", "mess"} & set(neg)
     assert not set(pos) & set(neg)
     assert all(r["mean"] > 0 and r["n"] >= 3 for rows in top["by_class"].values() for r in rows)
-    assert 1 <= top_words(run, run.config.data, "validation", max_texts=400, max_cost=3000)["texts"] < 100  # the cost cap
+    assert (
+        1 <= top_words(run, run.config.data, "validation", max_texts=400, max_cost=3000)["texts"] < 100
+    )  # the cost cap
     result = runner.invoke(app, ["eval", str(run_dir), "--report", "--json", "--limit", "300"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["report"]["top_words"]["by_class"]) == {"negative", "positive"}
@@ -286,7 +359,9 @@ def test_bench_table_goes_between_the_markers_and_the_prose_stays(tmp_path: Path
     write_between_markers(path, "| table 1 |")
     text = path.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks\n\n## Other\n\nkept\n") and HEADING in text and "| table 1 |" in text
-    path.write_text(text.replace(BEGIN, "a note by hand\n\n" + BEGIN) + "\nafter the table\n", encoding="utf-8")
+    path.write_text(
+        text.replace(BEGIN, "a note by hand\n\n" + BEGIN) + "\nafter the table\n", encoding="utf-8"
+    )
     write_between_markers(path, "| table 2 |")
     text = path.read_text(encoding="utf-8")
     assert "| table 2 |" in text and "| table 1 |" not in text and text.count(BEGIN) == 1
@@ -299,9 +374,18 @@ def test_regression_explains_the_score(tmp_path: Path) -> None:
     from tests.conftest import write_hub_folder
     from tests.test_tasks import rated_rows
 
-    data = write_hub_folder(tmp_path / "rated", {"train": rated_rows(800, 0), "validation": rated_rows(100, 1)})
-    train(tiny_config(data, tmp_path / "run", data={"label_column": "stars"},
-                      model={"task": "regression", "regression_head": "distribution"}, train={"epochs": 2}))
+    data = write_hub_folder(
+        tmp_path / "rated", {"train": rated_rows(800, 0), "validation": rated_rows(100, 1)}
+    )
+    train(
+        tiny_config(
+            data,
+            tmp_path / "run",
+            data={"label_column": "stars"},
+            model={"task": "regression", "regression_head": "distribution"},
+            train={"epochs": 2},
+        )
+    )
     reg = load_run(tmp_path / "run")[0]
     texts = ["the film was superb and brilliant", "dreadful plot , awful actors"]
     for ex in explain_texts(reg, texts):

@@ -36,7 +36,9 @@ MODELS = {
 @pytest.fixture(scope="module", params=list(MODELS))
 def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp(request.param)
-    data = write_hub_folder(tmp / "tiny", {"train": synthetic_rows(300, 0), "validation": synthetic_rows(50, 1)})
+    data = write_hub_folder(
+        tmp / "tiny", {"train": synthetic_rows(300, 0), "validation": synthetic_rows(50, 1)}
+    )
     cfg = tiny_config(data, tmp / "run", model=MODELS[request.param], data={"max_length": 48})
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -50,7 +52,10 @@ def varied_texts(n: int = 100) -> list[str]:
     rng = random.Random(7)
     texts = [r["text"] for r in synthetic_rows(n - 10, 3)]
     texts += ["great", "dull", "?", "unseenword", "the"]  # one token, and an unknown one
-    texts += [" ".join(rng.choice(["great", "awful", "the", "film", "plot"]) for _ in range(k)) for k in (47, 48, 49, 80, 100)]
+    texts += [
+        " ".join(rng.choice(["great", "awful", "the", "film", "plot"]) for _ in range(k))
+        for k in (47, 48, 49, 80, 100)
+    ]
     rng.shuffle(texts)
     return texts
 
@@ -91,7 +96,13 @@ def test_export_command_writes_the_folder(run_dir: Path) -> None:
     result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript"])
     assert result.exit_code == 0, result.output
     folder = run_dir / "export"
-    assert {p.name for p in folder.iterdir()} == {"model.pt", "tokenizer.json", "labels.json", "config.yaml", "export.json"}
+    assert {p.name for p in folder.iterdir()} == {
+        "model.pt",
+        "tokenizer.json",
+        "labels.json",
+        "config.yaml",
+        "export.json",
+    }
     info = json.loads((folder / "export.json").read_text())
     assert info["format"] == "torchscript" and info["model"] == "model.pt" and info["pad_id"] == 0
     assert info["max_length"] == 48 and set(info["inputs"]) == {"ids", "lengths"}
@@ -136,8 +147,9 @@ def test_predict_on_the_onnx_folder_matches_the_run(run_dir: Path, tmp_path: Pat
     assert_export_folder_predicts_like_the_run(run_dir, tmp_path / "onnx", varied_texts())
 
 
-def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(run_dir: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """onnxruntime's RNN kernel uses one thread, so an RNN export runs one batch per core at once;
     LSTM and GRU exports run a batch at a time on all cores. Either way the outputs are the model's."""
     pytest.importorskip("onnx")
@@ -151,7 +163,9 @@ def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(run_dir: Path
     assert (exported.pool is not None) == (exported.config.model.cell == "rnn")
     run, _ = load_run(run_dir)
     seqs = encode(run.tokenizer, varied_texts(), run.config.data)
-    np.testing.assert_allclose(exported.probs(seqs, 7), run.probs(seqs, 7), atol=1e-5)  # 15 batches of 7, two at a time
+    np.testing.assert_allclose(
+        exported.probs(seqs, 7), run.probs(seqs, 7), atol=1e-5
+    )  # 15 batches of 7, two at a time
 
 
 def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path: Path) -> None:
@@ -175,7 +189,9 @@ def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path
 def test_predict_refuses_folders_it_cannot_run(run_dir: Path, tmp_path: Path) -> None:
     export_run(run_dir, "torchscript", tmp_path / "ts")
     result = runner.invoke(app, ["predict", str(tmp_path / "ts"), "great"])
-    assert result.exit_code == 1 and "ONNX export folders" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 1 and "ONNX export folders" in result.output and "Traceback" not in result.output
+    )
     info = json.loads((tmp_path / "ts" / "export.json").read_text())
     info.update(format="onnx", outputs={"logits": "..."})  # what export.json said before the `probs` output
     (tmp_path / "ts" / "export.json").write_text(json.dumps(info))

@@ -36,22 +36,33 @@ def write_config(tmp_path: Path, data: Path, out: str, **sections: dict) -> Path
 
 def start(config: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "seqtrain", "train", str(config), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "seqtrain", "train", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         trace = run / "trained-examples.tsv"
-        if trace.exists() and trace.stat().st_size and int(trace.read_text().splitlines()[-1].split("\t")[0]) >= step:
+        if (
+            trace.exists()
+            and trace.stat().st_size
+            and int(trace.read_text().splitlines()[-1].split("\t")[0]) >= step
+        ):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("training did not reach the step in time")
 
 
-def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(tiny_data: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(
+    tiny_data: Path, tmp_path: Path
+) -> None:
     train_cfg = {"epochs": 2, "eval_every": 1000, "trace_examples": True}
     straight = write_config(tmp_path, tiny_data, "straight", train=train_cfg)
     proc = start(straight)
@@ -74,11 +85,14 @@ def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(tiny_data:
     assert a == b, "the interrupted-plus-resumed run trained on exactly the same examples, in order"
     hashes = [line.split("\t")[1] for line in a]
     assert len(hashes) == 2 * 600 and len(set(hashes[:600])) == len(set(hashes[600:]))
-    assert (tmp_path / "straight" / "last" / "model.safetensors").read_bytes() == \
-        (tmp_path / "stopped" / "last" / "model.safetensors").read_bytes()
+    assert (tmp_path / "straight" / "last" / "model.safetensors").read_bytes() == (
+        tmp_path / "stopped" / "last" / "model.safetensors"
+    ).read_bytes()
 
 
-def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(
+    tiny_data: Path, tmp_path: Path
+) -> None:
     """A checkpoint every step, killed at random moments (many during a save)."""
     cfg = write_config(tmp_path, tiny_data, "run", train={"epochs": 3, "eval_every": 1})
     run = tmp_path / "run"
@@ -99,7 +113,9 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_data
     assert proc.wait(timeout=300) == 0, proc.communicate()
 
 
-def test_full_disk_during_save_keeps_previous_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_during_save_keeps_previous_checkpoint(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5})
     import seqtrain.checkpoint as ck
 
@@ -128,7 +144,9 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: P
 
 def test_resume_with_changed_lr_is_allowed(tiny_data: Path, tmp_path: Path) -> None:
     train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 5}))
-    report = train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "lr": 0.005}), resume=True)
+    report = train(
+        tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "lr": 0.005}), resume=True
+    )
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 10 and report
 
 
@@ -163,15 +181,33 @@ def test_predict_reports_undecodable_lines_and_keeps_order(tiny_data: Path, tmp_
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
-def test_signal_to_the_whole_process_group_with_workers_saves_last(tiny_data: Path, tmp_path: Path, signum: int) -> None:
+def test_signal_to_the_whole_process_group_with_workers_saves_last(
+    tiny_data: Path, tmp_path: Path, signum: int
+) -> None:
     """`kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal every process of the group,
     DataLoader workers included: the run must still save last/ and exit 128 + signum, no traceback."""
     cfg = tmp_path / "group.yaml"
-    cfg.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_data, tmp_path / "group", data={"num_workers": 2},
-                                                      train={"epochs": 20, "eval_every": 1000, "trace_examples": True}))))
+    cfg.write_text(
+        yaml.safe_dump(
+            to_dict(
+                tiny_config(
+                    tiny_data,
+                    tmp_path / "group",
+                    data={"num_workers": 2},
+                    train={"epochs": 20, "eval_every": 1000, "trace_examples": True},
+                )
+            )
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "seqtrain", "train", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqtrain", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     wait_for_step(tmp_path / "group", 10, proc)
     os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=120)

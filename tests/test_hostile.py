@@ -33,14 +33,25 @@ from seqtrain.config import to_dict
 from seqtrain.errors import CheckpointError
 from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
-EXE = next((p for p in (ROOT / ".venv" / "bin" / "seqtrain", Path(sys.executable).parent / "seqtrain") if p.exists()), None)
+EXE = next(
+    (
+        p
+        for p in (ROOT / ".venv" / "bin" / "seqtrain", Path(sys.executable).parent / "seqtrain")
+        if p.exists()
+    ),
+    None,
+)
 
 
-def cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the installed `seqtrain` with one thread; never a Traceback, whatever the exit code."""
     cmd = [str(EXE)] if EXE else [sys.executable, "-m", "seqtrain"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.run([*cmd, *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [*cmd, *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=timeout
+    )
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     return proc
 
@@ -57,15 +68,19 @@ def write_config(path: Path, dataset: Path, out: Path | None, **sections: Any) -
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_hub_folder(tmp_path_factory.mktemp("data") / "tiny",
-                            {"train": synthetic_rows(120, 0), "validation": synthetic_rows(40, 1)})
+    return write_hub_folder(
+        tmp_path_factory.mktemp("data") / "tiny",
+        {"train": synthetic_rows(120, 0), "validation": synthetic_rows(40, 1)},
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """A tiny run with two checkpoints: step-00000002 and step-00000004 (last)."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = write_config(tmp / "c.yaml", data_dir, tmp / "run", train={"max_steps": 4, "eval_every": 2, "keep_last": 2})
+    cfg = write_config(
+        tmp / "c.yaml", data_dir, tmp / "run", train={"max_steps": 4, "eval_every": 2, "keep_last": 2}
+    )
     proc = cli("train", str(cfg))
     assert proc.returncode == 0, proc.stderr
     return tmp / "run"
@@ -126,8 +141,10 @@ def nan_weights(ctx: Ctx) -> list[str]:
         weights["head.weight"][0, 0] = float("nan")
         save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        manifest["files"]["model.safetensors"] = {"sha256": checkpoint._sha256(ckpt / "model.safetensors"),
-                                                  "bytes": (ckpt / "model.safetensors").stat().st_size}
+        manifest["files"]["model.safetensors"] = {
+            "sha256": checkpoint._sha256(ckpt / "model.safetensors"),
+            "bytes": (ckpt / "model.safetensors").stat().st_size,
+        }
         (ckpt / "manifest.json").write_text(json.dumps(manifest))
     return ["predict", str(ctx.run), "great film"]
 
@@ -198,8 +215,12 @@ def csv_files(ctx: Ctx, train: bytes, skip: bool = True, **data: Any) -> list[st
     (ctx.tmp / "train.csv").write_bytes(train)
     rows = synthetic_rows(20, 1)
     (ctx.tmp / "val.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
-    section = {"path": str(ctx.tmp / "train.csv"), "eval_path": str(ctx.tmp / "val.csv"),
-               "on_bad_rows": "skip" if skip else "error", **data}
+    section = {
+        "path": str(ctx.tmp / "train.csv"),
+        "eval_path": str(ctx.tmp / "val.csv"),
+        "on_bad_rows": "skip" if skip else "error",
+        **data,
+    }
     return ["train", ctx.config(data=section)]
 
 
@@ -217,8 +238,10 @@ def good_csv(n: int = 60) -> bytes:
 def empty_parquet(ctx: Ctx) -> list[str]:
     folder = ctx.tmp / "d"
     write_hub_folder(folder, {"validation": synthetic_rows(20, 1)})
-    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
-                   folder / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+        folder / "train-00000-of-00001.parquet",
+    )
     return ["train", ctx.config(data={"path": str(folder), "on_bad_rows": "skip"})]
 
 
@@ -232,9 +255,19 @@ def readme_only(ctx: Ctx) -> list[str]:
 def unknown_label(ctx: Ctx, skip: bool) -> list[str]:
     rows = synthetic_rows(60, 0, string_labels=True)
     rows[7]["label"] = "meh"
-    folder = write_hub_folder(ctx.tmp / "d", {"train": rows, "validation": synthetic_rows(20, 1, string_labels=True)})
-    return ["train", ctx.config(data={"path": str(folder), "label_names": ["neg", "pos"],
-                                      "on_bad_rows": "skip" if skip else "error"})]
+    folder = write_hub_folder(
+        ctx.tmp / "d", {"train": rows, "validation": synthetic_rows(20, 1, string_labels=True)}
+    )
+    return [
+        "train",
+        ctx.config(
+            data={
+                "path": str(folder),
+                "label_names": ["neg", "pos"],
+                "on_bad_rows": "skip" if skip else "error",
+            }
+        ),
+    ]
 
 
 def skipped_one_unknown_label(ctx: Ctx, proc: subprocess.CompletedProcess[str]) -> None:
@@ -281,66 +314,196 @@ def summary_untouched(ctx: Ctx, proc: subprocess.CompletedProcess[str]) -> None:
 
 CASES = [
     # ---- checkpoints
-    Case("manifest-files-renamed", lambda c: (each_manifest(c.run, rename_files), ["eval", str(c.run)])[1],
-         1, r"manifest\.json.*'files'"),
-    Case("manifest-is-a-list", lambda c: (each_manifest(c.run, lambda m: list(m)), ["eval", str(c.run)])[1],
-         1, r"manifest\.json.*(a list|JSON object)"),
-    Case("manifest-entry-without-bytes", lambda c: (each_manifest(c.run, drop_bytes), ["eval", str(c.run)])[1],
-         1, r"manifest\.json.*model\.safetensors.*'bytes'"),
-    Case("nan-weights-refused", nan_weights, 1, r"model\.safetensors.*(NaN|non-finite).*head\.weight",
-         check=lambda c, p: pytest.fail(p.stdout) if "NaN" in p.stdout else None),
-    Case("dangling-last-warns-once", dangling_last, 0, r"last.* points at .*step-00000004.*missing",
-         check=once(r"points at")),
+    Case(
+        "manifest-files-renamed",
+        lambda c: (each_manifest(c.run, rename_files), ["eval", str(c.run)])[1],
+        1,
+        r"manifest\.json.*'files'",
+    ),
+    Case(
+        "manifest-is-a-list",
+        lambda c: (each_manifest(c.run, lambda m: list(m)), ["eval", str(c.run)])[1],
+        1,
+        r"manifest\.json.*(a list|JSON object)",
+    ),
+    Case(
+        "manifest-entry-without-bytes",
+        lambda c: (each_manifest(c.run, drop_bytes), ["eval", str(c.run)])[1],
+        1,
+        r"manifest\.json.*model\.safetensors.*'bytes'",
+    ),
+    Case(
+        "nan-weights-refused",
+        nan_weights,
+        1,
+        r"model\.safetensors.*(NaN|non-finite).*head\.weight",
+        check=lambda c, p: pytest.fail(p.stdout) if "NaN" in p.stdout else None,
+    ),
+    Case(
+        "dangling-last-warns-once",
+        dangling_last,
+        0,
+        r"last.* points at .*step-00000004.*missing",
+        check=once(r"points at"),
+    ),
     Case("stale-tmp-cleaned-at-start", stale_tmp, 0, r"\.tmp-step-00000009-999", check=no_stale_tmp),
     # ---- run directory
-    Case("second-process-refused", locked, 1, r"in use by another seqtrain process.*pid \d+",
-         check=lambda c, p: c.notes["lock"].close()),
+    Case(
+        "second-process-refused",
+        locked,
+        1,
+        r"in use by another seqtrain process.*pid \d+",
+        check=lambda c, p: c.notes["lock"].close(),
+    ),
     Case("dead-process-lock-blocks-nothing", dead_lock, 0, r"run directory"),
-    Case("users-folder-refused", users_folder, 2, r"output_dir.*config\.yaml.*metrics\.jsonl", check=users_files_untouched),
-    Case("name-escapes-runs", lambda c: ["train", c.config(out=None), "name=../../x"], 2, r"\bname\b.*'\.\./\.\./x'"),
+    Case(
+        "users-folder-refused",
+        users_folder,
+        2,
+        r"output_dir.*config\.yaml.*metrics\.jsonl",
+        check=users_files_untouched,
+    ),
+    Case(
+        "name-escapes-runs",
+        lambda c: ["train", c.config(out=None), "name=../../x"],
+        2,
+        r"\bname\b.*'\.\./\.\./x'",
+    ),
     Case("name-empty", lambda c: ["train", c.config(out=None), 'name=""'], 2, r"\bname\b.*empty"),
-    Case("name-with-newline", lambda c: ["train", c.config(out=None), 'name="a\\nb"'], 2, r"\bname\b.*control"),
+    Case(
+        "name-with-newline", lambda c: ["train", c.config(out=None), 'name="a\\nb"'], 2, r"\bname\b.*control"
+    ),
     # ---- config
     Case("lr-nan", lambda c: ["train", c.config(), "train.lr=.nan"], 2, r"train\.lr.*finite"),
     Case("lr-inf", lambda c: ["train", c.config(), "train.lr=.inf"], 2, r"train\.lr.*finite"),
-    Case("hidden-size-absurd", lambda c: ["train", c.config(), "model.hidden_size=100000000000"], 2,
-         r"model\.hidden_size.*parameters"),
-    Case("empty-config-file", lambda c: ["train", text_file(c, "empty.yaml", "# nothing yet\n")], 2, r"empty\.yaml.*empty"),
-    Case("label-names-empty", lambda c: ["train", c.config(), "data.label_names=[]"], 2, r"data\.label_names"),
-    Case("warmup-longer-than-run", lambda c: ["train", c.config(), "train.warmup_steps=200"], 0,
-         r"train\.warmup_steps 200.*2 steps"),
+    Case(
+        "hidden-size-absurd",
+        lambda c: ["train", c.config(), "model.hidden_size=100000000000"],
+        2,
+        r"model\.hidden_size.*parameters",
+    ),
+    Case(
+        "empty-config-file",
+        lambda c: ["train", text_file(c, "empty.yaml", "# nothing yet\n")],
+        2,
+        r"empty\.yaml.*empty",
+    ),
+    Case(
+        "label-names-empty", lambda c: ["train", c.config(), "data.label_names=[]"], 2, r"data\.label_names"
+    ),
+    Case(
+        "warmup-longer-than-run",
+        lambda c: ["train", c.config(), "train.warmup_steps=200"],
+        0,
+        r"train\.warmup_steps 200.*2 steps",
+    ),
     # ---- predict and eval
-    Case("blank-lines-txt-one-to-one", lambda c: ["predict", str(c.trained), "-i", text_file(c, "in.txt", "good\n\n  \nbad\n")],
-         0, r"lines? 2, 3.*blank", check=predicted(4)),
-    Case("blank-lines-stdin-one-to-one", lambda c: ["predict", str(c.trained), "-i", "-"], 0, r"lines? 2\b.*blank",
-         stdin="good\n\nbad\n", check=predicted(3)),
-    Case("ragged-csv-row-reported", lambda c: ["predict", str(c.trained), "-i",
-                                               text_file(c, "in.csv", "text,id\ngood,1\nbad,2,extra\nfine,3\n")],
-         0, r"line 3: 3 fields.*header has 2", check=predicted(2)),
+    Case(
+        "blank-lines-txt-one-to-one",
+        lambda c: ["predict", str(c.trained), "-i", text_file(c, "in.txt", "good\n\n  \nbad\n")],
+        0,
+        r"lines? 2, 3.*blank",
+        check=predicted(4),
+    ),
+    Case(
+        "blank-lines-stdin-one-to-one",
+        lambda c: ["predict", str(c.trained), "-i", "-"],
+        0,
+        r"lines? 2\b.*blank",
+        stdin="good\n\nbad\n",
+        check=predicted(3),
+    ),
+    Case(
+        "ragged-csv-row-reported",
+        lambda c: [
+            "predict",
+            str(c.trained),
+            "-i",
+            text_file(c, "in.csv", "text,id\ngood,1\nbad,2,extra\nfine,3\n"),
+        ],
+        0,
+        r"line 3: 3 fields.*header has 2",
+        check=predicted(2),
+    ),
     Case("predict-data-empty-row-reported", dataset_with_empty_row, 0, r"row 3.*empty", check=predicted(4)),
-    Case("output-into-missing-folder", lambda c: ["predict", str(c.trained), "hi", "-o", str(c.tmp / "nope" / "o.jsonl")],
-         1, r"nope/o\.jsonl"),
-    Case("output-onto-a-folder", lambda c: ["predict", str(c.trained), "hi", "-o", str(c.tmp)], 1, r"--output.*folder"),
-    Case("batch-size-zero", lambda c: ["predict", str(c.trained), "hi", "--batch-size", "0"], 2, r"--batch-size"),
-    Case("input-is-a-folder", lambda c: ["predict", str(c.trained), "-i", str(c.tmp)], 1, r"--input.*is a folder"),
-    Case("eval-limit-keeps-summary", eval_keeps_summary("--limit", "5"), 0, r"eval-validation-limit5\.json",
-         check=summary_untouched),
-    Case("eval-last-keeps-summary", eval_keeps_summary("--checkpoint", "last"), 0, r"eval-validation-last\.json",
-         check=summary_untouched),
-    Case("eval-data-keeps-summary", lambda c: eval_keeps_summary("--data", str(c.data))(c), 0, r"eval-validation-data-",
-         check=summary_untouched),
+    Case(
+        "output-into-missing-folder",
+        lambda c: ["predict", str(c.trained), "hi", "-o", str(c.tmp / "nope" / "o.jsonl")],
+        1,
+        r"nope/o\.jsonl",
+    ),
+    Case(
+        "output-onto-a-folder",
+        lambda c: ["predict", str(c.trained), "hi", "-o", str(c.tmp)],
+        1,
+        r"--output.*folder",
+    ),
+    Case(
+        "batch-size-zero",
+        lambda c: ["predict", str(c.trained), "hi", "--batch-size", "0"],
+        2,
+        r"--batch-size",
+    ),
+    Case(
+        "input-is-a-folder",
+        lambda c: ["predict", str(c.trained), "-i", str(c.tmp)],
+        1,
+        r"--input.*is a folder",
+    ),
+    Case(
+        "eval-limit-keeps-summary",
+        eval_keeps_summary("--limit", "5"),
+        0,
+        r"eval-validation-limit5\.json",
+        check=summary_untouched,
+    ),
+    Case(
+        "eval-last-keeps-summary",
+        eval_keeps_summary("--checkpoint", "last"),
+        0,
+        r"eval-validation-last\.json",
+        check=summary_untouched,
+    ),
+    Case(
+        "eval-data-keeps-summary",
+        lambda c: eval_keeps_summary("--data", str(c.data))(c),
+        0,
+        r"eval-validation-data-",
+        check=summary_untouched,
+    ),
     # ---- data, with on_bad_rows: skip
-    Case("csv-extra-field-skip", lambda c: csv_files(c, good_csv() + b"too,many,fields\n" + good_csv()[11:]), 0,
-         r"line 62"),
-    Case("csv-extra-field-error", lambda c: csv_files(c, good_csv() + b"too,many,fields\n", skip=False), 1,
-         r"train\.csv.*line 62"),
-    Case("csv-eval-split-extra-field-error", broken_eval_csv, 1, r"split 'validation' of .*val\.csv.*line 22"),
-    Case("csv-not-utf8-skip", lambda c: csv_files(c, good_csv() + b"caf\xe9 \xff\xfe,1\n"), 0, r"skipped.*text is not valid UTF-8': 1"),
+    Case(
+        "csv-extra-field-skip",
+        lambda c: csv_files(c, good_csv() + b"too,many,fields\n" + good_csv()[11:]),
+        0,
+        r"line 62",
+    ),
+    Case(
+        "csv-extra-field-error",
+        lambda c: csv_files(c, good_csv() + b"too,many,fields\n", skip=False),
+        1,
+        r"train\.csv.*line 62",
+    ),
+    Case(
+        "csv-eval-split-extra-field-error", broken_eval_csv, 1, r"split 'validation' of .*val\.csv.*line 22"
+    ),
+    Case(
+        "csv-not-utf8-skip",
+        lambda c: csv_files(c, good_csv() + b"caf\xe9 \xff\xfe,1\n"),
+        0,
+        r"skipped.*text is not valid UTF-8': 1",
+    ),
     Case("csv-zero-bytes", lambda c: csv_files(c, b""), 1, r"train\.csv.*empty"),
     Case("parquet-zero-rows", empty_parquet, 1, r"split 'train'.*(no usable rows|empty)"),
     Case("folder-with-only-readme", readme_only, 1, r"readme.*no data files"),
     Case("unknown-label-has-row-number", lambda c: unknown_label(c, skip=False), 1, r"row 7.*'meh'"),
-    Case("unknown-label-skipped", lambda c: unknown_label(c, skip=True), 0, r"unknown label", check=skipped_one_unknown_label),
+    Case(
+        "unknown-label-skipped",
+        lambda c: unknown_label(c, skip=True),
+        0,
+        r"unknown label",
+        check=skipped_one_unknown_label,
+    ),
 ]
 
 
@@ -372,11 +535,15 @@ def test_disk_full_while_safetensors_writes(tmp_path: Path, monkeypatch: pytest.
     small_save(tmp_path, 1)
 
     def full(*args: Any, **kwargs: Any) -> None:
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+            'message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(checkpoint, "save_file", full)
-    with pytest.raises(CheckpointError, match=r"step 2 .*No space left on device.*previous checkpoint is untouched"):
+    with pytest.raises(
+        CheckpointError, match=r"step 2 .*No space left on device.*previous checkpoint is untouched"
+    ):
         small_save(tmp_path, 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
     assert checkpoint.find(tmp_path, "last") == ((tmp_path / "checkpoints" / "step-00000001").resolve(), [])
@@ -400,7 +567,9 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("kill_at", range(1, 7))
-def test_same_step_resave_survives_a_kill_at_any_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
+def test_same_step_resave_survives_a_kill_at_any_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int
+) -> None:
     """Saving step 10 again (eval, then the end of training) with a kill at the n-th rename: `last` and
     `best` always point at a whole checkpoint."""
     small_save(tmp_path, 10)
@@ -440,8 +609,14 @@ def test_config_help_and_errors_work_without_sources(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "200"}
 
     def sourceless(*args: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "seqtrain", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "seqtrain", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
         return proc
 
@@ -459,7 +634,9 @@ def test_config_help_snapshot_matches_the_source() -> None:
     from seqtrain.config import HELP_SNAPSHOT, help_snapshot
 
     shipped = json.loads((ROOT / "seqtrain" / HELP_SNAPSHOT).read_text())
-    assert shipped == help_snapshot(), "seqtrain/config_help.json is stale: run `python -m seqtrain.config` to refresh it"
+    assert shipped == help_snapshot(), (
+        "seqtrain/config_help.json is stale: run `python -m seqtrain.config` to refresh it"
+    )
 
 
 def test_no_fault_injection_hook_in_product_code() -> None:
@@ -472,8 +649,15 @@ def test_out_of_memory_while_building_the_model_is_a_message(tmp_path: Path, dat
     """Below the parameter cap, an allocation can still fail (a small machine): exit 1 with a message that
     names the settings to shrink, no traceback. The failure is injected by the test-only entry point."""
     cfg = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "tests.fault_entry", "no-memory", "train", str(cfg)], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.fault_entry", "no-memory", "train", str(cfg)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    assert re.search(r"out of memory: .*not enough memory.*model\.hidden_size", " ".join(proc.stderr.split())), proc.stderr
+    assert re.search(
+        r"out of memory: .*not enough memory.*model\.hidden_size", " ".join(proc.stderr.split())
+    ), proc.stderr

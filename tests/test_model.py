@@ -21,8 +21,14 @@ def test_reverse_within_length_keeps_padding_and_is_an_involution() -> None:
 def test_prediction_does_not_depend_on_the_batch(cell: str, bidirectional: bool, pooling: str) -> None:
     """A short text alone and inside a batch of long, padded texts gets the same logits."""
     torch.manual_seed(0)
-    cfg = ModelConfig(cell=cell, bidirectional=bidirectional, pooling=pooling, num_layers=2,  # type: ignore[arg-type]
-                      embedding_dim=16, hidden_size=24)
+    cfg = ModelConfig(
+        cell=cell,
+        bidirectional=bidirectional,
+        pooling=pooling,
+        num_layers=2,  # type: ignore[arg-type]
+        embedding_dim=16,
+        hidden_size=24,
+    )
     model = build_model(cfg, vocab_size=50, num_classes=3).eval()
     short = torch.randint(2, 50, (1, 4))
     batch = torch.zeros(6, 30, dtype=torch.long)
@@ -70,14 +76,23 @@ def test_each_cell_learns_a_few_steps(cell: str) -> None:
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_word_dropout_and_weight_drop_act_in_training_only(cell: str) -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig(cell=cell, embedding_dim=8, hidden_size=8, bidirectional=True, dropout=0.0,  # type: ignore[arg-type]
-                      word_dropout=0.3, weight_drop=0.5)
+    cfg = ModelConfig(
+        cell=cell,
+        embedding_dim=8,
+        hidden_size=8,
+        bidirectional=True,
+        dropout=0.0,  # type: ignore[arg-type]
+        word_dropout=0.3,
+        weight_drop=0.5,
+    )
     model = build_model(cfg, vocab_size=30, num_classes=2)
     ids, lengths = torch.randint(2, 30, (4, 9)), torch.tensor([9, 7, 3, 1])
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids, lengths), model(ids, lengths)), "deterministic in eval"
-        plain = build_model(ModelConfig(cell=cell, embedding_dim=8, hidden_size=8, bidirectional=True, dropout=0.0), 30, 2)  # type: ignore[arg-type]
+        plain = build_model(
+            ModelConfig(cell=cell, embedding_dim=8, hidden_size=8, bidirectional=True, dropout=0.0), 30, 2
+        )  # type: ignore[arg-type]
         plain.load_state_dict(model.state_dict())
         assert torch.equal(model(ids, lengths), plain.eval()(ids, lengths)), "no effect outside training"
     model.train()
@@ -85,9 +100,13 @@ def test_word_dropout_and_weight_drop_act_in_training_only(cell: str) -> None:
     assert not torch.equal(a, b), "a fresh mask each call in training"
     a.sum().backward()
     for rnn in model.layers[0]:  # type: ignore[union-attr]
-        assert rnn.weight_hh_l0.grad is not None and rnn.weight_hh_l0.grad.abs().sum() > 0  # gradients reach the dropped weights
+        assert (
+            rnn.weight_hh_l0.grad is not None and rnn.weight_hh_l0.grad.abs().sum() > 0
+        )  # gradients reach the dropped weights
     # the dropped weights are used for the call only: the parameters themselves are untouched
-    assert torch.equal(model.state_dict()["layers.0.0.weight_hh_l0"], plain.state_dict()["layers.0.0.weight_hh_l0"])
+    assert torch.equal(
+        model.state_dict()["layers.0.0.weight_hh_l0"], plain.state_dict()["layers.0.0.weight_hh_l0"]
+    )
 
     # word dropout replaces real tokens with <unk> and never touches padding
     from seqtrain.encoding import UNK_ID

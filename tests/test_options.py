@@ -20,10 +20,22 @@ from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 def test_pretrained_embeddings_coverage_and_freeze(tiny_data: Path, tmp_path: Path) -> None:
     vectors = tmp_path / "vectors.txt"
     # a word2vec-style header, then vectors for two vocabulary words and one unknown word
-    vectors.write_text("3 16\n" + "great " + " ".join(["0.5"] * 16) + "\nawful " + " ".join(["-0.5"] * 16)
-                       + "\nzzzunseen " + " ".join(["1.0"] * 16) + "\n")
-    cfg = tiny_config(tiny_data, tmp_path / "run", model={"pretrained_embeddings": str(vectors), "freeze_embeddings": True},
-                      train={"max_steps": 10})
+    vectors.write_text(
+        "3 16\n"
+        + "great "
+        + " ".join(["0.5"] * 16)
+        + "\nawful "
+        + " ".join(["-0.5"] * 16)
+        + "\nzzzunseen "
+        + " ".join(["1.0"] * 16)
+        + "\n"
+    )
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "run",
+        model={"pretrained_embeddings": str(vectors), "freeze_embeddings": True},
+        train={"max_steps": 10},
+    )
     train(cfg)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     vocab = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab()
@@ -43,8 +55,18 @@ def test_pretrained_embeddings_wrong_dimension_is_clear(tiny_data: Path, tmp_pat
 def test_early_stopping_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
     # a learning rate too small to change any prediction: accuracy never improves after the first
     # evaluation, so patience 2 stops at the third
-    cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 10, "eval_every": 5, "patience": 2, "lr": 1e-9,
-                                                           "lr_schedule": "constant", "monitor": "accuracy"})
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "run",
+        train={
+            "epochs": 10,
+            "eval_every": 5,
+            "patience": 2,
+            "lr": 1e-9,
+            "lr_schedule": "constant",
+            "monitor": "accuracy",
+        },
+    )
     train(cfg)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "validation"]
     assert [r["step"] for r in evals] == [5, 10, 15], "stopped long before 10 epochs"
@@ -52,10 +74,18 @@ def test_early_stopping_keeps_best(tiny_data: Path, tmp_path: Path) -> None:
     assert best == 5
 
 
-def short_run(data: Path, out: Path, steps: int = 6, **train_options: object) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def short_run(
+    data: Path, out: Path, steps: int = 6, **train_options: object
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """A few steps, a train line each: (train lines, final weights)."""
-    train(tiny_config(data, out, data={"max_eval_examples": 20},
-                      train={"max_steps": steps, "log_every": 1, "lr_schedule": "linear", **train_options}))
+    train(
+        tiny_config(
+            data,
+            out,
+            data={"max_eval_examples": 20},
+            train={"max_steps": steps, "log_every": 1, "lr_schedule": "linear", **train_options},
+        )
+    )
     lines = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     return lines, load_file(str(out / "last" / "model.safetensors"))
 
@@ -73,7 +103,9 @@ def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Pa
 
     # cosine: its own curve, not the linear one
     cos_lines, _ = short_run(tiny_data, tmp_path / "cosine", lr_schedule="cosine")
-    assert [r["lr"] for r in cos_lines] == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+    assert [r["lr"] for r in cos_lines] == pytest.approx(
+        [lr * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    )
 
     # label smoothing: a confident right answer still costs something, and training moves differently
     cfg = Config()
@@ -87,7 +119,9 @@ def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Pa
 
     # SGD: momentum buffers instead of Adam's moments, and different weights
     _, sgd = short_run(tiny_data, tmp_path / "sgd", optimizer="sgd", lr=0.1)
-    opt_keys = {k.split("/", 1)[1] for k in load_file(str(tmp_path / "sgd" / "last" / "optimizer.safetensors"))}
+    opt_keys = {
+        k.split("/", 1)[1] for k in load_file(str(tmp_path / "sgd" / "last" / "optimizer.safetensors"))
+    }
     assert opt_keys == {"momentum_buffer"} and not torch.equal(sgd["head.weight"], base["head.weight"])
 
     # balanced class weights: on imbalanced labels the very first loss (same weights, same batch) differs
@@ -101,8 +135,15 @@ def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Pa
     assert not torch.equal(weighted["head.weight"], plain["head.weight"])
 
 
-@pytest.mark.parametrize("option", [{"label_smoothing": 0.1}, {"lr_schedule": "cosine", "warmup_steps": 5},
-                                    {"optimizer": "sgd", "lr": 0.1}, {"class_weights": "balanced"}])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"label_smoothing": 0.1},
+        {"lr_schedule": "cosine", "warmup_steps": 5},
+        {"optimizer": "sgd", "lr": 0.1},
+        {"class_weights": "balanced"},
+    ],
+)
 def test_training_options_run_and_learn(tiny_data: Path, tmp_path: Path, option: dict) -> None:
     report = train(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 3, **option}))
     assert report["accuracy"] > 0.7
@@ -116,7 +157,9 @@ def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path
     assert report["accuracy"] > 0.7
     run, _ = load_run(tmp_path / "run")  # reads model.safetensors: the average
     again = evaluate(run.model, run.config, run.tokenizer, run.labels, "validation", run.device)
-    assert again["accuracy"] == report["accuracy"] and again["loss"] == pytest.approx(report["loss"], rel=1e-5)
+    assert again["accuracy"] == report["accuracy"] and again["loss"] == pytest.approx(
+        report["loss"], rel=1e-5
+    )
     assert (tmp_path / "run" / "best" / "train-model.safetensors").is_file()
 
     # the update: warm-up decay (1 + step) / (10 + step) caps the configured one early on
@@ -130,9 +173,15 @@ def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path
     assert ema.weight.item() == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("model", [{"num_layers": 2, "bidirectional": True, "pooling": "attention", "embedding_dropout": 0.1},
-                                   {"cell": "rnn", "pooling": "mean"}, {"cell": "lstm", "pooling": "max"},
-                                   {"cell": "lstm", "bidirectional": True, "pooling": "max", "word_dropout": 0.1, "weight_drop": 0.3}])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"num_layers": 2, "bidirectional": True, "pooling": "attention", "embedding_dropout": 0.1},
+        {"cell": "rnn", "pooling": "mean"},
+        {"cell": "lstm", "pooling": "max"},
+        {"cell": "lstm", "bidirectional": True, "pooling": "max", "word_dropout": 0.1, "weight_drop": 0.3},
+    ],
+)
 def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> None:
     report = train(tiny_config(tiny_data, tmp_path / "run", model=model, train={"epochs": 3}))
     assert report["accuracy"] > 0.7
@@ -142,7 +191,11 @@ def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> No
 
 def test_tensorboard_logging(tiny_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    train(tiny_config(tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5, "tensorboard": True}))
+    train(
+        tiny_config(
+            tiny_data, tmp_path / "run", train={"max_steps": 10, "eval_every": 5, "tensorboard": True}
+        )
+    )
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
 
@@ -153,7 +206,9 @@ def test_adversarial_perturbation_points_uphill_with_norm_eps() -> None:
     from seqtrain.train import adversarial_perturbation, embedding_probe
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, pooling="max", bidirectional=True), 50, 2).eval()
+    model = build_model(
+        ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, pooling="max", bidirectional=True), 50, 2
+    ).eval()
     ids, lengths = torch.randint(2, 50, (4, 9)), torch.tensor([9, 7, 3, 1])
     ids[torch.arange(9).unsqueeze(0) >= lengths.unsqueeze(1)] = 0  # right padding
     y = torch.tensor([0, 1, 1, 0])
@@ -168,9 +223,13 @@ def test_adversarial_perturbation_points_uphill_with_norm_eps() -> None:
         clean = loss_fn(model(ids, lengths), y)
         adversarial = loss_fn(model(ids, lengths, r), y)
         noise = torch.randn_like(r) * (torch.arange(9) < lengths.unsqueeze(1)).unsqueeze(-1)
-        random = loss_fn(model(ids, lengths, 0.5 * noise / torch.linalg.vector_norm(noise, dim=(1, 2), keepdim=True)), y)
+        random = loss_fn(
+            model(ids, lengths, 0.5 * noise / torch.linalg.vector_norm(noise, dim=(1, 2), keepdim=True)), y
+        )
     assert (adversarial > clean).all(), "the gradient direction raises every text's loss"
-    assert (adversarial - clean > (random - clean).abs()).all(), "far more than a random move of the same size"
+    assert (adversarial - clean > (random - clean).abs()).all(), (
+        "far more than a random move of the same size"
+    )
 
 
 def test_adversarial_training_learns_and_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
@@ -180,4 +239,6 @@ def test_adversarial_training_learns_and_is_reproducible(tiny_data: Path, tmp_pa
         runs[name] = (train(cfg), load_file(str(tmp_path / name / "last" / "model.safetensors")))
     assert runs["a"][0]["accuracy"] > 0.7
     assert all(torch.equal(runs["a"][1][k], runs["b"][1][k]) for k in runs["a"][1]), "same seed, same weights"
-    assert not torch.equal(runs["a"][1]["head.weight"], runs["plain"][1]["head.weight"]), "the adversarial loss changes training"
+    assert not torch.equal(runs["a"][1]["head.weight"], runs["plain"][1]["head.weight"]), (
+        "the adversarial loss changes training"
+    )

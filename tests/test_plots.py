@@ -41,8 +41,11 @@ def assert_png(path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # max_length 24 < the longest texts (~53 tokens), so the report has truncated texts to count
-    return train_tiny_run(tmp_path_factory.mktemp("plots"), data={"label_names": ["negative", "positive"], "max_length": 24},
-                          train={"epochs": 2})
+    return train_tiny_run(
+        tmp_path_factory.mktemp("plots"),
+        data={"label_names": ["negative", "positive"], "max_length": 24},
+        train={"epochs": 2},
+    )
 
 
 def test_training_writes_curves(trained: Path) -> None:
@@ -100,7 +103,9 @@ def test_truncation_rate_matches_a_count_by_hand(tiny_data: Path) -> None:
 
     rows = synthetic_rows(200, 1)
     words = sorted({w for r in rows for w in r["text"].split()})
-    tok = Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    tok = Tokenizer(
+        WordLevel({"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = Whitespace()
     cfg = tiny_config(tiny_data, tiny_data / "out", data={"max_length": 20})
     stats = truncation_stats(tok, cfg.data, "validation", None)
@@ -115,7 +120,11 @@ def test_length_buckets_are_quantiles_and_cover_every_row() -> None:
     buckets = length_buckets(lengths, correct, buckets=4, max_length=100)
     assert [b["n"] for b in buckets] == [25, 25, 25, 25]
     assert [b["accuracy"] for b in buckets] == [0.0, 0.0, 1.0, 1.0]
-    assert buckets[0]["min_tokens"] == 1 and buckets[-1]["max_tokens"] == 100 and buckets[-1]["includes_truncated"]
+    assert (
+        buckets[0]["min_tokens"] == 1
+        and buckets[-1]["max_tokens"] == 100
+        and buckets[-1]["includes_truncated"]
+    )
     same = length_buckets(np.full(10, 7), np.ones(10), buckets=4)  # one length: one bucket
     assert len(same) == 1 and same[0]["n"] == 10
 
@@ -144,7 +153,13 @@ def test_plot_functions_write_pngs(tmp_path: Path) -> None:
     binary = probs[:, :2] / probs[:, :2].sum(1, keepdims=True)
     assert_png(plot_pr(binary, (y == 1).astype(int), ["no", "yes"], tmp_path / "pr.png"))
     records = [{"step": s, "split": "train", "loss": 1 / s, "accuracy": 1 - 1 / s} for s in range(1, 50)]
-    records += [{"step": s, "split": "validation", "loss": 1.2 / s, "accuracy": 1 - 1.2 / s} for s in (10, 20, 49)]
-    regression = [{"step": s, "split": split, "loss": 1 / s, "mae": 2 / s} for s in range(1, 20) for split in ("train", "test")]
+    records += [
+        {"step": s, "split": "validation", "loss": 1.2 / s, "accuracy": 1 - 1.2 / s} for s in (10, 20, 49)
+    ]
+    regression = [
+        {"step": s, "split": split, "loss": 1 / s, "mae": 2 / s}
+        for s in range(1, 20)
+        for split in ("train", "test")
+    ]
     assert_png(plot_curves([("a", records), ("b", records[::2])], tmp_path / "curves.png"))
     assert_png(plot_curves([("r", regression)], tmp_path / "regression.png"))

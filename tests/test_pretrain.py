@@ -29,7 +29,9 @@ SST2 = REAL_DATA / "sst2"
 
 def lm_config(out: Path, **changes: dict) -> Config:
     raw = {
-        "name": "lm", "output_dir": str(out), "seed": 0,
+        "name": "lm",
+        "output_dir": str(out),
+        "seed": 0,
         "data": {"path": str(SST2), "text_column": "sentence", "max_train_examples": 6000},
         "tokenizer": {"vocab_size": 3000},
         "model": {"embedding_dim": 32, "hidden_size": 32, "bidirectional": True, "dropout": 0.1},
@@ -65,7 +67,11 @@ def unigram_perplexity(cfg: Config, run: Path) -> float:
 
 def test_pretraining_drives_heldout_perplexity_well_below_unigram(pretrained: Path) -> None:
     cfg = lm_config(pretrained)
-    heldout = [r for r in map(json.loads, (pretrained / "metrics.jsonl").read_text().splitlines()) if r["split"] == "heldout"]
+    heldout = [
+        r
+        for r in map(json.loads, (pretrained / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "heldout"
+    ]
     unigram = unigram_perplexity(cfg, pretrained)
     best = min(r["perplexity"] for r in heldout)
     assert best < 0.8 * unigram, (best, unigram)
@@ -80,15 +86,20 @@ def test_heldout_rows_are_never_trained_on(pretrained: Path) -> None:
     assert texts and all(is_heldout(t, cfg.pretrain.heldout_fraction) for t in texts)
     run = json.loads((pretrained / "run.json").read_text())
     rows = sum(1 for r in open_split(text_sources(cfg)[0][0], "train", 6000) if r["sentence"].strip())
-    held = sum(1 for r in open_split(text_sources(cfg)[0][0], "train", 6000) if is_heldout(r["sentence"], 0.05))
+    held = sum(
+        1 for r in open_split(text_sources(cfg)[0][0], "train", 6000) if is_heldout(r["sentence"], 0.05)
+    )
     assert run["num_train_examples"] == rows - held
 
 
 def test_sampled_softmax_trains_the_exact_perplexity_down(tmp_path: Path) -> None:
     cfg = lm_config(tmp_path / "sampled", pretrain={"softmax": "sampled", "num_samples": 256})
     pretrain(cfg)
-    heldout = [r for r in map(json.loads, (tmp_path / "sampled" / "metrics.jsonl").read_text().splitlines())
-               if r["split"] == "heldout"]
+    heldout = [
+        r
+        for r in map(json.loads, (tmp_path / "sampled" / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "heldout"
+    ]
     assert heldout[-1]["perplexity"] < 0.8 * unigram_perplexity(cfg, tmp_path / "sampled")
 
 
@@ -111,10 +122,17 @@ def test_backward_direction_predicts_the_previous_token() -> None:
     model = LanguageModel(lm_config(Path("unused")).model, 20)
     ids = torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0]])
     lengths = torch.tensor([4, 2])
-    states = torch.cat([ids.unsqueeze(-1).float().expand(-1, -1, 32), -ids.unsqueeze(-1).float().expand(-1, -1, 32)], -1)
+    states = torch.cat(
+        [ids.unsqueeze(-1).float().expand(-1, -1, 32), -ids.unsqueeze(-1).float().expand(-1, -1, 32)], -1
+    )
     (h_fwd, y_fwd), (h_bwd, y_bwd) = model.targets(ids, lengths, states)
     assert h_fwd[:, 0].tolist() == [2, 3, 4, 6] and y_fwd.tolist() == [3, 4, 5, 7]  # state at t -> token t+1
-    assert (-h_bwd[:, 0]).tolist() == [3, 4, 5, 7] and y_bwd.tolist() == [2, 3, 4, 6]  # state at t -> token t-1
+    assert (-h_bwd[:, 0]).tolist() == [3, 4, 5, 7] and y_bwd.tolist() == [
+        2,
+        3,
+        4,
+        6,
+    ]  # state at t -> token t-1
 
 
 def test_init_from_loads_exactly_the_pretrained_tensors(pretrained: Path, tmp_path: Path) -> None:
@@ -132,30 +150,43 @@ def test_init_from_loads_exactly_the_pretrained_tensors(pretrained: Path, tmp_pa
     assert torch.equal(model.head.weight, fresh_head)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("section", "key", "value"), [
-    ("model", "hidden_size", 48), ("model", "cell", "gru"), ("tokenizer", "vocab_size", 5000),
-])
-def test_init_from_with_other_shapes_or_vocabulary_is_a_clear_error(pretrained: Path, tmp_path: Path, section: str,
-                                                                   key: str, value: object) -> None:
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("model", "hidden_size", 48),
+        ("model", "cell", "gru"),
+        ("tokenizer", "vocab_size", 5000),
+    ],
+)
+def test_init_from_with_other_shapes_or_vocabulary_is_a_clear_error(
+    pretrained: Path, tmp_path: Path, section: str, key: str, value: object
+) -> None:
     changes: dict = {"model": {"init_from": str(pretrained)}}
     changes.setdefault(section, {})[key] = value
     cfg = lm_config(tmp_path / "ft", **changes)
-    with pytest.raises(ConfigError, match=rf"{section}\.{key} is {value!r}.*has|{section}\.{key} is {value!r}.*built with"):
+    with pytest.raises(
+        ConfigError, match=rf"{section}\.{key} is {value!r}.*has|{section}\.{key} is {value!r}.*built with"
+    ):
         init_from_pretrained(cfg)
 
 
 def test_init_from_a_shape_mismatch_names_the_tensor_and_both_shapes(pretrained: Path) -> None:
     cfg = lm_config(pretrained)
-    _, encoder = init_from_pretrained(from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "init_from": str(pretrained)}}))
+    _, encoder = init_from_pretrained(
+        from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "init_from": str(pretrained)}})
+    )
     model = build_model(cfg.model, 4000, 2)  # another vocabulary size
     with pytest.raises(ConfigError, match=r"embedding.weight is \(\d+, 32\) in .* but \(4000, 32\) here"):
         load_encoder(model, encoder, str(pretrained))
 
 
 def test_finetune_from_the_pretrained_encoder_learns_sst2(pretrained: Path, tmp_path: Path) -> None:
-    cfg = lm_config(tmp_path / "ft", model={"init_from": str(pretrained), "pooling": "max", "dropout": 0.2},
-                    data={"label_column": "label", "max_eval_examples": 600, "max_length": 64},
-                    train={"epochs": 3, "eval_every": 0, "lr": 0.01})
+    cfg = lm_config(
+        tmp_path / "ft",
+        model={"init_from": str(pretrained), "pooling": "max", "dropout": 0.2},
+        data={"label_column": "label", "max_eval_examples": 600, "max_length": 64},
+        train={"epochs": 3, "eval_every": 0, "lr": 0.01},
+    )
     report = train(cfg)
     assert report["accuracy"] > 0.70, report["accuracy"]
     assert (tmp_path / "ft" / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
@@ -163,12 +194,19 @@ def test_finetune_from_the_pretrained_encoder_learns_sst2(pretrained: Path, tmp_
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "seqtrain", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "seqtrain", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
-def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(pretrained: Path, tmp_path: Path) -> None:
-    cfg = lm_config(tmp_path / "ft", model={"init_from": str(pretrained), "hidden_size": 64},
-                    data={"label_column": "label"})
+def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    cfg = lm_config(
+        tmp_path / "ft",
+        model={"init_from": str(pretrained), "hidden_size": 64},
+        data={"label_column": "label"},
+    )
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     done = run_cli("train", str(path))
@@ -185,8 +223,14 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
         paths[name] = path
     assert run_cli("pretrain", str(paths["straight"])).returncode == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(paths["killed"])],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(paths["killed"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert killed.returncode == -9, killed.stderr
     resumed = run_cli("pretrain", str(paths["killed"]), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -196,8 +240,9 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_data: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import signal
 
     import seqtrain.pretrain
@@ -205,8 +250,12 @@ def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_dat
     from seqtrain.runtime import Interrupted
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(tiny_data, tmp_path / "lm", train={"epochs": 2, "eval_every": 0},
-                      pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"})
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "lm",
+        train={"epochs": 2, "eval_every": 0},
+        pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"},
+    )
     real = seqtrain.pretrain.lr_at
 
     def lr_at_then_sigterm(step: int, *args: object) -> float:  # SIGTERM while the epoch's last batch trains
@@ -223,12 +272,16 @@ def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_dat
     assert [r["epoch"] for r in evals] == [1, 2]
 
 
-def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(pretrained: Path, tmp_path: Path) -> None:
+def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(
+    pretrained: Path, tmp_path: Path
+) -> None:
     from seqtrain.config import load_config
     from seqtrain.starter import write_starter
 
     write_starter(str(SST2), tmp_path / "plain.yaml", sample=500)
-    with pytest.raises(ConfigError):  # a plain starter config has other shapes than the tiny pretrained encoder
+    with pytest.raises(
+        ConfigError
+    ):  # a plain starter config has other shapes than the tiny pretrained encoder
         init_from_pretrained(load_config(tmp_path / "plain.yaml", [f"model.init_from={pretrained}"]))
     write_starter(str(SST2), tmp_path / "ft.yaml", sample=500, init_from=str(pretrained))
     cfg = load_config(tmp_path / "ft.yaml")
@@ -246,11 +299,23 @@ def test_the_training_stream_leaves_out_exactly_the_heldout_rows(pretrained: Pat
     tokenizer = load_tokenizer(pretrained / "tokenizer.json")
 
     def rows(heldout: float) -> int:
-        stream = BatchStream(cfg.data, "train", tokenizer, None, 64, shuffle=False, limit=cfg.data.max_train_examples,
-                             sources=text_sources(cfg), heldout=heldout)
+        stream = BatchStream(
+            cfg.data,
+            "train",
+            tokenizer,
+            None,
+            64,
+            shuffle=False,
+            limit=cfg.data.max_train_examples,
+            sources=text_sources(cfg),
+            heldout=heldout,
+        )
         return sum(len(batch["lengths"]) for batch in stream)
 
     expected = json.loads((pretrained / "run.json").read_text())["num_train_examples"]
     assert rows(cfg.pretrain.heldout_fraction) == expected
-    assert rows(0.0) == expected + len(heldout_texts(from_dict({**to_dict(cfg), "pretrain": {
-        **to_dict(cfg)["pretrain"], "max_heldout_texts": 10**6}})))
+    assert rows(0.0) == expected + len(
+        heldout_texts(
+            from_dict({**to_dict(cfg), "pretrain": {**to_dict(cfg)["pretrain"], "max_heldout_texts": 10**6}})
+        )
+    )

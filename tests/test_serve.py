@@ -47,10 +47,19 @@ LIMITS = {"max_texts": 64, "max_bytes": 20_000, "max_batch_size": 32, "max_wait_
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bidirectional GRU trained for 60 steps on 2,000 SST-2 rows (a few seconds), through the CLI."""
     tmp = tmp_path_factory.mktemp("serve")
-    cfg = tiny_config(SST2, tmp / "run", data={"text_column": "sentence", "label_names": ["negative", "positive"],
-                                                "max_train_examples": 2000, "max_eval_examples": 200},
-                      tokenizer={"vocab_size": 3000}, model={"bidirectional": True, "pooling": "max"},
-                      train={"max_steps": 60, "eval_every": 0})
+    cfg = tiny_config(
+        SST2,
+        tmp / "run",
+        data={
+            "text_column": "sentence",
+            "label_names": ["negative", "positive"],
+            "max_train_examples": 2000,
+            "max_eval_examples": 200,
+        },
+        tokenizer={"vocab_size": 3000},
+        model={"bidirectional": True, "pooling": "max"},
+        train={"max_steps": 60, "eval_every": 0},
+    )
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     result = runner.invoke(app, ["train", str(tmp / "tiny.yaml")])
     assert result.exit_code == 0, result.output
@@ -64,8 +73,14 @@ def sst2_texts(n: int, start: int = 0) -> list[str]:
 
 def edge_texts() -> list[str]:
     """Texts of every kind: empty, one (unknown) token, non-ASCII, newlines, past max_length (64)."""
-    return ["", "great", "zxqv unheard-of wordz", "café – naïve 😀 film", "first line\nsecond line",
-            " ".join(["a gorgeous , witty film"] * 30)]
+    return [
+        "",
+        "great",
+        "zxqv unheard-of wordz",
+        "café – naïve 😀 film",
+        "first line\nsecond line",
+        " ".join(["a gorgeous , witty film"] * 30),
+    ]
 
 
 def predict_cli(target: Path, texts: list[str], *extra: str) -> list[dict[str, Any]]:
@@ -150,7 +165,9 @@ def test_explain_answers_what_seqtrain_explain_writes(run_dir: Path, url: str) -
     assert refused.status_code == 422 and "/predict" in refused.json()["error"]
 
 
-def test_concurrent_requests_are_batched_together_and_each_gets_its_own_results(run_dir: Path, url: str) -> None:
+def test_concurrent_requests_are_batched_together_and_each_gets_its_own_results(
+    run_dir: Path, url: str
+) -> None:
     pool = sst2_texts(120, start=100)
     # 24 requests of 1 to 9 texts of different lengths, all at once
     bodies = [{"texts": pool[5 * i : 5 * i + 1 + i % 9]} for i in range(24)]
@@ -190,7 +207,9 @@ BAD = [  # (body, status, words in the message)
 
 
 @pytest.mark.parametrize(("body", "status", "words"), BAD, ids=[f"{s}-{w}" for _, s, w in BAD])
-def test_bad_input_gets_a_json_error_and_leaves_the_server_working(url: str, body: bytes, status: int, words: str) -> None:
+def test_bad_input_gets_a_json_error_and_leaves_the_server_working(
+    url: str, body: bytes, status: int, words: str
+) -> None:
     before = metric(url, f'seqtrain_requests_total{{endpoint="/predict",status="{status}"}}')
     got = post(url, body)
     assert got.status_code == status
@@ -249,7 +268,12 @@ def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch:
     predict_stream = serve.predict_stream
     monkeypatch.setattr(serve, "predict_stream", fragile)
     with serving(run_dir, max_wait_ms=300.0) as u:  # the four requests share a batch, which fails
-        bodies = [{"texts": ["good", "fine"]}, {"texts": ["still good", "BOOM"]}, {"text": "great"}, {"texts": ["dull"]}]
+        bodies = [
+            {"texts": ["good", "fine"]},
+            {"texts": ["still good", "BOOM"]},
+            {"text": "great"},
+            {"texts": ["dull"]},
+        ]
         responses = asyncio.run(post_all(u, bodies))
         assert metric(u, "seqtrain_batch_texts_count") == 1 + 4  # the shared batch, then each request alone
     assert [r.status_code for r in responses] == [200, 500, 200, 200]
@@ -273,12 +297,19 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     post(url, {"texts": ["one", "two", "three"]})
     metrics = httpx.get(url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    for series in ('seqtrain_requests_total{endpoint="/predict",status="200"}', 'seqtrain_request_seconds_bucket{endpoint="/predict",le="0.1"}',
-                   'seqtrain_batch_texts_bucket{le="4.0"}', "seqtrain_queue_texts", "seqtrain_texts_total"):
+    for series in (
+        'seqtrain_requests_total{endpoint="/predict",status="200"}',
+        'seqtrain_request_seconds_bucket{endpoint="/predict",le="0.1"}',
+        'seqtrain_batch_texts_bucket{le="4.0"}',
+        "seqtrain_queue_texts",
+        "seqtrain_texts_total",
+    ):
         assert metric(url, series) > 0 or series == "seqtrain_queue_texts", series
     page = httpx.get(url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<textarea id="text"' in page.text and 'post("predict"' in page.text and 'post("explain"' in page.text
+    assert (
+        '<textarea id="text"' in page.text and 'post("predict"' in page.text and 'post("explain"' in page.text
+    )
 
 
 def test_keep_alive_answers_do_not_wait_for_a_delayed_ack(run_dir: Path) -> None:
@@ -304,14 +335,22 @@ def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str
         pytest.skip("needs Debian's chromium and chromium-driver: make browser-deps")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,700",
+    ):
         options.add_argument(arg)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     try:
         browser.get(url + "/")
         WebDriverWait(browser, 20).until(lambda b: "classification" in b.find_element(By.ID, "model").text)
         text = "a gorgeous, witty film 😀 café"  # offsets count code points; JavaScript strings count UTF-16 units
-        browser.execute_script("document.getElementById('text').value = arguments[0]", text)  # chromedriver types BMP only
+        browser.execute_script(
+            "document.getElementById('text').value = arguments[0]", text
+        )  # chromedriver types BMP only
         browser.find_element(By.ID, "submit").click()
         WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "label").text)
         expected = predict_cli(run_dir, [text])[0]
@@ -325,7 +364,9 @@ def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str
         assert [s.text for s in spans] == [t["text"] for t in tokens] and len(tokens) >= 5
         assert browser.find_element(By.ID, "words").text == text
         browser.save_screenshot(str(tmp_path / "page.png"))
-        browser.execute_script('document.getElementById("text").value = "x".repeat(20001)')  # past --max-bytes
+        browser.execute_script(
+            'document.getElementById("text").value = "x".repeat(20001)'
+        )  # past --max-bytes
         browser.find_element(By.ID, "submit").click()
         WebDriverWait(browser, 20).until(lambda b: "limit is 20,000" in b.find_element(By.ID, "error").text)
     finally:
@@ -335,7 +376,9 @@ def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str
 # --------------------------------------------------------------------------- the command
 
 
-def test_serve_without_the_extra_says_how_to_install_it(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_without_the_extra_says_how_to_install_it(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi raises ImportError
     monkeypatch.delitem(sys.modules, "seqtrain.serve")
     result = runner.invoke(app, ["serve", str(run_dir)])
@@ -344,8 +387,11 @@ def test_serve_without_the_extra_says_how_to_install_it(run_dir: Path, monkeypat
 
 
 def test_serve_refuses_bad_options_and_a_busy_port(run_dir: Path) -> None:
-    for args, words in ((["--max-batch-size", "0"], "--max-batch-size"), (["--max-queue", "4"], "--max-queue (4)"),
-                        (["--checkpoint", "worst"], "--checkpoint")):
+    for args, words in (
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--max-queue", "4"], "--max-queue (4)"),
+        (["--checkpoint", "worst"], "--checkpoint"),
+    ):
         result = runner.invoke(app, ["serve", str(run_dir), *args])
         assert result.exit_code == 2 and words in result.output, result.output
     with socket.socket() as busy:
@@ -368,11 +414,17 @@ def onnx_dir(run_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["run", "onnx"])
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(kind: str, run_dir: Path, request: pytest.FixtureRequest) -> None:
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(
+    kind: str, run_dir: Path, request: pytest.FixtureRequest
+) -> None:
     target = run_dir if kind == "run" else request.getfixturevalue("onnx_dir")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0", "--max-wait-ms", "1500"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0", "--max-wait-ms", "1500"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stderr is not None
         lines: list[str] = []

@@ -59,11 +59,18 @@ def test_guesses_columns_of_a_csv_file(tmp_path: Path) -> None:
     assert (summary["text_column"], summary["label_column"]) == ("review", "sentiment")
     assert set(summary["label_counts"]) == {"neg", "pos", "neutral"} and summary["task"] == "classification"
     assert summary["rows_read"] == 400 and summary["whole_split"]
-    assert summary["words"]["p50"] <= summary["words"]["p90"] <= summary["words"]["p99"] <= summary["words"]["max"]
+    assert (
+        summary["words"]["p50"]
+        <= summary["words"]["p90"]
+        <= summary["words"]["p99"]
+        <= summary["words"]["max"]
+    )
     out = tmp_path / "reviews.yaml"
     result = runner.invoke(app, ["init", str(data), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "no validation split" in " ".join(result.output.split())  # one file: says so, and holds out part of it
+    assert "no validation split" in " ".join(
+        result.output.split()
+    )  # one file: says so, and holds out part of it
     cfg = load_config(out)
     assert (cfg.data.text_column, cfg.data.label_column) == ("review", "sentiment")
     assert cfg.train.class_weights == "balanced"  # neutral is ~10% of the rows
@@ -83,7 +90,12 @@ def test_column_options_and_errors(tmp_path: Path) -> None:
 def test_jsonl_with_float_scores_is_a_regression(tmp_path: Path) -> None:
     rng = random.Random(1)
     data = tmp_path / "scores.jsonl"
-    data.write_text("".join(json.dumps({"text": r["text"], "score": round(rng.random() * 5, 2)}) + "\n" for r in synthetic_rows(200, 2)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": r["text"], "score": round(rng.random() * 5, 2)}) + "\n"
+            for r in synthetic_rows(200, 2)
+        )
+    )
     summary = inspect_dataset(str(data))
     assert summary["task"] == "regression" and summary["label_column"] == "score"
     out = tmp_path / "scores.yaml"
@@ -110,7 +122,10 @@ def test_init_real_sst2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["init", str(REAL_DATA / "sst2"), "-o", str(out), "--sample", "2000"])
     assert result.exit_code == 0, result.output
     cfg = load_config(out)
-    assert (cfg.data.text_column, cfg.data.label_column) == ("sentence", "label") and cfg.data.max_length <= 64
+    assert (cfg.data.text_column, cfg.data.label_column) == (
+        "sentence",
+        "label",
+    ) and cfg.data.max_length <= 64
 
 
 def test_init_without_a_validation_split_holds_out_part_of_train_not_test(tmp_path: Path) -> None:
@@ -119,5 +134,9 @@ def test_init_without_a_validation_split_holds_out_part_of_train_not_test(tmp_pa
     result = runner.invoke(app, ["init", str(data), "--output", str(out)])
     assert result.exit_code == 0, result.output
     cfg = load_config(out)
-    assert cfg.data.validation_split == 0.1 and cfg.data.eval_split == "validation" and cfg.data.train_split == "train"
+    assert (
+        cfg.data.validation_split == 0.1
+        and cfg.data.eval_split == "validation"
+        and cfg.data.train_split == "train"
+    )
     assert "test" in out.read_text()  # named in the comment: read only by `seqtrain eval --split test`

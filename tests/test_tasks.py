@@ -20,7 +20,13 @@ from tests.test_export import assert_export_folder_predicts_like_the_run
 
 runner = CliRunner()
 # Five grades of sentiment words: the rating is the grade of the words in the text.
-GRADES = [["dreadful", "awful"], ["dull", "weak"], ["okay", "fine"], ["good", "nice"], ["superb", "brilliant"]]
+GRADES = [
+    ["dreadful", "awful"],
+    ["dull", "weak"],
+    ["okay", "fine"],
+    ["good", "nice"],
+    ["superb", "brilliant"],
+]
 
 
 def rated_rows(n: int, seed: int, as_string: bool = False) -> list[dict]:
@@ -37,15 +43,25 @@ def rated_rows(n: int, seed: int, as_string: bool = False) -> list[dict]:
 
 @pytest.fixture
 def rated(tmp_path: Path) -> Path:
-    return write_hub_folder(tmp_path / "rated", {"train": rated_rows(1500, 0), "validation": rated_rows(300, 1)})
+    return write_hub_folder(
+        tmp_path / "rated", {"train": rated_rows(1500, 0), "validation": rated_rows(300, 1)}
+    )
 
 
 def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, train={"epochs": 4, "class_weights": "balanced"})
+    cfg = tiny_config(
+        rated,
+        tmp_path / "run",
+        data={"label_column": "stars"},
+        train={"epochs": 4, "class_weights": "balanced"},
+    )
     report = train(cfg)
     counts = np.bincount([r["stars"] for r in rated_rows(300, 1)])
     majority = counts.max() / counts.sum()
-    assert report["accuracy"] >= majority + 0.3, (report["accuracy"], majority)  # a margin of 30 points over the majority class
+    assert report["accuracy"] >= majority + 0.3, (
+        report["accuracy"],
+        majority,
+    )  # a margin of 30 points over the majority class
     assert report["top_k"] == 3
     # The model is near perfect on its own validation split, where top-3 and top-1 agree. On the same
     # texts with shuffled stars, top-3 must beat top-1, and both must match a recount from the probabilities.
@@ -57,7 +73,11 @@ def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> 
     for r, s in zip(shuffled, stars, strict=True):
         r["stars"] = s
     write_hub_folder(tmp_path / "shuffled", {"validation": shuffled})
-    ev = json.loads(runner.invoke(app, ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "shuffled"), "--json"]).stdout)
+    ev = json.loads(
+        runner.invoke(
+            app, ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "shuffled"), "--json"]
+        ).stdout
+    )
     run, _ = load_run(tmp_path / "run")
     probs = predict_probs(run, [r["text"] for r in shuffled])
     truth = np.array([run.labels.values.index(s) for s in stars])
@@ -72,19 +92,29 @@ def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> 
 
 
 def test_string_labels_are_discovered_for_many_classes(tmp_path: Path) -> None:
-    data = write_hub_folder(tmp_path / "s", {"train": rated_rows(200, 0, as_string=True), "validation": rated_rows(20, 1, True)})
+    data = write_hub_folder(
+        tmp_path / "s", {"train": rated_rows(200, 0, as_string=True), "validation": rated_rows(20, 1, True)}
+    )
     vocab = build_vocab(tiny_config(data, tmp_path / "run", data={"label_column": "stars"}))
     assert vocab.labels.names == ["1 stars", "2 stars", "3 stars", "4 stars", "5 stars"]
     assert sum(vocab.labels.counts) == 200
 
 
 def test_regression_learns_better_than_the_mean(rated: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression"},
-                      train={"epochs": 4})
+    cfg = tiny_config(
+        rated,
+        tmp_path / "run",
+        data={"label_column": "stars"},
+        model={"task": "regression"},
+        train={"epochs": 4},
+    )
     report = train(cfg)
     targets = np.array([r["stars"] for r in rated_rows(300, 1)], dtype=float)
     mean_mae = np.abs(targets - np.mean([r["stars"] for r in rated_rows(1500, 0)])).mean()
-    assert report["mae"] < 0.5 * mean_mae, (report["mae"], mean_mae)  # at most half the error of predicting the mean
+    assert report["mae"] < 0.5 * mean_mae, (
+        report["mae"],
+        mean_mae,
+    )  # at most half the error of predicting the mean
     assert report["spearman"] > 0.8 and "accuracy_rounded" in report
     out = runner.invoke(app, ["predict", str(tmp_path / "run"), "superb brilliant film", "dreadful awful"])
     scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]
@@ -92,11 +122,15 @@ def test_regression_learns_better_than_the_mean(rated: Path, tmp_path: Path) -> 
     ev = runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"])
     assert {"mae", "rmse", "r2", "spearman", "loss", "n"} <= json.loads(ev.stdout).keys()
     # the ONNX export maps the standardised output back to stars as the torch path does
-    assert_export_folder_predicts_like_the_run(tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)])
+    assert_export_folder_predicts_like_the_run(
+        tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)]
+    )
 
 
 def test_bounded_regression_needs_targets_in_unit_interval(rated: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression", "bounded": True})
+    cfg = tiny_config(
+        rated, tmp_path / "run", data={"label_column": "stars"}, model={"task": "regression", "bounded": True}
+    )
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         build_vocab(cfg)
 
@@ -124,14 +158,23 @@ def test_regression_metrics_and_top_k() -> None:
     pred = np.array([1.0, 2.0, 3.0, 4.0])
     target = np.array([1.0, 2.0, 3.0, 5.0])
     r = regression_report(pred, target, integer=True, low=1, high=5)
-    assert r["mae"] == pytest.approx(0.25) and r["spearman"] == pytest.approx(1.0) and r["accuracy_rounded"] == 0.75
+    assert (
+        r["mae"] == pytest.approx(0.25)
+        and r["spearman"] == pytest.approx(1.0)
+        and r["accuracy_rounded"] == 0.75
+    )
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     assert top_k_accuracy(probs, np.array([1, 0]), 2) == 0.5
 
 
 def test_distribution_head_regression_predicts_expected_stars(rated: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"},
-                      model={"task": "regression", "regression_head": "distribution"}, train={"epochs": 4})
+    cfg = tiny_config(
+        rated,
+        tmp_path / "run",
+        data={"label_column": "stars"},
+        model={"task": "regression", "regression_head": "distribution"},
+        train={"epochs": 4},
+    )
     report = train(cfg)
     labels = json.loads((tmp_path / "run" / "labels.json").read_text())
     assert labels["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -140,14 +183,20 @@ def test_distribution_head_regression_predicts_expected_stars(rated: Path, tmp_p
     scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]
     assert 1.0 <= scores[1] < 2 < 4 < scores[0] <= 5.0
     # the ONNX export computes the expected value over the stars as the torch path does
-    assert_export_folder_predicts_like_the_run(tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)])
+    assert_export_folder_predicts_like_the_run(
+        tmp_path / "run", tmp_path / "onnx", [r["text"] for r in rated_rows(40, 2)]
+    )
 
 
 def test_distribution_head_needs_integer_targets(tmp_path: Path) -> None:
     rows = [{"text": r["text"], "stars": r["stars"] + 0.5} for r in rated_rows(100, 0)]
     data = write_hub_folder(tmp_path / "f", {"train": rows, "validation": rows[:10]})
-    cfg = tiny_config(data, tmp_path / "run", data={"label_column": "stars"},
-                      model={"task": "regression", "regression_head": "distribution"})
+    cfg = tiny_config(
+        data,
+        tmp_path / "run",
+        data={"label_column": "stars"},
+        model={"task": "regression", "regression_head": "distribution"},
+    )
     with pytest.raises(DataError, match="integer targets"):
         build_vocab(cfg)
 
@@ -172,8 +221,13 @@ def test_emd_weight_trains_and_is_checked(rated: Path, tmp_path: Path) -> None:
     from seqtrain.config import from_dict, to_dict
     from seqtrain.errors import ConfigError
 
-    cfg = tiny_config(rated, tmp_path / "run", data={"label_column": "stars"},
-                      model={"task": "regression", "regression_head": "distribution", "emd_weight": 1.0}, train={"epochs": 4})
+    cfg = tiny_config(
+        rated,
+        tmp_path / "run",
+        data={"label_column": "stars"},
+        model={"task": "regression", "regression_head": "distribution", "emd_weight": 1.0},
+        train={"epochs": 4},
+    )
     report = train(cfg)
     assert report["spearman"] > 0.8 and report["mae"] < 0.8
     raw = to_dict(cfg)

@@ -21,8 +21,18 @@ def test_tiny_run_writes_a_complete_run_directory(tiny_data: Path, tmp_path: Pat
     cfg = tiny_config(tiny_data, tmp_path / "run", train={"epochs": 2, "eval_every": 0})
     report = train(cfg)
     run = tmp_path / "run"
-    for name in ("config.yaml", "tokenizer.json", "labels.json", "metrics.jsonl", "run.json", "eval-validation.json",
-                 "best/model.safetensors", "last/model.safetensors", "last/optimizer.safetensors", "last/state.json"):
+    for name in (
+        "config.yaml",
+        "tokenizer.json",
+        "labels.json",
+        "metrics.jsonl",
+        "run.json",
+        "eval-validation.json",
+        "best/model.safetensors",
+        "last/model.safetensors",
+        "last/optimizer.safetensors",
+        "last/state.json",
+    ):
         assert (run / name).exists(), name
     lines = read_metrics(run / "metrics.jsonl")
     train_lines = [r for r in lines if r["split"] == "train"]
@@ -68,20 +78,40 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
     """`seqtrain train`; with kill_after, through the test-only entry point that SIGKILLs right after that save."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     entry = ["seqtrain"] if kill_after is None else ["tests.fault_entry", f"kill-after-save={kill_after}"]
-    return subprocess.run([sys.executable, "-m", *entry, "train", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *entry, "train", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("workers,kills,ema,held", [(0, [10], None, None), (2, [10], None, None), (0, [10, 30], None, None),
-                                                   (0, ["epoch"], None, None), (0, [10], 0.99, None), (2, [10], None, 0.2)])
-def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path, workers: int, kills: list,
-                                                  ema: float | None, held: float | None) -> None:
+@pytest.mark.parametrize(
+    "workers,kills,ema,held",
+    [
+        (0, [10], None, None),
+        (2, [10], None, None),
+        (0, [10, 30], None, None),
+        (0, ["epoch"], None, None),
+        (0, [10], 0.99, None),
+        (2, [10], None, 0.2),
+    ],
+)
+def test_sigkill_then_resume_is_bitwise_identical(
+    tiny_data: Path, tmp_path: Path, workers: int, kills: list, ema: float | None, held: float | None
+) -> None:
     """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
     the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights;
     with data.validation_split: the stream of the rows left for training)."""
+
     def config(out: str) -> Path:
-        cfg = tiny_config(tiny_data, tmp_path / out, data={"num_workers": workers, "validation_split": held},
-                          train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema})
+        cfg = tiny_config(
+            tiny_data,
+            tmp_path / out,
+            data={"num_workers": workers, "validation_split": held},
+            train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema},
+        )
         path = tmp_path / f"{out}.yaml"
         path.write_text(yaml.safe_dump(to_dict(cfg)))
         return path
@@ -92,7 +122,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Pat
     cfg = config("killed")
     for i, k in enumerate(kills):
         at = steps if k == "epoch" else k
-        proc = run_cli(cfg, *(["--resume"] if i else []), "train.eval_every=" + str(at if k == "epoch" else 10), kill_after=at)
+        proc = run_cli(
+            cfg,
+            *(["--resume"] if i else []),
+            "train.eval_every=" + str(at if k == "epoch" else 10),
+            kill_after=at,
+        )
         assert proc.returncode == -9, proc.stderr
     final = run_cli(cfg, "--resume")
     assert final.returncode == 0, final.stderr
@@ -107,8 +142,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Pat
     assert [r["step"] for r in lines] == sorted({r["step"] for r in lines}), "no step is logged twice"
 
 
-def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(tiny_data: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import signal
 
     import seqtrain.train
@@ -138,19 +174,26 @@ def test_a_missing_eval_split_stops_before_any_training(tmp_path: Path) -> None:
     data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(300, 0), "test": synthetic_rows(40, 1)})
     with pytest.raises(DataError, match="'validation'"):
         train(tiny_config(data, tmp_path / "run", train={"epochs": 1, "eval_every": 0}))
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
     assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
 
 
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
-def test_labels_found_only_in_the_eval_split_are_reported_before_training(tmp_path: Path, on_bad_rows: str,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_labels_found_only_in_the_eval_split_are_reported_before_training(
+    tmp_path: Path, on_bad_rows: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from seqtrain.errors import DataError
     from tests.conftest import synthetic_rows, write_hub_folder
 
     evals = synthetic_rows(40, 1, string_labels=True) + [{"text": "so so", "label": "meh"}] * 3
-    data = write_hub_folder(tmp_path / "d", {"train": synthetic_rows(300, 0, string_labels=True), "validation": evals})
-    cfg = tiny_config(data, tmp_path / "run", data={"on_bad_rows": on_bad_rows}, train={"epochs": 1, "eval_every": 0})
+    data = write_hub_folder(
+        tmp_path / "d", {"train": synthetic_rows(300, 0, string_labels=True), "validation": evals}
+    )
+    cfg = tiny_config(
+        data, tmp_path / "run", data={"on_bad_rows": on_bad_rows}, train={"epochs": 1, "eval_every": 0}
+    )
     if on_bad_rows == "error":
         with pytest.raises(DataError, match=r"\['meh'\].*only in the eval split 'validation'"):
             train(cfg)
@@ -182,7 +225,9 @@ def test_validation_split_holds_out_hashed_training_rows_and_never_reads_test(tm
     (data / "test-00000-of-00001.parquet").write_bytes(b"not parquet: reading the test split would fail")
     held = [r for r in rows if is_heldout(r["text"], 0.2)]
     assert 60 < len(held) < 180
-    cfg = tiny_config(data, tmp_path / "run", data={"validation_split": 0.2}, train={"epochs": 2, "eval_every": 0})
+    cfg = tiny_config(
+        data, tmp_path / "run", data={"validation_split": 0.2}, train={"epochs": 2, "eval_every": 0}
+    )
     report = train(cfg)
     assert report["n"] == len(held) and report["accuracy"] > 0.7
     run = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -28,11 +28,26 @@ pytestmark = pytest.mark.skipif(not (REAL_DATA / "sst2").is_dir(), reason="needs
 BASE = {
     "name": "tiny",
     "seed": 0,
-    "data": {"path": str(REAL_DATA / "sst2"), "text_column": "sentence", "max_length": 32, "chunk_size": 256,
-             "num_workers": 0, "max_train_examples": 800, "max_eval_examples": 200},
+    "data": {
+        "path": str(REAL_DATA / "sst2"),
+        "text_column": "sentence",
+        "max_length": 32,
+        "chunk_size": 256,
+        "num_workers": 0,
+        "max_train_examples": 800,
+        "max_eval_examples": 200,
+    },
     "tokenizer": {"vocab_size": 2000, "min_frequency": 1},
     "model": {"cell": "gru", "embedding_dim": 16, "hidden_size": 16},
-    "train": {"batch_size": 32, "epochs": 1, "max_steps": 24, "eval_every": 8, "lr": 0.01, "log_every": 8, "num_threads": 1},
+    "train": {
+        "batch_size": 32,
+        "epochs": 1,
+        "max_steps": 24,
+        "eval_every": 8,
+        "lr": 0.01,
+        "log_every": 8,
+        "num_threads": 1,
+    },
 }
 SPACE = """\
 train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}
@@ -60,7 +75,9 @@ def _evals(run_dir: Path) -> list[int]:
     return [x["step"] for x in lines if x["split"] == "validation"]
 
 
-def test_tiny_study_with_two_processes_and_its_best_config_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_study_with_two_processes_and_its_best_config_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, space = _setup(tmp_path, monkeypatch)
     result = runner.invoke(app, ["tune", config, "--trials", "3", "--space", space, "--jobs", "2"])
     assert result.exit_code == 0, result.output
@@ -80,21 +97,40 @@ def test_tiny_study_with_two_processes_and_its_best_config_trains(tmp_path: Path
     best = max(trials, key=lambda t: t.value)
     cfg = load_config(folder / "best.yaml")
     assert (cfg.train.lr, cfg.model.cell, cfg.model.hidden_size) == (
-        best.params["train.lr"], best.params["model.cell"], best.params["model.hidden_size"])
+        best.params["train.lr"],
+        best.params["model.cell"],
+        best.params["model.hidden_size"],
+    )
     trained = runner.invoke(app, ["train", str(folder / "best.yaml")])
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "runs" / "tiny-tune-best" / "best").exists()
 
 
-def test_killed_study_continues_without_losing_or_repeating_a_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_study_continues_without_losing_or_repeating_a_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, space = _setup(tmp_path, monkeypatch, epochs=2, max_steps=40)
     folder = tmp_path / "runs" / "tiny-tune"
-    cmd = [sys.executable, "-m", "seqtrain", "tune", config, "--trials", "2", "--space", space, "--pruner", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqtrain",
+        "tune",
+        config,
+        "--trials",
+        "2",
+        "--space",
+        space,
+        "--pruner",
+        "none",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (folder / "trial-0001" / "last").exists():  # trial 1 has written its first checkpoint
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read().decode() if proc.stderr else ""
+        )
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -108,7 +144,13 @@ def test_killed_study_continues_without_losing_or_repeating_a_trial(tmp_path: Pa
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     assert "trial 1 resumed from" in result.output and "trial 0 started" not in result.output
     assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
-    assert _evals(folder / "trial-0001") == [8, 16, 24, 32, 40]  # continued from its checkpoint, each eval once
+    assert _evals(folder / "trial-0001") == [
+        8,
+        16,
+        24,
+        32,
+        40,
+    ]  # continued from its checkpoint, each eval once
     assert list(trials[1].intermediate_values) == [1, 2, 3, 4, 5]  # every evaluation reported once
     again = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
     assert again.exit_code == 0 and len(_trials(tmp_path)) == 2  # a full study runs nothing more
@@ -119,20 +161,34 @@ def test_pruned_trial_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     config, space = _setup(tmp_path, monkeypatch)
     # Accuracy can never reach 1.01: the pruner stops the trial at its first evaluation.
-    code = tune(Options(Path(config), [], trials=1, space=Path(space), pruner=optuna.pruners.ThresholdPruner(lower=1.01)))
+    code = tune(
+        Options(
+            Path(config), [], trials=1, space=Path(space), pruner=optuna.pruners.ThresholdPruner(lower=1.01)
+        )
+    )
     assert code == 1  # no trial completed
     (trial,) = _trials(tmp_path)
-    assert trial.state.name == "PRUNED" and trial.user_attrs["steps"] == 8 < trial.user_attrs["planned_steps"] == 24
+    assert (
+        trial.state.name == "PRUNED"
+        and trial.user_attrs["steps"] == 8 < trial.user_attrs["planned_steps"] == 24
+    )
     run = tmp_path / "runs" / "tiny-tune" / "trial-0000"
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 8 and _evals(run) == [8]
 
 
-def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config, space = _setup(tmp_path, monkeypatch, space="model.pretrained_embeddings: [null, /nonexistent/vectors.txt]\n")
+def test_failed_trial_is_recorded_and_the_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, space = _setup(
+        tmp_path, monkeypatch, space="model.pretrained_embeddings: [null, /nonexistent/vectors.txt]\n"
+    )
     (tmp_path / "runs" / "tiny-tune").mkdir(parents=True)
-    study = optuna.create_study(study_name="tiny-tune", direction="maximize",
-                                storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-tune' / 'study.db'}")
+    study = optuna.create_study(
+        study_name="tiny-tune",
+        direction="maximize",
+        storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-tune' / 'study.db'}",
+    )
     study.enqueue_trial({"model.pretrained_embeddings": "/nonexistent/vectors.txt"})  # fails inside train()
     study.enqueue_trial({"model.pretrained_embeddings": None})
     result = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
@@ -143,15 +199,20 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, monkeypa
     assert "trial 0 failed" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize(("space", "message"), [
-    ("model.hiden_size: {low: 8, high: 16}\n", "Did you mean 'model.hidden_size'?"),
-    ("train.lr: {low: 1.0e-3, hihg: 1.0e-2}\n", "Did you mean 'high'?"),
-    ("model.cell: [lstm, gur]\n", "Did you mean 'gru'?"),
-    ("model.dropout: {low: 0.1, high: 1.5}\n", "model.dropout must be in [0, 1)"),
-    ("model.cell: {low: 1, high: 2}\n", "give a list of choices"),
-    ("name: [a, b]\n", "tune sets it"),
-])
-def test_bad_space_fails_with_exit_code_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("model.hiden_size: {low: 8, high: 16}\n", "Did you mean 'model.hidden_size'?"),
+        ("train.lr: {low: 1.0e-3, hihg: 1.0e-2}\n", "Did you mean 'high'?"),
+        ("model.cell: [lstm, gur]\n", "Did you mean 'gru'?"),
+        ("model.dropout: {low: 0.1, high: 1.5}\n", "model.dropout must be in [0, 1)"),
+        ("model.cell: {low: 1, high: 2}\n", "give a list of choices"),
+        ("name: [a, b]\n", "tune sets it"),
+    ],
+)
+def test_bad_space_fails_with_exit_code_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, space: str, message: str
+) -> None:
     config, path = _setup(tmp_path, monkeypatch, space=space)
     result = runner.invoke(app, ["tune", config, "--trials", "1", "--space", path])
     assert result.exit_code == 2, result.output
