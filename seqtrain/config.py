@@ -3,8 +3,8 @@
 Each field's docstring (the string literal under it) is its help text: `seqtrain train --help`
 and error messages read them from here (with `ast`; where the sources are not installed, from
 config_help.json, their snapshot: `python -m seqtrain.config` refreshes it, tests keep it current).
-Loading a config reads no help text unless it has an error to explain. Loading validates every key and value and raises
-`ConfigError` with the dotted path, what is allowed, and a did-you-mean for unknown keys.
+Loading a config reads no help text unless it has an error to explain. Loading validates every key and
+value and raises `ConfigError` with the dotted path, what is allowed, and a did-you-mean for unknown keys.
 
 This module must stay cheap to import (no torch, no datasets): it runs before `--help`.
 """
@@ -36,9 +36,11 @@ Pooling = Literal["last", "mean", "max", "attention"]
 @dataclass
 class DataConfig:
     path: str = "data/sst2"
-    """Hub id (`stanfordnlp/imdb`), a local dataset folder in the Hub layout, or a data file / glob (.parquet, .csv, .jsonl, .txt)."""
+    """Hub id (`stanfordnlp/imdb`), a local dataset folder in the Hub layout, or a data file / glob (.parquet,
+    .csv, .jsonl, .txt)."""
     eval_path: str | None = None
-    """Data file / glob for the eval split when `path` is a single file (else the eval split is read from `path`)."""
+    """Data file / glob for the eval split when `path` is a single file (else the eval split is read from
+    `path`)."""
     text_column: str = "text"
     """Column holding the text."""
     label_column: str = "label"
@@ -50,27 +52,36 @@ class DataConfig:
     eval_split: str = "validation"
     """Split evaluated during and after training (best checkpoint is chosen on it)."""
     validation_split: float | None = None
-    """A fraction (e.g. 0.1): hold out that part of train_split, chosen by a hash of each text (the same rows in every pass, worker, rank and resume), never train on it, and evaluate on it under the name eval_split. For data without a validation split, so that the test split is read only by `seqtrain eval --split test`."""
+    """A fraction (e.g. 0.1): hold out that part of train_split, chosen by a hash of each text (the same rows
+    in every pass, worker, rank and resume), never train on it, and evaluate on it under the name eval_split.
+    For data without a validation split, so that the test split is read only by
+    `seqtrain eval --split test`."""
     max_length: int = 400
     """Texts are cut to this many tokens."""
     truncation: Literal["head", "tail", "head+tail"] = "head"
     """Which tokens survive truncation: the first, the last, or half of each."""
     chunk_size: int = 4096
-    """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then shuffled."""
+    """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then
+    shuffled."""
     num_workers: int | None = None
-    """DataLoader worker processes that stream, tokenize and batch ahead of the model; 0 = in the main process; null = 1 when there are more than 2 physical cores, else 0 (on 2 cores the model's threads use both, and a worker only preempts them)."""
+    """DataLoader worker processes that stream, tokenize and batch ahead of the model; 0 = in the main
+    process; null = 1 when there are more than 2 physical cores, else 0 (on 2 cores the model's threads use
+    both, and a worker only preempts them)."""
     max_train_examples: int | None = None
     """Read only the first N training rows (quick experiments and tests)."""
     max_eval_examples: int | None = None
     """Evaluate on only the first N rows of the eval split."""
     on_bad_rows: Literal["error", "skip"] = "error"
-    """Empty texts, null fields, labels outside label_names, bytes that are not UTF-8, CSV lines with too many fields: stop with an error naming the row or line, or skip them (counted in the logs; pandas names each skipped CSV line)."""
+    """Empty texts, null fields, labels outside label_names, bytes that are not UTF-8, CSV lines with too many
+    fields: stop with an error naming the row or line, or skip them (counted in the logs; pandas names each
+    skipped CSV line)."""
 
 
 @dataclass
 class TokenizerConfig:
     kind: Literal["word", "bpe"] = "word"
-    """`word`: whole words and punctuation; `bpe`: a subword vocabulary, so rare or misspelt words are not <unk>."""
+    """`word`: whole words and punctuation; `bpe`: a subword vocabulary, so rare or misspelt words are not
+    <unk>."""
     vocab_size: int = 30000
     """Largest vocabulary, special tokens included."""
     min_frequency: int = 2
@@ -84,7 +95,8 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     task: Literal["classification", "regression"] = "classification"
-    """classification: one class per text (any number of classes); regression: one number per text (a score, stars)."""
+    """classification: one class per text (any number of classes); regression: one number per text (a score,
+    stars)."""
     cell: Cell = "lstm"
     """Recurrent cell."""
     embedding_dim: int = 128
@@ -102,25 +114,31 @@ class ModelConfig:
     word_dropout: float = 0.0
     """Training only: replace this fraction of the real tokens with <unk>, so no single word decides."""
     weight_drop: float = 0.0
-    """Training only: dropout on the recurrent (hidden-to-hidden) weights, one mask per batch (DropConnect, as in AWD-LSTM)."""
+    """Training only: dropout on the recurrent (hidden-to-hidden) weights, one mask per batch (DropConnect, as
+    in AWD-LSTM)."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
     pretrained_embeddings: str | None = None
-    """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the embeddings from; its dimension must equal embedding_dim."""
+    """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the
+    embeddings from; its dimension must equal embedding_dim."""
     freeze_embeddings: bool = False
     """Keep pretrained embeddings fixed during training."""
     init_from: str | None = None
-    """Run directory of `seqtrain pretrain`: reuse its tokenizer and start the embeddings and recurrent layers from its language model (the head starts fresh). The cell and shapes must match it."""
+    """Run directory of `seqtrain pretrain`: reuse its tokenizer and start the embeddings and recurrent layers
+    from its language model (the head starts fresh). The cell and shapes must match it."""
     regression_head: Literal["scalar", "distribution"] = "scalar"
-    """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax over the values seen in training, trained with cross-entropy, predicting its expected value."""
+    """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax
+    over the values seen in training, trained with cross-entropy, predicting its expected value."""
     regression_loss: Literal["mse", "huber"] = "mse"
     """Regression loss of the scalar head (huber is less hurt by outliers)."""
     emd_weight: float = 0.0
-    """Distribution head: add this times the squared earth mover's distance between the predicted and the true distribution over the ordered values (cross-entropy alone treats 1 vs 10 stars like 1 vs 2); 0 = off."""
+    """Distribution head: add this times the squared earth mover's distance between the predicted and the true
+    distribution over the ordered values (cross-entropy alone treats 1 vs 10 stars like 1 vs 2); 0 = off."""
     standardize_targets: bool = True
     """Regression: train on (target - mean) / std of the training targets; predictions are mapped back."""
     bounded: bool = False
-    """Regression: squash the output with a sigmoid into [0, 1] (for scores in [0, 1]; turns standardising off)."""
+    """Regression: squash the output with a sigmoid into [0, 1] (for scores in [0, 1]; turns standardising
+    off)."""
 
 
 @dataclass
@@ -147,9 +165,12 @@ class TrainConfig:
     """Label smoothing for the cross-entropy loss."""
     ema_decay: float | None = None
     """Evaluate and save an exponential moving average of the weights (e.g. 0.999); null = the raw weights.
-    The average warms up as min(ema_decay, (1 + step) / (10 + step)), so early evaluations are not stuck near the initial weights."""
+    The average warms up as min(ema_decay, (1 + step) / (10 + step)), so early evaluations are not stuck
+    near the initial weights."""
     adversarial_eps: float = 0.0
-    """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
+    """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's
+    embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in
+    configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
     class_weights: Literal["none", "balanced"] = "none"
     """Classification: `balanced` weighs each class's loss by n / (classes * count), for imbalanced labels."""
     eval_every: int = 0
@@ -159,7 +180,8 @@ class TrainConfig:
     patience: int | None = None
     """Stop after this many evaluations without improvement of `monitor`; null = never stop early."""
     monitor: Literal["auto", "accuracy", "f1_macro", "loss", "mae", "rmse", "r2", "spearman"] = "auto"
-    """Eval metric that picks `best/` and drives early stopping; auto = accuracy (classification) or mae (regression)."""
+    """Eval metric that picks `best/` and drives early stopping; auto = accuracy (classification) or mae
+    (regression)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; `auto` takes CUDA when present, else the CPU."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -173,13 +195,15 @@ class TrainConfig:
     tensorboard: bool = False
     """Also log to TensorBoard (run_dir/tensorboard; needs `pip install 'seqtrain[tensorboard]'`)."""
     trace_examples: bool = False
-    """Write trained-examples.tsv: the step and a hash of every example trained on (audits resume: no replay, no gap)."""
+    """Write trained-examples.tsv: the step and a hash of every example trained on (audits resume: no replay,
+    no gap)."""
 
 
 @dataclass
 class PretrainConfig:
     path: str | None = None
-    """Unlabeled texts for `seqtrain pretrain`: anything data.path accepts (Hub id, local folder, data files); null = only the labelled training texts."""
+    """Unlabeled texts for `seqtrain pretrain`: anything data.path accepts (Hub id, local folder, data files);
+    null = only the labelled training texts."""
     split: str = "train"
     """Split of `pretrain.path` to read."""
     text_column: str = "text"
@@ -187,13 +211,16 @@ class PretrainConfig:
     add_train_texts: bool = True
     """Also learn from the texts (never the labels) of data.path's data.train_split."""
     heldout_fraction: float = 0.01
-    """Rows held out of training for the held-out perplexity, chosen by a hash of the text (stable under streaming and resume)."""
+    """Rows held out of training for the held-out perplexity, chosen by a hash of the text (stable under
+    streaming and resume)."""
     max_heldout_texts: int = 200
     """Held-out texts scored at each evaluation (full softmax over the vocabulary)."""
     max_length: int = 256
     """Texts are cut to their first this many tokens."""
     softmax: Literal["sampled", "adaptive", "full"] = "adaptive"
-    """Output layer: torch's adaptive softmax, sampled softmax with shared negatives, or the full softmax (10x slower). In 3 minutes of `python -m bench.pretrain --minutes 3` adaptive took fewer steps than sampled (116 vs 163) but reached a lower held-out perplexity (407 vs 509)."""
+    """Output layer: torch's adaptive softmax, sampled softmax with shared negatives, or the full softmax (10x
+    slower). In 3 minutes of `python -m bench.pretrain --minutes 3` adaptive took fewer steps than sampled
+    (116 vs 163) but reached a lower held-out perplexity (407 vs 509)."""
     num_samples: int = 1024
     """sampled: negatives per step, shared by every position of the batch."""
     adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
@@ -298,7 +325,8 @@ def help_text() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             lines.append(
-                f"  {(section + '.' if section else '') + f.name} ({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}"
+                f"  {(section + '.' if section else '') + f.name} "
+                f"({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}"
             )
     return "\n".join(lines)
 
@@ -455,7 +483,8 @@ def _check_name(name: str) -> None:
         )
     if "/" in name or "\\" in name or name.strip() in (".", ".."):
         raise ConfigError(
-            f"name {name!r} must be a plain folder name (no / or \\, not . or ..): the run directory is runs/<name>. "
+            f"name {name!r} must be a plain folder name (no / or \\, not . or ..): "
+            "the run directory is runs/<name>. "
             "To write elsewhere, set output_dir."
         )
 
@@ -506,7 +535,8 @@ def _check_values(cfg: Config) -> None:
         cfg.model.task == "regression" and cfg.model.regression_head == "distribution"
     ):
         raise ConfigError(
-            "model.emd_weight applies to model.task: regression with model.regression_head: distribution; set it to 0 or use that head."
+            "model.emd_weight applies to model.task: regression with model.regression_head: distribution; "
+            "set it to 0 or use that head."
         )
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
@@ -531,29 +561,33 @@ def _check_values(cfg: Config) -> None:
         and cfg.model.task == "classification"
     ):
         raise ConfigError(
-            f"data.label_names must name two or more classes, got {cfg.data.label_names}; remove the key (or set it to "
-            "null) to take the class names from the data."
+            f"data.label_names must name two or more classes, got {cfg.data.label_names}; "
+            "remove the key (or set it to null) to take the class names from the data."
         )
     n_params = estimate_parameters(cfg)
     if n_params > MAX_PARAMETERS:
         m = cfg.model
         raise ConfigError(
-            f"model.hidden_size {m.hidden_size}, model.embedding_dim {m.embedding_dim}, model.num_layers {m.num_layers} "
-            f"and tokenizer.vocab_size {cfg.tokenizer.vocab_size} give about {n_params:.3g} parameters "
-            f"({n_params * 16 / 1e9:,.0f} GB to train with AdamW); the limit is {MAX_PARAMETERS:.0e}. Make them smaller."
+            f"model.hidden_size {m.hidden_size}, model.embedding_dim {m.embedding_dim}, "
+            f"model.num_layers {m.num_layers} and tokenizer.vocab_size {cfg.tokenizer.vocab_size} "
+            f"give about {n_params:.3g} parameters ({n_params * 16 / 1e9:,.0f} GB to train with AdamW); "
+            f"the limit is {MAX_PARAMETERS:.0e}. Make them smaller."
         )
     regression_metrics = {"mae", "rmse", "r2", "spearman"}
     if cfg.model.task == "classification" and cfg.train.monitor in regression_metrics:
         raise ConfigError(
-            f"train.monitor {cfg.train.monitor!r} is a regression metric; for classification use accuracy, f1_macro or loss."
+            f"train.monitor {cfg.train.monitor!r} is a regression metric; "
+            "for classification use accuracy, f1_macro or loss."
         )
     if cfg.model.task == "regression" and cfg.train.monitor in {"accuracy", "f1_macro"}:
         raise ConfigError(
-            f"train.monitor {cfg.train.monitor!r} needs classes; for regression use mae, rmse, r2, spearman or loss."
+            f"train.monitor {cfg.train.monitor!r} needs classes; "
+            "for regression use mae, rmse, r2, spearman or loss."
         )
     if cfg.model.regression_head == "distribution" and cfg.model.bounded:
         raise ConfigError(
-            "model.bounded applies to the scalar regression head; with regression_head: distribution the prediction already lies between the smallest and largest target."
+            "model.bounded applies to the scalar regression head; with regression_head: distribution "
+            "the prediction already lies between the smallest and largest target."
         )
     if cfg.data.text_column == cfg.data.label_column:
         raise ConfigError("data.text_column and data.label_column name the same column.")
@@ -610,7 +644,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(Path(path))
     if raw is None:
         raise ConfigError(
-            f"{path} is empty: a config needs at least data.path (an empty file would train every default on data/sst2). "
+            f"{path} is empty: a config needs at least data.path "
+            "(an empty file would train every default on data/sst2). "
             "Start from one in configs/, or run `seqtrain init DATA`."
         )
     if not isinstance(raw, dict):
@@ -669,14 +704,13 @@ def check_resumable(cfg: Config) -> None:
     changed = [k for k in config_diff(saved, to_dict(cfg)) if k not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
-            f"cannot resume {run_dir}: {', '.join(changed)} differ from the run's config.yaml. Only these may change "
-            f"on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
+            f"cannot resume {run_dir}: {', '.join(changed)} differ from the run's config.yaml. "
+            f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
         )
 
 
-if (
-    __name__ == "__main__"
-):  # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
+# python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
+if __name__ == "__main__":
     import json
 
     Path(__file__).with_name(HELP_SNAPSHOT).write_text(
