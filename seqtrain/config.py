@@ -171,6 +171,13 @@ class TrainConfig:
     """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's
     embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in
     configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
+    layer_lr_decay: float = 1.0
+    """Discriminative fine-tuning (ULMFiT): each layer group below the head learns at this fraction of the
+    rate of the group above it (the head at lr, the top recurrent layer at lr * d, ..., the embeddings at
+    lr * d^(num_layers + 1)); ULMFiT uses 1 / 2.6; 1 = one rate for all."""
+    unfreeze_every: int = 0
+    """Gradual unfreezing (ULMFiT): train only the head for this many steps, then unfreeze one more layer
+    group from the top every this many steps (recurrent layers, then the embeddings); 0 = all train."""
     class_weights: Literal["none", "balanced"] = "none"
     """Classification: `balanced` weighs each class's loss by n / (classes * count), for imbalanced labels."""
     eval_every: int = 0
@@ -542,6 +549,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
     if cfg.train.adversarial_eps < 0:
         raise ConfigError(f"train.adversarial_eps must be 0 (off) or more, got {cfg.train.adversarial_eps}.")
+    if not 0 < cfg.train.layer_lr_decay <= 1:
+        raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {cfg.train.layer_lr_decay}.")
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}.")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
@@ -549,6 +558,7 @@ def _check_values(cfg: Config) -> None:
     for key, n in {
         "train.eval_every": cfg.train.eval_every,
         "train.warmup_steps": cfg.train.warmup_steps,
+        "train.unfreeze_every": cfg.train.unfreeze_every,
         "data.num_workers": cfg.data.num_workers or 0,
     }.items():
         if n < 0:

@@ -322,7 +322,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 ids, lengths = batch["ids"].to(device), batch["lengths"].to(device)  # (B, T), (B,)
 
                 lr = lr_at(state.step, t, total_steps)
-                set_lr(optimizer, lr)
+                set_lr(optimizer, lr, state.step)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     nll_sums, targets = forward(ids, lengths)  # (directions,), targets per direction

@@ -415,7 +415,7 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
     """One optimizer step on one batch; returns (loss, logits, targets) for the log."""
     cfg, t, device = run.cfg, run.cfg.train, run.device
     ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
-    set_lr(run.optimizer, lr)
+    set_lr(run.optimizer, lr, run.state.step)
     run.optimizer.zero_grad(set_to_none=True)
     # train.adversarial_eps: a zero perturbation of the embeddings, whose gradient says which way raises
     # the loss; the RNG is forked around the clean pass (the CPU generator always, plus this accelerator's)
