@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -239,9 +239,9 @@ class Job:
 class Batcher:
     """Coalesces the texts of concurrent requests into forward passes on one worker thread."""
 
-    run: Predictor
     opts: ServeOptions
     metrics: Metrics
+    run: Predictor | None = None  # None while the model loads
     jobs: deque[Job] = field(default_factory=deque)
     waiting: int = 0  # texts in `jobs`
     explaining: int = 0  # texts of /explain requests, waiting or running
@@ -252,12 +252,20 @@ class Batcher:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="seqtrain-serve")
     )
 
+    @property
+    def model(self) -> Predictor:
+        if self.run is None:
+            raise RuntimeError("the model is not loaded yet")
+        return self.run
+
     def admit(self, n: int) -> None:
         """503 unless `n` more texts fit in the queue."""
         if self.closing or not self.ready:
             raise ApiError(
                 503,
-                "the server is " + ("shutting down." if self.closing else "starting."),
+                "the server is shutting down."
+                if self.closing
+                else "the model is still loading; retry shortly.",
                 {"Retry-After": "1"},
             )
         if (queued := self.waiting + self.explaining) + n > self.opts.max_queue:
@@ -284,11 +292,12 @@ class Batcher:
             self.waiting += n
         self.metrics.queue.set(self.waiting + self.explaining)
 
-    async def warm_up(self) -> None:
-        """One forward pass before /ready says yes: the first real request pays no lazy initialisation."""
-        await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: list(predict_stream(self.run, ["warm up"]))
-        )
+    async def start(self, load: Callable[[], Predictor]) -> None:
+        """Load the model on the worker thread and run it once; /ready says yes after that, so the
+        first real request pays no lazy initialisation. The event loop answers meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.run = await loop.run_in_executor(self.pool, load)
+        await loop.run_in_executor(self.pool, lambda: list(predict_stream(self.model, ["warm up"])))
         self.ready = True
 
     async def loop(self) -> None:
@@ -352,12 +361,13 @@ class Batcher:
         """On the worker thread: predict's code path on all the batch's texts, split back per job."""
         texts = [t for job in batch for t in job.texts]
         self.metrics.batch.observe(len(texts))
-        rows = iter(predict_stream(self.run, texts, chunk=len(texts), batch_size=self.opts.max_batch_size))
+        run = self.model
+        rows = iter(predict_stream(run, texts, chunk=len(texts), batch_size=self.opts.max_batch_size))
         out = []
         for job in batch:
             out.append(
                 [
-                    json.dumps(to_record(self.run.labels, text, probs, job.top_k))
+                    json.dumps(to_record(run.labels, text, probs, job.top_k))
                     for text, probs in (next(rows) for _ in job.texts)
                 ]
             )
@@ -371,8 +381,8 @@ class Batcher:
 
         def run() -> list[str]:
             return [
-                json.dumps(explain.to_record(ex, self.run, "occlusion"))
-                for ex in explain.explain_texts(self.run, texts)
+                json.dumps(explain.to_record(ex, self.model, "occlusion"))
+                for ex in explain.explain_texts(self.model, texts)
             ]
 
         self.admit(len(texts))
@@ -393,19 +403,29 @@ class Batcher:
 # --------------------------------------------------------------------------- requests
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(
-            413, f"the request body has {int(declared):,} bytes; the limit is {max_bytes:,} (--max-bytes)."
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body without Content-Length is cut off at the limit too
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
+    """The request body, or ApiError 413 past `max_bytes`; None when the client went away."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > max_bytes:
+                raise ApiError(
+                    413,
+                    f"the request body has {int(value):,} bytes; the limit is {max_bytes:,} (--max-bytes).",
+                )
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:  # a chunked body without Content-Length is cut off at the limit too
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise ApiError(413, f"the request body has more than {max_bytes:,} bytes (--max-bytes).")
+        if not message.get("more_body", False):
+            return b"".join([*chunks, chunk]) if chunks else chunk
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_request(body: bytes, max_texts: int) -> tuple[list[str], int | None, bool]:
@@ -435,12 +455,13 @@ def parse_request(body: bytes, max_texts: int) -> tuple[list[str], int | None, b
         where = "'text'" if single else f"texts[{i}]"
         if not isinstance(text, str):
             raise ApiError(422, f"{where} is {json_type(text)}, not a string.")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(
-                400, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not valid Unicode."
-            ) from None
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(
+                    400, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not valid Unicode."
+                ) from None
     top_k = obj.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ApiError(422, f"'top_k' must be a positive integer, got {json.dumps(top_k)}.")
@@ -460,91 +481,205 @@ def json_type(value: Any) -> str:
     return names.get(type(value), "null")
 
 
-def json_lines(lines: list[str], single: bool, key: str) -> Response:
+def json_lines(lines: list[str], single: bool, key: str) -> bytes:
     """{"text": ...} gets its line itself; {"texts": [...]} gets {key: [lines]}."""
-    return Response(
-        lines[0] if single else f'{{"{key}": [' + ", ".join(lines) + "]}", media_type="application/json"
-    )
+    return (lines[0] if single else f'{{"{key}": [' + ", ".join(lines) + "]}").encode()
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status, headers)
+def error_body(status: int, message: str) -> bytes:
+    """{"error": message, "status": status}, rendered as FastAPI's JSONResponse renders it."""
+    return json.dumps(
+        {"error": message, "status": status}, ensure_ascii=False, separators=(",", ":")
+    ).encode()
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status, message), status, headers, media_type="application/json")
+
+
+JSON_HEADER = (b"content-type", b"application/json")
+
+
+async def answer(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """One whole HTTP response, written straight to the ASGI server."""
+    head = [JSON_HEADER, (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(run: Predictor, opts: ServeOptions, target: Path) -> FastAPI:
-    """The ASGI app around a loaded model (uvicorn runs it; the tests run it in a thread)."""
-    metrics = Metrics()
-    info = describe(run, target, opts)
+class Service:
+    """The ASGI app. POST /predict, the hot path, is plain ASGI: the body is read, checked and parsed
+    here (the same checks and messages as everywhere), its texts go to the batcher, and the answer's
+    bytes are written straight back. Every other route goes through FastAPI.
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = Batcher(run, opts, metrics)  # created inside the server's event loop
-        app.state.batcher = batcher
-        await batcher.warm_up()
-        task = asyncio.create_task(batcher.loop())
-        yield
-        await batcher.close(task)
+    The server listens before the model is loaded: lifespan start-up only starts the loading (on the
+    model's worker thread), so /health answers at once and /ready says "loading" (503) until the model
+    is loaded and has run once. If loading fails, `on_failure` gets the error (the server stops)."""
 
-    app = FastAPI(title="seqtrain", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.add_middleware(Instrument, metrics=metrics)
+    def __init__(
+        self,
+        target: Path,
+        opts: ServeOptions,
+        load: Callable[[], Predictor] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.target, self.opts, self.on_failure = target, opts, on_failure
+        self.load = load or self.load_target
+        self.metrics = Metrics()
+        self.batcher: Batcher | None = None
+        self.info: dict[str, Any] | None = None
+        self.failure: BaseException | None = None
+        self.api = self.fastapi()
+        self.counted = {
+            status: self.metrics.requests.labels("/predict", str(status))
+            for status in (200, 400, 413, 422, 500, 503)
+        }
+        self.timed = self.metrics.latency.labels("/predict")
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, e.headers)
+    def load_target(self) -> Predictor:
+        from seqtrain import console
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), dict(e.headers or {}))
+        run, warnings = load_target(self.target, self.opts.checkpoint)  # looked up now: tests replace it
+        for w in warnings:
+            console.warn(w)
+        return run
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(422, str(e.errors()))
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
+            await self.predict(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
 
-    @app.post(
-        "/predict",
-        summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` writes',
-    )
-    async def predict(request: Request) -> Response:
-        texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
-        return json_lines(await request.app.state.batcher.submit(texts, top_k), single, "predictions")
+    async def predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start, status, answered = time.perf_counter(), 500, False
+        body: bytes | None = b""
+        try:
+            body = await read_body(scope, receive, self.opts.max_bytes)
+            if body is None:
+                return  # the client went away: nobody to answer
+            texts, top_k, single = parse_request(body, self.opts.max_texts)
+            if self.batcher is None:
+                raise ApiError(503, "the server is starting.", {"Retry-After": "1"})
+            lines = await self.batcher.submit(texts, top_k)
+            status, answered = 200, True
+            await answer(send, 200, json_lines(lines, single, "predictions"))
+        except ApiError as e:
+            status, answered = e.status, True
+            await answer(send, status, error_body(status, e.message), e.headers)
+        except Exception as e:  # a bug: a JSON 500 (FastAPI's would be plain text), and uvicorn logs it
+            if not answered:
+                await answer(send, 500, error_body(500, f"internal error ({type(e).__name__})."))
+            raise
+        finally:
+            if body is not None:
+                counter = self.counted.get(status) or self.metrics.requests.labels("/predict", str(status))
+                counter.inc()
+                self.timed.observe(time.perf_counter() - start)
 
-    @app.post(
-        "/explain",
-        summary='{"texts": [...]} or {"text": "..."}: the lines `seqtrain explain --format jsonl` writes',
-    )
-    async def explain(request: Request) -> Response:
-        texts, top_k, single = parse_request(await read_body(request, opts.max_bytes), opts.max_texts)
-        if top_k is not None:
-            raise ApiError(422, "'top_k' is for /predict; /explain explains the predicted class.")
-        return json_lines(await request.app.state.batcher.explain(texts), single, "explanations")
+    async def start(self, batcher: Batcher) -> None:
+        from seqtrain import console
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+        try:
+            await batcher.start(self.load)
+            self.info = describe(batcher.model, self.target, self.opts)
+        except Exception as e:
+            self.failure = e
+            if self.on_failure:
+                self.on_failure(e)
+            return
+        console.info(f"ready: {self.target} loaded ({self.info['backend']}, {self.info['checkpoint']})")
 
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        batcher = request.app.state.batcher
-        if batcher.ready and not batcher.closing:
-            return JSONResponse({"status": "ready"})
-        return error_response(503, "shutting down" if batcher.closing else "loading", {"Retry-After": "1"})
+    def fastapi(self) -> ASGIApp:
+        """The routes other than POST /predict."""
+        service, opts, metrics = self, self.opts, self.metrics
 
-    @app.get("/info")
-    async def info_() -> dict[str, Any]:
-        return info
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            batcher = Batcher(opts, metrics)  # created inside the server's event loop
+            service.batcher = batcher
+            loading = asyncio.create_task(service.start(batcher))
+            task = asyncio.create_task(batcher.loop())
+            yield
+            if not loading.done():  # stopped while loading: the load itself finishes on its thread
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            await batcher.close(task)
 
-    @app.get("/metrics")
-    async def metrics_() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        app = FastAPI(
+            title="seqtrain", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None
+        )
+        app.add_middleware(Instrument, metrics=metrics)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE)
+        @app.exception_handler(ApiError)
+        async def api_error(request: Request, e: ApiError) -> Response:
+            return error_response(e.status, e.message, e.headers)
 
-    return app
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+            return error_response(e.status_code, str(e.detail), dict(e.headers or {}))
+
+        @app.exception_handler(RequestValidationError)
+        async def validation_error(request: Request, e: RequestValidationError) -> Response:
+            return error_response(422, str(e.errors()))
+
+        @app.post(
+            "/predict",
+            summary='{"texts": [...]} or {"text": "..."}, optional "top_k": the lines `seqtrain predict` '
+            "writes (answered by the plain-ASGI path in front of this app; listed here for /docs)",
+        )
+        async def predict(request: Request) -> Response:
+            raise RuntimeError("POST /predict is answered before FastAPI")  # pragma: no cover
+
+        @app.post(
+            "/explain",
+            summary='{"texts": [...]} or {"text": "..."}: the lines `seqtrain explain --format jsonl` writes',
+        )
+        async def explain(request: Request) -> Response:
+            body = await read_body(request.scope, request.receive, opts.max_bytes)
+            texts, top_k, single = parse_request(body or b"", opts.max_texts)
+            if top_k is not None:
+                raise ApiError(422, "'top_k' is for /predict; /explain explains the predicted class.")
+            if service.batcher is None:
+                raise ApiError(503, "the server is starting.", {"Retry-After": "1"})
+            lines = await service.batcher.explain(texts)
+            return Response(json_lines(lines, single, "explanations"), media_type="application/json")
+
+        @app.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/ready")
+        async def ready() -> JSONResponse:
+            """{"status": "ready"} (200), or 503 with "loading", "shutting down" or "failed"."""
+            batcher = service.batcher
+            if batcher is not None and batcher.ready and not batcher.closing:
+                return JSONResponse({"status": "ready"})
+            if batcher is not None and batcher.closing:
+                state = "shutting down"
+            else:
+                state = "failed" if service.failure else "loading"
+            return JSONResponse({"status": state}, 503, {"Retry-After": "1"})
+
+        @app.get("/info")
+        async def info() -> dict[str, Any]:
+            if service.info is None:
+                raise ApiError(503, "the model is still loading; retry shortly.", {"Retry-After": "1"})
+            return service.info
+
+        @app.get("/metrics")
+        async def metrics_() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/", response_class=HTMLResponse)
+        async def page() -> HTMLResponse:
+            return HTMLResponse(PAGE)
+
+        return app
 
 
 # --------------------------------------------------------------------------- the server
@@ -552,7 +687,14 @@ def create_app(run: Predictor, opts: ServeOptions, target: Path) -> FastAPI:
 
 class Server(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM or SIGINT it shut down on gracefully is not raised
-    again afterwards (uvicorn >= 0.29 re-raises it, so the process would die by the signal)."""
+    again afterwards (uvicorn >= 0.29 re-raises it, so the process would die by the signal), and that
+    a model that fails to load stops it (`failure` holds the error)."""
+
+    failure: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.failure = error
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -570,8 +712,8 @@ class Server(uvicorn.Server):
 def listen(host: str, port: int) -> socket.socket:
     """Bind before loading anything else, so a busy port is a one-line error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a keep-alive
-    # response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a
+    # keep-alive response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -583,34 +725,57 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(run: Predictor, opts: ServeOptions, target: Path, **uvicorn_config: Any) -> Server:
-    """uvicorn on the app; its parser and event loop are the fastest installed (httptools, uvloop) unless given."""
-    app = create_app(run, opts, target)
-    return Server(
+def fastest(module: str, name: str) -> str:
+    """uvicorn's `loop`/`http` setting: the C implementation when it is installed, else uvicorn's own."""
+    try:
+        __import__(module)
+    except ImportError:
+        return "auto"
+    return name
+
+
+def make_server(
+    target: Path,
+    opts: ServeOptions,
+    load: Callable[[], Predictor] | None = None,
+    uvicorn_config: dict[str, Any] | None = None,
+) -> Server:
+    """uvicorn on the app, with uvloop and httptools when installed (the serve extra has them), no
+    access log, and a backlog of 2,048 connections."""
+    service = Service(target, opts, load)
+    settings: dict[str, Any] = {
+        "loop": fastest("uvloop", "uvloop"),
+        "http": fastest("httptools", "httptools"),
+        "backlog": 2048,
+    }
+    server = Server(
         uvicorn.Config(
-            app,
+            service,
             log_level=opts.log_level,
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=opts.grace_s,
-            **uvicorn_config,
+            **{**settings, **(uvicorn_config or {})},
         )
     )
+    service.on_failure = server.fail
+    return server
 
 
 def serve(target: Path, opts: ServeOptions) -> None:
-    """Load TARGET, serve it until SIGTERM or Ctrl-C, finish the requests in flight, return."""
+    """Listen, load TARGET in the background (/ready: 503 "loading", then 200), serve until SIGTERM or
+    Ctrl-C, finish the requests in flight, return. A model that fails to load stops it with its error."""
     from seqtrain import console
 
     opts.check()
     sock = listen(opts.host, opts.port)
-    run, warnings = load_target(target, opts.checkpoint)
-    for w in warnings:
-        console.warn(w)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     console.info(f"listening on {url}: {target} (POST /predict, a page at /); SIGTERM or Ctrl-C stops")
-    make_server(run, opts, target).run(sockets=[sock])
+    server = make_server(target, opts)
+    server.run(sockets=[sock])
+    if server.failure is not None:
+        raise server.failure
     console.info("stopped")
 
 

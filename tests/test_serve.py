@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +40,7 @@ from seqtrain.serve import ServeOptions, listen, load_target, make_server
 runner = CliRunner()
 SST2 = REAL_DATA / "sst2"
 pytestmark = pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/sst2 or data/sst2")
-LIMITS = {"max_texts": 64, "max_bytes": 20_000, "max_batch_size": 32, "max_wait_ms": 20.0}
+LIMITS: dict[str, Any] = {"max_texts": 64, "max_bytes": 20_000, "max_batch_size": 32, "max_wait_ms": 20.0}
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +90,29 @@ def predict_cli(target: Path, texts: list[str], *extra: str) -> list[dict[str, A
 
 
 @contextmanager
-def serving(target: Path, uvicorn_config: dict[str, str] | None = None, **options: Any) -> Iterator[str]:
-    """The server `seqtrain serve` runs, in a thread of this process, on a free port; yields its URL."""
+def serving(
+    target: Path,
+    uvicorn_config: dict[str, str] | None = None,
+    *,
+    load: Callable[[], Any] | None = None,
+    **options: Any,
+) -> Iterator[str]:
+    """The server `seqtrain serve` runs, in a thread of this process, on a free port; yields its URL
+    once it listens and /ready says the model is loaded (at once, when `load` replaces the loading)."""
     opts = ServeOptions(port=0, log_level="warning", **options)
     opts.check()
     sock = listen(opts.host, 0)
-    run, _ = load_target(target)
-    server = make_server(run, opts, target, **(uvicorn_config or {}))
+    server = make_server(target, opts, load=load, uvicorn_config=uvicorn_config)
+    ready = load is None
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    u = f"http://127.0.0.1:{sock.getsockname()[1]}"
     deadline = time.monotonic() + 30
-    while not server.started:
+    while not server.started or (ready and httpx.get(u + "/ready", timeout=10).status_code != 200):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield u
     finally:
         server.should_exit = True
         thread.join(30)
@@ -310,6 +318,95 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     assert (
         '<textarea id="text"' in page.text and 'post("predict"' in page.text and 'post("explain"' in page.text
     )
+
+
+def test_ready_says_loading_until_the_model_is_loaded_while_health_answers(run_dir: Path) -> None:
+    """The server listens first and loads the model on its worker thread; here the loading waits for
+    the test's go-ahead, so "loading" is seen for certain."""
+    go = threading.Event()
+
+    def slow_load() -> Any:
+        assert go.wait(30), "the test never let the model load"
+        return load_target(run_dir)[0]
+
+    with serving(run_dir, load=slow_load) as u:
+        try:
+            for _ in range(3):  # not a race: nothing loads until `go`
+                assert httpx.get(u + "/health").json() == {"status": "ok"}
+                loading = httpx.get(u + "/ready")
+                assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+                assert loading.headers["retry-after"] == "1"
+            early = post(u, {"text": "too early"})
+            assert early.status_code == 503 and early.headers["retry-after"] == "1"
+            assert early.json() == {"error": "the model is still loading; retry shortly.", "status": 503}
+            info = httpx.get(u + "/info")
+            assert info.status_code == 503 and "loading" in info.json()["error"]
+        finally:
+            go.set()
+        deadline = time.monotonic() + 30
+        while (ready := httpx.get(u + "/ready")).status_code != 200:
+            assert ready.json() == {"status": "loading"} and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert ready.json() == {"status": "ready"}
+        assert post(u, {"text": "in time"}).json() == predict_cli(run_dir, ["in time"])[0]
+        assert httpx.get(u + "/info").json()["labels"] == ["negative", "positive"]
+
+
+SLOW_LOAD = """
+import pathlib, sys, time
+import seqtrain.serve
+from seqtrain.cli import main
+
+real, gate = seqtrain.serve.load_target, pathlib.Path(sys.argv.pop(1))
+
+def load_target(*args, **kwargs):  # the model loads only once the test creates the gate file
+    deadline = time.monotonic() + 60
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return real(*args, **kwargs)
+
+seqtrain.serve.load_target = load_target
+sys.argv = ["seqtrain", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_command_listens_before_the_model_loads(run_dir: Path, tmp_path: Path) -> None:
+    """`seqtrain serve` itself (a subprocess; its loading held back by a test-only wrapper, as
+    tests/fault_entry.py does for training): /ready is 503 "loading", then 200; SIGTERM exits 0."""
+    gate = tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-c", SLOW_LOAD, str(gate), "serve", str(run_dir), "--port", "0"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert found, line
+        u = f"http://127.0.0.1:{found.group(1)}"
+        deadline = time.monotonic() + 30
+        while True:  # the port is bound before uvicorn starts: wait for its first answer
+            try:
+                loading = httpx.get(u + "/ready", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the server never answered"
+                time.sleep(0.05)
+        assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+        assert httpx.get(u + "/health").status_code == 200
+        gate.touch()
+        while (ready := httpx.get(u + "/ready", timeout=5)).status_code != 200:
+            assert ready.json() == {"status": "loading"} and time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        assert post(u, {"text": "loaded"}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read()
+        assert "ready:" in rest and "stopped" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_keep_alive_answers_do_not_wait_for_a_delayed_ack(run_dir: Path) -> None:
