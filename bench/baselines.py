@@ -1,4 +1,5 @@
-"""Linear baselines on IMDB, and how much they add to a trained run: `python -m bench.baselines [RUN_DIR ...]`.
+"""Linear baselines on IMDB, and how much they add to a trained run:
+`python -m bench.baselines [RUN_DIR ...]`.
 
 Needs scikit-learn (`pip install 'seqtrain[baselines]'`). On ../shared/data/imdb (or data/imdb) it fits
 

@@ -1,4 +1,5 @@
-"""How far ensembles get on issue 8's Spearman target: `python -m bench.ratings --regression RUN... --binary RUN...`.
+"""How far ensembles get on issue 8's Spearman target:
+`python -m bench.ratings --regression RUN... --binary RUN...`.
 
 Needs scikit-learn (`pip install 'seqtrain[baselines]'`). On the IMDB validation split it prints the
 Spearman correlation with the `rating` column of
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             probs.append(predict_probs(run, texts)[:, run.labels.names.index("positive")].astype(np.float64))
         positive = np.mean(probs, axis=0)
         print(
-            f"the {len(probs)} binary runs averaged: polarity accuracy {((positive > 0.5) == (y > middle)).mean():.2%}"
+            f"the {len(probs)} binary runs averaged: "
+            f"polarity accuracy {((positive > 0.5) == (y > middle)).mean():.2%}"
         )
 
     ridge = None
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         ridge = ridge_model.predict(tfidf.transform(valid.text))
         print(
-            f"TF-IDF (1-2 grams) + ridge: Spearman {spearman(ridge, y):.4f}, MAE {np.abs(ridge - y).mean():.3f}"
+            f"TF-IDF (1-2 grams) + ridge: Spearman {spearman(ridge, y):.4f}, "
+            f"MAE {np.abs(ridge - y).mean():.3f}"
         )
 
     grid = ensemble_grid(stars, positive, ridge, y)

@@ -3,9 +3,9 @@
 Groups run directories by config name (`name` without the `-s<seed>` suffix) and writes, per
 group: validation accuracy (or MAE / Spearman for regression) as mean ± std over the seeds, wall
 time, training tokens/s and the command, into BENCHMARKS.md between the `bench.results` markers
-under `## Accuracy` (without the markers, right below the heading; text around them is kept). For SST-2 runs it
-also reports accuracy on the long validation phrases (>= 15 words), a proxy for the sentence-level
-test set that is held out of ../shared/data.
+under `## Accuracy` (without the markers, right below the heading; text around them is kept). For
+SST-2 runs it also reports accuracy on the long validation phrases (>= 15 words), a proxy for the
+sentence-level test set that is held out of ../shared/data.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in sorted(groups.items()):
         ev = [r["eval"] for r in runs]
         if ev[0].get("task") == "regression":
-            result = f"MAE {fmt([e['mae'] for e in ev], False)}, Spearman {fmt([e['spearman'] for e in ev], False)}"
+            result = (
+                f"MAE {fmt([e['mae'] for e in ev], False)}, "
+                f"Spearman {fmt([e['spearman'] for e in ev], False)}"
+            )
         else:
             result = f"accuracy {fmt([e['accuracy'] for e in ev])}%"
             if "long_acc" in runs[0]:
@@ -95,15 +98,18 @@ def main(argv: list[str] | None = None) -> int:
                 result += f"; top-{ev[0]['top_k']} {fmt([e['top_k_accuracy'] for e in ev])}%"
         minutes = statistics.mean(r["seconds"] for r in runs) / 60
         rows.append(
-            f"| `configs/{name}.yaml` | {', '.join(str(r['seed']) for r in runs)} | {result} | {minutes:.1f} min "
+            f"| `configs/{name}.yaml` | {', '.join(str(r['seed']) for r in runs)} | {result} "
+            f"| {minutes:.1f} min "
             f"| {statistics.mean(r['tokens_per_sec'] for r in runs):,.0f} | {runs[0]['threads']} |"
         )
     section = "\n".join(
         [
-            "Validation splits of ../shared/data, from scratch (no pretrained embeddings). One row per shipped config; "
-            "mean ± std over the seeds listed. Command for seed N: `seqtrain train configs/NAME.yaml seed=N name=NAME-sN` "
-            "(then `python -m bench.results runs/*` writes this table). Wall time includes the vocabulary pass and every "
-            "evaluation; `threads` is the intra-op thread count of the run (runs made with 1 thread shared the machine "
+            "Validation splits of ../shared/data, from scratch (no pretrained embeddings). "
+            "One row per shipped config; mean ± std over the seeds listed. "
+            "Command for seed N: `seqtrain train configs/NAME.yaml seed=N name=NAME-sN` "
+            "(then `python -m bench.results runs/*` writes this table). "
+            "Wall time includes the vocabulary pass and every evaluation; "
+            "`threads` is the intra-op thread count of the run (runs made with 1 thread shared the machine "
             "with other work; with 2 threads on an idle 2-core machine they run about 1.6x faster).",
             "",
             *rows,

@@ -53,8 +53,8 @@ def reading(path: str, split: str) -> Iterator[None]:
         raise
     except UnicodeDecodeError as e:
         raise DataError(
-            f"split {split!r} of {path!r} is not valid UTF-8 ({e.reason} at byte {e.start} of a block). Convert the file to "
-            "UTF-8, or set data.on_bad_rows: skip to skip the rows holding such bytes."
+            f"split {split!r} of {path!r} is not valid UTF-8 ({e.reason} at byte {e.start} of a block). "
+            "Convert the file to UTF-8, or set data.on_bad_rows: skip to skip the rows holding such bytes."
         ) from None
     except Exception as e:
         name = type(e).__name__
@@ -92,13 +92,15 @@ def check_folder(path: str) -> None:
     if all(p.name.upper().startswith("README") or p.suffix.lower() == ".md" for p in files):
         shown = ", ".join(sorted(p.name for p in files)[:5]) or "nothing"
         raise DataError(
-            f"data.path {path!r}: the folder holds no data files ({shown}). Put the splits there as data files, e.g. "
-            "train.parquet / validation.parquet, or train.csv, or point data.path at a file."
+            f"data.path {path!r}: the folder holds no data files ({shown}). "
+            "Put the splits there as data files, e.g. train.parquet / validation.parquet, or train.csv, "
+            "or point data.path at a file."
         )
 
 
 def label_problem(label: Any, names: list[str] | None) -> str | None:
-    """Why `label` is not one of data.label_names (integers index them), or None when it is (or no names are set)."""
+    """Why `label` is not one of data.label_names (integers index them), or None when it is
+    (or no names are set)."""
     if not names:
         return None
     if isinstance(label, float) and label.is_integer():

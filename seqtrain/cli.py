@@ -87,15 +87,17 @@ def train(
 
 
 def _out_of_memory(e: BaseException) -> BaseException:
-    """A failed allocation as a message that says which settings size the memory; any other error as it was."""
+    """A failed allocation as a message that says which settings size the memory; any other error as it
+    was."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     if not isinstance(e, MemoryError) and not any(
         s in text.lower() for s in ("out of memory", "alloc", "not enough memory")
     ):
         return e
     return _fail(
-        f"out of memory: {text}. Make the model smaller (model.hidden_size, model.embedding_dim, model.num_layers, "
-        "tokenizer.vocab_size) or the batches (train.batch_size, data.max_length).",
+        f"out of memory: {text}. Make the model smaller "
+        "(model.hidden_size, model.embedding_dim, model.num_layers, tokenizer.vocab_size) "
+        "or the batches (train.batch_size, data.max_length).",
         1,
     )
 
@@ -162,7 +164,8 @@ def eval_(
         ),
     ] = False,
 ) -> None:
-    """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix; writes eval-<split>.json."""
+    """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix;
+    writes eval-<split>.json."""
     try:
         from seqtrain import console
         from seqtrain.evaluation import evaluate_run
@@ -226,7 +229,8 @@ def predict(
         typer.Option(help="Binary tasks: predict the second label when its probability is at least this."),
     ] = None,
 ) -> None:
-    """Classify texts; one result per text, in input order: {"text", "label", "probs"} ({"text", "score"} for regression)."""
+    """Classify texts; one result per text, in input order:
+    {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
         from seqtrain.exported import is_export_folder
         from seqtrain.predict import check_output, predict_command
@@ -236,7 +240,8 @@ def predict(
             raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
         if sum(x is not None and x != [] for x in (texts, input, data)) != 1:
             raise _fail(
-                "give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: one of them.",
+                "give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: "
+                "one of them.",
                 2,
             )
         if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -359,7 +364,8 @@ def export(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
 ) -> None:
-    """Export the model (inputs: padded token ids and lengths) with tokenizer.json, labels.json and export.json beside it."""
+    """Export the model (inputs: padded token ids and lengths)
+    with tokenizer.json, labels.json and export.json beside it."""
     try:
         from seqtrain import console
         from seqtrain.export import export_run
@@ -378,8 +384,8 @@ def export(
             else "not checked (onnxruntime is not installed)"
         )
         console.info(
-            f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) with tokenizer.json, labels.json, "
-            f"config.yaml and export.json; {check}"
+            f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) "
+            f"with tokenizer.json, labels.json, config.yaml and export.json; {check}"
         )
     except SeqtrainError as e:
         raise _fail(str(e), e.exit_code) from None
@@ -417,14 +423,16 @@ def serve(
         int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")
     ] = 30,
 ) -> None:
-    """Serve predictions over HTTP: POST /predict, GET /health /ready /info /metrics, and a page at / to try the model."""
+    """Serve predictions over HTTP: POST /predict, GET /health /ready /info /metrics,
+    and a page at / to try the model."""
     try:
         try:
             from seqtrain.serve import ServeOptions
             from seqtrain.serve import serve as run_server
         except ImportError as e:
             raise _fail(
-                f"`seqtrain serve` needs the serve extra ({e.name} is not installed): pip install 'seqtrain[serve]'",
+                f"`seqtrain serve` needs the serve extra ({e.name} is not installed): "
+                "pip install 'seqtrain[serve]'",
                 1,
             ) from None
         run_server(
@@ -451,7 +459,10 @@ def init(
     label_column: Annotated[
         str | None,
         typer.Option(
-            help="Label column (default: a ClassLabel, a column named like label, or the one with fewest values)."
+            help=(
+                "Label column (default: a ClassLabel, a column named like label, "
+                "or the one with fewest values)."
+            )
         ),
     ] = None,
     sample: Annotated[int, typer.Option(help="Training rows to read.")] = 5000,
@@ -460,11 +471,15 @@ def init(
         str | None,
         typer.Option(
             "--init-from",
-            help="A `seqtrain pretrain` run directory: the config fine-tunes from its encoder, with its tokenizer and shapes.",
+            help=(
+                "A `seqtrain pretrain` run directory: the config fine-tunes from its encoder, "
+                "with its tokenizer and shapes."
+            ),
         ),
     ] = None,
 ) -> None:
-    """Inspect a dataset (splits, columns, labels, text lengths) and write a commented starter config for it."""
+    """Inspect a dataset (splits, columns, labels, text lengths)
+    and write a commented starter config for it."""
     try:
         from seqtrain import console
         from seqtrain.starter import write_starter
@@ -493,13 +508,18 @@ def tune(
     space: Annotated[
         Path | None,
         typer.Option(
-            help="Search space YAML: dotted keys -> distributions (default: runs/<study>/space.yaml shows it)."
+            help=(
+                "Search space YAML: dotted keys -> distributions (default: runs/<study>/space.yaml shows it)."
+            )
         ),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
-            help="Optuna storage URL (default: sqlite in runs/<study>/study.db); postgresql:// or mysql:// for several machines."
+            help=(
+                "Optuna storage URL (default: sqlite in runs/<study>/study.db); "
+                "postgresql:// or mysql:// for several machines."
+            )
         ),
     ] = None,
     study: Annotated[
@@ -515,8 +535,8 @@ def tune(
     ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:
-    """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN, bad ones pruned early;
-    rerun the same command to continue a study."""
+    """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN,
+    bad ones pruned early; rerun the same command to continue a study."""
     try:
         from seqtrain.tune import Options
         from seqtrain.tune import tune as run_tune

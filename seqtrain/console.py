@@ -141,7 +141,8 @@ def print_eval(report: dict[str, Any], title: str) -> None:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """`eval --report`: accuracy (or MAE) by length bucket, then truncation, unknown tokens and calibration."""
+    """`eval --report`: accuracy (or MAE) by length bucket, then truncation,
+    unknown tokens and calibration."""
     rows = report["by_length"]
     metric = "mae" if rows and "mae" in rows[0] else "accuracy"
     table = Table(title="by text length (tokens after truncation)")
@@ -155,8 +156,9 @@ def print_report(report: dict[str, Any]) -> None:
     out.print(table)
     tr = report["truncation"]
     out.print(
-        f"truncated at max_length {tr['max_length']}: {tr['truncated_rate']:.2%} of texts; tokens before truncation "
-        f"p50 {tr['tokens_p50']}, p90 {tr['tokens_p90']}, p99 {tr['tokens_p99']}, max {tr['tokens_max']:,}"
+        f"truncated at max_length {tr['max_length']}: {tr['truncated_rate']:.2%} of texts; "
+        f"tokens before truncation p50 {tr['tokens_p50']}, p90 {tr['tokens_p90']}, "
+        f"p99 {tr['tokens_p99']}, max {tr['tokens_max']:,}"
     )
     line = f"unknown tokens: {report['unk_rate']:.2%} of tokens"
     if "ece" in report:
@@ -241,13 +243,14 @@ def print_dataset_summary(summary: dict[str, Any], config_path: str) -> None:
     for note in summary.get("notes", []):
         warn(note)
     err.print(
-        f"wrote {escape(config_path)}: max_length {summary['max_length']}, vocab_size {summary['vocab_size']:,}. "
-        f"Train with: seqtrain train {escape(config_path)}"
+        f"wrote {escape(config_path)}: max_length {summary['max_length']}, "
+        f"vocab_size {summary['vocab_size']:,}. Train with: seqtrain train {escape(config_path)}"
     )
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """A plain table on stderr (`seqtrain tune`'s trials): the first two columns left-aligned, the rest right."""
+    """A plain table on stderr (`seqtrain tune`'s trials): the first two columns left-aligned,
+    the rest right."""
     table = Table(title=escape(title))
     for i, col in enumerate(columns):
         table.add_column(escape(col), justify="left" if i in (0, 1) else "right", overflow="fold")

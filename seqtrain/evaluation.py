@@ -84,7 +84,8 @@ def _eval_plots(
 
     if report.get("task") == "regression":
         console.warn(
-            "--plots draws classification pictures (confusion, precision-recall, calibration); this run is a regression."
+            "--plots draws classification pictures (confusion, precision-recall, calibration); "
+            "this run is a regression."
         )
         return
     from seqtrain.plots import eval_plots

@@ -52,7 +52,8 @@ class ExportError(SeqtrainError):
 def example_inputs(
     vocab_size: int, batch: int = 3, steps: int = 7, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded random ids and distinct lengths: batch and time above 1 so neither is specialised as a constant."""
+    """Right-padded random ids and distinct lengths: batch and time above 1
+    so neither is specialised as a constant."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.linspace(steps, 1, batch).round().long().clamp(min=1)
     lengths[0] = steps
@@ -100,7 +101,8 @@ def export_onnx(model: WithProbs, path: Path, vocab_size: int) -> Path:
     missing = missing_onnx_packages()
     if missing:
         raise ExportError(
-            f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_HINT} (or use --format torchscript)."
+            f"ONNX export needs the package(s) {', '.join(missing)}: {INSTALL_HINT} "
+            "(or use --format torchscript)."
         )
     ids, lengths = example_inputs(vocab_size)
     # The exporter warns about internals and deprecations; none of it concerns this model, the
@@ -176,7 +178,8 @@ def check_parity(model: Classifier, path: Path, vocab_size: int) -> float | None
 
 
 def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str = "best") -> dict[str, Any]:
-    """Export a run's checkpoint into a folder (default RUN_DIR/export); returns what export.json says, plus the check."""
+    """Export a run's checkpoint into a folder (default RUN_DIR/export); returns what export.json says,
+    plus the check."""
     from seqtrain.inference import load_run
 
     if fmt not in FORMATS:
@@ -205,7 +208,10 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
         "torch": torch.__version__,
         "checkpoint": run.checkpoint.name,
         "inputs": {
-            "ids": "int64 (batch, time): token ids from tokenizer.json (add_special_tokens=False), right-padded with pad_id",
+            "ids": (
+                "int64 (batch, time): token ids from tokenizer.json (add_special_tokens=False), "
+                "right-padded with pad_id"
+            ),
             "lengths": "int64 (batch,): the number of real tokens in each row, at least 1",
         },
         "outputs": {
@@ -221,8 +227,14 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
     }
     if run.labels.task == "regression":
         info["outputs"] = {
-            "logits": "float32 (batch, outputs): the model's raw outputs (standardised score, or logits over labels.json's values)",
-            "probs": "float32 (batch, 1): the predicted score in the target's own units, as `seqtrain predict` reports it",
+            "logits": (
+                "float32 (batch, outputs): the model's raw outputs "
+                "(standardised score, or logits over labels.json's values)"
+            ),
+            "probs": (
+                "float32 (batch, 1): the predicted score in the target's own units, "
+                "as `seqtrain predict` reports it"
+            ),
         }
     (folder / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     info["max_abs_diff"] = check_parity(model.model, target, vocab_size)

@@ -66,13 +66,14 @@ def load_exported_run(folder: Path) -> ExportedRun:
         raise CheckpointError(f"cannot read {folder / 'export.json'}: {e}") from None
     if info.get("format") != "onnx":
         raise CheckpointError(
-            f"{folder} holds a {info.get('format', 'non-ONNX')} export; `seqtrain predict` runs ONNX export folders "
+            f"{folder} holds a {info.get('format', 'non-ONNX')} export; "
+            "`seqtrain predict` runs ONNX export folders "
             f"(seqtrain export RUN_DIR --format onnx) or the run directory itself."
         )
     if "probs" not in info.get("outputs", {}):
         raise CheckpointError(
-            f"{folder / 'model.onnx'} comes from an older seqtrain and has no `probs` output; export it again: "
-            f"seqtrain export RUN_DIR --format onnx --output {folder}"
+            f"{folder / 'model.onnx'} comes from an older seqtrain and has no `probs` output; "
+            f"export it again: seqtrain export RUN_DIR --format onnx --output {folder}"
         )
     for name in FILES:
         if not (folder / name).is_file():

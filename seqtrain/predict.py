@@ -215,7 +215,8 @@ def read_dataset(
     columns = list(ds.column_names or [])
     if columns and text_column not in columns:
         raise DataError(
-            f"split {split!r} of {path!r} has no column {text_column!r}; its columns: {', '.join(columns)}. Use --text-column."
+            f"split {split!r} of {path!r} has no column {text_column!r}; "
+            f"its columns: {', '.join(columns)}. Use --text-column."
         )
     for n, row in enumerate(badrows.guarded(ds, path, split), 1):
         text = row.get(text_column)
@@ -228,7 +229,8 @@ def read_dataset(
 def to_record(
     labels: Labels, text: str, probs: np.ndarray, top_k: int | None = None, threshold: float | None = None
 ) -> dict[str, Any]:
-    """What `predict` writes for one text (and `serve` answers): {"text", "label", "probs"[, "top_k"]} or {"text", "score"}."""
+    """What `predict` writes for one text (and `serve` answers):
+    {"text", "label", "probs"[, "top_k"]} or {"text", "score"}."""
     names = labels.names
     record: dict[str, Any] = {"text": text}
     if labels.task == "regression":
@@ -381,7 +383,8 @@ def predict_command(
     if blank:
         console.warn(
             f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
-            f"{'are' if len(blank) > 1 else 'is'} blank: predicted as empty texts, one output line per input line."
+            f"{'are' if len(blank) > 1 else 'is'} blank: "
+            "predicted as empty texts, one output line per input line."
         )
     if output != "-":
         console.info(f"wrote {n:,} predictions to {output}")

@@ -48,7 +48,8 @@ def length_buckets(
 
 
 def truncation_stats(tokenizer: Tokenizer, data: DataConfig, split: str, limit: int | None) -> dict[str, Any]:
-    """Re-tokenize the split without truncation: share of texts longer than max_length, and length percentiles.
+    """Re-tokenize the split without truncation: share of texts longer than max_length,
+    and length percentiles.
 
     The evaluation batches only hold truncated ids, so this costs one more tokenizing pass (no model).
     Texts are clipped to max_length * CHARS_PER_TOKEN characters first, as training does: that

@@ -38,7 +38,8 @@ MAX_CLASSES = 100  # more distinct values than this in a non-float column: not a
 
 
 def find_splits(path: str) -> list[str]:
-    """Split names: data files are one split ("train"); else the builder's data files; else probe common names."""
+    """Split names: data files are one split ("train"); else the builder's data files;
+    else probe common names."""
     if _data_files(path):
         return ["train"]
     import datasets
@@ -139,7 +140,8 @@ def _nice_ceil(x: float, step: int) -> int:
 def inspect_dataset(
     path: str, text_column: str | None = None, label_column: str | None = None, sample: int = 5000
 ) -> dict[str, Any]:
-    """Splits, columns, guessed text and label columns, labels, and text lengths from a sample of the training split."""
+    """Splits, columns, guessed text and label columns, labels,
+    and text lengths from a sample of the training split."""
     from tokenizers import normalizers, pre_tokenizers
 
     splits = find_splits(path)
@@ -167,7 +169,8 @@ def inspect_dataset(
     label_col = label_column or _guess_label_column(columns, features, text_col)
     if label_col is None or label_col == text_col:
         raise DataError(
-            f"cannot tell which column of {path!r} holds the labels ({', '.join(columns)}); name it with --label-column."
+            f"cannot tell which column of {path!r} holds the labels ({', '.join(columns)}); "
+            "name it with --label-column."
         )
 
     # Count tokens the way the word tokenizer will (normalize, lowercase, split words and punctuation).
@@ -204,8 +207,9 @@ def inspect_dataset(
     notes = []
     if eval_split is None:
         notes.append(
-            f"no validation split in {splits}: the config holds out {VALIDATION_SPLIT:.0%} of {train_split!r} "
-            "(data.validation_split) to evaluate on; a test split is read only by `seqtrain eval --split test`."
+            f"no validation split in {splits}: the config holds out {VALIDATION_SPLIT:.0%} "
+            f"of {train_split!r} (data.validation_split) to evaluate on; "
+            "a test split is read only by `seqtrain eval --split test`."
         )
     if not regression and len(label_counts) < 2:
         notes.append(
@@ -215,7 +219,8 @@ def inspect_dataset(
         most, least = max(label_counts.values()), min(label_counts.values())
         if most > 5 * least:
             notes.append(
-                f"labels are imbalanced ({most:,} vs {least:,} rows in the sample): the config sets train.class_weights: balanced."
+                f"labels are imbalanced ({most:,} vs {least:,} rows in the sample): "
+                "the config sets train.class_weights: balanced."
             )
     return {
         "path": path,
@@ -260,12 +265,15 @@ def starter_yaml(
     s: dict[str, Any], name: str, init_from: str | None = None, pretrained: dict[str, Any] | None = None
 ) -> str:
     """The commented config; every value comes from the dataset summary or a sensible default. With
-    `init_from`, the tokenizer and the encoder's shapes are the pretrained run's (`pretrained`, its config)."""
+    `init_from`, the tokenizer and the encoder's shapes are the pretrained run's (`pretrained`, its
+    config)."""
     w, t = s["words"], s["tokens"]
     regression = s["task"] == "regression"
     lines = [
-        f"# Starter config written by `seqtrain init {s['path']}` from the first {s['rows_read']:,} rows of {s['split']!r}.\n",
-        "# Every key is documented by `seqtrain config-help`; override any with key=value on the command line.\n",
+        f"# Starter config written by `seqtrain init {s['path']}` "
+        f"from the first {s['rows_read']:,} rows of {s['split']!r}.\n",
+        "# Every key is documented by `seqtrain config-help`; "
+        "override any with key=value on the command line.\n",
         f"# Text length in the sample: words p50 {w['p50']}, p90 {w['p90']}, p99 {w['p99']}; "
         f"tokens p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}.\n",
         _line(f"name: {_scalar(name)}", "the run directory is runs/<name>"),
@@ -280,11 +288,13 @@ def starter_yaml(
     ]
     if regression:
         lines.append(
-            "  # the labels are numbers with fractions or many values: the model regresses them (model.task)\n"
+            "  # the labels are numbers with fractions or many values: "
+            "the model regresses them (model.task)\n"
         )
     elif s["class_names"]:
         lines.append(
-            f"  # the labels are a ClassLabel feature; its names are used: {_scalar(list(s['class_names']))}\n"
+            "  # the labels are a ClassLabel feature; "
+            f"its names are used: {_scalar(list(s['class_names']))}\n"
         )
     else:
         values = s["label_values"]

@@ -71,7 +71,8 @@ def tiny_data(tmp_path: Path) -> Path:
 
 
 def train_tiny_run(tmp: Path, **sections: dict[str, Any]) -> Path:
-    """Train a tiny run through the CLI (as a user would) on fresh synthetic data; returns its run directory."""
+    """Train a tiny run through the CLI (as a user would) on fresh synthetic data;
+    returns its run directory."""
     import yaml
     from typer.testing import CliRunner
 

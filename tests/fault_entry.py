@@ -7,9 +7,10 @@
 
 runs the ordinary `seqtrain` command line with checkpoint.save wrapped so that the process kills
 itself with SIGKILL right after checkpoint STEP is written (a crash at the worst moment for
-resume, on demand), or with the model's allocation failing as torch reports it on a CPU, or (under torchrun) with torch's
-default collective timeout cut to SECONDS while building the vocabulary takes three times as long, or
-(not a fault) with each rank writing its own final weights to FOLDER/rank<RANK>.safetensors.
+resume, on demand), or with the model's allocation failing as torch reports it on a CPU, or (under
+torchrun) with torch's default collective timeout cut to SECONDS while building the vocabulary takes
+three times as long, or (not a fault) with each rank writing its own final weights to
+FOLDER/rank<RANK>.safetensors.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ if __name__ == "__main__":
         dump_weights(value)
     else:
         sys.exit(
-            f"unknown fault {sys.argv[1]!r}; use kill-after-save=STEP, no-memory, slow-vocab=SECONDS or dump-weights=FOLDER"
+            f"unknown fault {sys.argv[1]!r}; "
+            "use kill-after-save=STEP, no-memory, slow-vocab=SECONDS or dump-weights=FOLDER"
         )
     sys.argv = ["seqtrain", *sys.argv[2:]]
     main()

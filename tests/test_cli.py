@@ -35,7 +35,8 @@ def test_train_writes_run(trained: Path) -> None:
 
 
 def test_train_prints_the_resolved_config(tmp_path: Path) -> None:
-    """What `train` prints first is the resolved config: the file, its defaults filled in, the overrides applied."""
+    """What `train` prints first is the resolved config: the file, its defaults filled in,
+    the overrides applied."""
     from seqtrain.config import load_config, to_dict
 
     path = tmp_path / "c.yaml"
@@ -159,7 +160,10 @@ def test_help_and_version_are_fast() -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    code = "import sys; from seqtrain import cli; import seqtrain.config; print('torch' in sys.modules, 'datasets' in sys.modules)"
+    code = (
+        "import sys; from seqtrain import cli; import seqtrain.config; "
+        "print('torch' in sys.modules, 'datasets' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False False"
 

@@ -214,7 +214,8 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
 
 
 def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_path: Path) -> None:
-    """rank 0 builds the vocabulary for 15 s while torch's default collective timeout is 5 s: rank 1 still waits."""
+    """rank 0 builds the vocabulary for 15 s while torch's default collective timeout is 5 s:
+    rank 1 still waits."""
     data = write_hub_folder(
         tmp_path / "d", {"train": synthetic_rows(200, 0), "validation": synthetic_rows(40, 1)}, shards=2
     )
@@ -225,7 +226,8 @@ def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_pat
 
 
 def test_train_log_sums_unknown_tokens_and_skipped_rows_over_ranks(tmp_path: Path) -> None:
-    """rank 0's part has 3 empty texts and no unknown words; rank 1's has 5 empty texts and a word seen once per row."""
+    """rank 0's part has 3 empty texts and no unknown words;
+    rank 1's has 5 empty texts and a word seen once per row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

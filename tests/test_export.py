@@ -48,7 +48,8 @@ def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def varied_texts(n: int = 100) -> list[str]:
-    """Sentences of 1 to ~100 tokens: single words, typical rows, and rows longer than max_length (truncated)."""
+    """Sentences of 1 to ~100 tokens: single words, typical rows,
+    and rows longer than max_length (truncated)."""
     rng = random.Random(7)
     texts = [r["text"] for r in synthetic_rows(n - 10, 3)]
     texts += ["great", "dull", "?", "unseenword", "the"]  # one token, and an unknown one

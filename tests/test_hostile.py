@@ -529,7 +529,8 @@ def small_save(run: Path, step: int, best: bool = True) -> None:
 
 
 def test_disk_full_while_safetensors_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """safetensors reports ENOSPC as its own SafetensorError, not OSError: still a clear message, no orphan folder."""
+    """safetensors reports ENOSPC as its own SafetensorError, not OSError: still a clear message,
+    no orphan folder."""
     from safetensors import SafetensorError
 
     small_save(tmp_path, 1)
@@ -640,7 +641,8 @@ def test_config_help_snapshot_matches_the_source() -> None:
 
 
 def test_no_fault_injection_hook_in_product_code() -> None:
-    """The SIGKILL-after-save hook lives in tests/fault_entry.py, not behind an environment variable in seqtrain."""
+    """The SIGKILL-after-save hook lives in tests/fault_entry.py,
+    not behind an environment variable in seqtrain."""
     for py in (ROOT / "seqtrain").glob("*.py"):
         assert "SEQTRAIN_KILL_AFTER_SAVE" not in py.read_text(), py
 

@@ -1,4 +1,5 @@
-"""Pictures and the eval report: curves.png after training, `seqtrain plot`, `eval --plots` and `eval --report`."""
+"""Pictures and the eval report: curves.png after training, `seqtrain plot`,
+`eval --plots` and `eval --report`."""
 
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ def test_precision_recall_and_calibration_numbers() -> None:
     assert ap == pytest.approx((1 + 1 + 3 / 4) / 3)  # precision at each positive, averaged
     probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
     cal = calibration(probs, np.array([1, 0, 0, 0]), bins=10)
-    # confidences 0.9 (right), 0.8 (wrong), 0.6 (right), 0.7 (right): |1-.9| + |0-.8| + |1-.6| + |1-.7|, over 4
+    # confidences 0.9 (right), 0.8 (wrong), 0.6 (right), 0.7 (right):
+    # |1-.9| + |0-.8| + |1-.6| + |1-.7|, over 4
     assert cal["ece"] == pytest.approx((0.1 + 0.8 + 0.4 + 0.3) / 4)
 
 
