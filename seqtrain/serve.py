@@ -13,9 +13,10 @@
 
 Micro-batching: request handlers put their texts in one bounded queue; a single batcher task takes
 up to `max_batch_size` texts, waiting at most `max_wait_ms` after the oldest one arrived, and runs
-them through `predict.predict_stream` and `predict.to_record` (the code path of `seqtrain predict`:
-the same encoding, the same length-sorted batches, the same rounding) on one worker thread, while
-the event loop keeps accepting requests. Each request gets back only its own results, in order.
+them through what `predict.predict_stream` does with a chunk and `predict.to_record` (the code path
+of `seqtrain predict`: the same encoding, the same length-sorted batches, the same rounding) on one
+worker thread, while the event loop keeps accepting requests. Each request gets back only its own
+results, in order. POST /predict is plain ASGI in front of FastAPI (which serves the rest).
 
 Overload and bad input answer with a JSON error ({"error": message, "status": code}) and touch no
 other request: a full queue is 503 with Retry-After (so memory stays flat under a flood), too many
@@ -45,6 +46,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +63,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seqtrain import __version__
+from seqtrain.encoding import encode
 from seqtrain.errors import CheckpointError, ConfigError
-from seqtrain.predict import Predictor, predict_stream, to_record
+from seqtrain.predict import Predictor, to_record
 
 ENDPOINTS = ("/", "/predict", "/explain", "/health", "/ready", "/info", "/metrics")
 REQUEST_KEYS = ("text", "texts", "top_k")
@@ -227,6 +230,14 @@ class Instrument:
 # --------------------------------------------------------------------------- micro-batching
 
 
+def predict_texts(run: Predictor, texts: list[str], batch_size: int) -> np.ndarray:
+    """What `predict.predict_stream` does with one chunk of texts: encode them, then the model on
+    length-sorted batches, so the probabilities are the ones `seqtrain predict` writes. On the
+    calling thread: predict_stream's read-ahead thread would add a thread start and two hand-offs to
+    every micro-batch and read nothing ahead."""
+    return run.probs(encode(run.tokenizer, texts, run.config.data), batch_size)
+
+
 @dataclass
 class Job:
     texts: list[str]
@@ -297,7 +308,7 @@ class Batcher:
         first real request pays no lazy initialisation. The event loop answers meanwhile."""
         loop = asyncio.get_running_loop()
         self.run = await loop.run_in_executor(self.pool, load)
-        await loop.run_in_executor(self.pool, lambda: list(predict_stream(self.model, ["warm up"])))
+        await loop.run_in_executor(self.pool, predict_texts, self.model, ["warm up"], 1)
         self.ready = True
 
     async def loop(self) -> None:
@@ -362,7 +373,7 @@ class Batcher:
         texts = [t for job in batch for t in job.texts]
         self.metrics.batch.observe(len(texts))
         run = self.model
-        rows = iter(predict_stream(run, texts, chunk=len(texts), batch_size=self.opts.max_batch_size))
+        rows = iter(zip(texts, predict_texts(run, texts, self.opts.max_batch_size), strict=True))
         out = []
         for job in batch:
             out.append(
@@ -747,6 +758,7 @@ def make_server(
         "loop": fastest("uvloop", "uvloop"),
         "http": fastest("httptools", "httptools"),
         "backlog": 2048,
+        "proxy_headers": False,  # no X-Forwarded-* rewriting on every request: there is no access log
     }
     server = Server(
         uvicorn.Config(

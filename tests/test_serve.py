@@ -268,13 +268,13 @@ def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
 def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from seqtrain import serve
 
-    def fragile(run: Any, texts: list[str], **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    def fragile(run: Any, texts: list[str], batch_size: int) -> Any:
         if "BOOM" in texts:
             raise RuntimeError("the model broke")
-        return predict_stream(run, texts, **kwargs)
+        return predict_texts(run, texts, batch_size)
 
-    predict_stream = serve.predict_stream
-    monkeypatch.setattr(serve, "predict_stream", fragile)
+    predict_texts = serve.predict_texts
+    monkeypatch.setattr(serve, "predict_texts", fragile)
     with serving(run_dir, max_wait_ms=300.0) as u:  # the four requests share a batch, which fails
         bodies = [
             {"texts": ["good", "fine"]},
