@@ -55,9 +55,11 @@ class TrainState:
     positions: dict[str, Any] = field(default_factory=dict)  # this rank's stream position, per worker slot
     next_slot: int = 0  # the worker slot whose batch comes next
     world: int = 1
-    last_eval_step: int = (
-        -1
-    )  # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
+    # an interrupt after an epoch's last batch leaves that epoch's evaluation to the resume
+    last_eval_step: int = -1
+    # train.vat_eps with pretrain.path: this rank's place in the endless stream of unlabeled batches
+    unlabeled_epoch: int = 0
+    unlabeled_position: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], rank: int) -> TrainState:
@@ -69,8 +71,10 @@ class TrainState:
                 **{k: v for k, v in saved["train_state"].items() if k in known},
             }
         )
-        if "ranks" in saved:  # each rank continues from its own place in the stream
-            state.positions, state.next_slot = saved["ranks"][rank]
+        if "ranks" in saved:  # each rank continues from its own place in the stream(s)
+            state.positions, state.next_slot, *unlabeled = saved["ranks"][rank]
+            if unlabeled:  # older checkpoints have no unlabeled stream
+                state.unlabeled_epoch, state.unlabeled_position = unlabeled
         return state
 
     def advance(self, position: dict[str, Any], workers: int) -> None:

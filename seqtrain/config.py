@@ -171,6 +171,11 @@ class TrainConfig:
     """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's
     embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in
     configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
+    vat_eps: float = 0.0
+    """Virtual adversarial training (Miyato et al., 2017), classification only: each step also moves the
+    embeddings of a batch of unlabeled texts (pretrain.path, cut as data.max_length says; the labelled batch
+    when pretrain.path is null) by this L2 norm in the direction that changes the prediction most, and
+    trains the prediction not to change; needs no labels; costs about 3x per step; 0 = off."""
     layer_lr_decay: float = 1.0
     """Discriminative fine-tuning (ULMFiT): each layer group below the head learns at this fraction of the
     rate of the group above it (the head at lr, the top recurrent layer at lr * d, ..., the embeddings at
@@ -549,6 +554,12 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}.")
     if cfg.train.adversarial_eps < 0:
         raise ConfigError(f"train.adversarial_eps must be 0 (off) or more, got {cfg.train.adversarial_eps}.")
+    if cfg.train.vat_eps < 0:
+        raise ConfigError(f"train.vat_eps must be 0 (off) or more, got {cfg.train.vat_eps}.")
+    if cfg.train.vat_eps and cfg.model.task == "regression":
+        raise ConfigError(
+            "train.vat_eps needs class probabilities to compare; model.task is regression. Set train.vat_eps: 0."
+        )
     if not 0 < cfg.train.layer_lr_decay <= 1:
         raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {cfg.train.layer_lr_decay}.")
     if cfg.train.weight_decay < 0:

@@ -267,7 +267,9 @@ def save_checkpoint(
     """Every rank calls this (it gathers each rank's stream position and generators); rank 0 writes."""
     from seqtrain import checkpoint
 
-    ranks = all_gather((state.positions, state.next_slot), world)
+    ranks = all_gather(
+        (state.positions, state.next_slot, state.unlabeled_epoch, state.unlabeled_position), world
+    )
     rng_json, rng_tensors = all_rng_states(world)
     if rank != 0:
         return

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ from seqtrain.runtime import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tokenizers import Tokenizer
 
@@ -99,6 +99,7 @@ class Run:
     class_weights: torch.Tensor | None
     total_steps: int
     state: TrainState
+    unlabeled: Iterator[dict[str, Any]] | None = None  # train.vat_eps with pretrain.path: its batches
 
     @property
     def regression(self) -> bool:
@@ -196,6 +197,65 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
     g = grad.detach()
     g = g / (g.abs().amax(dim=(1, 2), keepdim=True) + 1e-12)
     return eps * g / torch.sqrt((g * g).sum(dim=(1, 2), keepdim=True) + 1e-6)
+
+
+def kl_from(clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per text, averaged: clean (B, C) log p, held fixed; logits (B, C) of q."""
+    return torch.nn.functional.kl_div(logits.log_softmax(-1), clean, log_target=True, reduction="batchmean")
+
+
+def virtual_adversarial_loss(
+    model: Classifier, forward: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """train.vat_eps (Miyato et al., 2017): KL(p(x) || p(x + r)) for texts without labels, r the
+    eps-long move of the embeddings (B, T, E) that changes the prediction most, found by one power
+    iteration from a random direction. `forward` is `model` or its DDP wrapper, for the one pass whose
+    gradient reaches the weights. Every pass draws the same dropout masks."""
+    rng_device, rng_devices = ("cuda", []) if ids.device.type == "cpu" else (ids.device.type, [ids.device])
+    real = (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(1)).unsqueeze(-1)  # (B, T, 1)
+    # The random start, 0 on the padding, 0.1 long per text: Miyato et al.'s finite-difference step.
+    d = torch.randn(*ids.shape, model.embedding.embedding_dim, device=ids.device) * real
+    d = adversarial_perturbation(d, 0.1).requires_grad_()  # (B, T, E)
+    with torch.random.fork_rng(rng_devices, device_type=rng_device), torch.no_grad():
+        clean = model(ids, lengths).float().log_softmax(-1)  # (B, C)
+    with torch.random.fork_rng(rng_devices, device_type=rng_device):
+        # the bare model, not DDP's wrapper: this backward reaches only d, nothing to all-reduce
+        (grad,) = torch.autograd.grad(kl_from(clean, model(ids, lengths, d).float()), d)
+    return kl_from(clean, forward(ids, lengths, adversarial_perturbation(grad, eps)).float())
+
+
+def unlabeled_batches(
+    cfg: Config, tokenizer: Tokenizer, state: TrainState, rank: int, world: int
+) -> Iterator[dict[str, Any]]:
+    """train.vat_eps: endless shuffled batches of pretrain.path's texts, cut as data.max_length cuts the
+    labelled ones, read in this process; state.unlabeled_epoch/position say where a resume continues."""
+    pre = cfg.pretrain
+    assert pre.path is not None  # setup() asks for these batches only with a pretrain.path
+    source = replace(
+        cfg.data, path=pre.path, eval_path=None, text_column=pre.text_column, train_split=pre.split
+    )
+    while True:
+        stream = BatchStream(
+            source,
+            pre.split,
+            tokenizer,
+            None,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.seed + 1,  # not the labelled stream's order
+            epoch=state.unlabeled_epoch,
+            resume=state.unlabeled_position,
+            rank=rank,
+            world=world,
+        )
+        empty = True
+        for batch in stream:
+            empty = False
+            state.unlabeled_position = {str(batch["position"]["slot"]): batch["position"]}
+            yield batch
+        if empty and not state.unlabeled_position:
+            raise ConfigError(f"pretrain.path {pre.path} ({pre.split} split) has no texts for train.vat_eps.")
+        state.unlabeled_epoch, state.unlabeled_position = state.unlabeled_epoch + 1, {}
 
 
 def prepare_run(
@@ -361,6 +421,9 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp, amp_dtype, scaler = amp(device, t.precision)
+    unlabeled = (
+        unlabeled_batches(cfg, tokenizer, state, rank, world) if t.vat_eps and cfg.pretrain.path else None
+    )
     console.info(
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
         f"{torch.get_num_threads()} threads, {workers} data workers; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
@@ -386,6 +449,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
         class_weights,
         total_steps,
         state,
+        unlabeled,
     )
 
 
@@ -436,6 +500,13 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
                 run.forward(ids, lengths, r_adv), y, run.labels, cfg, class_weights=run.class_weights
             )
         run.scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
+    if t.vat_eps:
+        if run.unlabeled is not None:
+            unlabeled = next(run.unlabeled)
+            ids, lengths = unlabeled["ids"].to(device), unlabeled["lengths"].to(device)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            vat_loss = virtual_adversarial_loss(run.model, run.forward, ids, lengths, t.vat_eps)
+        run.scaler.scale(vat_loss).backward()
     optimizer_step(run.model, run.optimizer, run.scaler, t.grad_clip)
     if run.ema is not None and t.ema_decay:
         ema_update(run.ema, run.model, t.ema_decay, run.state.step)

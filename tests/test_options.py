@@ -242,3 +242,67 @@ def test_adversarial_training_learns_and_is_reproducible(tiny_data: Path, tmp_pa
     assert not torch.equal(runs["a"][1]["head.weight"], runs["plain"][1]["head.weight"]), (
         "the adversarial loss changes training"
     )
+
+
+def test_virtual_adversarial_direction_changes_the_prediction_far_more_than_a_random_one() -> None:
+    """One power iteration finds a move of the embeddings, eps long per text and 0 on the padding, that
+    changes the predicted distribution more than random moves of the same length; its loss is that KL and
+    its gradient reaches the weights. Catches a wrong sign, a lost power iteration or a detached loss."""
+    from seqtrain.config import ModelConfig
+    from seqtrain.model import build_model
+    from seqtrain.train import kl_from, virtual_adversarial_loss
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(cell="lstm", embedding_dim=8, hidden_size=8, pooling="mean", bidirectional=True), 50, 3
+    ).eval()
+    ids, lengths = torch.randint(2, 50, (6, 9)), torch.tensor([9, 8, 7, 5, 3, 2])
+    ids[torch.arange(9).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    vat = virtual_adversarial_loss(model, model, ids, lengths, eps=2.0)
+    vat.backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        clean = model(ids, lengths).log_softmax(-1)
+        real = (torch.arange(9) < lengths.unsqueeze(1)).unsqueeze(-1)
+        randoms = []
+        for seed in range(20):
+            torch.manual_seed(100 + seed)
+            noise = torch.randn(6, 9, 8) * real
+            noise = 2.0 * noise / torch.linalg.vector_norm(noise, dim=(1, 2), keepdim=True)
+            randoms.append(kl_from(clean, model(ids, lengths, noise)).item())
+    assert vat.item() > 3 * max(randoms), (vat.item(), max(randoms))
+
+
+def test_virtual_adversarial_training_reads_the_unlabeled_texts(tiny_data: Path, tmp_path: Path) -> None:
+    """train.vat_eps with pretrain.path: each step takes one batch of the unlabeled source (its place is
+    in the checkpoint, wrapping into a new pass at its end), training changes, and the model still learns."""
+    unlabeled = write_hub_folder(
+        tmp_path / "unlabeled", {"train": [{"text": r["text"]} for r in synthetic_rows(100, 7)]}
+    )
+    base = tiny_config(tiny_data, tmp_path / "base", train={"epochs": 2})
+    vat = tiny_config(
+        tiny_data, tmp_path / "vat", train={"epochs": 2, "vat_eps": 1.0}, pretrain={"path": str(unlabeled)}
+    )
+    assert train(vat)["accuracy"] > 0.7
+    train(base)
+    state = json.loads((tmp_path / "vat" / "last" / "state.json").read_text())
+    steps = state["step"]  # 2 epochs of 600 rows in batches of 16: 76 steps; 100 unlabeled rows: 7 a pass
+    epoch, position = state["train_state"]["unlabeled_epoch"], state["train_state"]["unlabeled_position"]
+    into_pass = steps % 7  # batches of this pass so far; one of a pass's 7 batches holds the last 4 rows
+    assert epoch == steps // 7, (steps, epoch)
+    assert position["0"]["rows"] in {into_pass * 16, (into_pass - 1) * 16 + 4}, (steps, position["0"]["rows"])
+    a = load_file(str(tmp_path / "vat" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "base" / "last" / "model.safetensors"))
+    assert not torch.equal(a["head.weight"], b["head.weight"]), (
+        "the virtual adversarial loss changes training"
+    )
+
+
+def test_virtual_adversarial_training_refuses_regression(tmp_path: Path) -> None:
+    from seqtrain.config import load_config
+    from seqtrain.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {path: x}\nmodel: {task: regression}\ntrain: {vat_eps: 1.0}\n")
+    with pytest.raises(ConfigError, match="train.vat_eps needs class probabilities"):
+        load_config(path)

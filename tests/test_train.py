@@ -14,7 +14,7 @@ from seqtrain.config import to_dict
 from seqtrain.errors import ConfigError
 from seqtrain.metrics import read_metrics
 from seqtrain.train import lr_at, train
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
 
 def test_tiny_run_writes_a_complete_run_directory(tiny_data: Path, tmp_path: Path) -> None:
@@ -88,29 +88,41 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
 
 
 @pytest.mark.parametrize(
-    "workers,kills,ema,held",
+    "workers,kills,ema,held,vat",
     [
-        (0, [10], None, None),
-        (2, [10], None, None),
-        (0, [10, 30], None, None),
-        (0, ["epoch"], None, None),
-        (0, [10], 0.99, None),
-        (2, [10], None, 0.2),
+        (0, [10], None, None, False),
+        (2, [10], None, None, False),
+        (0, [10, 30], None, None, False),
+        (0, ["epoch"], None, None, False),
+        (0, [10], 0.99, None, False),
+        (2, [10], None, 0.2, False),
+        (2, [10, 50], None, None, True),
     ],
 )
 def test_sigkill_then_resume_is_bitwise_identical(
-    tiny_data: Path, tmp_path: Path, workers: int, kills: list, ema: float | None, held: float | None
+    tiny_data: Path,
+    tmp_path: Path,
+    workers: int,
+    kills: list,
+    ema: float | None,
+    held: float | None,
+    vat: bool,
 ) -> None:
     """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
     the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights;
-    with data.validation_split: the stream of the rows left for training)."""
+    with data.validation_split: the stream of the rows left for training; with train.vat_eps: the stream
+    of unlabeled batches, 13 to a pass here, so the kill at 50 lands in its fourth pass)."""
+    unlabeled = write_hub_folder(
+        tmp_path / "unlabeled", {"train": [{"text": r["text"]} for r in synthetic_rows(200, 5)]}
+    )
 
     def config(out: str) -> Path:
         cfg = tiny_config(
             tiny_data,
             tmp_path / out,
             data={"num_workers": workers, "validation_split": held},
-            train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema},
+            train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema, "vat_eps": float(vat)},
+            pretrain={"path": str(unlabeled) if vat else None},
         )
         path = tmp_path / f"{out}.yaml"
         path.write_text(yaml.safe_dump(to_dict(cfg)))
