@@ -133,7 +133,8 @@ def _field_type(key: str) -> Any:
     valid += [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
     if key in SECTIONS:
         raise ConfigError(
-            f"{key!r} is a config section; name a key inside it, e.g. {key}.{dataclasses.fields(SECTIONS[key])[0].name}."
+            f"{key!r} is a config section; name a key inside it, "
+            f"e.g. {key}.{dataclasses.fields(SECTIONS[key])[0].name}."
         )
     if key not in valid:
         raise ConfigError(
@@ -249,7 +250,8 @@ def parse_space(raw: Any, base: dict[str, Any], where: str) -> dict[str, Param]:
     """Validate a parsed space (dotted key -> distribution) against the config schema and `base`."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
-            f"{where} must map dotted config keys to distributions, e.g. `train.lr: {{low: 1e-4, high: 1e-2, log: true}}`."
+            f"{where} must map dotted config keys to distributions, "
+            "e.g. `train.lr: {low: 1e-4, high: 1e-2, log: true}`."
         )
     try:
         return {str(key): _parse_param(str(key), spec, base) for key, spec in raw.items()}
@@ -332,8 +334,10 @@ def _owner() -> dict[str, Any]:
 
 
 def _orphaned(trial: optuna.trial.FrozenTrial) -> bool:
-    """A RUNNING trial whose process, on this machine, is gone (killed, crashed, Ctrl-C)."""
+    """A RUNNING trial whose process let it go (Ctrl-C) or, on this machine, is gone (killed, crashed)."""
     owner = trial.user_attrs.get("owner") or {}
+    if owner.get("released"):
+        return True  # also when the process lives on (tune called from Python) or is on another machine
     if owner.get("host") != socket.gethostname():
         return False  # another machine's trial: it may well be running
     start = _process_start(int(owner.get("pid", 0)))
@@ -439,7 +443,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
             best = train(
                 cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop
             )
-    except Interrupted as e:  # the trial stays RUNNING; rerunning tune resumes it from last/
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, building the vocabulary)
+        _release(trial)
+        raise
+    except Interrupted as e:  # the trial stays RUNNING, released: rerunning tune resumes it from last/
+        _release(trial)
         stopped = SeqtrainError(
             f"trial {n} stopped with its last/ checkpoint saved; run the same `seqtrain tune` "
             "command again to resume it and continue the study."
@@ -465,6 +473,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
     else:
         study.tell(trial, float(best[monitor]))
         _say(f"trial {n} finished: {monitor} {best[monitor]:.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+def _release(trial: optuna.Trial) -> None:
+    """Mark a stopped trial as free to resume by the next `tune` on this study (it stays RUNNING: a
+    finished state could not be resumed), even if this process lives on, as when tune is called from
+    Python."""
+    with contextlib.suppress(Exception):  # the database is gone: the dead-process check remains
+        trial.set_user_attr("owner", {**_owner(), "released": True})
 
 
 def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> int:
@@ -566,7 +582,8 @@ def tune(opts: Options) -> int:
     if opts.report:
         done = len(study.get_trials(deepcopy=False))
         console.info(
-            f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; {monitor} ({direction}), "
+            f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; "
+            f"{monitor} ({direction}), "
             f"pruner {opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__}, "
             f"{len(space)} parameters: " + "; ".join(f"{k} {p.describe()}" for k, p in space.items())
         )
@@ -664,7 +681,8 @@ def report(study: optuna.Study, base: dict[str, Any], folder: Path, monitor: str
     planned = sum(t.user_attrs.get("planned_steps", 0) for t in trials if "steps" in t.user_attrs)
     if planned:
         console.info(
-            f"steps trained: {trained:,} of {planned:,} planned ({1 - trained / planned:.0%} saved by pruning and early stopping)"
+            f"steps trained: {trained:,} of {planned:,} planned "
+            f"({1 - trained / planned:.0%} saved by pruning and early stopping)"
         )
     plots(study, folder, len(complete))
     if best is None:

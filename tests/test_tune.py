@@ -1,15 +1,18 @@
 """`seqtrain tune`: a tiny study on a real SST-2 slice end to end (two processes on one SQLite study),
-kill and rerun, pruning that stops a trial early, failed trials, and space validation."""
+kill and rerun, Ctrl-C and rerun, pruning that stops a trial early (median, Hyperband), failed trials,
+and space validation."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -234,3 +237,113 @@ def test_without_optuna_tune_says_how_to_install(tmp_path: Path, monkeypatch: py
     result = runner.invoke(app, ["tune", config, "--trials", "1"])
     assert result.exit_code == 1 and "pip install 'seqtrain[tune]'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_hyperband_prunes_where_the_median_pruner_would_still_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, space = _setup(tmp_path, monkeypatch, space="train.lr: [3.0e-2, 1.0e-6]\n")
+    study = "hyperband-study"  # Optuna puts trials 0-2 of this name in one bracket (crc32 of name_number)
+
+    def enqueue() -> None:  # two trials that learn, then one that cannot move from chance
+        shutil.rmtree(tmp_path / "runs" / study, ignore_errors=True)
+        (tmp_path / "runs" / study).mkdir(parents=True)
+        url = f"sqlite:///{tmp_path / 'runs' / study / 'study.db'}"
+        stored = optuna.create_study(study_name=study, direction="maximize", storage=url)
+        for lr in (3.0e-2, 3.0e-2, 1.0e-6):
+            stored.enqueue_trial({"train.lr": lr})
+
+    enqueue()
+    args = ["tune", config, "--trials", "3", "--space", space, "--study", study]
+    result = runner.invoke(app, [*args, "--pruner", "hyperband"])
+    assert result.exit_code == 0, result.output
+    trials = _trials(tmp_path, study)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"], [
+        (t.state.name, t.intermediate_values) for t in trials
+    ]
+    # Hyperband's first rung is the first evaluation: trial 2 stopped there, with the steps it trained.
+    assert trials[2].user_attrs["steps"] == 8 < trials[2].user_attrs["planned_steps"] == 24
+    assert _evals(tmp_path / "runs" / study / "trial-0002") == [8]
+    # The median pruner waits for 3 completed trials, so the same study does not prune trial 2.
+    enqueue()
+    median = runner.invoke(app, [*args, "--pruner", "median"])
+    assert median.exit_code == 0, median.output
+    assert [t.state.name for t in _trials(tmp_path, study)] == ["COMPLETE"] * 3
+
+
+def test_ctrl_c_mid_trial_leaves_it_resumable_and_a_rerun_in_the_same_process_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import seqtrain.train
+    from seqtrain.errors import SeqtrainError
+    from seqtrain.tune import Options, tune
+
+    config, space = _setup(tmp_path, monkeypatch, epochs=2, max_steps=40)
+    folder = tmp_path / "runs" / "tiny-tune"
+    step = seqtrain.train.train_step
+
+    def ctrl_c_in_trial_1(run: Any, batch: Any, lr: float) -> Any:
+        if run.cfg.name.endswith("trial-0001") and run.state.step == 10:  # between evaluations 8 and 16
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; train's handler records it
+        return step(run, batch, lr)
+
+    monkeypatch.setattr(seqtrain.train, "train_step", ctrl_c_in_trial_1)
+    opts = Options(Path(config), [], trials=2, space=Path(space), pruner="none")
+    with pytest.raises(SeqtrainError) as stopped:
+        tune(opts)
+    assert stopped.value.exit_code == 130 and "run the same `seqtrain tune` command again" in str(
+        stopped.value
+    )
+    assert json.loads((folder / "trial-0001" / "last" / "state.json").read_text())["step"] == 11
+    trials = _trials(tmp_path)
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"]  # not FAIL: it is resumed below
+    first = (folder / "trial-0000" / "metrics.jsonl").read_bytes()
+
+    monkeypatch.setattr(seqtrain.train, "train_step", step)
+    assert tune(opts) == 0  # the same process (a notebook, a script) runs it again
+    trials = _trials(tmp_path)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
+    assert _evals(folder / "trial-0001") == [8, 16, 24, 32, 40]  # from step 11 on, each evaluation once
+    assert list(trials[1].intermediate_values) == [1, 2, 3, 4, 5]
+    assert trials[1].value == max(trials[1].intermediate_values.values())  # its best checkpoint's accuracy
+
+
+def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from seqtrain.tune import _process_start
+
+    config, space = _setup(tmp_path, monkeypatch, epochs=2, max_steps=40)
+    folder = tmp_path / "runs" / "tiny-tune"
+    args = [config, "--trials", "3", "--space", space, "--pruner", "none", "--jobs", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqtrain", "tune", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.time() + 180
+    while not all((folder / f"trial-000{n}" / "last").exists() for n in (0, 1)):  # both workers training
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read().decode() if proc.stderr else ""
+        )
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the parent and both workers get it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+    stopped = _trials(tmp_path)
+    owners = [t.user_attrs["owner"] for t in stopped]
+    assert len({o["pid"] for o in owners}) == 2  # both workers had a trial
+    assert all(_process_start(o["pid"]) is None for o in owners)  # no worker outlives tune
+    assert {t.state.name for t in stopped} <= {"COMPLETE", "RUNNING"}  # none recorded as failed or pruned
+
+    result = runner.invoke(app, ["tune", *args[:-2]])
+    assert result.exit_code == 0, result.output
+    trials = _trials(tmp_path)
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(3)]
+    for t in trials:  # each resumed or run once: every evaluation logged and reported once
+        assert _evals(folder / f"trial-{t.number:04d}") == [8, 16, 24, 32, 40], t.number
+        assert list(t.intermediate_values) == [1, 2, 3, 4, 5], t.number

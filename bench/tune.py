@@ -1,0 +1,206 @@
+"""What pruning saves in `seqtrain tune` (issue 21): `python -m bench.tune [--seeds 0 1] [--trials 20]`.
+
+For each TPE seed, two studies with the same number of trials on an SST-2 training subset, from the
+config `seqtrain init data/sst2` writes: one with the median pruner, one without pruning. Same seed
+and same space, so their first trials (TPE's random start-up) have the same parameters. Early
+stopping is off (`train.patience=null`) so the steps saved are the pruner's alone. Reported per pair:
+the steps each study trained (from the study database: every trial's `steps` attribute), the share
+pruning saved, and both best validation accuracies; the table goes into BENCHMARKS.md between the
+`bench.tune` markers.
+
+A study that exists already is continued (rerunning `seqtrain tune` tops it up to --trials), so an
+interrupted bench picks up where it stopped; `--fresh` deletes the studies first. Each study is one
+`seqtrain tune` process; steps, not minutes, are what is compared (the minutes depend on the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, START_ENV, data_path, md_table, say, write_between_markers
+
+HEADING = "## Hyperparameter search: pruning (issue 21)"
+TARGET_SAVED = 0.40
+PRUNERS = ("median", "none")
+
+
+def overrides(rows: int, epochs: int, eval_every: int) -> list[str]:
+    return [
+        f"data.max_train_examples={rows}",
+        f"train.epochs={epochs}",
+        f"train.eval_every={eval_every}",
+        "train.patience=null",
+        "train.num_threads=1",
+    ]
+
+
+def study_name(prefix: str, seed: int, pruner: str) -> str:
+    return f"{prefix}-s{seed}-{pruner}"
+
+
+def summarize(url: str, name: str) -> dict[str, Any]:
+    """Trials by state, steps trained and planned, and the best value of one stored study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    return {
+        "study": name,
+        "trials": len(trials),
+        "states": {
+            s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)
+        },
+        "steps": sum(int(t.user_attrs.get("steps", 0)) for t in trials),
+        "planned": sum(int(t.user_attrs.get("planned_steps", 0)) for t in trials),
+        "minutes": sum(float(t.user_attrs.get("seconds", 0.0)) for t in trials) / 60,
+        "best": None if best is None else float(best.value),  # type: ignore[arg-type]
+        "best_trial": None if best is None else best.number,
+    }
+
+
+def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extra: list[str]) -> float:
+    """One `seqtrain tune` process (1 thread); returns its wall minutes."""
+    cmd = [sys.executable, "-m", "seqtrain", "tune", str(config), *extra, "--trials", str(trials)]
+    cmd += ["--seed", str(seed), "--pruner", pruner, "--study", name]
+    say(" ".join(cmd[2:]))
+    started = time.perf_counter()
+    log = ROOT / "runs" / name / "tune.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        code = subprocess.call(
+            cmd, cwd=ROOT, env={**START_ENV, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=out
+        )
+    if code != 0:
+        raise SystemExit(f"bench.tune: {' '.join(cmd[2:])} exited with {code}; see {log}")
+    return (time.perf_counter() - started) / 60
+
+
+def pair_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per study, the pruned one with the saving and the comparison of the bests."""
+    by = {(r["seed"], r["pruner"]): r for r in results}
+    rows = []
+    for seed in sorted({r["seed"] for r in results}):
+        pruned, plain = by.get((seed, "median")), by.get((seed, "none"))
+        for r in (pruned, plain):
+            if r is None:
+                continue
+            states = ", ".join(f"{n} {s.lower()}" for s, n in r["states"].items())
+            saved = best_cmp = ""
+            if r is pruned and plain is not None and plain["steps"]:
+                share = 1 - r["steps"] / plain["steps"]
+                saved = f"{share:.0%} {'✓' if share >= TARGET_SAVED else '✗'}"
+                if r["best"] is not None and plain["best"] is not None:
+                    diff = (r["best"] - plain["best"]) * 100
+                    best_cmp = f"{diff:+.2f} points {'✓' if diff >= 0 else '✗'}"
+            best = "" if r["best"] is None else f"{r['best']:.4f} (trial {r['best_trial']})"
+            rows.append(
+                [
+                    str(seed),
+                    "median" if r is pruned else "none",
+                    f"{r['trials']} ({states})",
+                    f"{r['steps']:,}",
+                    saved,
+                    best,
+                    best_cmp,
+                    f"{r['minutes']:.1f}",
+                ]
+            )
+    return rows
+
+
+def render(results: list[dict[str, Any]], command: str, setup: str) -> str:
+    header = [
+        "TPE seed",
+        "pruner",
+        "trials",
+        "steps trained",
+        "saved",
+        "best accuracy",
+        "vs no pruning",
+        "trial minutes",
+    ]
+    rows = pair_rows(results)
+    pairs = [
+        (p, n)
+        for p in results
+        for n in results
+        if p["seed"] == n["seed"] and p["pruner"] == "median" and n["pruner"] == "none"
+    ]
+    steps_p, steps_n = sum(p["steps"] for p, _ in pairs), sum(n["steps"] for _, n in pairs)
+    summary = ""
+    if pairs and steps_n:
+        ties = sum(
+            p["best"] is not None and n["best"] is not None and p["best"] >= n["best"] for p, n in pairs
+        )
+        summary = (
+            f"\n\nOver the {len(pairs)} pair(s): {steps_p:,} steps with pruning against {steps_n:,} without "
+            f"({1 - steps_p / steps_n:.0%} saved; target {TARGET_SAVED:.0%}); pruning's best was equal or "
+            f"better in {ties} of {len(pairs)}."
+        )
+    return (
+        f"Generated by `{command}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {setup}.\n\n"
+        + md_table(header, rows)
+        + summary
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--rows", type=int, default=10000, help="SST-2 training rows (data.max_train_examples)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--prefix", default="bench-tune", help="studies are runs/PREFIX-sSEED-PRUNER")
+    p.add_argument("--fresh", action="store_true", help="delete the studies first instead of continuing them")
+    p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = p.parse_args(argv)
+    config = ROOT / "runs" / a.prefix / "sst2.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    data = data_path("sst2")
+    where = str(data.relative_to(ROOT)) if data.is_relative_to(ROOT) else str(data)
+    subprocess.run(
+        [sys.executable, "-m", "seqtrain", "init", where, "--output", str(config)],
+        cwd=ROOT,
+        env=START_ENV,
+        check=True,
+        capture_output=True,
+    )
+    extra = overrides(a.rows, a.epochs, a.eval_every)
+    results = []
+    for seed in a.seeds:
+        for pruner in PRUNERS:
+            name = study_name(a.prefix, seed, pruner)
+            if a.fresh:
+                shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
+            minutes = run_study(config, name, seed, pruner, a.trials, extra)
+            url = f"sqlite:///{ROOT / 'runs' / name / 'study.db'}"
+            result = {"seed": seed, "pruner": pruner, "wall_minutes": minutes, **summarize(url, name)}
+            say(json.dumps(result))
+            results.append(result)
+    (config.parent / "results.json").write_text(json.dumps(results, indent=1))
+    command = "python -m bench.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    setup = (
+        f"`seqtrain init data/sst2`'s config, the default space, {a.trials} trials per study, the first "
+        f"{a.rows:,} training rows, {a.epochs} epochs, `{' '.join(extra)}`, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}"
+    )
+    block = render(results, command.strip(), setup)
+    write_between_markers(a.output, HEADING, "bench.tune", block)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
