@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--pruners", nargs="+", choices=PRUNERS, default=list(PRUNERS))
     p.add_argument("--rows", type=int, default=10000, help="SST-2 training rows (data.max_train_examples)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=50)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = overrides(a.rows, a.epochs, a.eval_every)
     results = []
     for seed in a.seeds:
-        for pruner in PRUNERS:
+        for pruner in a.pruners:
             name = study_name(a.prefix, seed, pruner)
             if a.fresh:
                 shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
