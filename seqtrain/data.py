@@ -21,10 +21,10 @@ import math
 import os
 import signal
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -262,6 +262,69 @@ def bad_row_reason(
     return None
 
 
+class RowAt(NamedTuple):
+    """Where a row sits: its shard, and its place (from 0) in the split, in the shard and in the chunk."""
+
+    shard: int
+    row: int
+    in_shard: int
+    in_chunk: int
+
+
+@dataclass
+class RowTally:
+    """What a counting pass over a split adds up."""
+
+    count: int = 0  # usable rows
+    chunk_rows: list[int] = field(default_factory=list)  # usable rows in each chunk BatchStream will read
+    bad: Counter[str] = field(default_factory=Counter)  # rows skipped, by reason
+
+
+def count_rows(
+    ds: Any,
+    data: DataConfig,
+    split: str,
+    n_shards: int,
+    tally: RowTally,
+    where: Callable[[RowAt], str],
+    label_names: list[str] | None = None,
+    labelled: bool = True,
+    heldout: float | None = None,
+) -> Iterator[tuple[str, Any, RowAt]]:
+    """The usable rows of `ds` (text, label or None when not `labelled`, place), each counted in `tally`.
+
+    Rows are read shard by shard in chunks exactly as `BatchStream` will read them. A bad row stops
+    with an error naming it by `where` or, with data.on_bad_rows: skip, is counted in tally.bad;
+    rows held out (`heldout`: the fraction, see `is_heldout`) are neither counted nor yielded.
+    """
+    row = 0
+    for index in range(n_shards):
+        shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
+        in_shard = 0
+        for chunk in shard.iter(batch_size=data.chunk_size):
+            tally.chunk_rows.append(0)
+            chunk_texts = chunk[data.text_column]
+            labels = chunk[data.label_column] if labelled else [None] * len(chunk_texts)
+            for in_chunk, (text, label) in enumerate(zip(chunk_texts, labels, strict=True)):
+                at = RowAt(index, row, in_shard, in_chunk)
+                row, in_shard = row + 1, in_shard + 1
+                reason = bad_row_reason(text, label, need_label=labelled, label_names=label_names)
+                if reason:
+                    if data.on_bad_rows == "error":
+                        raise DataError(
+                            f"split {split!r} of {data.path!r}, {where(at)}: {reason}"
+                            f"{f' {label!r}' * (reason == 'unknown label')}. Fix the row, or set "
+                            "data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
+                        )
+                    tally.bad[reason] += 1
+                    continue
+                if heldout and is_heldout(text, heldout):
+                    continue
+                tally.count += 1
+                tally.chunk_rows[-1] += 1
+                yield text, label, at
+
+
 def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
     """Stream the training split once: train the tokenizer (unless one is given, as `model.init_from`
     does), collect the labels, count the rows.
@@ -279,52 +342,30 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
     regression = cfg.model.task == "regression"
     seen: Counter[Any] = Counter()
     numbers: list[float] = []  # regression targets (8 bytes a row: fine even for millions of rows)
-    bad: Counter[str] = Counter()
-    chunk_rows: list[int] = []
-    count = 0
+    tally = RowTally()
     cap = cfg.tokenizer.max_examples
 
+    def where(at: RowAt) -> str:
+        return f"row {at.row}" + (f" (shard {at.shard}, row {at.in_shard})" if n_shards > 1 else "")
+
     def texts() -> Iterator[str]:
-        nonlocal count
-        row = 0
-        for index in range(n_shards):
-            shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
-            i = 0  # row within the shard
-            for chunk in shard.iter(batch_size=data.chunk_size):
-                chunk_rows.append(0)
-                for text, label in zip(chunk[data.text_column], chunk[data.label_column], strict=True):
-                    row, i = row + 1, i + 1
-                    reason = bad_row_reason(text, label, label_names=None if regression else data.label_names)
-                    if reason:
-                        if data.on_bad_rows == "error":
-                            where = f"row {row - 1}" + (
-                                f" (shard {index}, row {i - 1})" if n_shards > 1 else ""
-                            )
-                            raise DataError(
-                                f"split {data.train_split!r} of {data.path!r}, {where}: {reason}{f' {label!r}' * (reason == 'unknown label')}. Fix the row, or set "
-                                "data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
-                            )
-                        bad[reason] += 1
-                        continue
-                    if regression:
-                        x = number(label)
-                        if x is None:
-                            where = f"row {row - 1}" + (
-                                f" (shard {index}, row {i - 1})" if n_shards > 1 else ""
-                            )
-                            raise DataError(
-                                f"model.task is regression but column {data.label_column!r} holds {label!r} at {where} of split "
-                                f"{data.train_split!r}: targets must be numbers. Pick a numeric data.label_column."
-                            )
-                        numbers.append(x)
-                    else:
-                        if isinstance(label, float) and label.is_integer():
-                            label = int(label)
-                        seen[label] += 1
-                    count += 1
-                    chunk_rows[-1] += 1
-                    if cap is None or count <= cap:
-                        yield clip(text, data)
+        label_names = None if regression else data.label_names
+        for text, label, at in count_rows(ds, data, data.train_split, n_shards, tally, where, label_names):
+            if regression:
+                x = number(label)
+                if x is None:
+                    raise DataError(
+                        f"model.task is regression but column {data.label_column!r} holds {label!r} "
+                        f"at {where(at)} of split {data.train_split!r}: targets must be numbers. "
+                        "Pick a numeric data.label_column."
+                    )
+                numbers.append(x)
+            else:
+                if isinstance(label, float) and label.is_integer():
+                    label = int(label)
+                seen[label] += 1
+            if cap is None or tally.count <= cap:
+                yield clip(text, data)
 
     with badrows.reading(badrows.split_path(data, data.train_split), data.train_split):
         if given is None:
@@ -332,9 +373,10 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
         else:
             for _ in texts():  # labels and row counts only
                 pass
-    if count == 0:
+    if tally.count == 0:
         raise DataError(
-            f"split {data.train_split!r} of {data.path!r} has no usable rows ({dict(bad) or 'it is empty'})."
+            f"split {data.train_split!r} of {data.path!r} has no usable rows "
+            f"({dict(tally.bad) or 'it is empty'})."
         )
     if regression:
         labels = regression_labels(numbers, data, cfg.model.regression_head)
@@ -343,16 +385,21 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
                 f"model.bounded squashes predictions into [0, 1], but column {data.label_column!r} ranges from "
                 f"{labels.low:g} to {labels.high:g}. Rescale the targets or set model.bounded: false."
             )
-        return Vocab(
-            tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows
-        )
-    labels = resolve_labels(ds, data, seen)
-    labels.counts = [seen.get(v, 0) for v in labels.values]
-    if len(labels.names) < 2:
-        raise DataError(
-            f"column {data.label_column!r} holds a single label {labels.names}; a classifier needs two or more."
-        )
-    return Vocab(tokenizer=tokenizer, labels=labels, num_examples=count, bad_rows=bad, chunk_rows=chunk_rows)
+    else:
+        labels = resolve_labels(ds, data, seen)
+        labels.counts = [seen.get(v, 0) for v in labels.values]
+        if len(labels.names) < 2:
+            raise DataError(
+                f"column {data.label_column!r} holds a single label {labels.names}; "
+                "a classifier needs two or more."
+            )
+    return Vocab(
+        tokenizer=tokenizer,
+        labels=labels,
+        num_examples=tally.count,
+        bad_rows=tally.bad,
+        chunk_rows=tally.chunk_rows,
+    )
 
 
 def check_eval_split(cfg: Config, labels: Labels) -> str | None:
@@ -442,44 +489,35 @@ def build_text_vocab(cfg: Config) -> tuple[Tokenizer, int, list[int], Counter[st
     """One pass over the pretraining texts (held-out rows excluded): the tokenizer, the row count,
     the rows per chunk exactly as `BatchStream` will read them, and the rows skipped by reason."""
     tokenizer, trainer = new_tokenizer(cfg.tokenizer)
-    chunk_rows: list[int] = []
-    bad: Counter[str] = Counter()
-    count = 0
+    tally = RowTally()
+    cap = cfg.tokenizer.max_examples
 
     def texts() -> Iterator[str]:
-        nonlocal count
         for data, split in text_sources(cfg):
             ds = open_split(data, split, cfg.data.max_train_examples)
             check_columns(ds, data, split, need_label=False)
             ds = ds.select_columns([data.text_column])
             n_shards = 1 if cfg.data.max_train_examples else ds.n_shards
-            for index in range(n_shards):
-                shard = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=index)
-                for chunk in shard.iter(batch_size=data.chunk_size):
-                    chunk_rows.append(0)
-                    for row, text in enumerate(chunk[data.text_column]):
-                        reason = bad_row_reason(text, None, need_label=False)
-                        if reason:
-                            if data.on_bad_rows == "error":
-                                raise DataError(
-                                    f"split {split!r} of {data.path!r}, shard {index}, chunk row {row}: {reason}. Fix the "
-                                    "row, or set data.on_bad_rows: skip to skip such rows (they are counted in the logs)."
-                                )
-                            bad[reason] += 1
-                            continue
-                        if is_heldout(text, cfg.pretrain.heldout_fraction):
-                            continue
-                        count += 1
-                        chunk_rows[-1] += 1
-                        if cfg.tokenizer.max_examples is None or count <= cfg.tokenizer.max_examples:
-                            yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
+            rows = count_rows(
+                ds,
+                data,
+                split,
+                n_shards,
+                tally,
+                lambda at: f"shard {at.shard}, chunk row {at.in_chunk}",
+                labelled=False,
+                heldout=cfg.pretrain.heldout_fraction,
+            )
+            for text, _, _ in rows:
+                if cap is None or tally.count <= cap:
+                    yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
-    if count == 0:
+    if tally.count == 0:
         raise DataError(
             f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows."
         )
-    return tokenizer, count, chunk_rows, bad
+    return tokenizer, tally.count, tally.chunk_rows, tally.bad
 
 
 def heldout_texts(cfg: Config) -> list[str]:
