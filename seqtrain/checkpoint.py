@@ -63,7 +63,8 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], rank: int) -> TrainState:
-        """This rank's state from a checkpoint's state.json (older ones lack last_eval_step: the saved step)."""
+        """This rank's state from a checkpoint's state.json
+        (older ones lack last_eval_step: the saved step)."""
         known = {f.name for f in fields(cls)}
         state = cls(
             **{
@@ -234,14 +235,16 @@ def save(
             _link(run_dir, "best", final)
     except OSError as e:
         raise CheckpointError(
-            f"wrote {final} but could not point last/best at it: {_reason(e)}. They still point at the previous checkpoint."
+            f"wrote {final} but could not point last/best at it: {_reason(e)}. "
+            "They still point at the previous checkpoint."
         ) from None
     _prune(run_dir, keep_last)
     return final
 
 
 def _reason(e: BaseException) -> str:
-    """An OSError's text, or safetensors' `IoError(Os { code: 28, ... message: "No space left on device" })`."""
+    """An OSError's text,
+    or safetensors' `IoError(Os { code: 28, ... message: "No space left on device" })`."""
     if isinstance(e, OSError):
         return str(e.strerror or e)
     found = re.search(r'message: "([^"]+)"', str(e))
@@ -331,8 +334,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(
-                f"{path} holds non-finite values (NaN or inf) in {name!r}: training diverged before this save, or the "
-                "file was altered. Refusing to load it (its predictions would be NaN); use another checkpoint or retrain."
+                f"{path} holds non-finite values (NaN or inf) in {name!r}: "
+                "training diverged before this save, or the file was altered. "
+                "Refusing to load it (its predictions would be NaN); use another checkpoint or retrain."
             )
     return tensors
 
@@ -340,7 +344,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load(
     ckpt: Path, verified: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """Verified (model weights, state, optimizer state or None, rng tensors); `verified`: find() just hashed it."""
+    """Verified (model weights, state, optimizer state or None, rng tensors);
+    `verified`: find() just hashed it."""
     if not verified:
         verify(ckpt)
     weights = load_tensors(ckpt / "model.safetensors")
@@ -362,7 +367,8 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
             candidates.append(link.resolve())
         elif link.is_symlink() and name == which:  # a dangling link: its checkpoint was removed
             warnings.append(
-                f"{link} points at {os.readlink(link)}, which is missing. Falling back to an older checkpoint."
+                f"{link} points at {os.readlink(link)}, which is missing. "
+                "Falling back to an older checkpoint."
             )
     candidates += [p.resolve() for p in reversed(step_dirs(run_dir))]
     seen: set[Path] = set()
@@ -405,8 +411,8 @@ def lock_run_dir(run_dir: Path, fresh: bool) -> list[str]:
         names = sorted(p.name for p in run_dir.iterdir())
         shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ConfigError(
-            f"output_dir {str(run_dir)!r} is a folder seqtrain did not create and it is not empty ({shown}); training "
-            "would overwrite files there. Pick a new or empty folder (output_dir=... or name=...)."
+            f"output_dir {str(run_dir)!r} is a folder seqtrain did not create and it is not empty ({shown}); "
+            "training would overwrite files there. Pick a new or empty folder (output_dir=... or name=...)."
         )
     if not fresh and not run_dir.is_dir():
         return []  # nothing to resume: the caller says so
@@ -422,8 +428,8 @@ def lock_run_dir(run_dir: Path, fresh: bool) -> list[str]:
         pid = f.read().strip() or "unknown"
         f.close()
         raise CheckpointError(
-            f"{run_dir} is in use by another seqtrain process (pid {pid}, holding {run_dir / '.lock'}): two runs in one "
-            "folder would mix their files. Wait for it to finish, or pick another output_dir."
+            f"{run_dir} is in use by another seqtrain process (pid {pid}, holding {run_dir / '.lock'}): "
+            "two runs in one folder would mix their files. Wait for it to finish, or pick another output_dir."
         ) from None
     f.seek(0)
     f.truncate()

@@ -111,7 +111,8 @@ def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> boo
     """torchrun: count each rank's rows and batches of an epoch (`BatchStream.count`, no tokenizing) into
     run_info. An epoch ends for all ranks when the one with the fewest batches runs out (a rank cannot
     step alone: the gradients are averaged over all), so that is the epoch's number of steps; the other
-    ranks' remaining batches are not trained that epoch. True when run_info changed (rank 0 rewrites run.json)."""
+    ranks' remaining batches are not trained that epoch. True when run_info changed (rank 0 rewrites
+    run.json)."""
     if world == 1 or "rank_batches" in run_info:
         return False
     counts = all_gather(stream.count(), world, setup=True)
@@ -124,10 +125,10 @@ def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> boo
     run_info.update(steps_per_epoch=min(batches), rank_rows=rows, rank_batches=batches, rows_dropped={})
     if max(batches) > min(batches):
         console.warn(
-            f"uneven parts under torchrun: batches per epoch by rank {batches} (rows {rows}). Each epoch runs "
-            f"{min(batches)} steps, where the smallest part ends; the other ranks' remaining "
-            f"{sum(batches) - world * min(batches)} batches are not trained in that epoch. Files (shards) in a "
-            "number divisible by the processes, of similar sizes, avoid that."
+            f"uneven parts under torchrun: batches per epoch by rank {batches} (rows {rows}). "
+            f"Each epoch runs {min(batches)} steps, where the smallest part ends; the other ranks' remaining "
+            f"{sum(batches) - world * min(batches)} batches are not trained in that epoch. "
+            "Files (shards) in a number divisible by the processes, of similar sizes, avoid that."
         )
     return True
 
@@ -135,7 +136,8 @@ def plan_ranks(stream: BatchStream, world: int, run_info: dict[str, Any]) -> boo
 def note_dropped_rows(
     run_info: dict[str, Any], epoch: int, trained: int, rank: int, run_dir: Path, bar: console.TrainProgress
 ) -> None:
-    """torchrun, at an epoch's end: how many of the epoch's rows were not trained (uneven parts), in run.json."""
+    """torchrun, at an epoch's end: how many of the epoch's rows were not trained (uneven parts),
+    in run.json."""
     total = sum(run_info.get("rank_rows", []))
     if rank != 0 or not total or total == trained:
         return
@@ -144,13 +146,14 @@ def note_dropped_rows(
 
     checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     bar.log(
-        f"epoch {epoch}: {total - trained:,} of {total:,} training rows were not trained (uneven parts across ranks; "
-        "run.json has rows_dropped per epoch)"
+        f"epoch {epoch}: {total - trained:,} of {total:,} training rows were not trained "
+        "(uneven parts across ranks; run.json has rows_dropped per epoch)"
     )
 
 
 def epoch_rows(positions: dict[str, Any], world: int) -> int:
-    """Rows trained in this epoch, summed over worker slots and ranks (each slot's position counts its own)."""
+    """Rows trained in this epoch, summed over worker slots and ranks
+    (each slot's position counts its own)."""
     return int(all_reduce([float(sum(p.get("rows", 0) for p in positions.values()))], world)[0])
 
 
@@ -221,12 +224,14 @@ def check_same_layout(
     """A resume needs the data workers and processes the run had: each one's stream position is saved."""
     if run_info.get("workers") is not None and run_info["workers"] != workers:
         raise ConfigError(
-            f"cannot resume {run_dir} with {workers} data workers: it was trained with {run_info['workers']}, and "
-            f"the stream position is per worker. Set data.num_workers={run_info['workers']}."
+            f"cannot resume {run_dir} with {workers} data workers: "
+            f"it was trained with {run_info['workers']}, and the stream position is per worker. "
+            f"Set data.num_workers={run_info['workers']}."
         )
     if saved["train_state"].get("world", 1) != world:
         raise ConfigError(
-            f"cannot resume {run_dir} with {world} processes: it was trained with {saved['train_state'].get('world', 1)}, "
+            f"cannot resume {run_dir} with {world} processes: "
+            f"it was trained with {saved['train_state'].get('world', 1)}, "
             "and each process's position in the data stream is saved. Resume with the same --nproc_per_node."
         )
 
