@@ -1,14 +1,31 @@
 """`make bench-serve`: texts/s and latency of `seqtrain serve` under concurrent clients, beside the ceiling.
 
-    python -m bench.serve TARGET [--seconds 20] [--concurrency 1 8 64] [--max-batch-size 64] [--soak 100000]
+    python -m bench.serve TARGET [TARGET ...] [--seconds 20] [--concurrency 1 8 64]
+        [--client-processes 1] [--max-batch-size 64] [--soak 100000] [--output BENCHMARKS.md]
 
-TARGET is a run directory or an ONNX export folder. The texts are the run's eval split (SST-2
+TARGET is a run directory or an ONNX export folder; its texts are the run's eval split (SST-2
 validation sentences for the quickstart). The ceiling is the batched forward pass alone on the same
-texts, already tokenized, in batches of --max-batch-size, in this process before the server starts.
-Then `seqtrain serve TARGET --port 0` runs in a subprocess, and for each concurrency N clients
-(aiohttp, one connection each, in this process) each send {"text": ...} one after another for
---seconds. With --soak N, N more requests follow, one in 100 malformed (see MALFORMED). Traffic
-goes to 127.0.0.1 only, and each load is bounded in time and in requests.
+texts, already tokenized, in this process: `seqtrain predict`'s way, chunks of 2,048 texts sorted by
+length and cut into batches of --max-batch-size. Beside it, the arrival-order ceiling: batches of
+--max-batch-size texts in the order the clients send them, which is the most a server can batch
+(it cannot sort texts that have not arrived, so it pads each batch to its longest text). Both are
+measured again for 3 s each right before each load, so that each ratio compares figures taken
+under the same load from other processes (on a shared machine it moves by minutes), and both in
+CPU time per text too, which other processes disturb much less than texts/s.
+
+`seqtrain serve TARGET --port 0` runs in a subprocess. For each concurrency N and each number P of
+client processes, N clients (aiohttp, one connection each, spread over P processes) send
+{"text": ...} one after another for --seconds. Besides texts/s and latency, the CPU time the server
+and the clients used is read from /proc, so a table can say whether the server or the load
+generator (or other processes) ran out of CPU.
+
+Then, on the first TARGET, the soak: --soak requests (100,000 by default; 0 skips it) at
+--soak-concurrency clients, one in 100 malformed (see MALFORMED): every answer's status is checked,
+and the server's resident memory is read at the 10,000th request and at the end.
+
+The table goes into --output (BENCHMARKS.md) between `<!-- bench.serve:begin -->` and
+`<!-- bench.serve:end -->`; prose around the markers is kept. Traffic goes to 127.0.0.1 only, and
+each load is bounded in time and in requests.
 """
 
 from __future__ import annotations
@@ -16,19 +33,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from bench import common
+
 MAX_REQUESTS = 500_000  # per load: a bound whatever the speed
+HEADING = "## Serving (make bench-serve, issue 19)"
+CEILING_SECONDS = 3.0
 
 
 def eval_texts(target: Path) -> list[str]:
@@ -46,33 +70,45 @@ def eval_texts(target: Path) -> list[str]:
     ]
 
 
-def ceiling(target: Path, texts: list[str], batch_size: int, seconds: float = 5.0) -> float:
-    """Texts/s of the batched forward pass alone (tokenized once, outside the clock)."""
-    from seqtrain.encoding import encode
-    from seqtrain.serve import load_target
+class Ceiling:
+    """Texts/s of the batched forward pass alone: the model loaded once, the texts tokenized once,
+    outside the clock."""
 
-    run, _ = load_target(target)
-    seqs = encode(run.tokenizer, texts, run.config.data)
-    run.probs(seqs[:batch_size], batch_size)  # warm up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run.probs(seqs, batch_size)
-        done += len(seqs)
-    return done / (time.perf_counter() - start)
+    def __init__(self, target: Path, texts: list[str], batch_size: int) -> None:
+        from seqtrain.encoding import encode
+        from seqtrain.serve import load_target
+
+        self.run, _ = load_target(target)
+        self.seqs = encode(self.run.tokenizer, texts, self.run.config.data)
+        self.batch_size = batch_size
+        self.run.probs(self.seqs[:batch_size], batch_size)  # warm up
+
+    def measure(self, arrival_order: bool = False, seconds: float = CEILING_SECONDS) -> tuple[float, float]:
+        """(texts/s, CPU microseconds per text): chunks of 2,048 texts sorted by length (predict's
+        chunk), or batches in arrival order."""
+        step = self.batch_size if arrival_order else 2048
+        done, start, cpu = 0, time.perf_counter(), time.thread_time()
+        while time.perf_counter() - start < seconds:
+            for i in range(0, len(self.seqs), step):
+                part = self.seqs[i : i + step]
+                self.run.probs(part, self.batch_size)
+                done += len(part)
+                if time.perf_counter() - start >= seconds:
+                    break
+        return done / (time.perf_counter() - start), 1e6 * (time.thread_time() - cpu) / done
 
 
-async def load(url: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
-    """`concurrency` clients on a connection each, one request after another, for `seconds`."""
-    import aiohttp  # its client costs a fraction of httpx's CPU per request: the server, not the client, is measured
+async def load(url: str, texts: list[str], concurrency: int, stop: float, offset: int = 0) -> dict[str, Any]:
+    """`concurrency` clients on a connection each, one request after another, until time.time() `stop`."""
+    import aiohttp  # its client costs a fraction of httpx's CPU per request
 
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    stop = time.perf_counter() + seconds
-    counter = iter(range(MAX_REQUESTS))
+    counter = iter(range(offset, offset + MAX_REQUESTS))
 
     async def client(session: aiohttp.ClientSession) -> None:
         for i in counter:
-            if time.perf_counter() >= stop:
+            if time.time() >= stop:
                 return
             t0 = time.perf_counter()
             async with session.post(url + "/predict", json={"text": texts[i % len(texts)]}) as r:
@@ -81,18 +117,76 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float) -> 
             statuses[r.status] = statuses.get(r.status, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)  # sets TCP_NODELAY
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        start = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
+    return {"latencies": latencies, "statuses": statuses}
+
+
+def client_process(
+    url: str, texts: list[str], concurrency: int, start: float, stop: float, offset: int
+) -> Any:
+    """One load-generator process: wait for the common start, load until `stop`, return what it saw
+    and the CPU seconds it used meanwhile."""
+    time.sleep(max(0.0, start - time.time()))
+    cpu = time.process_time()
+    found = asyncio.run(load(url, texts, concurrency, stop, offset))
+    found["cpu_s"] = time.process_time() - cpu
+    found["end"] = time.time()
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs spent busy (or stolen) since boot."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_load(
+    url: str, texts: list[str], concurrency: int, processes: int, seconds: float, server_pid: int
+) -> dict[str, Any]:
+    """`concurrency` clients spread over `processes` processes for `seconds`; texts/s, latency, and
+    where the CPU went (the server, the clients, everything else on the machine)."""
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(time.sleep, [0.0] * processes)  # started and imported before the clock
+        start = time.time() + 0.5
+        stop = start + seconds
+        pending = [
+            pool.apply_async(client_process, (url, texts, n, start, stop, i * 100_003))
+            for i, n in enumerate(shares)
+        ]
+        time.sleep(max(0.0, start - time.time()))
+        server0, busy0, me0, wall0 = cpu_seconds(server_pid), machine_busy(), time.process_time(), time.time()
+        parts = [p.get(timeout=seconds + 120) for p in pending]
+        server1, busy1, me1 = cpu_seconds(server_pid), machine_busy(), time.process_time()
+    wall = max(p["end"] for p in parts) - wall0
+    latencies = np.array([x for p in parts for x in p["latencies"]]) * 1000
+    statuses: dict[int, int] = {}
+    for p in parts:
+        for code, n in p["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    server_cpu, clients_cpu = server1 - server0, sum(p["cpu_s"] for p in parts)
+    others = (busy1 - busy0) - server_cpu - clients_cpu - (me1 - me0)
     return {
         "concurrency": concurrency,
+        "client_processes": processes,
         "requests": len(latencies),
-        "texts_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "texts_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
         "statuses": statuses,
+        "server_us_per_text": 1e6 * server_cpu / max(len(latencies), 1),
+        "clients_us_per_text": 1e6 * clients_cpu / max(len(latencies), 1),
+        "server_cores": server_cpu / wall,
+        "clients_cores": clients_cpu / wall,
+        "others_cores": max(0.0, others) / wall,
     }
 
 
@@ -112,7 +206,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def soak(
-    url: str, texts: list[str], total: int, concurrency: int, pid: int, max_seconds: float = 900
+    url: str, texts: list[str], total: int, concurrency: int, pid: int, max_seconds: float = 3600
 ) -> dict[str, Any]:
     """`total` requests, 1% of them malformed: no 5xx, each malformed one its 4xx, and the server's
     resident memory at the 10,000th request (or a tenth of the way) and at the end."""
@@ -127,6 +221,7 @@ async def soak(
         "server_errors": 0,
         "mark": mark,
         "rss_mb_at_mark": None,
+        "answered": 0,
     }
     stop = time.perf_counter() + max_seconds
 
@@ -138,10 +233,10 @@ async def soak(
                 found["rss_mb_at_mark"] = rss_mb(pid)
             bad = MALFORMED[(i // 100) % len(MALFORMED)] if i % 100 == 99 else None
             body = bad[0] if bad else json.dumps({"text": texts[i % len(texts)]}).encode()
-            async with session.post(
-                url + "/predict", data=body, headers={"Content-Type": "application/json"}
-            ) as r:
+            headers = {"Content-Type": "application/json"}
+            async with session.post(url + "/predict", data=body, headers=headers) as r:
                 await r.read()
+            found["answered"] += 1
             found["server_errors"] += r.status >= 500
             if bad is None:
                 found["good"][r.status] = found["good"].get(r.status, 0) + 1
@@ -154,13 +249,14 @@ async def soak(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     found.update(requests=total, seconds=time.perf_counter() - start, rss_mb_at_end=rss_mb(pid))
+    found["malformed_sent"] = sum(1 for i in range(found["answered"]) if i % 100 == 99)
     found["rss_growth"] = (
         found["rss_mb_at_end"] / found["rss_mb_at_mark"] - 1 if found["rss_mb_at_mark"] else None
     )
     return found
 
 
-def batch_sizes(url: str) -> tuple[float, float]:
+def scrape(url: str) -> tuple[float, float]:
     """Texts predicted and forward passes run so far, from /metrics."""
     import httpx
 
@@ -170,85 +266,179 @@ def batch_sizes(url: str) -> tuple[float, float]:
     return total, count
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("target", type=Path)
-    parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0)
-    parser.add_argument(
-        "--soak", type=int, default=0, help="then this many requests, 1%% malformed (issue 19: 100000)"
-    )
-    parser.add_argument("--soak-concurrency", type=int, default=8)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    texts = eval_texts(args.target)
-    top = ceiling(args.target, texts, args.max_batch_size)
-    print(
-        f"{len(texts):,} texts; batched forward-only ceiling: {top:,.0f} texts/s (batches of {args.max_batch_size})",
-        flush=True,
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "seqtrain",
-            "serve",
-            str(args.target),
-            "--port",
-            "0",
-            "--max-batch-size",
-            str(args.max_batch_size),
-            "--max-wait-ms",
-            str(args.max_wait_ms),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    rows = []
+def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 120) -> dict[str, Any]:
+    """Until /ready answers 200 (the server listens first and loads the model meanwhile); /info."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                info: dict[str, Any] = httpx.get(url + "/info", timeout=5).json()
+                return info
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    sys.exit("the server did not become ready")
+
+
+def start_server(target: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
+    command = [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0"]
+    command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", line := proc.stderr.readline())):
+        if not line:
+            sys.exit("the server did not start")
+    return proc, f"http://127.0.0.1:{found.group(1)}"
+
+
+def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> dict[str, Any]:
+    """The ceiling and every load on one target, then (if asked) the soak."""
+    texts = eval_texts(target)
+    top = Ceiling(target, texts, args.max_batch_size)
+    print(f"{target}: {len(texts):,} texts; ceiling {top.measure()[0]:,.0f} texts/s", flush=True)
+    proc, url = start_server(target, args)
+    rows, soaked = [], None
     try:
-        assert proc.stderr is not None
-        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", line := proc.stderr.readline())):
-            if not line:
-                sys.exit("the server did not start")
-        url = f"http://127.0.0.1:{found.group(1)}"
-        asyncio.run(load(url, texts, 1, 1.0))  # warm up (the server waits for /ready before it listens)
+        info = wait_ready(url, proc)
+        asyncio.run(load(url, texts, 1, time.time() + 1.0))  # warm up
         for n in args.concurrency:
-            before = batch_sizes(url)
-            row = asyncio.run(load(url, texts, n, args.seconds))
-            after = batch_sizes(url)
-            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-            row["of_ceiling"] = row["texts_per_s"] / top
-            rows.append(row)
-            print(
-                f"concurrency {n:>3}: {row['texts_per_s']:8,.0f} texts/s ({row['of_ceiling']:.2f}x ceiling)  "
-                f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:5.1f}  "
-                f"statuses {row['statuses']}",
-                flush=True,
-            )
-        if args.soak:
-            result = asyncio.run(soak(url, texts, args.soak, args.soak_concurrency, proc.pid))
-            rows.append({"soak": result})
-            print(
-                f"soak: {args.soak:,} requests at concurrency {args.soak_concurrency} in {result['seconds']:.0f} s: "
-                f"{result['server_errors']} 5xx, {result['malformed_right']} malformed answered with their 4xx, "
-                f"wrong answers {result['malformed_wrong'][:5]}, good {result['good']}; resident memory "
-                f"{result['rss_mb_at_mark']:.1f} MB at request {result['mark']:,}, {result['rss_mb_at_end']:.1f} MB at the end "
-                f"({100 * (result['rss_growth'] or 0):+.2f}%)",
-                flush=True,
-            )
+            for p in sorted({min(p, n) for p in args.client_processes}):
+                # just before, under the same load from other processes
+                (ceiling, ceiling_us), (arrival, arrival_us) = top.measure(), top.measure(arrival_order=True)
+                before = scrape(url)
+                row = measure_load(url, texts, n, p, args.seconds, proc.pid)
+                after = scrape(url)
+                row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                row.update(ceiling=ceiling, ceiling_us=ceiling_us, arrival=arrival, arrival_us=arrival_us)
+                row["of_ceiling"] = row["texts_per_s"] / ceiling
+                row["of_arrival"] = row["texts_per_s"] / arrival
+                rows.append(row)
+                print(
+                    f"  {n:>3} clients in {p} process(es): {row['texts_per_s']:8,.0f} texts/s "
+                    f"({row['of_ceiling']:.2f}x the ceiling of {ceiling:,.0f}, {row['of_arrival']:.2f}x the "
+                    f"arrival-order one of {arrival:,.0f})  p50 {row['p50_ms']:6.1f} ms  "
+                    f"p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:5.1f}  "
+                    f"CPU us/text: server {row['server_us_per_text']:.0f}, ceilings {ceiling_us:.0f} and "
+                    f"{arrival_us:.0f}; cores: server {row['server_cores']:.2f}, clients "
+                    f"{row['clients_cores']:.2f}, others {row['others_cores']:.2f}  "
+                    f"statuses {row['statuses']}",
+                    flush=True,
+                )
+        if soak_requests:
+            soaked = asyncio.run(soak(url, texts, soak_requests, args.soak_concurrency, proc.pid))
+            print("  " + soak_line(soaked, args.soak_concurrency), flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
-    print(f"server exit code after SIGTERM: {code}")
+    print(f"  server exit code after SIGTERM: {code}", flush=True)
+    model = info_model(target)
+    return {"target": str(target), "texts": len(texts), "info": info, "model": model, "loads": rows,
+            "soak": soaked, "exit_code": code}  # fmt: skip
+
+
+def info_model(target: Path) -> str:
+    from seqtrain.config import from_dict, read_yaml
+
+    cfg = from_dict(read_yaml(target / "config.yaml"))
+    m = cfg.model
+    both = "bidirectional " if m.bidirectional else ""
+    return f"{both}{m.cell.upper()} {m.hidden_size}, max_length {cfg.data.max_length}"
+
+
+def soak_line(s: dict[str, Any], concurrency: int) -> str:
+    wrong = s["malformed_wrong"]
+    return (
+        f"soak: {s['answered']:,} of {s['requests']:,} requests answered at {concurrency} clients in "
+        f"{s['seconds']:.0f} s: {s['server_errors']} 5xx; {s['malformed_right']} of {s['malformed_sent']} "
+        f"malformed ones answered with their 4xx{f' (wrong: {wrong[:5]})' if wrong else ''}; the good ones "
+        f"{s['good']}; the server's resident memory {s['rss_mb_at_mark']:.1f} MB at request "
+        f"{s['mark']:,}, {s['rss_mb_at_end']:.1f} MB at the end ({100 * (s['rss_growth'] or 0):+.2f}%)"
+    )
+
+
+def table(results: list[dict[str, Any]], args: argparse.Namespace, command: str, minutes: float) -> str:
+    load0, load1 = args.load_average, os.getloadavg()[0]
+    lines = [
+        f"Generated by `{command}`; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {common.cpu_model()}, "
+        f"{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        f"{minutes:.1f} min; load average {load0:.1f} at the start, {load1:.1f} at the end.",
+        "",
+        "| target (model; texts) | clients (processes) | texts/s | ceilings just before: sorted, arrival "
+        "order | ratio to each (≥ 0.8 at 64) | p50 ms (≤ 10 at 1) | p99 ms | mean batch | CPU µs per text: "
+        "server, clients; ceilings | cores: server, clients, others |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        info = r["info"]
+        name = f"{Path(r['target']).name} ({info['backend']}, {r['model']}; {r['texts']:,})"
+        for row in r["loads"]:
+            n = row["concurrency"]
+            ratio = f"{row['of_ceiling']:.2f}" + (
+                f" {common.check(row['of_ceiling'], 0.8)}" if n >= 64 else ""
+            )
+            ratio += f", {row['of_arrival']:.2f}"
+            p50 = f"{row['p50_ms']:.1f}" + (f" {common.check(row['p50_ms'], 10, False)}" if n == 1 else "")
+            bad = {k: v for k, v in row["statuses"].items() if k != 200}
+            lines.append(
+                f"| {name} | {n} ({row['client_processes']}) | {row['texts_per_s']:,.0f} | "
+                f"{row['ceiling']:,.0f}, {row['arrival']:,.0f} | {ratio} | {p50} | {row['p99_ms']:.1f} | "
+                f"{row['mean_batch']:.1f} | {row['server_us_per_text']:,.0f}, "
+                f"{row['clients_us_per_text']:,.0f}; "
+                f"{row['ceiling_us']:,.0f}, {row['arrival_us']:,.0f} | {row['server_cores']:.2f}, "
+                f"{row['clients_cores']:.2f}, {row['others_cores']:.2f}"
+                f"{f' (not 200: {bad})' if bad else ''} |"
+            )
+            name = ""
+    lines.append("")
+    for r in results:
+        lines.append(f"- {Path(r['target']).name}: the server exited {r['exit_code']} after SIGTERM.")
+        if r["soak"]:
+            s = r["soak"]
+            ok = (
+                s["server_errors"] == 0
+                and s["malformed_right"] == s["malformed_sent"]
+                and s["answered"] == s["requests"]
+                and (s["rss_growth"] or 0) <= 0.05
+            )
+            lines.append(
+                f"- {Path(r['target']).name}, {soak_line(s, args.soak_concurrency)} {'✓' if ok else '✗'}."
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("targets", type=Path, nargs="+", metavar="TARGET")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per load")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument(
+        "--client-processes", type=int, nargs="+", default=[1], help="each load once per number given"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--soak", type=int, default=100_000, help="requests, 1%% malformed, on the first TARGET (0: none)"
+    )
+    parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=common.ROOT / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    args.load_average = os.getloadavg()[0]
+    command = shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]])
+    start = time.perf_counter()
+    results = [bench_target(t, args, args.soak if i == 0 else 0) for i, t in enumerate(args.targets)]
+    block = table(results, args, command, (time.perf_counter() - start) / 60)
+    common.write_between_markers(args.output, HEADING, "bench.serve", block)
+    print(f"wrote the table into {args.output}", flush=True)
     if args.json:
-        args.json.write_text(
-            json.dumps({"ceiling_texts_per_s": top, "loads": rows, "exit_code": code}, indent=2) + "\n"
-        )
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the one chosen is printed)
     max_batch_size: int = 64  # texts in one forward pass
-    max_wait_ms: float = (
-        0.0  # how long the oldest waiting text may wait for others to join its batch (0: none;
-    )
-    # texts still gather while the model runs, and a batch takes all that wait when it is free)
+    # how long the oldest waiting text may wait for others to join its batch (0: none; texts still
+    # gather while the model runs, and a batch takes all that wait when it is free)
+    max_wait_ms: float = 0.0
     max_queue: int = 1024  # texts waiting for the model; a request that would overflow it gets 503
     max_texts: int = 256  # texts in one request; more: 413
     max_bytes: int = 1_000_000  # bytes in one request body; more: 413
@@ -101,7 +100,8 @@ class ServeOptions:
             (self.max_texts < 1, f"--max-texts must be at least 1, got {self.max_texts}."),
             (
                 self.max_queue < self.max_texts,
-                f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), or a full-size request could never fit.",
+                f"--max-queue ({self.max_queue}) must be at least --max-texts ({self.max_texts}), "
+                "or a full-size request could never fit.",
             ),
             (self.max_bytes < 16, f"--max-bytes must be at least 16, got {self.max_bytes}."),
             (
@@ -798,12 +798,14 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>seqtrain</title>
 <style>
-  body { font: 16px/1.45 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  body { font: 16px/1.45 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem;
+         color: #222; }
   h1 { font-size: 1.3rem; } h1 small { color: #777; font-weight: normal; font-size: .85rem; }
   textarea { width: 100%; box-sizing: border-box; font: inherit; padding: .5rem; }
   button { font: inherit; padding: .35rem 1.2rem; margin-top: .5rem; }
   #label { font-size: 1.4rem; font-weight: 600; min-height: 2rem; }
-  .row { display: grid; grid-template-columns: 8rem 1fr 4.5rem; gap: .5rem; align-items: center; margin: .2rem 0; }
+  .row { display: grid; grid-template-columns: 8rem 1fr 4.5rem; gap: .5rem; align-items: center;
+         margin: .2rem 0; }
   .track { background: #eee; height: 1rem; border-radius: 3px; overflow: hidden; }
   .fill { background: #4a7bd0; height: 100%; } .top .fill { background: #2c9a5a; }
   .num { text-align: right; font-variant-numeric: tabular-nums; } #error { color: #b00020; }
@@ -825,13 +827,15 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 fetch("info").then((r) => r.json()).then((i) => {
-  $("model").textContent = `${i.task}: ${i.labels.join(", ") || "score"} (${i.backend}, ${i.checkpoint || ""})`;
+  const labels = i.labels.join(", ") || "score";
+  $("model").textContent = `${i.task}: ${labels} (${i.backend}, ${i.checkpoint || ""})`;
 });
 function bar(name, p, top) {
   const row = document.createElement("div"); row.className = "row" + (top ? " top" : "");
   const label = document.createElement("span"); label.textContent = name;
   const track = document.createElement("div"); track.className = "track";
-  const fill = document.createElement("div"); fill.className = "fill"; fill.style.width = (100 * p).toFixed(1) + "%";
+  const fill = document.createElement("div"); fill.className = "fill";
+  fill.style.width = (100 * p).toFixed(1) + "%";
   const num = document.createElement("span"); num.className = "num"; num.textContent = p.toFixed(3);
   track.append(fill); row.append(label, track, num); return row;
 }
@@ -849,11 +853,14 @@ function highlight(ex) {  // tokens on a green (for) or red (against) background
     parts.push(span); at = Math.max(at, t.end);
   }
   if (at < chars.length) parts.push(document.createTextNode(chars.slice(at).join("")));
-  $("why").textContent = `Words for (green) and against (red) ${ex.explained}: the change of its probability when the word is unknown.`;
+  $("why").textContent = `Words for (green) and against (red) ${ex.explained}: ` +
+    "the change of its probability when the word is unknown.";
   $("words").replaceChildren(...parts);
 }
 async function post(path, text) {
-  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text})});
+  const r = await fetch(path, {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text}),
+  });
   const d = await r.json();
   if (!r.ok) throw new Error(d.error);
   return d;
@@ -868,7 +875,8 @@ $("form").addEventListener("submit", async (event) => {
     if ("score" in d) $("label").textContent = "score " + d.score;
     else {
       $("label").textContent = d.label;
-      $("bars").replaceChildren(...Object.entries(d.probs).map(([name, p]) => bar(name, p, name === d.label)));
+      const bars = Object.entries(d.probs).map(([name, p]) => bar(name, p, name === d.label));
+      $("bars").replaceChildren(...bars);
     }
     highlight(await post("explain", text));
   } catch (e) { $("error").textContent = e.message; }

@@ -138,7 +138,8 @@ async def post_all(url: str, bodies: list[Any]) -> list[httpx.Response]:
 
 
 def metric(url: str, name: str) -> float:
-    """One sample of /metrics, e.g. 'seqtrain_requests_total{endpoint="/predict",status="413"}' (0 when absent)."""
+    """One sample of /metrics, e.g. 'seqtrain_requests_total{endpoint="/predict",status="413"}'
+    (0 when absent)."""
     text = httpx.get(url + "/metrics", timeout=10).text
     found = re.search("^" + re.escape(name) + r" (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
@@ -444,7 +445,8 @@ def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str
     try:
         browser.get(url + "/")
         WebDriverWait(browser, 20).until(lambda b: "classification" in b.find_element(By.ID, "model").text)
-        text = "a gorgeous, witty film 😀 café"  # offsets count code points; JavaScript strings count UTF-16 units
+        # offsets count code points; JavaScript strings count UTF-16 units
+        text = "a gorgeous, witty film 😀 café"
         browser.execute_script(
             "document.getElementById('text').value = arguments[0]", text
         )  # chromedriver types BMP only
