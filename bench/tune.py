@@ -171,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     config.parent.mkdir(parents=True, exist_ok=True)
     data = data_path("sst2")
     where = str(data.relative_to(ROOT)) if data.is_relative_to(ROOT) else str(data)
+    fresh = config.with_name(f"sst2-{os.getpid()}.yaml")  # then renamed: benches run side by side
     subprocess.run(
-        [sys.executable, "-m", "seqtrain", "init", where, "--output", str(config)],
+        [sys.executable, "-m", "seqtrain", "init", where, "--output", str(fresh), "--force"],
         cwd=ROOT,
         env=START_ENV,
         check=True,
         capture_output=True,
     )
+    os.replace(fresh, config)
     extra = overrides(a.rows, a.epochs, a.eval_every)
     results = []
     for seed in a.seeds:
