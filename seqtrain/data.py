@@ -83,7 +83,8 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
             suffix = Path(files[0]).suffix.lower()
             if suffix not in FILE_BUILDERS:
                 raise DataError(
-                    f"data.path {path!r}: cannot read {suffix!r} files; use one of {', '.join(FILE_BUILDERS)}."
+                    f"data.path {path!r}: cannot read {suffix!r} files; "
+                    f"use one of {', '.join(FILE_BUILDERS)}."
                 )
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
             if FILE_BUILDERS[suffix] == "csv":
@@ -153,9 +154,9 @@ def regression_labels(values: list[float], data: DataConfig, head: str = "scalar
         support = sorted(set(arr.tolist()))
         if not integer or len(support) > 100:
             raise DataError(
-                f"model.regression_head: distribution needs integer targets with at most 100 values; column "
-                f"{data.label_column!r} has {len(support)} distinct values{'' if integer else ', not all integers'}. "
-                "Use regression_head: scalar."
+                "model.regression_head: distribution needs integer targets with at most 100 values; "
+                f"column {data.label_column!r} has {len(support)} distinct values"
+                f"{'' if integer else ', not all integers'}. Use regression_head: scalar."
             )
     return Labels(
         names=[data.label_column],
@@ -183,14 +184,16 @@ def resolve_labels(ds: datasets.IterableDataset, data: DataConfig, seen: Iterabl
             bad = sorted(v for v in seen_set if not 0 <= v < len(names))
             if bad:
                 raise DataError(
-                    f"label column {data.label_column!r} holds {bad[:5]} but data.label_names has {len(names)} names "
+                    f"label column {data.label_column!r} holds {bad[:5]} "
+                    f"but data.label_names has {len(names)} names "
                     f"(integer labels must be 0..{len(names) - 1})."
                 )
             return Labels(names=names, values=list(range(len(names))))
         bad = sorted(str(v) for v in seen_set - set(names))
         if bad:
             raise DataError(
-                f"label column {data.label_column!r} holds {bad[:5]}, which are not in data.label_names {names}."
+                f"label column {data.label_column!r} holds {bad[:5]}, "
+                f"which are not in data.label_names {names}."
             )
         return Labels(names=names, values=names)
     if not seen_set:
@@ -382,8 +385,9 @@ def build_vocab(cfg: Config, tokenizer: Tokenizer | None = None) -> Vocab:
         labels = regression_labels(numbers, data, cfg.model.regression_head)
         if cfg.model.bounded and not (labels.low >= 0.0 and labels.high <= 1.0):
             raise DataError(
-                f"model.bounded squashes predictions into [0, 1], but column {data.label_column!r} ranges from "
-                f"{labels.low:g} to {labels.high:g}. Rescale the targets or set model.bounded: false."
+                "model.bounded squashes predictions into [0, 1], "
+                f"but column {data.label_column!r} ranges from {labels.low:g} to {labels.high:g}. "
+                "Rescale the targets or set model.bounded: false."
             )
     else:
         labels = resolve_labels(ds, data, seen)
@@ -420,14 +424,15 @@ def check_eval_split(cfg: Config, labels: Labels) -> str | None:
                 )
     if rows == 0 and data.validation_split:
         raise DataError(
-            f"data.validation_split {data.validation_split} holds out no row of {data.train_split!r}: raise it."
+            f"data.validation_split {data.validation_split} holds out no row of {data.train_split!r}: "
+            "raise it."
         )
     if not unknown:
         return None
     msg = (
-        f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only in the eval split {data.eval_split!r} "
-        f"of {badrows.split_path(data, data.eval_split)!r}, not in the training split {data.train_split!r} (labels "
-        f"{labels.names})"
+        f"labels {sorted(unknown)[:5]} ({sum(unknown.values()):,} rows) appear only "
+        f"in the eval split {data.eval_split!r} of {badrows.split_path(data, data.eval_split)!r}, "
+        f"not in the training split {data.train_split!r} (labels {labels.names})"
     )
     if data.on_bad_rows == "error":
         raise DataError(
@@ -723,8 +728,8 @@ class BatchStream(torch.utils.data.IterableDataset):
                 if data.on_bad_rows == "error":
                     known = f"; known labels: {self.labels.values}" if self.labels else ""
                     raise DataError(
-                        f"split {self.split!r} of {data.path!r}: a row has {reason} (label {label!r}{known}). "
-                        "Fix the data or set data.on_bad_rows: skip."
+                        f"split {self.split!r} of {data.path!r}: a row has {reason} "
+                        f"(label {label!r}{known}). Fix the data or set data.on_bad_rows: skip."
                     )
                 bad[reason] += 1
                 continue
