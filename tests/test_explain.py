@@ -87,7 +87,8 @@ def validation(run: Run) -> list[str]:
 
 
 TRICKY = [
-    "Naïve   café\tfilm — it’s ﬁne!<br />Really  GREAT 🎬 ",  # multibyte, collapsed whitespace, NFKC, HTML break
+    # multibyte, collapsed whitespace, NFKC, HTML break
+    "Naïve   café\tfilm — it’s ﬁne!<br />Really  GREAT 🎬 ",
     "  leading and trailing spaces  ",
     "a",
 ]
@@ -124,21 +125,97 @@ def test_offsets_slice_the_original_text_back_to_each_token(run: Run, truncation
 
 
 def test_occlusion_score_is_the_probability_drop_measured_by_hand(run: Run, validation: list[str]) -> None:
+    """By default a token's score is the drop when it is removed; with occlusion_mode="unk", when it
+    becomes <unk>."""
     texts = validation[:20]
     explained = explain_texts(run, texts)
     other = explain_texts(run, texts, label=0)  # explain "negative" whatever was predicted
-    for text, ex, ex0 in zip(texts, explained, other, strict=True):
+    unknown = explain_texts(run, texts, occlusion_mode="unk")
+    for text, ex, ex0, exu in zip(texts, explained, other, unknown, strict=True):
         ids = encode(run.tokenizer, [text], run.config.data)[0]
         j = len(ids) // 2
-        before, after = run.probs([ids, [*ids[:j], UNK_ID, *ids[j + 1 :]]], 1)
+        before, after, after_unk = run.probs(
+            [ids, [*ids[:j], *ids[j + 1 :]], [*ids[:j], UNK_ID, *ids[j + 1 :]]], 1
+        )
         c = int(before.argmax())
         assert ex.target == c and ex.scores[j] == pytest.approx(before[c] - after[c], abs=1e-6)
         assert ex0.target == 0 and ex0.scores[j] == pytest.approx(before[0] - after[0], abs=1e-6)
+        assert exu.target == c and exu.scores[j] == pytest.approx(before[c] - after_unk[c], abs=1e-6)
         np.testing.assert_allclose(ex.probs, before, atol=1e-6)
+    one = explain_texts(run, ["great"])[0]  # a text of one token: removing it leaves an empty text's <unk>
+    before, empty = run.probs([one.encoded.ids, [UNK_ID]], 1)
+    assert one.scores[0] == pytest.approx(before[one.target] - empty[one.target], abs=1e-6)
+
+
+def test_occlusion_ranks_first_the_token_whose_removal_drops_most(run: Run, validation: list[str]) -> None:
+    """Occlusion by removal makes the deletion test's first step: its top token's drop at k = 1 is the
+    largest single-token drop there is, as the oracle's."""
+    from bench.explain import oracle_scores
+
+    explained = explain_texts(run, validation[:40])
+    encoded, targets = [ex.encoded for ex in explained], [ex.target for ex in explained]
+    first = deletion_drops(run, encoded, [ex.scores for ex in explained], targets, k_max=1)[:, 0]
+    np.testing.assert_allclose(first, [ex.scores.max() for ex in explained], atol=1e-6)
+    best = deletion_drops(run, encoded, oracle_scores(run, encoded, targets, k_max=1), targets, k_max=1)
+    np.testing.assert_allclose(first, best[:, 0], atol=1e-6)
+
+
+def short_phrases(run: Run, lo: int, hi: int, n: int) -> list[str]:
+    """The first n validation phrases of lo to hi tokens."""
+    from seqtrain.data import open_split
+
+    texts = [row["sentence"] for row in open_split(run.config.data, "validation").take(2000)]
+    lengths = [len(s) for s in encode(run.tokenizer, texts, run.config.data)]
+    return [t for t, k in zip(texts, lengths, strict=True) if lo <= k <= hi][:n]
+
+
+def test_oracle_is_the_best_deletion_order(run: Run, validation: list[str]) -> None:
+    """On phrases short enough to try every order of their tokens, the oracle's AOPC@10 is the largest of
+    all; no method, nor random, goes above it; on longer texts the greedy search is at most the exact one."""
+    from itertools import permutations
+
+    from bench.explain import oracle_scores
+
+    texts = short_phrases(run, 2, 5, 12)
+    explained = explain_texts(run, texts)
+    encoded, targets = [ex.encoded for ex in explained], [ex.target for ex in explained]
+    oracle = deletion_drops(run, encoded, oracle_scores(run, encoded, targets), targets).mean(1)
+    for i, e in enumerate(encoded):
+        n = len(e.spans)
+        orders = [np.argsort(order).astype(np.float64) * -1 for order in permutations(range(n))]
+        every = deletion_drops(run, [e] * len(orders), orders, [targets[i]] * len(orders)).mean(1)
+        assert oracle[i] == pytest.approx(every.max(), abs=1e-6), (texts[i], oracle[i], every.max())
+    rng = np.random.default_rng(0)
+    longer = [ex for ex in explain_texts(run, validation[:60]) if len(ex.encoded.spans) <= 10]
+    assert len(longer) > 10
+    encoded, targets = [ex.encoded for ex in longer], [ex.target for ex in longer]
+    exact = deletion_drops(run, encoded, oracle_scores(run, encoded, targets), targets).mean(1)
+    greedy = deletion_drops(run, encoded, oracle_scores(run, encoded, targets, exhaustive=0), targets).mean(1)
+    assert (greedy <= exact + 1e-6).all() and exact.mean() > 0.2
+    for method in ("occlusion", "integrated-gradients"):
+        scores = [ex.scores for ex in explain_texts(run, [ex.text for ex in longer], method)]
+        assert (deletion_drops(run, encoded, scores, targets).mean(1) <= exact + 1e-6).all(), method
+    noise = [rng.random(len(e.ids)) for e in encoded]
+    assert (deletion_drops(run, encoded, noise, targets).mean(1) <= exact + 1e-6).all()
+
+
+def test_aopc_by_length_and_normalised() -> None:
+    """The table's AOPC: over k = 1..10, or over k = 1..min(10, n - 1) per text, leaving out texts of one
+    token."""
+    from bench.explain import aopc
+
+    drops = np.tile(np.arange(1, 11, dtype=np.float64), (3, 1))  # drop k at k
+    lengths = np.array([1, 4, 20])
+    every = np.ones(3, bool)
+    assert aopc(drops, lengths, every) == pytest.approx(5.5)
+    assert aopc(drops, lengths, every, normalised=True) == pytest.approx((2.0 + 5.5) / 2)
+    assert aopc(drops, lengths, lengths > 10) == pytest.approx(5.5)
+    assert np.isnan(aopc(drops, lengths, lengths > 30))
 
 
 def test_integrated_gradients_are_complete(run: Run, validation: list[str]) -> None:
-    """Scores sum to f(text) - f(baseline), with f(text) the model's probability: the gradient path is right."""
+    """Scores sum to f(text) - f(baseline), with f(text) the model's probability: the gradient path is
+    right."""
     texts = validation[:40]
     encoded = encode_with_offsets(run.tokenizer, texts, run.config.data)
     probs = run.probs([e.ids for e in encoded], 64)
@@ -328,7 +405,8 @@ def test_occlusion_on_the_onnx_export_matches_the_run(
     code = (  # occlusion on an export folder never imports torch
         "import sys\nfrom seqtrain.cli import app\ntry:\n"
         f"    app(['explain', {str(tmp_path / 'onnx')!r}, 'a gorgeous film', '--format', 'jsonl'])\n"
-        "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -390,7 +468,7 @@ def test_regression_explains_the_score(tmp_path: Path) -> None:
     texts = ["the film was superb and brilliant", "dreadful plot , awful actors"]
     for ex in explain_texts(reg, texts):
         ids = ex.encoded.ids
-        before, after = reg.probs([ids, [UNK_ID, *ids[1:]]], 2)[:, 0]
+        before, after = reg.probs([ids, ids[1:]], 2)[:, 0]  # the first token removed
         assert ex.probs.shape == (1,) and ex.scores[0] == pytest.approx(before - after, abs=1e-5)
     encoded = encode_with_offsets(reg.tokenizer, texts, reg.config.data)
     scores, ends = integrated_gradients(reg, encoded, [0, 0], steps=64)
