@@ -125,7 +125,8 @@ class ModelConfig:
     """Keep pretrained embeddings fixed during training."""
     init_from: str | None = None
     """Run directory of `seqtrain pretrain`: reuse its tokenizer and start the embeddings and recurrent layers
-    from its language model (the head starts fresh). The cell and shapes must match it."""
+    from its language model (the head starts fresh). The cell and shapes must match it. In `seqtrain
+    pretrain` itself: continue that language model on this config's texts (ULMFiT's second stage)."""
     regression_head: Literal["scalar", "distribution"] = "scalar"
     """Regression: one output trained with `regression_loss`, or (integer targets such as stars) a softmax
     over the values seen in training, trained with cross-entropy, predicting its expected value."""

@@ -490,10 +490,14 @@ def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
     return sources
 
 
-def build_text_vocab(cfg: Config) -> tuple[Tokenizer, int, list[int], Counter[str]]:
-    """One pass over the pretraining texts (held-out rows excluded): the tokenizer, the row count,
-    the rows per chunk exactly as `BatchStream` will read them, and the rows skipped by reason."""
-    tokenizer, trainer = new_tokenizer(cfg.tokenizer)
+def build_text_vocab(
+    cfg: Config, tokenizer: Tokenizer | None = None
+) -> tuple[Tokenizer, int, list[int], Counter[str]]:
+    """One pass over the pretraining texts (held-out rows excluded): the tokenizer (unless one is given,
+    as `model.init_from` does), the row count, the rows per chunk exactly as `BatchStream` will read
+    them, and the rows skipped by reason."""
+    given = tokenizer
+    tokenizer, trainer = new_tokenizer(cfg.tokenizer) if given is None else (given, None)
     tally = RowTally()
     cap = cfg.tokenizer.max_examples
 
@@ -517,7 +521,11 @@ def build_text_vocab(cfg: Config) -> tuple[Tokenizer, int, list[int], Counter[st
                 if cap is None or tally.count <= cap:
                     yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
 
-    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    if given is None:
+        tokenizer.train_from_iterator(texts(), trainer=trainer)
+    else:
+        for _ in texts():  # count the rows only
+            pass
     if tally.count == 0:
         raise DataError(
             f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows."

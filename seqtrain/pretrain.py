@@ -84,7 +84,9 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
-    tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg)
+    # model.init_from: continue from that language model, with its tokenizer (ULMFiT's second stage)
+    given = init_from_pretrained(cfg)[0] if cfg.model.init_from else None
+    tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg, given)
     steps_per_epoch = max(
         1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows)
     )  # torchrun: plan_ranks
@@ -285,6 +287,8 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
             optimizer.load_state_dict(opt_state)
         state = TrainState.from_checkpoint(ckpt_state, rank)
         restore_rng(ckpt_state["rng"], rng, rank)
+    elif cfg.model.init_from:
+        console.info(f"{start_from_language_model(cfg, model)} from {cfg.model.init_from}")
     forward: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -438,6 +442,20 @@ def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
         )
     encoder = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
     return load_tokenizer(source / "tokenizer.json"), encoder
+
+
+def start_from_language_model(cfg: Config, model: LanguageModel) -> str:
+    """`pretrain` with model.init_from: start from that run's language model, whole when the output
+    layers have the same shapes (same pretrain.softmax and sizes), else its encoder; says which."""
+    _, encoder = init_from_pretrained(cfg)  # checks the shapes and the tokenizer keys
+    ckpt, _ = checkpoint.find(Path(cfg.model.init_from or ""), "best")
+    weights = checkpoint.load(ckpt)[0]
+    own = model.state_dict()
+    if weights.keys() == own.keys() and all(own[k].shape == v.shape for k, v in weights.items()):
+        model.load_state_dict(weights)
+        return "the whole language model"
+    load_encoder(model.encoder, encoder, cfg.model.init_from or "")
+    return "the encoder (the output layer differs: another pretrain.softmax) and a fresh output layer"
 
 
 def load_encoder(model: Classifier, encoder: dict[str, torch.Tensor], source: str) -> None:

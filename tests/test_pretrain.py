@@ -20,7 +20,7 @@ from seqtrain.data import heldout_texts, is_heldout, open_split, text_sources
 from seqtrain.encoding import encode, load_tokenizer
 from seqtrain.errors import ConfigError
 from seqtrain.model import LanguageModel, build_model, full_softmax_nll, sampled_softmax_nll
-from seqtrain.pretrain import init_from_pretrained, load_encoder, pretrain
+from seqtrain.pretrain import init_from_pretrained, load_encoder, pretrain, start_from_language_model
 from seqtrain.train import train
 from tests.conftest import REAL_DATA, ROOT
 
@@ -148,6 +148,33 @@ def test_init_from_loads_exactly_the_pretrained_tensors(pretrained: Path, tmp_pa
     names = [n for n in own if n.startswith(("embedding.", "layers."))]
     assert names and all(torch.equal(own[n], saved["encoder." + n]) for n in names)
     assert torch.equal(model.head.weight, fresh_head)  # type: ignore[union-attr]
+
+
+def test_pretrain_with_init_from_continues_that_language_model(pretrained: Path, tmp_path: Path) -> None:
+    """ULMFiT's second stage: `pretrain` with model.init_from starts from the whole language model (same
+    output layer) or from its encoder (another softmax: a fresh output layer), reuses its tokenizer, and
+    after a few steps is far better than the same few steps from scratch."""
+    cont = lm_config(tmp_path / "cont", model={"init_from": str(pretrained)}, train={"max_steps": 10})
+    saved, _, _, _ = checkpoint.load(checkpoint.find(pretrained, "best")[0])
+    vocab_size = load_tokenizer(pretrained / "tokenizer.json").get_vocab_size()
+    model = LanguageModel(cont.model, vocab_size, "full", 64, [100])
+    assert start_from_language_model(cont, model) == "the whole language model"
+    assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
+    adaptive = LanguageModel(cont.model, vocab_size, "adaptive", 64, [100, 1000])
+    fresh_output = {n: t.clone() for n, t in adaptive.state_dict().items() if not n.startswith("encoder.")}
+    assert start_from_language_model(cont, adaptive).startswith("the encoder")
+    for n, t in adaptive.state_dict().items():
+        assert torch.equal(t, saved[n] if n.startswith("encoder.") else fresh_output[n]), n
+
+    pretrain(cont)
+    scratch = lm_config(tmp_path / "scratch", train={"max_steps": 10})
+    pretrain(scratch)
+    assert (tmp_path / "cont" / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
+
+    def perplexity(run: Path) -> float:
+        return json.loads((run / "pretrain-summary.json").read_text())["heldout_perplexity"]
+
+    assert perplexity(tmp_path / "cont") < 0.7 * perplexity(tmp_path / "scratch")
 
 
 @pytest.mark.parametrize(
