@@ -2,11 +2,18 @@
 
 For each run, on a random sample of its validation split (seed 0):
 
-- speed: texts/s of `explain_texts` with occlusion (run directory, and its ONNX export when
-  onnxruntime is installed) and with integrated gradients, on this machine's threads;
+- speed: texts/s of `explain_texts` with occlusion (removing tokens, the default, and replacing
+  them with <unk>; the default also on the run's ONNX export when onnxruntime is installed) and
+  with integrated gradients, on this machine's threads, or on a GPU with `--device cuda`;
 - the deletion test: remove the k highest-scored tokens (k = 1..10) and measure the drop of the
   predicted class's probability; AOPC@10 is its mean over k and texts, against removing k random
   tokens (the mean of 3 random orders). Target: each method at least 3x random;
+- what any attribution could reach in that test: the oracle, the deletion order with the largest
+  AOPC@10 found per text (every order of texts up to 10 tokens, greedy above: `oracle_scores`), and
+  a ceiling that needs no search (the exact oracle up to 10 tokens; above, a drop of the whole
+  predicted probability at every k). A method above the exact oracle on any text is a bug;
+- the same by text length (1-3, 4-10, > 10 tokens), and normalised by length: each text's drops
+  averaged over k = 1..min(10, n - 1) only, so that a phrase is not counted once emptied;
 - the model randomisation check (Adebayo et al., 2018): the same texts explained by a model with
   re-initialised weights (same architecture, same explained class); mean Spearman correlation, per
   text, between its token scores and the trained model's. Target: below 0.3.
