@@ -143,7 +143,8 @@ def render() -> None:
             "|---|---:|---:|---:|---:|---:|",
         ]
         table += [
-            f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} | {p['epochs']} "
+            f"| {p['pretrain']} | {p['pretrain_steps']:,} | {p['pretrain_minutes']:.0f} | {p['n']:,} "
+            f"| {p['epochs']} "
             f"| {p['accuracy']:.2%} |"
             for p in pre
         ]

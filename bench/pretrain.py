@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         models[softmax] = (model, lm_opt, lm_step)
     encoder_time = rows[1][1]
     table = [
-        f"Measured with `python -m bench.pretrain --threads {a.threads}`: {a.batches} batches of 64 unlabeled IMDB "
+        f"Measured with `python -m bench.pretrain --threads {a.threads}`: {a.batches} batches of 64 "
+        "unlabeled IMDB "
         f"reviews (cut at {cfg.pretrain.max_length} tokens), vocabulary {vocab:,}, {a.threads} threads.",
         "",
         "| step | real tokens/s | output layer's share |",
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         heldout = encode(tokenizer, heldout_texts(cfg), text_sources(cfg)[0][0])
         table += [
             "",
-            f"Held-out perplexity (exact, full softmax) after {a.minutes:g} minutes of training from the same start:",
+            f"Held-out perplexity (exact, full softmax) after {a.minutes:g} minutes of training "
+            "from the same start:",
             "",
             "| output layer | steps | held-out perplexity |",
             "|---|---:|---:|",

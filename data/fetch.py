@@ -65,7 +65,8 @@ def main() -> int:
     p.add_argument("--mirror", default=os.environ.get("SEQTRAIN_DATA_MIRROR", ""))
     args = p.parse_args()
     dest = Path(args.dest)
-    mirror = Path(args.mirror) if args.mirror else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    default_mirror = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    mirror = Path(args.mirror) if args.mirror else default_mirror
     for name in DATASETS:
         if mirror.is_dir() and from_mirror(mirror, dest, name):
             continue
@@ -73,7 +74,8 @@ def main() -> int:
             from_hub(dest, name)
         except Exception as e:  # no network, no mirror: say what to do
             print(f"cannot fetch {name}: no mirror at {mirror} and the Hub failed ({e}). "
-                  "Set SEQTRAIN_DATA_MIRROR to a folder holding imdb/, sst2/ and imdb-unlabeled/.", file=sys.stderr)
+                  "Set SEQTRAIN_DATA_MIRROR to a folder holding imdb/, sst2/ and imdb-unlabeled/.",
+                  file=sys.stderr)
             return 1
     return 0
 

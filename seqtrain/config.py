@@ -559,7 +559,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.vat_eps must be 0 (off) or more, got {cfg.train.vat_eps}.")
     if cfg.train.vat_eps and cfg.model.task == "regression":
         raise ConfigError(
-            "train.vat_eps needs class probabilities to compare; model.task is regression. Set train.vat_eps: 0."
+            "train.vat_eps needs class probabilities to compare; model.task is regression. "
+            "Set train.vat_eps: 0."
         )
     if not 0 < cfg.train.layer_lr_decay <= 1:
         raise ConfigError(f"train.layer_lr_decay must be in (0, 1], got {cfg.train.layer_lr_decay}.")

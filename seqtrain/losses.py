@@ -31,7 +31,8 @@ def to_scores(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
 
 
 def to_probs(out: torch.Tensor, labels: Labels, cfg: Config) -> torch.Tensor:
-    """Model outputs -> what `predict` reports (B, labels.probs_width): class probabilities, or the regression score."""
+    """Model outputs -> what `predict` reports (B, labels.probs_width): class probabilities, or the
+    regression score."""
     if labels.task == "regression":
         return to_scores(out, labels, cfg).unsqueeze(-1)  # (B, 1) in the target's units
     return torch.softmax(out.float(), -1)  # (B, C)

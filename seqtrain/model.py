@@ -210,7 +210,8 @@ class LanguageModel(nn.Module):
         return pairs
 
     def nll(self, ids: torch.Tensor, lengths: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, int]:
-        """ids (B, T), lengths (B,) -> (summed negative log-likelihood per direction (D,), targets per direction).
+        """ids (B, T), lengths (B,) -> (summed negative log-likelihood per direction (D,), targets per
+        direction).
         exact=True scores against the whole vocabulary (evaluation); else the training objective."""
         states = self.encoder.dropout(self.encoder.encode(ids, lengths))  # (B, T, D*H)
         losses = []

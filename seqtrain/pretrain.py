@@ -67,8 +67,9 @@ KIND = "language-model"  # state.json's "kind": what init_from accepts
 def check_encoder_shape(model: ModelConfig) -> None:
     if model.bidirectional and model.num_layers > 1:
         raise ConfigError(
-            "pretrain: model.bidirectional with model.num_layers > 1 cannot be trained as a language model: from the "
-            "second layer on, each direction reads the other's states, which have seen the token to predict. Use "
+            "pretrain: model.bidirectional with model.num_layers > 1 cannot be trained as a language model: "
+            "from the second layer on, each direction reads the other's states, which have seen the token to "
+            "predict. Use "
             "num_layers: 1 with bidirectional: true, or bidirectional: false."
         )
 
@@ -78,7 +79,8 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     run_dir = cfg.run_dir
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(
-            f"{run_dir} already holds a run. Continue it with `seqtrain pretrain {config_path} --resume`, or pick "
+            f"{run_dir} already holds a run. Continue it with `seqtrain pretrain {config_path} --resume`, "
+            "or pick "
             "another output_dir (e.g. name=... or output_dir=...), or delete the folder."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -300,8 +302,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         )
     use_amp, amp_dtype, scaler = amp(device, t.precision)
     console.info(
-        f"language model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters ({pre.softmax} softmax) on "
-        f"{device}, {torch.get_num_threads()} threads; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+        f"language model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters "
+        f"({pre.softmax} softmax) on {device}, {torch.get_num_threads()} threads; "
+        f"{steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
 
     run = LMRun(cfg, rank, world, device, log, model, optimizer, heldout, state)

@@ -265,7 +265,8 @@ def prepare_run(
     t, run_dir = cfg.train, cfg.run_dir
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(
-            f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, or pick "
+            f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, "
+            "or pick "
             f"another output_dir (e.g. name=... or output_dir=...), or delete the folder."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +294,8 @@ def prepare_run(
     checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
     checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     console.info(
-        f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, {vocab.num_examples:,} training rows"
+        f"vocabulary {tokenizer.get_vocab_size():,} tokens, labels {labels.names}, "
+        f"{vocab.num_examples:,} training rows"
         f"{f', skipped {dict(vocab.bad_rows)}' if vocab.bad_rows else ''} ({time.perf_counter() - t0:.1f}s)"
     )
     if eval_warning:
@@ -395,7 +397,8 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
     if t.warmup_steps > total_steps:
         console.warn(
-            f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): the learning rate "
+            f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): "
+            "the learning rate "
             f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}."
         )
     state, ema_weights = TrainState(world=world), None
@@ -426,7 +429,8 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     )
     console.info(
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
-        f"{torch.get_num_threads()} threads, {workers} data workers; {steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+        f"{torch.get_num_threads()} threads, {workers} data workers; "
+        f"{steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
     )
     return Run(
         cfg,
@@ -462,7 +466,8 @@ def start_from_pretrained(
             model, cfg.model.pretrained_embeddings, tokenizer.get_vocab(), cfg.tokenizer.lowercase
         )
         console.info(
-            f"pretrained embeddings: {found:,} of {size:,} vocabulary words found ({found / size:.1%} coverage)"
+            f"pretrained embeddings: {found:,} of {size:,} vocabulary words found "
+            f"({found / size:.1%} coverage)"
         )
         run_info["embedding_coverage"] = found / size
         if rank == 0:
@@ -677,7 +682,8 @@ def train(
 
 
 def finish(run: Run, reports: dict[int, dict[str, Any]], started: float) -> dict[str, Any]:
-    """Rank 0, after the loop: the best checkpoint's report as eval-<split>.json, curves.png; unlock the run."""
+    """Rank 0, after the loop: the best checkpoint's report as eval-<split>.json, curves.png; unlock the
+    run."""
     cfg, state, run_dir = run.cfg, run.state, run.cfg.run_dir
     best = reports.get(state.best_step) if state.best_step is not None else None
     if best is None:  # best was found before a resume: read it from its checkpoint

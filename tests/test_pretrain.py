@@ -1,4 +1,5 @@
-"""Language-model pretraining (seqtrain.pretrain) and fine-tuning from it (model.init_from), on real SST-2 text."""
+"""Language-model pretraining (seqtrain.pretrain) and fine-tuning from it (model.init_from), on real SST-2
+text."""
 
 from __future__ import annotations
 

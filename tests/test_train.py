@@ -75,7 +75,8 @@ def test_lr_schedule_warms_up_and_decays() -> None:
 
 
 def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
-    """`seqtrain train`; with kill_after, through the test-only entry point that SIGKILLs right after that save."""
+    """`seqtrain train`; with kill_after, through the test-only entry point that SIGKILLs right after that
+    save."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     entry = ["seqtrain"] if kill_after is None else ["tests.fault_entry", f"kill-after-save={kill_after}"]
     return subprocess.run(
