@@ -112,8 +112,9 @@ def pretrain(
         bool, typer.Option("--resume", help="Continue the run in output_dir from its last/ checkpoint.")
     ] = False,
 ) -> None:
-    """Pretrain the config's encoder as a language model on unlabeled text (the `pretrain:` section);
-    fine-tune from it with `model.init_from: RUN_DIR`."""
+    """Pretrain the config's encoder as a language model on unlabeled text (the `pretrain:` section).
+
+    Fine-tune from it with `model.init_from: RUN_DIR`."""
     from seqtrain.config import dump_yaml, load_config
 
     try:
@@ -164,8 +165,9 @@ def eval_(
         ),
     ] = False,
 ) -> None:
-    """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix;
-    writes eval-<split>.json."""
+    """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix.
+
+    Writes eval-<split>.json in the run directory."""
     try:
         from seqtrain import console
         from seqtrain.evaluation import evaluate_run
@@ -229,8 +231,9 @@ def predict(
         typer.Option(help="Binary tasks: predict the second label when its probability is at least this."),
     ] = None,
 ) -> None:
-    """Classify texts; one result per text, in input order:
-    {"text", "label", "probs"} ({"text", "score"} for regression)."""
+    """Classify texts; one result per text, in input order.
+
+    Each result is {"text", "label", "probs"} ({"text", "score"} for regression)."""
     try:
         from seqtrain.exported import is_export_folder
         from seqtrain.predict import check_output, predict_command
@@ -364,8 +367,9 @@ def export(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
 ) -> None:
-    """Export the model (inputs: padded token ids and lengths)
-    with tokenizer.json, labels.json and export.json beside it."""
+    """Export the model (inputs: padded token ids and lengths) for use without seqtrain.
+
+    tokenizer.json, labels.json and export.json are written beside it."""
     try:
         from seqtrain import console
         from seqtrain.export import export_run
@@ -423,8 +427,9 @@ def serve(
         int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")
     ] = 30,
 ) -> None:
-    """Serve predictions over HTTP: POST /predict, GET /health /ready /info /metrics,
-    and a page at / to try the model."""
+    """Serve predictions over HTTP, with a page at / to try the model.
+
+    Endpoints: POST /predict, GET /health /ready /info /metrics."""
     try:
         try:
             from seqtrain.serve import ServeOptions
@@ -478,8 +483,9 @@ def init(
         ),
     ] = None,
 ) -> None:
-    """Inspect a dataset (splits, columns, labels, text lengths)
-    and write a commented starter config for it."""
+    """Inspect a dataset (splits, columns, labels, text lengths) and write a starter config for it.
+
+    The config is commented: what was found and why each value was chosen."""
     try:
         from seqtrain import console
         from seqtrain.starter import write_starter
@@ -535,8 +541,9 @@ def tune(
     ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:
-    """Search hyperparameters with Optuna: each trial is a seqtrain run in runs/<study>/trial-NNNN,
-    bad ones pruned early; rerun the same command to continue a study."""
+    """Search hyperparameters with Optuna; bad trials are pruned early.
+
+    Each trial is a seqtrain run in runs/<study>/trial-NNNN; rerun the same command to continue a study."""
     try:
         from seqtrain.tune import Options
         from seqtrain.tune import tune as run_tune
