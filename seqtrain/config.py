@@ -118,6 +118,10 @@ class ModelConfig:
     in AWD-LSTM)."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
+    head_norm: bool = False
+    """Batch-normalize the pooled vector before the head, as ULMFiT's classifier does: a language model's
+    pooled states differ little from text to text (model.init_from), and a head reading them raw learns
+    slowly."""
     pretrained_embeddings: str | None = None
     """GloVe or word2vec text file (`word v1 v2 ...` per line; a `count dim` header is skipped) to start the
     embeddings from; its dimension must equal embedding_dim."""

@@ -61,6 +61,7 @@ class Classifier(nn.Module):
         # num_classes=0: the encoder alone, for the language model (pretrain.py) that has its own outputs.
         self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" and num_classes else None
         self.head = nn.Linear(out, num_classes) if num_classes else None
+        self.norm = nn.BatchNorm1d(out) if cfg.head_norm and num_classes else None
         if init:  # skipped when loading a checkpoint: the QR behind orthogonal init is wasted work there
             self._init_weights()
 
@@ -87,7 +88,13 @@ class Classifier(nn.Module):
         passes zeros to get the loss's gradient with respect to them, then the perturbation."""
         assert self.head is not None, "an encoder built with num_classes=0 has no head"
         x = self.encode(ids, lengths, delta)  # (B, T, directions * H)
-        out = self.head(self.dropout(self.pool(x, lengths)))  # (B, classes) or (B, 1)
+        pooled = self.pool(x, lengths)  # (B, directions * H)
+        if self.norm is not None:
+            # model.head_norm; a training batch of one text has no spread: use the running statistics
+            alone = self.training and pooled.shape[0] == 1
+            pooled = self.norm.eval()(pooled) if alone else self.norm(pooled)
+            self.norm.train(self.training)
+        out = self.head(self.dropout(pooled))  # (B, classes) or (B, 1)
         if self.cfg.task == "regression" and self.cfg.bounded:
             out = torch.sigmoid(out)  # a score in [0, 1]
         return out

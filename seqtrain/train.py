@@ -184,6 +184,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - d)
+        for average, current in zip(ema.buffers(), model.buffers(), strict=True):
+            average.copy_(current)  # model.head_norm's running statistics: the current ones, not the start's
 
 
 def embedding_probe(ids: torch.Tensor, dim: int) -> torch.Tensor:

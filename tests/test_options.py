@@ -180,6 +180,7 @@ def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path
         {"cell": "rnn", "pooling": "mean"},
         {"cell": "lstm", "pooling": "max"},
         {"cell": "lstm", "bidirectional": True, "pooling": "max", "word_dropout": 0.1, "weight_drop": 0.3},
+        {"cell": "lstm", "pooling": "max", "head_norm": True},
     ],
 )
 def test_model_options_train(tiny_data: Path, tmp_path: Path, model: dict) -> None:
@@ -306,3 +307,38 @@ def test_virtual_adversarial_training_refuses_regression(tmp_path: Path) -> None
     path.write_text("data: {path: x}\nmodel: {task: regression}\ntrain: {vat_eps: 1.0}\n")
     with pytest.raises(ConfigError, match="train.vat_eps needs class probabilities"):
         load_config(path)
+
+
+def test_head_norm_standardizes_what_the_head_reads_and_handles_a_batch_of_one() -> None:
+    """model.head_norm: in training the head reads each pooled feature standardized across the batch
+    (pooled states that barely differ between texts become ones that do); a training batch of one
+    text uses the running statistics instead of failing; evaluation uses them too."""
+    from seqtrain.config import ModelConfig
+    from seqtrain.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, dropout=0.0, head_norm=True), 50, 2
+    )
+    seen: list[torch.Tensor] = []
+    assert model.head is not None
+    model.head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    ids, lengths = torch.randint(2, 50, (16, 7)), torch.full((16,), 7)
+    model.train()
+    model(ids, lengths)
+    torch.testing.assert_close(seen[-1].mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[-1].std(0, unbiased=False), torch.ones(8), atol=1e-2, rtol=0)
+    one = model(ids[:1], lengths[:1])
+    assert model.training, "the batch of one leaves the model in training mode"
+    model.eval()
+    torch.testing.assert_close(one, model(ids[:1], lengths[:1]))
+
+
+def test_ema_keeps_the_current_head_norm_statistics(tiny_data: Path, tmp_path: Path) -> None:
+    """With train.ema_decay the saved model is the weights' moving average; its batch-norm running
+    statistics must be the trained model's, not the untouched ones of the copy made at step 0."""
+    train(tiny_config(tiny_data, tmp_path / "run", model={"head_norm": True}, train={"ema_decay": 0.9}))
+    average = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    raw = load_file(str(tmp_path / "run" / "last" / "train-model.safetensors"))
+    assert not torch.equal(average["norm.running_mean"], torch.zeros_like(average["norm.running_mean"]))
+    assert torch.equal(average["norm.running_mean"], raw["norm.running_mean"])
