@@ -222,3 +222,26 @@ def test_rating_ensemble_grid_and_oracle_shift() -> None:
     accuracies, rhos = [row[1] for row in shifted], [row[2] for row in shifted]
     assert accuracies == sorted(accuracies) and accuracies[-1] > 0.99  # 6 stars fixes nearly every side
     assert rhos[-1] > rhos[0] + 0.05
+
+
+def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed() -> None:
+    from bench.tune import render
+
+    studies = [
+        (0, "median", 400, 0.80),
+        (1, "none", 2000, 0.85),
+        (0, "none", 1000, 0.79),
+        (1, "median", 1400, 0.84),
+    ]
+    results = [
+        {"seed": seed, "pruner": pruner, "steps": steps, "best": best, "best_trial": 3, "trials": 24}
+        | {"states": {"COMPLETE": 24}, "minutes": 1.0}
+        for seed, pruner, steps, best in studies
+    ]
+    block = render(results, "python -m bench.tune", "setup")
+    rows = [line for line in block.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert [r.split(" | ")[1] for r in rows] == ["median", "none", "median", "none"]
+    assert "60% ✓" in rows[0] and "+1.00 points ✓" in rows[0]  # against seed 0's unpruned study
+    assert "30% ✗" in rows[2] and "-1.00 points ✗" in rows[2]
+    assert "1,800 steps with pruning against 3,000 without (40% saved" in block
+    assert "equal or better in 1 of 2" in block
