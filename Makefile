@@ -40,6 +40,11 @@ bench: install data
 bench-scale: install data
 	$(BIN)/python -m bench.scale
 
+# seqtrain tune with and without pruning: same TPE seeds, same trials (bench/tune.py; about an hour on 1 thread)
+.PHONY: bench-tune
+bench-tune: install data
+	$(BIN)/python -m bench.tune --seeds 0 1 --trials 24
+
 # headless Chromium for the page test in tests/test_serve.py (Debian's packages; .ci/run calls this)
 browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
