@@ -151,7 +151,7 @@ def describe(run: Predictor, target: Path, opts: ServeOptions) -> dict[str, Any]
             name = json.loads((target / "export.json").read_text()).get("checkpoint")
     step = re.search(r"(\d+)$", name or "")
     versions = {"seqtrain": __version__, "python": platform.python_version()}
-    for package in (backend, "fastapi", "uvicorn"):
+    for package in (backend, "fastapi", "uvicorn", "uvloop", "httptools"):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
     data = run.config.data
