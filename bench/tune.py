@@ -46,15 +46,18 @@ def study_name(prefix: str, seed: int, pruner: str) -> str:
     return f"{prefix}-s{seed}-{pruner}"
 
 
-def summarize(url: str, name: str) -> dict[str, Any]:
-    """Trials by state, steps trained and planned, and the best value of one stored study."""
+def summarize(url: str, name: str, first: int) -> dict[str, Any]:
+    """Trials by state, steps trained and planned, and the best value of the first `first` trials of
+    one stored study: what `--trials first` gives, as trial i's parameters and pruning depend only on
+    the seed and trials 0..i-1 (one process)."""
     import optuna
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=name, storage=url)
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number < first]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = study.best_trial if complete else None
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    best = max(complete, key=lambda t: sign * float(t.value)) if complete else None  # type: ignore[arg-type]
     return {
         "study": name,
         "trials": len(trials),
@@ -69,12 +72,11 @@ def summarize(url: str, name: str) -> dict[str, Any]:
     }
 
 
-def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extra: list[str]) -> float:
-    """One `seqtrain tune` process (1 thread); returns its wall minutes."""
+def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extra: list[str]) -> None:
+    """One `seqtrain tune` process (1 thread)."""
     cmd = [sys.executable, "-m", "seqtrain", "tune", str(config), *extra, "--trials", str(trials)]
     cmd += ["--seed", str(seed), "--pruner", pruner, "--study", name]
     say(" ".join(cmd[2:]))
-    started = time.perf_counter()
     log = ROOT / "runs" / name / "tune.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
@@ -83,7 +85,6 @@ def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extr
         )
     if code != 0:
         raise SystemExit(f"bench.tune: {' '.join(cmd[2:])} exited with {code}; see {log}")
-    return (time.perf_counter() - started) / 60
 
 
 def pair_rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -166,30 +167,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default="bench-tune", help="studies are runs/PREFIX-sSEED-PRUNER")
     p.add_argument("--fresh", action="store_true", help="delete the studies first instead of continuing them")
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: report the first --trials trials of the studies there are (e.g. ones cut short)",
+    )
     a = p.parse_args(argv)
     config = ROOT / "runs" / a.prefix / "sst2.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     data = data_path("sst2")
-    where = str(data.relative_to(ROOT)) if data.is_relative_to(ROOT) else str(data)
-    fresh = config.with_name(f"sst2-{os.getpid()}.yaml")  # then renamed: benches run side by side
-    subprocess.run(
-        [sys.executable, "-m", "seqtrain", "init", where, "--output", str(fresh), "--force"],
-        cwd=ROOT,
-        env=START_ENV,
-        check=True,
-        capture_output=True,
-    )
-    os.replace(fresh, config)
+    if not a.render_only:
+        where = str(data.relative_to(ROOT)) if data.is_relative_to(ROOT) else str(data)
+        fresh = config.with_name(f"sst2-{os.getpid()}.yaml")  # then renamed: benches run side by side
+        subprocess.run(
+            [sys.executable, "-m", "seqtrain", "init", where, "--output", str(fresh), "--force"],
+            cwd=ROOT,
+            env=START_ENV,
+            check=True,
+            capture_output=True,
+        )
+        os.replace(fresh, config)
     extra = overrides(a.rows, a.epochs, a.eval_every)
     results = []
     for seed in a.seeds:
         for pruner in a.pruners:
             name = study_name(a.prefix, seed, pruner)
-            if a.fresh:
+            if a.fresh and not a.render_only:
                 shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
-            minutes = run_study(config, name, seed, pruner, a.trials, extra)
+            if not a.render_only:
+                run_study(config, name, seed, pruner, a.trials, extra)
             url = f"sqlite:///{ROOT / 'runs' / name / 'study.db'}"
-            result = {"seed": seed, "pruner": pruner, "wall_minutes": minutes, **summarize(url, name)}
+            result = {"seed": seed, "pruner": pruner, **summarize(url, name, a.trials)}
             say(json.dumps(result))
             results.append(result)
     (config.parent / "results.json").write_text(json.dumps(results, indent=1))
