@@ -5,7 +5,8 @@
     POST /explain   the same bodies (no top_k) -> what `seqtrain explain --format jsonl` writes (occlusion):
                     the prediction and each token with its character offsets and score
     GET  /health    liveness: the process answers
-    GET  /ready     200 once the model is loaded and warmed up, 503 before and while shutting down
+    GET  /ready     {"status": "ready"} once the model is loaded and warmed up; 503 {"status": "loading"}
+                    before (the server listens first and loads in the background), "shutting down" after
     GET  /info      labels, task, checkpoint and step, max_length, limits and versions
     GET  /metrics   Prometheus text: requests by endpoint and status, latency, texts per forward
                     pass, texts waiting
@@ -25,6 +26,8 @@ not JSON or has the wrong shape is 422. SIGTERM or Ctrl-C stop accepting connect
 requests in flight finish (up to `grace_s`), and the command exits 0.
 
 TARGET is a run directory (torch) or an ONNX export folder (onnxruntime; torch is never imported).
+It loads on the model's worker thread while the server already answers (/health, /ready, /metrics);
+a TARGET that fails to load stops the server, and `serve` raises its error.
 """
 
 from __future__ import annotations
@@ -304,12 +307,11 @@ class Batcher:
         self.metrics.queue.set(self.waiting + self.explaining)
 
     async def start(self, load: Callable[[], Predictor]) -> None:
-        """Load the model on the worker thread and run it once; /ready says yes after that, so the
-        first real request pays no lazy initialisation. The event loop answers meanwhile."""
+        """Load the model on the worker thread and run it once, so that the first real request pays
+        no lazy initialisation. The event loop answers meanwhile; `ready` is set by the caller."""
         loop = asyncio.get_running_loop()
         self.run = await loop.run_in_executor(self.pool, load)
         await loop.run_in_executor(self.pool, predict_texts, self.model, ["warm up"], 1)
-        self.ready = True
 
     async def loop(self) -> None:
         """Until close(): take the oldest jobs as one batch, run it, hand each job its results."""
@@ -597,6 +599,7 @@ class Service:
         try:
             await batcher.start(self.load)
             self.info = describe(batcher.model, self.target, self.opts)
+            batcher.ready = True  # /ready, /predict, /explain: from now on
         except Exception as e:
             self.failure = e
             if self.on_failure:
