@@ -26,8 +26,8 @@ runner = CliRunner()
 MODELS = {
     # the bidirectional model reverses each row within its length and gathers the last real step
     "lstm-bi-last": {"cell": "lstm", "bidirectional": True, "pooling": "last", "num_layers": 2},
-    # max pooling masks the padded steps
-    "gru-max": {"cell": "gru", "bidirectional": False, "pooling": "max"},
+    # max pooling masks the padded steps; model.head_norm's batch norm exports with its running statistics
+    "gru-max": {"cell": "gru", "bidirectional": False, "pooling": "max", "head_norm": True},
     # the plain RNN goes through the other ONNX exporter (the dynamo one fixes the time length)
     "rnn-last": {"cell": "rnn", "bidirectional": False, "pooling": "last"},
 }
