@@ -59,6 +59,12 @@ def test_range_check(tmp_path: Path) -> None:
         load_config(write(tmp_path, "model:\n  dropout: 1.5\n"))
     with pytest.raises(ConfigError, match=r"train.adversarial_eps must be 0 \(off\) or more, got -1.0"):
         load_config(write(tmp_path, "train:\n  adversarial_eps: -1\n"))
+    with pytest.raises(ConfigError, match=r"train.vat_eps must be 0 \(off\) or more, got -0.5"):
+        load_config(write(tmp_path, "train:\n  vat_eps: -0.5\n"))
+    with pytest.raises(ConfigError, match=r"train.layer_lr_decay must be in \(0, 1\], got 0.0"):
+        load_config(write(tmp_path, "train:\n  layer_lr_decay: 0\n"))
+    with pytest.raises(ConfigError, match=r"train.unfreeze_every must be >= 0, got -3"):
+        load_config(write(tmp_path, "train:\n  unfreeze_every: -3\n"))
 
 
 def test_int_accepted_for_float_but_not_bool_for_int(tmp_path: Path) -> None:
