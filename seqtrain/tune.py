@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import typing
@@ -549,6 +550,10 @@ def tune(opts: Options) -> int:
     from seqtrain.config import apply_overrides, load_config
 
     started = time.time()
+    # Ctrl-C stops the study (each trial saves last/) even in a process started with SIGINT ignored, as a
+    # shell's background job is; --jobs workers, started from here, then get Python's handler too.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     base_cfg = load_config(opts.config, opts.overrides)  # the config alone must be valid
     base = apply_overrides(read_yaml(opts.config) or {}, list(opts.overrides))
     space, space_text = load_space(opts.space, base)

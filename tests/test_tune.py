@@ -325,6 +325,9 @@ def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_o
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # started with SIGINT ignored, as a shell's background job (and `make test` under nohup) is:
+        # tune must still stop on it, and so must its workers between trials
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     deadline = time.time() + 180
     while not all((folder / f"trial-000{n}" / "last").exists() for n in (0, 1)):  # both workers training
