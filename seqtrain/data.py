@@ -451,37 +451,33 @@ def is_heldout(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
+def unlabeled_source(cfg: Config) -> DataConfig:
+    """pretrain.path as a source of texts: data's reading settings, its own path, split and column, and no
+    held-out part (data.validation_split belongs to the labelled data)."""
+    pre = cfg.pretrain
+    assert pre.path is not None
+    return replace(
+        cfg.data,
+        path=pre.path,
+        eval_path=None,
+        text_column=pre.text_column,
+        train_split=pre.split,
+        validation_split=None,
+    )
+
+
 def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
     """What `seqtrain pretrain` reads: pretrain.path, plus the texts of data.path's training split.
     Each source is a DataConfig whose text is cut to pretrain.max_length tokens, from the head."""
     pre = cfg.pretrain
-    data = cfg.data
     sources = []
     if pre.path:
-        unlabeled = DataConfig(
-            path=pre.path,
-            text_column=pre.text_column,
-            train_split=pre.split,
-            max_length=pre.max_length,
-            truncation="head",
-            chunk_size=data.chunk_size,
-            on_bad_rows=data.on_bad_rows,
-        )
-        sources.append((unlabeled, pre.split))
+        sources.append((unlabeled_source(cfg), pre.split))
     if pre.add_train_texts:
-        labelled = DataConfig(
-            path=data.path,
-            eval_path=data.eval_path,
-            text_column=data.text_column,
-            max_length=pre.max_length,
-            truncation="head",
-            chunk_size=data.chunk_size,
-            on_bad_rows=data.on_bad_rows,
-            train_split=data.train_split,
-            eval_split=data.eval_split,
-            validation_split=data.validation_split,
-        )
-        sources.append((labelled, data.train_split))
+        sources.append((cfg.data, cfg.data.train_split))
+    sources = [
+        (replace(data, max_length=pre.max_length, truncation="head"), split) for data, split in sources
+    ]
     if not sources:
         raise DataError(
             "pretrain.path is null and pretrain.add_train_texts is false: there is no text to learn from. "

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ import torch
 from seqtrain import checkpoint, console
 from seqtrain.checkpoint import TrainState
 from seqtrain.config import Config, check_resumable, dump_yaml, to_dict
-from seqtrain.data import BatchStream, build_vocab, check_eval_split, make_loader
+from seqtrain.data import BatchStream, build_vocab, check_eval_split, make_loader, unlabeled_source
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.inference import evaluate
@@ -231,11 +231,7 @@ def unlabeled_batches(
 ) -> Iterator[dict[str, Any]]:
     """train.vat_eps: endless shuffled batches of pretrain.path's texts, cut as data.max_length cuts the
     labelled ones, read in this process; state.unlabeled_epoch/position say where a resume continues."""
-    pre = cfg.pretrain
-    assert pre.path is not None  # setup() asks for these batches only with a pretrain.path
-    source = replace(
-        cfg.data, path=pre.path, eval_path=None, text_column=pre.text_column, train_split=pre.split
-    )
+    pre, source = cfg.pretrain, unlabeled_source(cfg)
     while True:
         stream = BatchStream(
             source,

@@ -224,3 +224,23 @@ def test_bpe_tokenizer_has_fewer_unknowns(tiny_data: Path, tmp_path: Path) -> No
     vocab = build_vocab(cfg)
     ids = encode(vocab.tokenizer, ["wonderfullest greatness"], cfg.data)[0]
     assert UNK_ID not in ids and len(ids) >= 2
+
+
+def test_unlabeled_texts_are_never_split_by_data_validation_split(tmp_path: Path) -> None:
+    """data.validation_split holds out rows of the labelled training split only: every row of pretrain.path
+    reaches pretraining and train.vat_eps. Catches a source that copies data's settings with its split."""
+    from seqtrain.config import from_dict
+    from seqtrain.data import open_split, unlabeled_source
+    from tests.conftest import synthetic_rows, write_hub_folder
+
+    unlabeled = write_hub_folder(
+        tmp_path / "u", {"train": [{"text": r["text"]} for r in synthetic_rows(200, 3)]}
+    )
+    cfg = from_dict(
+        {
+            "data": {"path": str(tmp_path / "labelled"), "validation_split": 0.3},
+            "pretrain": {"path": str(unlabeled)},
+        }
+    )
+    source = unlabeled_source(cfg)
+    assert sum(1 for _ in open_split(source, source.train_split)) == 200
