@@ -41,12 +41,13 @@ from bench.reference import (
     timed_steps,
     training_step,
 )
+from seqtrain.checkpoint import TrainState
 from seqtrain.config import Config, from_dict
-from seqtrain.data import BatchStream
 from seqtrain.encoding import Labels
 from seqtrain.machine import physical_cores
 from seqtrain.metrics import read_metrics
 from seqtrain.train import train as seqtrain_train
+from seqtrain.train import train_stream
 
 # Targets shown next to the ratios (issue 3).
 TARGET_A_B, TARGET_A_C, TARGET_A_D = 15.0, 1.3, 0.90
@@ -134,17 +135,7 @@ def seqtrain_batches(cfg: Config, labels: Labels, n: int) -> list[Batch]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(cfg.run_dir / "tokenizer.json"))
-    stream = BatchStream(
-        cfg.data,
-        cfg.data.train_split,
-        tokenizer,
-        labels,
-        cfg.train.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        epoch=0,
-        limit=cfg.data.max_train_examples,
-    )
+    stream = train_stream(cfg, tokenizer, labels, TrainState(), rank=0, world=1)  # epoch 0, from the start
     out: list[Batch] = []
     for item in stream:
         out.append(Batch(item["ids"], item["lengths"], item["labels"]))

@@ -89,11 +89,19 @@ class Classifier(nn.Module):
         assert self.head is not None, "an encoder built with num_classes=0 has no head"
         x = self.encode(ids, lengths, delta)  # (B, T, directions * H)
         pooled = self.pool(x, lengths)  # (B, directions * H)
-        if self.norm is not None:
-            # model.head_norm; a training batch of one text has no spread: use the running statistics
-            alone = self.training and pooled.shape[0] == 1
-            pooled = self.norm.eval()(pooled) if alone else self.norm(pooled)
-            self.norm.train(self.training)
+        if self.norm is not None:  # model.head_norm
+            norm = self.norm
+            pooled = F.batch_norm(
+                pooled,
+                norm.running_mean,
+                norm.running_var,
+                norm.weight,
+                norm.bias,
+                # batch statistics in training, except for a batch of one text, which has no spread
+                training=self.training and pooled.shape[0] > 1,
+                momentum=norm.momentum or 0.0,
+                eps=norm.eps,
+            )
         out = self.head(self.dropout(pooled))  # (B, classes) or (B, 1)
         if self.cfg.task == "regression" and self.cfg.bounded:
             out = torch.sigmoid(out)  # a score in [0, 1]

@@ -411,9 +411,9 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
 # --------------------------------------------------------------------------- model.init_from
 
 
-def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
-    """The pretrained run's tokenizer and its encoder weights (names as in `Classifier`), after checking
-    that `cfg.model` and `cfg.tokenizer` match the run's. Errors name the key and both values."""
+def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
+    """model.init_from's tokenizer and whole language model, after checking that `cfg.model` and
+    `cfg.tokenizer` match the run's. Errors name the key and both values."""
     source = Path(cfg.model.init_from or "")
     if not (source / "config.yaml").is_file() or not (source / "tokenizer.json").is_file():
         raise ConfigError(
@@ -443,21 +443,29 @@ def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
         raise CheckpointError(
             f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run."
         )
-    encoder = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
-    return load_tokenizer(source / "tokenizer.json"), encoder
+    return load_tokenizer(source / "tokenizer.json"), weights
+
+
+def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
+    """The pretrained run's tokenizer and its encoder weights (names as in `Classifier`), after checking
+    that `cfg.model` and `cfg.tokenizer` match the run's. Errors name the key and both values."""
+    tokenizer, weights = pretrained_language_model(cfg)
+    return tokenizer, encoder_of(weights)
+
+
+def encoder_of(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
 
 
 def start_from_language_model(cfg: Config, model: LanguageModel) -> str:
     """`pretrain` with model.init_from: start from that run's language model, whole when the output
     layers have the same shapes (same pretrain.softmax and sizes), else its encoder; says which."""
-    _, encoder = init_from_pretrained(cfg)  # checks the shapes and the tokenizer keys
-    ckpt, _ = checkpoint.find(Path(cfg.model.init_from or ""), "best")
-    weights = checkpoint.load(ckpt)[0]
+    _, weights = pretrained_language_model(cfg)  # checks the shapes and the tokenizer keys
     own = model.state_dict()
     if weights.keys() == own.keys() and all(own[k].shape == v.shape for k, v in weights.items()):
         model.load_state_dict(weights)
         return "the whole language model"
-    load_encoder(model.encoder, encoder, cfg.model.init_from or "")
+    load_encoder(model.encoder, encoder_of(weights), cfg.model.init_from or "")
     return "the encoder (the output layer differs: another pretrain.softmax) and a fresh output layer"
 
 
