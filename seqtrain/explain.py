@@ -447,7 +447,7 @@ def explain_command(
     """`seqtrain explain`: read texts as `predict` does, explain each, write them in order; texts/s on
     stderr."""
     from seqtrain import console
-    from seqtrain.predict import check_output, open_output, read_inputs
+    from seqtrain.predict import check_output, open_output, read_inputs, warn_malformed
 
     check_output(output)  # before loading anything
     model = load_target(target, checkpoint)
@@ -485,12 +485,7 @@ def explain_command(
         if sink is not sys.stdout:
             sink.close()
     seconds = time.perf_counter() - started
-    if bad:
-        console.warn(
-            f"skipped {len(bad)} malformed input line(s): "
-            + "; ".join(bad[:10])
-            + (" ..." if len(bad) > 10 else "")
-        )
+    warn_malformed(bad)
     if blank:
         console.warn(
             f"blank input line(s) {', '.join(map(str, blank[:20]))}{' ...' if len(blank) > 20 else ''}: "

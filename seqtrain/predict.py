@@ -374,12 +374,7 @@ def predict_command(
     finally:
         if sink is not sys.stdout:
             sink.close()
-    if bad:
-        console.warn(
-            f"skipped {len(bad)} malformed input line(s): "
-            + "; ".join(bad[:10])
-            + (" ..." if len(bad) > 10 else "")
-        )
+    warn_malformed(bad)
     if blank:
         console.warn(
             f"line{'s' * (len(blank) > 1)} {', '.join(map(str, blank[:20]))}{' ...' * (len(blank) > 20)} "
@@ -389,3 +384,15 @@ def predict_command(
     if output != "-":
         console.info(f"wrote {n:,} predictions to {output}")
     return n
+
+
+def warn_malformed(bad: list[str]) -> None:
+    """The input lines `predict` and `explain` skipped, with their reasons (the first 10)."""
+    from seqtrain import console
+
+    if bad:
+        console.warn(
+            f"skipped {len(bad)} malformed input line(s): "
+            + "; ".join(bad[:10])
+            + (" ..." if len(bad) > 10 else "")
+        )
