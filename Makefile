@@ -51,9 +51,13 @@ browser-deps:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 # seqtrain serve under 1, 8 and 64 concurrent clients, beside the batched forward pass alone (bench/serve.py)
+# The quickstart model on SST-2 sentences, and a short-trained IMDB LSTM on reviews (speed does not
+# depend on training).
 bench-serve: install data
 	test -d runs/quickstart || $(BIN)/seqtrain train configs/quickstart.yaml
-	$(BIN)/python -m bench.serve runs/quickstart
+	test -d runs/serve-imdb || $(BIN)/seqtrain train configs/imdb-lstm.yaml train.max_steps=30 \
+		data.max_train_examples=3000 data.max_eval_examples=200 train.eval_every=0 name=serve-imdb
+	$(BIN)/python -m bench.serve runs/quickstart runs/serve-imdb
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,14 +1,15 @@
 """`make bench-serve`: texts/s and latency of `seqtrain serve` under concurrent clients, beside the ceiling.
 
     python -m bench.serve TARGET [TARGET ...] [--seconds 20] [--concurrency 1 8 64]
-        [--client-processes 1] [--max-batch-size 64] [--soak 100000] [--output BENCHMARKS.md]
+        [--client-processes 1] [--max-batch-size 64] [--threads T] [--soak 100000] [--output BENCHMARKS.md]
 
 TARGET is a run directory or an ONNX export folder; its texts are the run's eval split (SST-2
 validation sentences for the quickstart). The ceiling is the batched forward pass alone on the same
 texts, already tokenized, in this process: `seqtrain predict`'s way, chunks of 2,048 texts sorted by
 length and cut into batches of --max-batch-size. Beside it, the arrival-order ceiling: batches of
---max-batch-size texts in the order the clients send them, which is the most a server can batch
-(it cannot sort texts that have not arrived, so it pads each batch to its longest text). Both are
+--max-batch-size texts in the order the clients send them, each cut by length where smaller
+batches cost less (encoding.BatchCost, measured here as the server measures it): the most a server
+can batch, since it cannot sort texts that have not arrived. Both are
 measured again for 3 s each right before each load, so that each ratio compares figures taken
 under the same load from other processes (on a shared machine it moves by minutes), and both in
 CPU time per text too, which other processes disturb much less than texts/s.
@@ -76,22 +77,23 @@ class Ceiling:
 
     def __init__(self, target: Path, texts: list[str], batch_size: int) -> None:
         from seqtrain.encoding import encode
-        from seqtrain.serve import load_target
+        from seqtrain.serve import load_target, measure_cost
 
         self.run, _ = load_target(target)
         self.seqs = encode(self.run.tokenizer, texts, self.run.config.data)
         self.batch_size = batch_size
         self.run.probs(self.seqs[:batch_size], batch_size)  # warm up
+        self.cost = measure_cost(self.run, batch_size)  # how the server cuts its batches by length
 
     def measure(self, arrival_order: bool = False, seconds: float = CEILING_SECONDS) -> tuple[float, float]:
         """(texts/s, CPU microseconds per text): chunks of 2,048 texts sorted by length (predict's
-        chunk), or batches in arrival order."""
+        chunk), or batches in arrival order, each cut by length as the server cuts them."""
         step = self.batch_size if arrival_order else 2048
         done, start, cpu = 0, time.perf_counter(), time.thread_time()
         while time.perf_counter() - start < seconds:
             for i in range(0, len(self.seqs), step):
                 part = self.seqs[i : i + step]
-                self.run.probs(part, self.batch_size)
+                self.run.probs(part, self.batch_size, self.cost if arrival_order else None)
                 done += len(part)
                 if time.perf_counter() - start >= seconds:
                     break
@@ -285,6 +287,7 @@ def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 120) -> d
 def start_server(target: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0"]
     command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    command += ["--threads", str(args.threads)] if args.threads else []
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
@@ -423,6 +426,7 @@ def main() -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, help="the server's --threads (default: serve's)")
     parser.add_argument(
         "--soak", type=int, default=100_000, help="requests, 1%% malformed, on the first TARGET (0: none)"
     )

@@ -426,6 +426,10 @@ def serve(
     grace_s: Annotated[
         int, typer.Option(help="After SIGTERM, seconds the requests in flight get to finish.")
     ] = 30,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="The model's threads [default: the physical cores less one, left to HTTP]."),
+    ] = None,
 ) -> None:
     """Serve predictions over HTTP, with a page at / to try the model.
 
@@ -443,7 +447,16 @@ def serve(
         run_server(
             target,
             ServeOptions(
-                host, port, max_batch_size, max_wait_ms, max_queue, max_texts, max_bytes, checkpoint, grace_s
+                host,
+                port,
+                max_batch_size,
+                max_wait_ms,
+                max_queue,
+                max_texts,
+                max_bytes,
+                checkpoint,
+                grace_s,
+                threads=threads,
             ),
         )
     except SeqtrainError as e:

@@ -560,10 +560,10 @@ def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sorted_batches(
-    seqs: list[list[int]], batch_size: int
+    seqs: list[list[int]], batch_size: int, cost: encoding.BatchCost | None = None
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """encoding.sorted_batches as tensors: (row indices, ids, lengths), for eval and predict."""
-    for idx, ids, lengths in encoding.sorted_batches(seqs, batch_size):
+    """encoding.sorted_batches as tensors: (row indices, ids, lengths), for eval, predict and serve."""
+    for idx, ids, lengths in encoding.sorted_batches(seqs, batch_size, cost):
         yield idx, torch.from_numpy(ids), torch.from_numpy(lengths)
 
 

@@ -2,7 +2,8 @@
 
     encode             texts -> token ids, truncated to data.max_length (head, tail or head+tail)
     pad                right-pad token ids into numpy arrays: ids (B, T), lengths (B,)
-    sorted_batches     length-sorted batches of encoded texts, for eval and predict
+    sorted_batches     length-sorted batches of encoded texts, for eval, predict and serve
+    BatchCost          a model's cost per call and per step, to cut a server's batches by length
     Labels             what the label column means: class names and values, or regression statistics
     read_run_files     the tokenizer.json and labels.json a run (or an export folder) holds
 
@@ -79,14 +80,50 @@ def pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sorted_batches(
-    seqs: list[list[int]], batch_size: int
+    seqs: list[list[int]], batch_size: int, cost: BatchCost | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For eval and predict: (row indices, ids, lengths) of batches of similar length."""
-    order = np.argsort([len(s) for s in seqs], kind="stable")
+    """For eval, predict and serve: (row indices, ids, lengths) of batches of similar length.
+
+    The texts are sorted by length and cut every `batch_size`; with a `cost`, each of those batches
+    is cut further wherever several smaller batches cost the model less than one padded batch."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, lengths = pad([seqs[i] for i in idx])
-        yield idx, ids, lengths
+        for part in cost.split(lengths[idx]) if cost else [slice(None)]:
+            ids, batch_lengths = pad([seqs[i] for i in idx[part]])
+            yield idx[part], ids, batch_lengths
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """What one forward pass costs, in units of one text's time step: `per_call` for the call itself,
+    and for B texts padded to T steps, T * (per_step + B).
+
+    A server's batch holds whatever texts arrived together. Padding them all to the longest costs
+    up to 3x the work of batches sorted over many texts (SST-2 sentences, BENCHMARKS.md), while each
+    extra, smaller batch costs a call and, at every step, the work that does not grow with B. `serve`
+    measures both constants on its model at start-up (serve.measure_cost)."""
+
+    per_call: float
+    per_step: float
+
+    def split(self, lengths: np.ndarray) -> list[slice]:
+        """Cut ascending `lengths` into consecutive groups of least total cost (dynamic programming:
+        best[j] is the least cost of the first j texts, whose last group is texts i..j-1)."""
+        n = len(lengths)
+        best = np.zeros(n + 1)
+        first = np.zeros(n + 1, dtype=np.int64)
+        starts = np.arange(n)
+        for j in range(1, n + 1):
+            costs = best[:j] + self.per_call + lengths[j - 1] * (self.per_step + (j - starts[:j]))
+            first[j] = int(np.argmin(costs))  # the first of equal costs: the biggest last group
+            best[j] = costs[first[j]]
+        groups = []
+        while n > 0:
+            groups.append(slice(int(first[n]), n))
+            n = int(first[n])
+        return groups[::-1]
 
 
 # --------------------------------------------------------------------------- labels

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from seqtrain.config import Config, from_dict, read_yaml
-from seqtrain.encoding import Labels, read_run_files, sorted_batches
+from seqtrain.encoding import BatchCost, Labels, read_run_files, sorted_batches
 from seqtrain.errors import CheckpointError
 from seqtrain.machine import physical_cores
 
@@ -41,7 +41,7 @@ class ExportedRun:
     session: Any  # onnxruntime.InferenceSession
     pool: ThreadPoolExecutor | None = None  # runs several batches at once (RNN cells; see load_exported_run)
 
-    def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
+    def probs(self, seqs: list[list[int]], batch_size: int, cost: BatchCost | None = None) -> np.ndarray:
         """(N, C) probabilities or (N, 1) regression scores: the model's `probs` output, in input order."""
         out = np.zeros((len(seqs), self.labels.probs_width), dtype=np.float32)
 
@@ -50,7 +50,7 @@ class ExportedRun:
             out[idx] = self.session.run(["probs"], {"ids": ids, "lengths": lengths})[0]  # (B, width)
 
         # With a pool, each thread keeps one core busy (onnxruntime releases the GIL in run()).
-        for _ in (self.pool.map if self.pool else map)(forward, sorted_batches(seqs, batch_size)):
+        for _ in (self.pool.map if self.pool else map)(forward, sorted_batches(seqs, batch_size, cost)):
             pass
         return out
 
@@ -59,7 +59,8 @@ def is_export_folder(path: Path) -> bool:
     return (path / "export.json").is_file()
 
 
-def load_exported_run(folder: Path) -> ExportedRun:
+def load_exported_run(folder: Path, threads: int | None = None) -> ExportedRun:
+    """The folder's model on onnxruntime, on `threads` threads (None: one per physical core)."""
     try:
         info = json.loads((folder / "export.json").read_text())
     except (OSError, ValueError) as e:
@@ -94,9 +95,12 @@ def load_exported_run(folder: Path) -> ExportedRun:
     # at once (5,000 IMDB reviews, hidden 256, 2 cores: 5.6 s instead of 7.6 s end to end), while
     # for LSTM and GRU that was slower than one batch on all cores (8.4 s instead of 7.7 s).
     pool = None
-    if config.model.cell == "rnn" and (cores := physical_cores()) > 1:
+    cores = threads or physical_cores()
+    if config.model.cell == "rnn" and cores > 1:
         options.intra_op_num_threads = 1
         pool = ThreadPoolExecutor(cores, thread_name_prefix="seqtrain-onnx")
+    elif threads:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer, labels = read_run_files(folder)
     return ExportedRun(folder, config, tokenizer, labels, session, pool)

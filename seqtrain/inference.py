@@ -17,7 +17,7 @@ import torch
 from seqtrain import badrows, checkpoint
 from seqtrain.config import Config, from_dict, read_yaml
 from seqtrain.data import BatchStream, sorted_batches
-from seqtrain.encoding import UNK_ID, Labels, encode, read_run_files
+from seqtrain.encoding import UNK_ID, BatchCost, Labels, encode, read_run_files
 from seqtrain.errors import CheckpointError, DataError
 from seqtrain.losses import task_loss, to_probs, to_scores
 from seqtrain.metrics import classification_report, confusion, regression_report, top_k_accuracy
@@ -47,9 +47,9 @@ class Run:
     checkpoint: Path
     device: torch.device
 
-    def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
+    def probs(self, seqs: list[list[int]], batch_size: int, cost: BatchCost | None = None) -> np.ndarray:
         """Probabilities (N, C), or regression scores (N, 1), of encoded texts (predict.Predictor)."""
-        return probs_of(self, seqs, batch_size)
+        return probs_of(self, seqs, batch_size, cost)
 
 
 def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[Run, list[str]]:
@@ -152,12 +152,14 @@ def predict_probs(run: Run, texts: list[str], batch_size: int = 256) -> np.ndarr
 
 
 @torch.inference_mode()
-def probs_of(run: Run, seqs: list[list[int]], batch_size: int = 256) -> np.ndarray:
+def probs_of(
+    run: Run, seqs: list[list[int]], batch_size: int = 256, cost: BatchCost | None = None
+) -> np.ndarray:
     """predict_probs on texts already tokenized."""
     probs = np.zeros((len(seqs), run.labels.probs_width), dtype=np.float32)
     if not seqs:
         return probs
-    for idx, ids, lengths in sorted_batches(seqs, batch_size):
+    for idx, ids, lengths in sorted_batches(seqs, batch_size, cost):
         out = run.model(ids.to(run.device), lengths.to(run.device))
         probs[idx] = to_probs(out, run.labels, run.config).cpu().numpy()
     return probs

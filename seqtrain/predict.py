@@ -28,7 +28,7 @@ import numpy as np
 
 from seqtrain import badrows
 from seqtrain.config import Config, DataConfig
-from seqtrain.encoding import Labels, encode
+from seqtrain.encoding import BatchCost, Labels, encode
 from seqtrain.errors import DataError, SeqtrainError
 
 if TYPE_CHECKING:
@@ -48,8 +48,9 @@ class Predictor(Protocol):
     tokenizer: Tokenizer
     labels: Labels
 
-    def probs(self, seqs: list[list[int]], batch_size: int) -> np.ndarray:
-        """(N, C) class probabilities, or (N, 1) regression scores, in the order of `seqs`."""
+    def probs(self, seqs: list[list[int]], batch_size: int, cost: BatchCost | None = None) -> np.ndarray:
+        """(N, C) class probabilities, or (N, 1) regression scores, in the order of `seqs`; batched as
+        encoding.sorted_batches(seqs, batch_size, cost) cuts them."""
         ...
 
 

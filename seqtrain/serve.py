@@ -66,8 +66,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seqtrain import __version__
-from seqtrain.encoding import encode
+from seqtrain.encoding import UNK_ID, BatchCost, encode
 from seqtrain.errors import CheckpointError, ConfigError
+from seqtrain.machine import physical_cores
 from seqtrain.predict import Predictor, to_record
 
 ENDPOINTS = ("/", "/predict", "/explain", "/health", "/ready", "/info", "/metrics")
@@ -80,7 +81,7 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the one chosen is printed)
-    max_batch_size: int = 64  # texts in one forward pass
+    max_batch_size: int = 64  # texts in one forward pass (cut further by length where that is cheaper)
     # how long the oldest waiting text may wait for others to join its batch (0: none; texts still
     # gather while the model runs, and a batch takes all that wait when it is free)
     max_wait_ms: float = 0.0
@@ -90,6 +91,13 @@ class ServeOptions:
     checkpoint: str = "best"  # of a run directory: best or last
     grace_s: int = 30  # after SIGTERM, how long the requests in flight get to finish
     log_level: str = "info"
+    # the model's threads; None: the physical cores less one, which is left to the event loop (with
+    # every core on the model, the idle threads' spin-waiting took the core that answers HTTP)
+    threads: int | None = None
+
+    @property
+    def model_threads(self) -> int:
+        return self.threads or max(1, physical_cores() - 1)
 
     def check(self) -> None:
         """Raise ConfigError (exit code 2) naming the first option out of range."""
@@ -112,6 +120,10 @@ class ServeOptions:
                 f"--checkpoint must be 'best' or 'last', got {self.checkpoint!r}.",
             ),
             (self.grace_s < 0, f"--grace-s must be at least 0, got {self.grace_s}."),
+            (
+                self.threads is not None and self.threads < 1,
+                f"--threads must be at least 1, got {self.threads}.",
+            ),
         ]
         for bad, message in problems:
             if bad:
@@ -129,22 +141,52 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------- the model
 
 
-def load_target(target: Path, checkpoint: str = "best") -> tuple[Predictor, list[str]]:
-    """A run directory on torch, or an ONNX export folder on onnxruntime (torch never imported)."""
+def load_target(
+    target: Path, checkpoint: str = "best", threads: int | None = None
+) -> tuple[Predictor, list[str]]:
+    """A run directory on torch, or an ONNX export folder on onnxruntime (torch never imported), on
+    `threads` threads (None: the library's default)."""
     from seqtrain.exported import is_export_folder, load_exported_run
 
     if not is_export_folder(target):
+        import torch
+
         from seqtrain.inference import load_run
 
+        if threads:
+            torch.set_num_threads(threads)
         return load_run(target, checkpoint)
     if checkpoint != "best":
         raise ConfigError(
             "--checkpoint picks a checkpoint of a run directory; an export folder holds one model."
         )
-    return load_exported_run(target), []
+    return load_exported_run(target, threads), []
 
 
-def describe(run: Predictor, target: Path, opts: ServeOptions) -> dict[str, Any]:
+def measure_cost(run: Predictor, batch_size: int, steps: int = 32, repeats: int = 5) -> BatchCost | None:
+    """The model's BatchCost, from the best of `repeats` timings of batches of unknown tokens:
+    1 text of 1 step, 1 text of `steps` and `batch_size` texts of `steps`. None for batches of one."""
+    if batch_size < 2:
+        return None
+
+    def seconds(texts: int, length: int) -> float:
+        seqs = [[UNK_ID] * length] * texts
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run.probs(seqs, texts)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    call, one, full = seconds(1, 1), seconds(1, steps), seconds(batch_size, steps)
+    per_text_step = max((full - one) / (steps * (batch_size - 1)), 1e-9)  # what grows with B
+    per_step = max((one - call) / (steps - 1) - per_text_step, 0.0)  # what does not
+    return BatchCost(per_call=call / per_text_step, per_step=per_step / per_text_step)
+
+
+def describe(
+    run: Predictor, target: Path, opts: ServeOptions, cost: BatchCost | None = None
+) -> dict[str, Any]:
     """What GET /info answers."""
     ckpt = getattr(run, "checkpoint", None)  # inference.Run: the checkpoint folder
     backend = "torch" if ckpt is not None else "onnxruntime"
@@ -168,6 +210,8 @@ def describe(run: Predictor, target: Path, opts: ServeOptions) -> dict[str, Any]
         "max_length": data.max_length,
         "truncation": data.truncation,
         "limits": {k: v for k, v in asdict(opts).items() if k.startswith("max_")},
+        "threads": opts.model_threads,
+        "batch_cost": asdict(cost) if cost else None,  # in units of one text's time step
         "versions": versions,
     }
 
@@ -233,12 +277,14 @@ class Instrument:
 # --------------------------------------------------------------------------- micro-batching
 
 
-def predict_texts(run: Predictor, texts: list[str], batch_size: int) -> np.ndarray:
+def predict_texts(
+    run: Predictor, texts: list[str], batch_size: int, cost: BatchCost | None = None
+) -> np.ndarray:
     """What `predict.predict_stream` does with one chunk of texts: encode them, then the model on
-    length-sorted batches, so the probabilities are the ones `seqtrain predict` writes. On the
-    calling thread: predict_stream's read-ahead thread would add a thread start and two hand-offs to
-    every micro-batch and read nothing ahead."""
-    return run.probs(encode(run.tokenizer, texts, run.config.data), batch_size)
+    length-sorted batches, so the probabilities are the ones `seqtrain predict` writes (to float
+    rounding: `cost` cuts the batches further by length). On the calling thread: predict_stream's
+    read-ahead thread would add a thread start and two hand-offs to every micro-batch."""
+    return run.probs(encode(run.tokenizer, texts, run.config.data), batch_size, cost)
 
 
 @dataclass
@@ -256,6 +302,7 @@ class Batcher:
     opts: ServeOptions
     metrics: Metrics
     run: Predictor | None = None  # None while the model loads
+    cost: BatchCost | None = None  # measured once the model is loaded
     jobs: deque[Job] = field(default_factory=deque)
     waiting: int = 0  # texts in `jobs`
     explaining: int = 0  # texts of /explain requests, waiting or running
@@ -312,6 +359,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self.run = await loop.run_in_executor(self.pool, load)
         await loop.run_in_executor(self.pool, predict_texts, self.model, ["warm up"], 1)
+        self.cost = await loop.run_in_executor(self.pool, measure_cost, self.model, self.opts.max_batch_size)
 
     async def loop(self) -> None:
         """Until close(): take the oldest jobs as one batch, run it, hand each job its results."""
@@ -375,7 +423,8 @@ class Batcher:
         texts = [t for job in batch for t in job.texts]
         self.metrics.batch.observe(len(texts))
         run = self.model
-        rows = iter(zip(texts, predict_texts(run, texts, self.opts.max_batch_size), strict=True))
+        probs = predict_texts(run, texts, self.opts.max_batch_size, self.cost)
+        rows = iter(zip(texts, probs, strict=True))
         out = []
         for job in batch:
             out.append(
@@ -556,7 +605,8 @@ class Service:
     def load_target(self) -> Predictor:
         from seqtrain import console
 
-        run, warnings = load_target(self.target, self.opts.checkpoint)  # looked up now: tests replace it
+        # looked up now: tests replace it
+        run, warnings = load_target(self.target, self.opts.checkpoint, self.opts.model_threads)
         for w in warnings:
             console.warn(w)
         return run
@@ -598,7 +648,7 @@ class Service:
 
         try:
             await batcher.start(self.load)
-            self.info = describe(batcher.model, self.target, self.opts)
+            self.info = describe(batcher.model, self.target, self.opts, batcher.cost)
             batcher.ready = True  # /ready, /predict, /explain: from now on
         except Exception as e:
             self.failure = e

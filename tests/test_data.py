@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from seqtrain.data import BatchStream, build_vocab, make_loader, pad, sorted_batches
-from seqtrain.encoding import PAD_ID, UNK_ID, encode
+from seqtrain.encoding import PAD_ID, UNK_ID, BatchCost, encode
 from seqtrain.errors import DataError
 from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 
@@ -198,6 +199,45 @@ def test_sorted_batches_restore_order() -> None:
         for i, row, n in zip(idx, ids, lengths, strict=True):
             seen[int(i)] = row[:n].tolist()
     assert [seen[i] for i in range(5)] == seqs
+
+
+def test_batch_cost_cuts_where_smaller_batches_cost_less() -> None:
+    """BatchCost.split against every way of cutting a few sorted lengths into consecutive groups."""
+    import itertools
+
+    def total(cost: BatchCost, lengths: np.ndarray, groups: list[slice]) -> float:
+        return sum(cost.per_call + lengths[g][-1] * (cost.per_step + len(lengths[g])) for g in groups)
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        lengths = np.sort(rng.integers(1, 60, size=int(rng.integers(1, 9))))
+        cost = BatchCost(per_call=float(rng.uniform(0, 80)), per_step=float(rng.uniform(0, 10)))
+        n = len(lengths)
+        brute = min(
+            total(cost, lengths, [slice(a, b) for a, b in itertools.pairwise((0, *cuts, n))])
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+        )
+        groups = cost.split(lengths)
+        assert groups[0].start == 0 and groups[-1].stop == n
+        assert all(a.stop == b.start for a, b in itertools.pairwise(groups))
+        assert total(cost, lengths, groups) == pytest.approx(brute), (trial, lengths, cost)
+    # a call that costs more than any padding: one batch; no cost per call: one batch per length
+    lengths = np.array([1, 1, 5, 9, 9])
+    assert BatchCost(per_call=1e6, per_step=0).split(lengths) == [slice(0, 5)]
+    assert BatchCost(per_call=0, per_step=0).split(lengths) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+
+
+def test_sorted_batches_with_a_cost_restore_order_and_keep_the_batch_size() -> None:
+    seqs = [[2] * n for n in (5, 1, 30, 1, 7, 1, 30, 2)]
+    seen = {}
+    batches = list(sorted_batches(seqs, 4, BatchCost(per_call=2, per_step=1)))
+    for idx, ids, lengths in batches:
+        assert len(idx) <= 4 and ids.shape[1] == int(lengths.max())
+        for i, row, n in zip(idx, ids, lengths, strict=True):
+            seen[int(i)] = row[:n].tolist()
+    assert [seen[i] for i in range(len(seqs))] == seqs
+    assert [len(idx) for idx, _, _ in batches] == [4, 2, 2]  # (1, 1, 1, 2), then (5, 7) and (30, 30)
 
 
 def test_pad_shapes() -> None:

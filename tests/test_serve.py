@@ -35,7 +35,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 import httpx
 
-from seqtrain.serve import ServeOptions, listen, load_target, make_server
+from seqtrain.encoding import BatchCost
+from seqtrain.machine import physical_cores
+from seqtrain.serve import ServeOptions, listen, load_target, make_server, measure_cost
 
 runner = CliRunner()
 SST2 = REAL_DATA / "sst2"
@@ -269,10 +271,10 @@ def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
 def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from seqtrain import serve
 
-    def fragile(run: Any, texts: list[str], batch_size: int) -> Any:
+    def fragile(run: Any, texts: list[str], batch_size: int, cost: Any = None) -> Any:
         if "BOOM" in texts:
             raise RuntimeError("the model broke")
-        return predict_texts(run, texts, batch_size)
+        return predict_texts(run, texts, batch_size, cost)
 
     predict_texts = serve.predict_texts
     monkeypatch.setattr(serve, "predict_texts", fragile)
@@ -291,6 +293,53 @@ def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch:
     assert responses[2].json()["text"] == "great"
 
 
+def test_mixed_lengths_are_cut_into_batches_by_the_measured_cost(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Texts that arrive together are padded to the longest; with its BatchCost the server cuts a
+    micro-batch of many short texts and a few long ones into a batch of each, and every text keeps
+    its own result. (The cost is fixed here; measure_cost has its own test.)"""
+    from seqtrain import inference, serve
+
+    monkeypatch.setattr(serve, "measure_cost", lambda run, batch_size: BatchCost(per_call=5, per_step=1))
+
+    shapes: list[tuple[int, int]] = []
+    model_forward = inference.Classifier.forward
+
+    def forward(self: Any, ids: Any, lengths: Any) -> Any:
+        shapes.append(tuple(ids.shape))
+        return model_forward(self, ids, lengths)
+
+    short, long = ["good"] * 12, [" ".join(["a long and rather dull film"] * 10)] * 2
+    expected = {r["text"]: r for r in predict_cli(run_dir, ["good", long[0]])}
+    with serving(run_dir, max_wait_ms=500.0) as u:
+        monkeypatch.setattr(inference.Classifier, "forward", forward)
+        got = post(u, {"texts": short[:6] + long + short[6:]}).json()["predictions"]
+    assert [g["text"] for g in got] == short[:6] + long + short[6:]
+    for g in got:
+        assert g["probs"] == pytest.approx(expected[g["text"]]["probs"], abs=2e-6)
+    # the 12 one-word texts in one batch, the 2 long ones in another: not one (14, 60) batch
+    assert shapes == [(12, 1), (2, 60)], shapes
+
+
+def test_measure_cost_recovers_the_cost_per_call_and_per_step() -> None:
+    """A stand-in model that spends exactly per_call + T * (per_step + B) units of 2 µs on a batch."""
+    unit, per_call, per_step = 2e-6, 500, 3
+
+    class Timed:
+        def probs(self, seqs: list[list[int]], batch_size: int, cost: Any = None) -> Any:
+            until = time.perf_counter() + unit * (per_call + len(seqs[0]) * (per_step + len(seqs)))
+            while time.perf_counter() < until:
+                pass
+
+    cost = measure_cost(Timed(), 64)  # type: ignore[arg-type]
+    assert cost is not None
+    assert cost.per_call == pytest.approx(per_call, rel=0.2) and cost.per_step == pytest.approx(
+        per_step, abs=1
+    )
+    assert measure_cost(Timed(), 1) is None  # batches of one text: nothing to cut
+
+
 # --------------------------------------------------------------------------- the other endpoints
 
 
@@ -303,6 +352,9 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     assert info["checkpoint"] == best and info["step"] == int(best.split("-")[1]) and info["max_length"] == 64
     assert info["backend"] == "torch" and {"seqtrain", "torch", "fastapi", "uvicorn"} <= set(info["versions"])
     assert info["limits"]["max_texts"] == 64
+    assert info["threads"] == max(1, physical_cores() - 1)
+    # measured at start-up: a call costs more than one text's step, and so does each step of a batch
+    assert info["batch_cost"]["per_call"] > 1 and info["batch_cost"]["per_step"] >= 0
     post(url, {"texts": ["one", "two", "three"]})
     metrics = httpx.get(url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -490,6 +542,7 @@ def test_serve_refuses_bad_options_and_a_busy_port(run_dir: Path) -> None:
         (["--max-batch-size", "0"], "--max-batch-size"),
         (["--max-queue", "4"], "--max-queue (4)"),
         (["--checkpoint", "worst"], "--checkpoint"),
+        (["--threads", "0"], "--threads must be at least 1"),
     ):
         result = runner.invoke(app, ["serve", str(run_dir), *args])
         assert result.exit_code == 2 and words in result.output, result.output
