@@ -16,8 +16,11 @@ Micro-batching: request handlers put their texts in one bounded queue; a single 
 up to `max_batch_size` texts, waiting at most `max_wait_ms` after the oldest one arrived, and runs
 them through what `predict.predict_stream` does with a chunk and `predict.to_record` (the code path
 of `seqtrain predict`: the same encoding, the same length-sorted batches, the same rounding) on one
-worker thread, while the event loop keeps accepting requests. Each request gets back only its own
-results, in order. POST /predict is plain ASGI in front of FastAPI (which serves the rest).
+worker thread, while the event loop keeps accepting requests. Texts that arrive together are rarely
+of one length, so each micro-batch is sorted and cut wherever smaller forward passes cost less than
+one padded to the longest text (encoding.BatchCost, measured on the model at start-up). The model
+runs on the physical cores less one (--threads): the last core answers HTTP. Each request gets back
+only its own results, in order. POST /predict is plain ASGI in front of FastAPI (which serves the rest).
 
 Overload and bad input answer with a JSON error ({"error": message, "status": code}) and touch no
 other request: a full queue is 503 with Retry-After (so memory stays flat under a flood), too many
