@@ -6,8 +6,9 @@ pruned trial stops right after that evaluation. The study lives in a database (S
 folder by default), so:
 
 - killing `tune` and running the same command again continues the study: finished trials stay,
-  and a trial that was running in a process that is gone is resumed from its `last/` checkpoint
-  (same trial number, same parameters), so no trial is lost or run twice;
+  and a trial that was running in a process that is gone, or that Ctrl-C stopped (also in a process
+  that lives on), is resumed from its `last/` checkpoint (same trial number, same parameters), so no
+  trial is lost or run twice; Ctrl-C while a trial's result is being stored waits for it;
 - several `tune` processes given the same `--storage` and `--study` share one study (`--jobs J`
   starts J of them on this machine, each with its share of the cores).
 
@@ -370,9 +371,46 @@ def next_trial(study: optuna.Study, n_trials: int, folder: Path) -> tuple[optuna
                 return optuna.Trial(study, frozen._trial_id), True
         if sum(t.state != TrialState.WAITING for t in trials) >= n_trials:
             return None, False
-        trial = study.ask()
-        trial.set_user_attr("owner", _owner())
+        # ask() stores the new trial as RUNNING before it returns it: a Ctrl-C in between would leave a
+        # trial with no owner, which no later tune may take (it could be another machine's).
+        trial = None
+        try:
+            with _ctrl_c_deferred():
+                trial = study.ask()
+                trial.set_user_attr("owner", _owner())
+        except BaseException:
+            if trial is not None:
+                _release(trial)
+            raise
         return trial, False
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block has written the study (a new trial and its owner, a trial's result),
+    then raises KeyboardInterrupt: the database is never left halfway. A second Ctrl-C raises at once.
+    Only where Ctrl-C raises KeyboardInterrupt (tune() sets that up in the main thread; signal handlers
+    cannot be set in other threads, and Ctrl-C is not delivered there)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pending: list[int] = []
+
+    def later(signum: int, frame: types.FrameType | None) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, later)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -433,8 +471,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
     try:
         cfg = trial_config(ctx["base"], params, f"{ctx['study']}-trial-{n:04d}", str(run_dir))
         resume = resumed and (run_dir / "last" / "state.json").exists()
-        if resume:
-            seen["evals"] = _backfill(trial, run_dir, cfg.data.eval_split, monitor)
+        if resume:  # the steps so far count even if no evaluation is left (stopped after its last one)
+            seen["evals"], seen["step"] = _backfill(trial, run_dir, cfg.data.eval_split, monitor)
         else:
             shutil.rmtree(
                 run_dir, ignore_errors=True
@@ -444,11 +482,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
             best = train(
                 cfg, resume=resume, config_path=str(run_dir / "config.yaml"), should_stop=should_stop
             )
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, building the vocabulary)
-        _release(trial)
-        raise
-    except Interrupted as e:  # the trial stays RUNNING, released: rerunning tune resumes it from last/
-        _release(trial)
+    except Interrupted as e:  # the trial stays RUNNING, released by work(): rerunning tune resumes it
         stopped = SeqtrainError(
             f"trial {n} stopped with its last/ checkpoint saved; run the same `seqtrain tune` "
             "command again to resume it and continue the study."
@@ -457,36 +491,44 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
         error = f"{type(e).__name__}: {e}"
-        trial.set_user_attr("error", error[:2000])
-        _finish(trial, seen, t0, run_dir)
-        study.tell(trial, state=TrialState.FAIL)
+        with _ctrl_c_deferred():
+            trial.set_user_attr("error", error[:2000])
+            _finish(trial, seen, t0, run_dir)
+            study.tell(trial, state=TrialState.FAIL)
         _say(f"trial {n} failed: {error}")
         return
-    planned = _finish(trial, seen, t0, run_dir)
-    if seen["pruned"] and planned is not None and seen["step"] >= planned:
-        seen["pruned"] = False  # "prune" at the last evaluation: the run is complete, keep its result
-    if seen["pruned"]:
-        study.tell(trial, state=TrialState.PRUNED)
-        _say(f"trial {n} pruned after {seen['step']:,} steps ({(time.perf_counter() - t0) / 60:.1f} min)")
-    elif not best or monitor not in best:
-        trial.set_user_attr("error", f"the run ended without an evaluation of {monitor}")
-        study.tell(trial, state=TrialState.FAIL)
-    else:
-        study.tell(trial, float(best[monitor]))
-        _say(f"trial {n} finished: {monitor} {best[monitor]:.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    # The run is over: a Ctrl-C now waits until its result is stored. Released instead, the trial would
+    # be resumed from last/, and a pruned one would train on past the point where it was pruned.
+    with _ctrl_c_deferred():
+        planned = _finish(trial, seen, t0, run_dir)
+        if seen["pruned"] and planned is not None and seen["step"] >= planned:
+            seen["pruned"] = False  # "prune" at the last evaluation: the run is complete, keep its result
+        minutes = (time.perf_counter() - t0) / 60
+        if seen["pruned"]:
+            study.tell(trial, state=TrialState.PRUNED)
+            _say(f"trial {n} pruned after {seen['step']:,} steps ({minutes:.1f} min)")
+        elif not best or monitor not in best:
+            trial.set_user_attr("error", f"the run ended without an evaluation of {monitor}")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, float(best[monitor]))
+            _say(f"trial {n} finished: {monitor} {best[monitor]:.4f} ({minutes:.1f} min)")
 
 
 def _release(trial: optuna.Trial) -> None:
     """Mark a stopped trial as free to resume by the next `tune` on this study (it stays RUNNING: a
     finished state could not be resumed), even if this process lives on, as when tune is called from
-    Python."""
+    Python. A trial already told (Ctrl-C deferred until its result was stored) needs nothing."""
+    from optuna.trial import TrialState
+
     with contextlib.suppress(Exception):  # the database is gone: the dead-process check remains
-        trial.set_user_attr("owner", {**_owner(), "released": True})
+        if _frozen(trial).state == TrialState.RUNNING:
+            trial.set_user_attr("owner", {**_owner(), "released": True})
 
 
-def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> int:
+def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> tuple[int, int]:
     """A resumed trial: report the evaluations its run logged up to last/ (its process may have died
-    between logging one and reporting it); returns how many there were."""
+    between logging one and reporting it); returns how many there were and last/'s step."""
     last = json.loads((run_dir / "last" / "state.json").read_text())["step"]
     values: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -498,7 +540,7 @@ def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> i
     for number, step in enumerate(sorted(values), 1):
         if number not in reported:
             trial.report(values[step], number)
-    return len(values)
+    return len(values), last
 
 
 def _finish(trial: optuna.Trial, seen: dict[str, Any], t0: float, run_dir: Path) -> int | None:
@@ -536,7 +578,14 @@ def work(study: optuna.Study, opts: Options, ctx: dict[str, Any], deadline: floa
         trial, resumed = next_trial(study, opts.trials, ctx["folder"])
         if trial is None:
             return
-        run_trial(study, trial, resumed, ctx)
+        # From here until the study is told how the trial ended, anything that stops this process (Ctrl-C
+        # in training or in tune's own bookkeeping, a database error) hands the trial to the next tune,
+        # also when this process lives on and runs tune again (a notebook, a test).
+        try:
+            run_trial(study, trial, resumed, ctx)
+        except BaseException:
+            _release(trial)
+            raise
 
 
 # --------------------------------------------------------------------------- the command

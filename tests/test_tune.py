@@ -309,6 +309,61 @@ def test_ctrl_c_mid_trial_leaves_it_resumable_and_a_rerun_in_the_same_process_fi
     assert trials[1].value == max(trials[1].intermediate_values.values())  # its best checkpoint's accuracy
 
 
+@pytest.mark.parametrize("where", ["ask", "finish", "finish-raises"])
+def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Ctrl-C outside training, in the same process that then runs tune again: while the study creates
+    trial 1 (before it has an owner), or while trial 1's result is stored after its run ended. Where a
+    KeyboardInterrupt is raised directly (not a signal), Ctrl-C could not be held back: the trial is
+    released and resumed from its last/ checkpoint, which its run had finished."""
+    import seqtrain.tune
+    from seqtrain.tune import Options, tune
+
+    config, space = _setup(tmp_path, monkeypatch)
+    folder = tmp_path / "runs" / "tiny-tune"
+    ask, finish = optuna.Study.ask, seqtrain.tune._finish
+
+    def ask_then_ctrl_c(study: Any, *args: Any, **kwargs: Any) -> Any:
+        trial = ask(study, *args, **kwargs)  # trial 1 is stored as RUNNING now
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, before ask() returns it
+        return trial
+
+    def finish_then_ctrl_c(trial: Any, *args: Any) -> Any:
+        planned = finish(trial, *args)  # trial 1 has trained all its steps
+        if trial.number == 1:
+            if where == "finish-raises":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return planned
+
+    if where == "ask":
+        monkeypatch.setattr(optuna.Study, "ask", ask_then_ctrl_c)
+    else:
+        monkeypatch.setattr(seqtrain.tune, "_finish", finish_then_ctrl_c)
+    opts = Options(Path(config), [], trials=2, space=Path(space), pruner="none")
+    with pytest.raises(KeyboardInterrupt):
+        tune(opts)
+    stopped = _trials(tmp_path)
+    if where == "finish":  # the signal waited until trial 1's result was stored
+        assert [t.state.name for t in stopped] == ["COMPLETE", "COMPLETE"]
+    else:  # trial 1 stays RUNNING, handed over although this process lives on
+        assert [t.state.name for t in stopped] == ["COMPLETE", "RUNNING"]
+        assert stopped[1].user_attrs["owner"]["released"]
+    first = (folder / "trial-0000" / "metrics.jsonl").read_bytes()
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    monkeypatch.setattr(seqtrain.tune, "_finish", finish)
+    assert tune(opts) == 0
+    trials = _trials(tmp_path)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
+    assert _evals(folder / "trial-0001") == [8, 16, 24]  # trial 1 trained once, each evaluation once
+    assert list(trials[1].intermediate_values) == [1, 2, 3]
+    assert [(t.user_attrs["steps"], t.user_attrs["planned_steps"]) for t in trials] == [(24, 24)] * 2
+
+
 def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
