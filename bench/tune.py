@@ -8,9 +8,12 @@ the steps each study trained (from the study database: every trial's `steps` att
 pruning saved, and both best validation accuracies; the table goes into BENCHMARKS.md between the
 `bench.tune` markers.
 
-A study that exists already is continued (rerunning `seqtrain tune` tops it up to --trials), so an
-interrupted bench picks up where it stopped; `--fresh` deletes the studies first. Each study is one
-`seqtrain tune` process; steps, not minutes, are what is compared (the minutes depend on the load).
+A study whose first --trials trials have all finished is read as it is, not run again, so a table can
+cover seeds run by earlier invocations (`--seeds 0 1 2` after `--seeds 0 1` runs only seed 2's studies).
+A study that exists but is not finished is continued (rerunning `seqtrain tune` tops it up to --trials),
+so an interrupted bench picks up where it stopped; `--fresh` deletes the studies first. Each study is
+one `seqtrain tune` process, `--parallel N` of them at once; steps, not minutes, are what is compared
+(the minutes depend on the load).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,22 @@ def overrides(rows: int, epochs: int, eval_every: int) -> list[str]:
 
 def study_name(prefix: str, seed: int, pruner: str) -> str:
     return f"{prefix}-s{seed}-{pruner}"
+
+
+def finished(runs: Path, name: str, first: int) -> bool:
+    """Whether study `name` in runs/NAME/study.db has its first `first` trials, all finished (complete,
+    pruned or failed): then a run would add nothing to what summarize reads."""
+    import optuna
+
+    db = runs / name / "study.db"
+    if not db.exists():
+        return False
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:  # the file holds no study of that name
+        return False
+    done = [t for t in study.get_trials(deepcopy=False) if t.number < first and t.state.is_finished()]
+    return len(done) == first
 
 
 def summarize(url: str, name: str, first: int) -> dict[str, Any]:
@@ -70,6 +90,24 @@ def summarize(url: str, name: str, first: int) -> dict[str, Any]:
         "best": None if best is None else float(best.value),  # type: ignore[arg-type]
         "best_trial": None if best is None else best.number,
     }
+
+
+def run_studies(
+    config: Path, todo: list[tuple[str, int, str]], trials: int, extra: list[str], parallel: int
+) -> None:
+    """Each (name, seed, pruner) of `todo` as one `seqtrain tune` process, `parallel` at once: side by
+    side the studies of a pair share the machine's load, so their minutes compare too."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        runs = [
+            pool.submit(run_study, config, name, seed, pruner, trials, extra) for name, seed, pruner in todo
+        ]
+        try:
+            for run in runs:
+                run.result()  # a study that failed stops the bench with its message
+        except BaseException:
+            for run in runs:
+                run.cancel()  # those not started yet; the running ones end on their own (or on Ctrl-C)
+            raise
 
 
 def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extra: list[str]) -> None:
@@ -165,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--prefix", default="bench-tune", help="studies are runs/PREFIX-sSEED-PRUNER")
-    p.add_argument("--fresh", action="store_true", help="delete the studies first instead of continuing them")
+    p.add_argument("--parallel", type=int, default=1, help="studies run at once (1 thread each)")
+    p.add_argument(
+        "--fresh", action="store_true", help="delete the studies first instead of continuing or reusing them"
+    )
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument(
         "--render-only",
@@ -188,18 +229,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         os.replace(fresh, config)
     extra = overrides(a.rows, a.epochs, a.eval_every)
+    runs = ROOT / "runs"
+    studies = [(study_name(a.prefix, seed, pruner), seed, pruner) for seed in a.seeds for pruner in a.pruners]
+    if not a.render_only:
+        if a.fresh:
+            for name, _, _ in studies:
+                shutil.rmtree(runs / name, ignore_errors=True)
+        todo = []
+        for name, seed, pruner in studies:
+            if finished(runs, name, a.trials):  # e.g. run by an earlier invocation for other seeds
+                say(f"{name}: its first {a.trials} trials are finished; read as they are, not run")
+            else:
+                todo.append((name, seed, pruner))
+        run_studies(config, todo, a.trials, extra, a.parallel)
     results = []
-    for seed in a.seeds:
-        for pruner in a.pruners:
-            name = study_name(a.prefix, seed, pruner)
-            if a.fresh and not a.render_only:
-                shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
-            if not a.render_only:
-                run_study(config, name, seed, pruner, a.trials, extra)
-            url = f"sqlite:///{ROOT / 'runs' / name / 'study.db'}"
-            result = {"seed": seed, "pruner": pruner, **summarize(url, name, a.trials)}
-            say(json.dumps(result))
-            results.append(result)
+    for name, seed, pruner in studies:
+        result = {
+            "seed": seed,
+            "pruner": pruner,
+            **summarize(f"sqlite:///{runs / name / 'study.db'}", name, a.trials),
+        }
+        say(json.dumps(result))
+        results.append(result)
     (config.parent / "results.json").write_text(json.dumps(results, indent=1))
     command = "python -m bench.tune " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = (

@@ -245,3 +245,20 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     assert "30% ✗" in rows[2] and "-1.00 points ✗" in rows[2]
     assert "1,800 steps with pruning against 3,000 without (40% saved" in block
     assert "equal or better in 1 of 2" in block
+
+
+def test_tune_bench_reuses_a_study_only_once_its_first_trials_have_all_finished(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from bench.tune import finished
+
+    name = "bench-tune-s2-median"
+    (tmp_path / name).mkdir()
+    assert not finished(tmp_path, name, 3)  # no study yet: run it
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}")
+    for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        study.tell(study.ask(), 0.5 if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    running = study.ask()  # a trial a stopped run left: the study must be continued, not read as it is
+    assert finished(tmp_path, name, 2) and not finished(tmp_path, name, 3)
+    study.tell(running, state=optuna.trial.TrialState.FAIL)
+    assert finished(tmp_path, name, 3) and not finished(tmp_path, name, 4)  # 4: one trial is missing
+    assert not finished(tmp_path, "bench-tune-s2-none", 3)
