@@ -14,6 +14,11 @@ A study that exists but is not finished is continued (rerunning `seqtrain tune` 
 so an interrupted bench picks up where it stopped; `--fresh` deletes the studies first. Each study is
 one `seqtrain tune` process, `--parallel N` of them at once; steps, not minutes, are what is compared
 (the minutes depend on the load).
+
+`--equal-steps` also compares each pair at equal steps, the way pruning is used (the steps a trial
+does not train go to more trials): the pruned study is continued, a few trials at a time, until its
+trials have trained as many steps as the unpruned study's first --trials did, and its best within
+those steps is set beside the unpruned study's best.
 """
 
 from __future__ import annotations
@@ -90,6 +95,65 @@ def summarize(url: str, name: str, first: int) -> dict[str, Any]:
         "best": None if best is None else float(best.value),  # type: ignore[arg-type]
         "best_trial": None if best is None else best.number,
     }
+
+
+def within_steps(url: str, name: str, budget: int) -> dict[str, Any]:
+    """The trials of one stored study, in trial order, while their steps add up to at most `budget`:
+    how many, their steps, and their best value."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=url)
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    taken, steps = [], 0
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if not t.state.is_finished() or steps + int(t.user_attrs.get("steps", 0)) > budget:
+            break
+        taken.append(t)
+        steps += int(t.user_attrs.get("steps", 0))
+    complete = [t for t in taken if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: sign * float(t.value)) if complete else None  # type: ignore[arg-type]
+    return {
+        "trials": len(taken),
+        "steps": steps,
+        "best": None if best is None else float(best.value),  # type: ignore[arg-type]
+        "best_trial": None if best is None else best.number,
+    }
+
+
+def extend_to_steps(
+    config: Path, runs: Path, name: str, seed: int, budget: int, extra: list[str], most: int
+) -> None:
+    """Continue the pruned study `name`, 4 trials at a time, until its finished trials have trained
+    `budget` steps (or it holds `most` trials)."""
+    import optuna
+
+    url = f"sqlite:///{runs / name / 'study.db'}"
+    while True:
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        if sum(int(t.user_attrs.get("steps", 0)) for t in trials) >= budget or len(trials) >= most:
+            return
+        run_study(config, name, seed, "median", len(trials) + 4, extra)
+
+
+def equal_steps_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[list[str]]:
+    """Per seed: the unpruned study's first trials, and the pruned study's trials within their steps."""
+    rows = []
+    for plain, pruned in pairs:
+        diff = ""
+        if plain["best"] is not None and pruned["best"] is not None:
+            points = (pruned["best"] - plain["best"]) * 100
+            diff = f"{points:+.2f} points {'✓' if points >= 0 else '✗'}"
+        rows.append(
+            [
+                str(plain["seed"]),
+                f"{plain['trials']} trials, {plain['steps']:,} steps: {plain['best']:.4f}",
+                f"{pruned['trials']} trials, {pruned['steps']:,} steps: "
+                + ("none complete" if pruned["best"] is None else f"{pruned['best']:.4f}"),
+                diff,
+            ]
+        )
+    return rows
 
 
 def run_studies(
@@ -207,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fresh", action="store_true", help="delete the studies first instead of continuing or reusing them"
     )
+    p.add_argument(
+        "--equal-steps",
+        action="store_true",
+        help="also continue each pruned study to the unpruned one's steps and compare the bests there",
+    )
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument(
         "--render-only",
@@ -259,6 +328,28 @@ def main(argv: list[str] | None = None) -> int:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}"
     )
     block = render(results, command.strip(), setup)
+    if a.equal_steps:
+        by = {(r["seed"], r["pruner"]): r for r in results}
+        pairs = []
+        for seed in a.seeds:
+            plain, name = by.get((seed, "none")), study_name(a.prefix, seed, "median")
+            if plain is None or (seed, "median") not in by:
+                continue
+            if not a.render_only:
+                extend_to_steps(config, runs, name, seed, plain["steps"], extra, most=8 * a.trials)
+            within = within_steps(f"sqlite:///{runs / name / 'study.db'}", name, plain["steps"])
+            pairs.append((plain, {"seed": seed, **within}))
+        wins = sum(p["best"] is not None and p["best"] >= n["best"] for n, p in pairs)
+        block += (
+            "\n\nAt equal steps: each pruned study continued until its trials had trained the steps of "
+            "the unpruned study's first "
+            f"{a.trials} trials, and its best within them.\n\n"
+            + md_table(
+                ["TPE seed", "no pruning", "median pruner, within those steps", "difference"],
+                equal_steps_rows(pairs),
+            )
+            + f"\n\nAt equal steps pruning's best was equal or better in {wins} of {len(pairs)}."
+        )
     write_between_markers(a.output, HEADING, "bench.tune", block)
     print(block)
     return 0

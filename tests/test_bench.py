@@ -262,3 +262,29 @@ def test_tune_bench_reuses_a_study_only_once_its_first_trials_have_all_finished(
     study.tell(running, state=optuna.trial.TrialState.FAIL)
     assert finished(tmp_path, name, 3) and not finished(tmp_path, name, 4)  # 4: one trial is missing
     assert not finished(tmp_path, "bench-tune-s2-none", 3)
+
+
+def test_tune_bench_at_equal_steps_takes_the_pruned_trials_that_fit_in_the_unpruned_steps(
+    tmp_path: Path,
+) -> None:
+    optuna = pytest.importorskip("optuna")
+    from bench.tune import equal_steps_rows, within_steps
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    # (state, value, steps): the fourth trial would pass a budget of 700 steps; its 0.9 must not count
+    for state, value, steps in (
+        (complete, 0.6, 300),
+        (pruned, None, 100),
+        (complete, 0.7, 300),
+        (complete, 0.9, 50),
+    ):
+        trial = study.ask()
+        trial.set_user_attr("steps", steps)
+        study.tell(trial, value, state=state)
+    assert within_steps(url, "s", 700) == {"trials": 3, "steps": 700, "best": 0.7, "best_trial": 2}
+    assert within_steps(url, "s", 750)["best"] == 0.9 and within_steps(url, "s", 299)["best"] is None
+    plain = {"seed": 3, "trials": 24, "steps": 700, "best": 0.75}
+    (row,) = equal_steps_rows([(plain, {"seed": 3, **within_steps(url, "s", 700)})])
+    assert row == ["3", "24 trials, 700 steps: 0.7500", "3 trials, 700 steps: 0.7000", "-5.00 points ✗"]
