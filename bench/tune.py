@@ -330,15 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     block = render(results, command.strip(), setup)
     if a.equal_steps:
         by = {(r["seed"], r["pruner"]): r for r in results}
+        plains = [by[seed, "none"] for seed in a.seeds if (seed, "none") in by and (seed, "median") in by]
+        if not a.render_only:  # the pruned studies, --parallel at once
+            with ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:
+                for extended in [
+                    pool.submit(
+                        extend_to_steps,
+                        *(config, runs, study_name(a.prefix, p["seed"], "median"), p["seed"], p["steps"]),
+                        *(extra, 8 * a.trials),
+                    )
+                    for p in plains
+                ]:
+                    extended.result()
         pairs = []
-        for seed in a.seeds:
-            plain, name = by.get((seed, "none")), study_name(a.prefix, seed, "median")
-            if plain is None or (seed, "median") not in by:
-                continue
-            if not a.render_only:
-                extend_to_steps(config, runs, name, seed, plain["steps"], extra, most=8 * a.trials)
+        for plain in plains:
+            name = study_name(a.prefix, plain["seed"], "median")
             within = within_steps(f"sqlite:///{runs / name / 'study.db'}", name, plain["steps"])
-            pairs.append((plain, {"seed": seed, **within}))
+            pairs.append((plain, {"seed": plain["seed"], **within}))
         wins = sum(p["best"] is not None and p["best"] >= n["best"] for n, p in pairs)
         block += (
             "\n\nAt equal steps: each pruned study continued until its trials had trained the steps of "
