@@ -32,9 +32,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import ROOT, START_ENV, data_path, md_table, say, write_between_markers
+
+if TYPE_CHECKING:
+    import optuna
 
 HEADING = "## Hyperparameter search: pruning (issue 21)"
 TARGET_SAVED = 0.40
@@ -80,9 +83,6 @@ def summarize(url: str, name: str, first: int) -> dict[str, Any]:
 
     study = optuna.load_study(study_name=name, storage=url)
     trials = [t for t in study.get_trials(deepcopy=False) if t.number < first]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    best = max(complete, key=lambda t: sign * float(t.value)) if complete else None  # type: ignore[arg-type]
     return {
         "study": name,
         "trials": len(trials),
@@ -92,6 +92,19 @@ def summarize(url: str, name: str, first: int) -> dict[str, Any]:
         "steps": sum(int(t.user_attrs.get("steps", 0)) for t in trials),
         "planned": sum(int(t.user_attrs.get("planned_steps", 0)) for t in trials),
         "minutes": sum(float(t.user_attrs.get("seconds", 0.0)) for t in trials) / 60,
+        **best_of(study, trials),
+    }
+
+
+def best_of(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
+    """The best value among `trials`' completed ones, and its trial number (None, None if none completed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: sign * float(t.value)) if complete else None  # type: ignore[arg-type]
+    return {
         "best": None if best is None else float(best.value),  # type: ignore[arg-type]
         "best_trial": None if best is None else best.number,
     }
@@ -101,24 +114,15 @@ def within_steps(url: str, name: str, budget: int) -> dict[str, Any]:
     """The trials of one stored study, in trial order, while their steps add up to at most `budget`:
     how many, their steps, and their best value."""
     import optuna
-    from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=name, storage=url)
-    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
     taken, steps = [], 0
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if not t.state.is_finished() or steps + int(t.user_attrs.get("steps", 0)) > budget:
             break
         taken.append(t)
         steps += int(t.user_attrs.get("steps", 0))
-    complete = [t for t in taken if t.state == TrialState.COMPLETE]
-    best = max(complete, key=lambda t: sign * float(t.value)) if complete else None  # type: ignore[arg-type]
-    return {
-        "trials": len(taken),
-        "steps": steps,
-        "best": None if best is None else float(best.value),  # type: ignore[arg-type]
-        "best_trial": None if best is None else best.number,
-    }
+    return {"trials": len(taken), "steps": steps, **best_of(study, taken)}
 
 
 def extend_to_steps(
