@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder_time = rows[1][1]
     table = [
         f"Measured with `python -m bench.pretrain --threads {a.threads}`: {a.batches} batches of 64 "
-        "unlabeled IMDB "
-        f"reviews (cut at {cfg.pretrain.max_length} tokens), vocabulary {vocab:,}, {a.threads} threads.",
+        f"unlabeled IMDB reviews (cut at {cfg.pretrain.max_length} tokens), vocabulary {vocab:,}, "
+        f"{a.threads} threads.",
         "",
         "| step | real tokens/s | output layer's share |",
         "|---|---:|---:|",

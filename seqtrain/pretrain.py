@@ -69,8 +69,7 @@ def check_encoder_shape(model: ModelConfig) -> None:
         raise ConfigError(
             "pretrain: model.bidirectional with model.num_layers > 1 cannot be trained as a language model: "
             "from the second layer on, each direction reads the other's states, which have seen the token to "
-            "predict. Use "
-            "num_layers: 1 with bidirectional: true, or bidirectional: false."
+            "predict. Use num_layers: 1 with bidirectional: true, or bidirectional: false."
         )
 
 
@@ -80,8 +79,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(
             f"{run_dir} already holds a run. Continue it with `seqtrain pretrain {config_path} --resume`, "
-            "or pick "
-            "another output_dir (e.g. name=... or output_dir=...), or delete the folder."
+            "or pick another output_dir (e.g. name=... or output_dir=...), or delete the folder."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)

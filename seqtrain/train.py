@@ -264,8 +264,7 @@ def prepare_run(
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(
             f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, "
-            "or pick "
-            f"another output_dir (e.g. name=... or output_dir=...), or delete the folder."
+            "or pick another output_dir (e.g. name=... or output_dir=...), or delete the folder."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -396,8 +395,8 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     if t.warmup_steps > total_steps:
         console.warn(
             f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): "
-            "the learning rate "
-            f"stops at {lr_at(total_steps - 1, t, total_steps):.3g}, never reaching train.lr {t.lr:g}."
+            f"the learning rate stops at {lr_at(total_steps - 1, t, total_steps):.3g}, "
+            f"never reaching train.lr {t.lr:g}."
         )
     state, ema_weights = TrainState(world=world), None
     if saved is not None:
