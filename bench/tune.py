@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 HEADING = "## Hyperparameter search: pruning (issue 21)"
 TARGET_SAVED = 0.40
 PRUNERS = ("median", "none")
+RULES = ("median", "median-evals")  # replayed: tune's median pruner now, and as it was before
 
 
 def overrides(rows: int, epochs: int, eval_every: int) -> list[str]:
@@ -158,6 +159,112 @@ def equal_steps_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list
             ]
         )
     return rows
+
+
+def evaluations(run_dir: Path, monitor: str = "accuracy") -> list[tuple[int, float]]:
+    """(step, value) of every validation evaluation a trial's run logged, in order."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [
+        (r["step"], float(r[monitor])) for r in records if r.get("split") == "validation" and monitor in r
+    ]
+
+
+def replay(runs: Path, name: str, first: int, rule: str) -> dict[str, Any]:
+    """The first `first` trials of the unpruned study `name`, replayed in trial order under a pruning
+    rule: each trial's logged learning curve is cut where the rule would have stopped it. The trials are
+    the same, so what changes is the pruner's doing alone (a real pruned study also changes TPE's later
+    suggestions). Rules: "median", what `seqtrain tune --pruner median` does (seqtrain/pruner.py, from
+    PRUNE_AFTER of a trial's steps); "median-evals", what it did before: Optuna's MedianPruner on
+    evaluation numbers, from a quarter of the steps. Returns the steps trained, and the best value of
+    the trials left complete beside the study's best."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from seqtrain.pruner import progress
+    from seqtrain.tune import PRUNE_AFTER, make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per in-memory study
+    stored = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / name / 'study.db'}")
+    trials = sorted(
+        (t for t in stored.get_trials(deepcopy=False) if t.number < first and t.state == TrialState.COMPLETE),
+        key=lambda t: t.number,
+    )
+    if rule == "median":
+        pruner, after = make_pruner("median"), PRUNE_AFTER
+    else:
+        pruner, after = optuna.pruners.MedianPruner(n_startup_trials=3), 0.25
+    study = optuna.create_study(direction=stored.direction)  # in memory: the replayed trials
+    steps, best, pruned = 0, None, 0
+    for t in trials:
+        planned = int(t.user_attrs["planned_steps"])
+        reported: dict[int, float] = {}
+        stopped = None
+        for number, (step, value) in enumerate(evaluations(runs / name / f"trial-{t.number:04d}"), 1):
+            reported[progress(step, planned) if rule == "median" else number] = value
+            running = create_trial(state=TrialState.RUNNING, intermediate_values=dict(reported))
+            if after * planned <= step < planned and pruner.prune(study, running):
+                stopped = step
+                break
+        if stopped is None:
+            study.add_trial(
+                create_trial(state=TrialState.COMPLETE, value=t.value, intermediate_values=reported)
+            )
+            steps += int(t.user_attrs["steps"])
+            value = float(t.value)  # type: ignore[arg-type]  # a COMPLETE trial has its value
+            best = value if best is None else max(best, value)  # accuracy: larger is better
+        else:
+            study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values=reported))
+            steps += stopped
+            pruned += 1
+    full = sum(int(t.user_attrs["steps"]) for t in trials)
+    return {
+        "trials": len(trials),
+        "pruned": pruned,
+        "steps": steps,
+        "full": full,
+        "best": best,
+        "study_best": max(float(t.value) for t in trials),  # type: ignore[arg-type]
+    }
+
+
+def replay_rows(replays: list[tuple[int, str, dict[str, Any]]]) -> list[list[str]]:
+    rows = []
+    for seed, rule, r in replays:
+        kept = (r["best"] - r["study_best"]) * 100
+        rows.append(
+            [
+                str(seed),
+                rule,
+                f"{r['pruned']} of {r['trials']}",
+                f"{r['steps']:,} of {r['full']:,}",
+                f"{1 - r['steps'] / r['full']:.0%}",
+                "kept ✓" if kept >= 0 else f"{kept:+.2f} points ✗",
+            ]
+        )
+    return rows
+
+
+def replay_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
+    """The replay table (see `replay`) for each unpruned study, under both rules, with a summary per rule."""
+    replays = [(p["seed"], rule, replay(runs, p["study"], first, rule)) for p in plains for rule in RULES]
+    summary = []
+    for rule in RULES:
+        mine = [r for _, name, r in replays if name == rule]
+        steps, full = sum(r["steps"] for r in mine), sum(r["full"] for r in mine)
+        kept = sum(r["best"] is not None and r["best"] >= r["study_best"] for r in mine)
+        summary.append(
+            f"`{rule}`: {1 - steps / full:.1%} of the steps saved, best kept in {kept} of {len(mine)}"
+        )
+    return (
+        "Replayed: each unpruned study's trials in order, each cut where the pruner would have stopped it "
+        "(the same trials, so the pruner's doing alone). `median` is `seqtrain tune`'s median pruner, at "
+        "equal shares of training; `median-evals` is Optuna's MedianPruner at equal evaluation numbers "
+        "from a quarter of the steps, as tune had it before.\n\n"
+        + md_table(["TPE seed", "rule", "pruned", "steps", "saved", "best"], replay_rows(replays))
+        + "\n\n"
+        + "; ".join(summary)
+        + "."
+    )
 
 
 def run_studies(
@@ -280,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also continue each pruned study to the unpruned one's steps and compare the bests there",
     )
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="also replay each unpruned study's trials under the median pruner, now and as it was before",
+    )
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument(
         "--render-only",
@@ -362,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             + f"\n\nAt equal steps pruning's best was equal or better in {wins} of {len(pairs)}."
         )
+    if a.replay:
+        block += "\n\n" + replay_block(runs, [r for r in results if r["pruner"] == "none"], a.trials)
     write_between_markers(a.output, HEADING, "bench.tune", block)
     print(block)
     return 0

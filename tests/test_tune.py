@@ -93,7 +93,7 @@ def test_tiny_study_with_two_processes_and_its_best_config_trains(
         run = folder / f"trial-{t.number:04d}"
         assert (run / "best").exists() and _evals(run) == [8, 16, 24]
         assert load_config(run / "config.yaml").model.hidden_size == t.params["model.hidden_size"]
-        assert list(t.intermediate_values) == [1, 2, 3]
+        assert list(t.intermediate_values) == [333, 667, 1000]  # thousandths of the 24 planned steps
     for name in ("best.yaml", "history.png", "importances.png", "space.yaml"):
         assert (folder / name).stat().st_size > 0, name
     assert "tiny-tune: 3 trials" in result.output and "best: trial" in result.output
@@ -154,7 +154,7 @@ def test_killed_study_continues_without_losing_or_repeating_a_trial(
         32,
         40,
     ]  # continued from its checkpoint, each eval once
-    assert list(trials[1].intermediate_values) == [1, 2, 3, 4, 5]  # every evaluation reported once
+    assert list(trials[1].intermediate_values) == [200, 400, 600, 800, 1000]  # each evaluation once
     again = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
     assert again.exit_code == 0 and len(_trials(tmp_path)) == 2  # a full study runs nothing more
 
@@ -261,7 +261,7 @@ def test_hyperband_prunes_where_the_median_pruner_would_still_wait(
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"], [
         (t.state.name, t.intermediate_values) for t in trials
     ]
-    # Hyperband's first rung is the first evaluation: trial 2 stopped there, with the steps it trained.
+    # Hyperband's first rung is at 15% of the training: trial 2 stopped at its first evaluation (33%).
     assert trials[2].user_attrs["steps"] == 8 < trials[2].user_attrs["planned_steps"] == 24
     assert _evals(tmp_path / "runs" / study / "trial-0002") == [8]
     # The median pruner waits for 3 completed trials, so the same study does not prune trial 2.
@@ -305,7 +305,7 @@ def test_ctrl_c_mid_trial_leaves_it_resumable_and_a_rerun_in_the_same_process_fi
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
     assert _evals(folder / "trial-0001") == [8, 16, 24, 32, 40]  # from step 11 on, each evaluation once
-    assert list(trials[1].intermediate_values) == [1, 2, 3, 4, 5]
+    assert list(trials[1].intermediate_values) == [200, 400, 600, 800, 1000]
     assert trials[1].value == max(trials[1].intermediate_values.values())  # its best checkpoint's accuracy
 
 
@@ -360,7 +360,7 @@ def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     assert (folder / "trial-0000" / "metrics.jsonl").read_bytes() == first  # trial 0 was not run again
     assert _evals(folder / "trial-0001") == [8, 16, 24]  # trial 1 trained once, each evaluation once
-    assert list(trials[1].intermediate_values) == [1, 2, 3]
+    assert list(trials[1].intermediate_values) == [333, 667, 1000]
     assert [(t.user_attrs["steps"], t.user_attrs["planned_steps"]) for t in trials] == [(24, 24)] * 2
 
 
@@ -405,4 +405,4 @@ def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_o
     assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(3)]
     for t in trials:  # each resumed or run once: every evaluation logged and reported once
         assert _evals(folder / f"trial-{t.number:04d}") == list(range(8, 121, 8)), t.number
-        assert list(t.intermediate_values) == list(range(1, 16)), t.number
+        assert list(t.intermediate_values) == [round(1000 * s / 120) for s in range(8, 121, 8)], t.number
