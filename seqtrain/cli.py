@@ -547,7 +547,10 @@ def tune(
     jobs: Annotated[
         int, typer.Option(help="Trials at once on this machine, the cores divided between them.")
     ] = 1,
-    pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    pruner: Annotated[
+        str,
+        typer.Option(help="median (trials compared at equal shares of their training), hyperband or none."),
+    ] = "median",
     seed: Annotated[
         int | None,
         typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process."),
