@@ -288,3 +288,42 @@ def test_tune_bench_at_equal_steps_takes_the_pruned_trials_that_fit_in_the_unpru
     plain = {"seed": 3, "trials": 24, "steps": 700, "best": 0.75}
     (row,) = equal_steps_rows([(plain, {"seed": 3, **within_steps(url, "s", 700)})])
     assert row == ["3", "24 trials, 700 steps: 0.7500", "3 trials, 700 steps: 0.7000", "-5.00 points ✗"]
+
+
+def test_tune_bench_replay_cuts_each_curve_where_the_rule_would_have_pruned(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    import json
+
+    from bench.tune import replay, replay_rows
+
+    name = "bench-tune-s0-none"
+    (tmp_path / name).mkdir()
+    url = f"sqlite:///{tmp_path / name / 'study.db'}"
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    large = [(50, 0.66), (100, 0.78), (150, 0.80), (158, 0.80)]  # batch 128: 158 steps, evaluated every 50
+    # batch 32: 626 steps, slower per evaluation and best at the end
+    small = [(s, 0.58 + 0.26 * (s / 626) ** 0.5) for s in [*range(50, 601, 50), 626]]
+    bad = [(50, 0.55), (100, 0.56), (150, 0.57), (158, 0.57)]
+    for number, curve in enumerate([large, large, large, small, bad]):
+        run = tmp_path / name / f"trial-{number:04d}"
+        run.mkdir()
+        lines = [json.dumps({"split": "validation", "step": s, "accuracy": v}) for s, v in curve]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=max(v for _, v in curve),
+                user_attrs={"steps": curve[-1][0], "planned_steps": curve[-1][0]},
+            )
+        )
+    now = replay(tmp_path, name, 5, "median")
+    before = replay(tmp_path, name, 5, "median-evals")
+    # Now: only the bad trial stops, at its first evaluation (after 15% of its steps).
+    assert (now["pruned"], now["steps"], now["full"]) == (1, 3 * 158 + 626 + 50, 4 * 158 + 626)
+    assert now["best"] == now["study_best"] == pytest.approx(0.84)
+    # Before: the small batch's 4th evaluation (0.727 at step 200) set against the large batches' 4th
+    # (0.80, their last) was below the median, so the best trial was pruned.
+    assert (before["pruned"], before["steps"]) == (2, 3 * 158 + 200 + 50)
+    assert before["best"] == pytest.approx(0.80)
+    rows = replay_rows([(0, "median", now), (0, "median-evals", before)])
+    assert rows[0][2:] == ["1 of 5", "1,150 of 1,258", "9%", "kept ✓"]
+    assert rows[1][5] == "-4.00 points ✗"
