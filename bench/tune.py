@@ -1,12 +1,12 @@
 """What pruning saves in `seqtrain tune` (issue 21): `python -m bench.tune [--seeds 0 1] [--trials 20]`.
 
 For each TPE seed, two studies with the same number of trials on an SST-2 training subset, from the
-config `seqtrain init data/sst2` writes: one with the median pruner, one without pruning. Same seed
-and same space, so their first trials (TPE's random start-up) have the same parameters. Early
-stopping is off (`train.patience=null`) so the steps saved are the pruner's alone. Reported per pair:
-the steps each study trained (from the study database: every trial's `steps` attribute), the share
-pruning saved, and both best validation accuracies; the table goes into BENCHMARKS.md between the
-`bench.tune` markers.
+config `seqtrain init data/sst2` writes: one with tune's default pruner (PRUNED), one without
+pruning. Same seed and same space, so their first trials (TPE's random start-up) have the same
+parameters. Early stopping is off (`train.patience=null`) so the steps saved are the pruner's alone.
+Reported per pair: the steps each study trained (from the study database: every trial's `steps`
+attribute), the share pruning saved, and both best validation accuracies; the table goes into
+BENCHMARKS.md between the `bench.tune` markers.
 
 A study whose first --trials trials have all finished is read as it is, not run again, so a table can
 cover seeds run by earlier invocations (`--seeds 0 1 2` after `--seeds 0 1` runs only seed 2's studies).
@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 HEADING = "## Hyperparameter search: pruning (issue 21)"
 TARGET_SAVED = 0.40
-PRUNERS = ("median", "none")
-RULES = ("median", "median-evals")  # replayed: tune's median pruner now, and as it was before
+PRUNED = "quartile"  # the pruner set against no pruning: tune's default
+PRUNERS = (PRUNED, "none")
+RULES = ("quartile", "median", "median-evals")  # replayed: tune's pruners, and the median as it was
 
 
 def overrides(rows: int, epochs: int, eval_every: int) -> list[str]:
@@ -138,7 +139,7 @@ def extend_to_steps(
         trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
         if sum(int(t.user_attrs.get("steps", 0)) for t in trials) >= budget or len(trials) >= most:
             return
-        run_study(config, name, seed, "median", len(trials) + 4, extra)
+        run_study(config, name, seed, PRUNED, len(trials) + 4, extra)
 
 
 def equal_steps_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[list[str]]:
@@ -169,19 +170,69 @@ def evaluations(run_dir: Path, monitor: str = "accuracy") -> list[tuple[int, flo
     ]
 
 
+def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
+    """A replayed rule's pruner, the share of a trial's steps from which it is asked, and whether
+    reports are made at shares of training (else at evaluation numbers). "quartile", "median": what
+    `seqtrain tune --pruner` does with that name (from PRUNE_AFTER). "median-evals": what median did before,
+    Optuna's MedianPruner on evaluation numbers from a quarter of the steps. "pP[+pruned]/N" (the
+    grid): the percentile pruner of seqtrain/pruner.py at percentile P, N start-up trials, counting
+    pruned trials or not, from PRUNE_AFTER."""
+    import optuna
+
+    from seqtrain.pruner import PercentileAtProgressPruner
+    from seqtrain.tune import PRUNE_AFTER, make_pruner
+
+    if rule in ("quartile", "median"):
+        return make_pruner(rule), PRUNE_AFTER, True
+    if rule == "median-evals":
+        return optuna.pruners.MedianPruner(n_startup_trials=3), 0.25, False
+    percentile, startup = rule.removeprefix("p").split("/")
+    counted = percentile.endswith("+pruned")
+    pruner = PercentileAtProgressPruner(
+        float(percentile.removesuffix("+pruned")), n_startup_trials=int(startup), count_pruned=counted
+    )
+    return pruner, PRUNE_AFTER, True
+
+
+GRID = [f"p{p}{c}/{n}" for c in ("", "+pruned") for p in (50, 60, 67, 75) for n in (3, 5)]
+
+
+def grid_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
+    """Every rule of GRID replayed over every unpruned study: steps saved over all of them, in how many
+    the best trial survived, the mean change of the best, and the smallest saving of one study."""
+    rows = []
+    for rule in GRID:
+        mine = [replay(runs, p["study"], first, rule) for p in plains]
+        steps, full = sum(r["steps"] for r in mine), sum(r["full"] for r in mine)
+        losses = [(r["best"] - r["study_best"]) * 100 for r in mine]
+        rows.append(
+            [
+                rule,
+                f"{1 - steps / full:.1%}",
+                f"{sum(x >= 0 for x in losses)} of {len(mine)}",
+                f"{sum(losses) / len(losses):+.2f}",
+                f"{min(1 - r['steps'] / r['full'] for r in mine):.0%}",
+            ]
+        )
+    return (
+        "Replayed rules (`--replay-grid`): `pP/N` prunes a trial whose best so far is in the bottom P% of "
+        "the completed trials at the same share of training, after N completed trials, from "
+        "PRUNE_AFTER of its steps; `+pruned` also counts pruned trials, held at their last best. "
+        "`p50/3` is `--pruner median`, `p75+pruned/3` `--pruner quartile`.\n\n"
+        + md_table(["rule", "steps saved", "best kept", "best, mean change (points)", "least saved"], rows)
+    )
+
+
 def replay(runs: Path, name: str, first: int, rule: str) -> dict[str, Any]:
     """The first `first` trials of the unpruned study `name`, replayed in trial order under a pruning
     rule: each trial's logged learning curve is cut where the rule would have stopped it. The trials are
     the same, so what changes is the pruner's doing alone (a real pruned study also changes TPE's later
-    suggestions). Rules: "median", what `seqtrain tune --pruner median` does (seqtrain/pruner.py, from
-    PRUNE_AFTER of a trial's steps); "median-evals", what it did before: Optuna's MedianPruner on
-    evaluation numbers, from a quarter of the steps. Returns the steps trained, and the best value of
-    the trials left complete beside the study's best."""
+    suggestions). Rules are named as `rule_pruner` reads them. Returns the steps trained, and the best
+    value of the trials left complete beside the study's best."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
     from seqtrain.pruner import progress
-    from seqtrain.tune import PRUNE_AFTER, make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per in-memory study
     stored = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / name / 'study.db'}")
@@ -189,10 +240,7 @@ def replay(runs: Path, name: str, first: int, rule: str) -> dict[str, Any]:
         (t for t in stored.get_trials(deepcopy=False) if t.number < first and t.state == TrialState.COMPLETE),
         key=lambda t: t.number,
     )
-    if rule == "median":
-        pruner, after = make_pruner("median"), PRUNE_AFTER
-    else:
-        pruner, after = optuna.pruners.MedianPruner(n_startup_trials=3), 0.25
+    pruner, after, by_share = rule_pruner(rule)
     study = optuna.create_study(direction=stored.direction)  # in memory: the replayed trials
     steps, best, pruned = 0, None, 0
     for t in trials:
@@ -200,7 +248,7 @@ def replay(runs: Path, name: str, first: int, rule: str) -> dict[str, Any]:
         reported: dict[int, float] = {}
         stopped = None
         for number, (step, value) in enumerate(evaluations(runs / name / f"trial-{t.number:04d}"), 1):
-            reported[progress(step, planned) if rule == "median" else number] = value
+            reported[progress(step, planned) if by_share else number] = value
             running = create_trial(state=TrialState.RUNNING, intermediate_values=dict(reported))
             if after * planned <= step < planned and pruner.prune(study, running):
                 stopped = step
@@ -257,8 +305,9 @@ def replay_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
         )
     return (
         "Replayed: each unpruned study's trials in order, each cut where the pruner would have stopped it "
-        "(the same trials, so the pruner's doing alone). `median` is `seqtrain tune`'s median pruner, at "
-        "equal shares of training; `median-evals` is Optuna's MedianPruner at equal evaluation numbers "
+        "(the same trials, so the pruner's doing alone). `quartile` and `median` are `seqtrain tune`'s "
+        "pruners of those names, at equal shares of training; `median-evals` is Optuna's MedianPruner at "
+        "equal evaluation numbers "
         "from a quarter of the steps, as tune had it before.\n\n"
         + md_table(["TPE seed", "rule", "pruned", "steps", "saved", "best"], replay_rows(replays))
         + "\n\n"
@@ -305,7 +354,7 @@ def pair_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     by = {(r["seed"], r["pruner"]): r for r in results}
     rows = []
     for seed in sorted({r["seed"] for r in results}):
-        pruned, plain = by.get((seed, "median")), by.get((seed, "none"))
+        pruned, plain = by.get((seed, PRUNED)), by.get((seed, "none"))
         for r in (pruned, plain):
             if r is None:
                 continue
@@ -321,7 +370,7 @@ def pair_rows(results: list[dict[str, Any]]) -> list[list[str]]:
             rows.append(
                 [
                     str(seed),
-                    "median" if r is pruned else "none",
+                    PRUNED if r is pruned else "none",
                     f"{r['trials']} ({states})",
                     f"{r['steps']:,}",
                     saved,
@@ -349,7 +398,7 @@ def render(results: list[dict[str, Any]], command: str, setup: str) -> str:
         (p, n)
         for p in results
         for n in results
-        if p["seed"] == n["seed"] and p["pruner"] == "median" and n["pruner"] == "none"
+        if p["seed"] == n["seed"] and p["pruner"] == PRUNED and n["pruner"] == "none"
     ]
     steps_p, steps_n = sum(p["steps"] for p, _ in pairs), sum(n["steps"] for _, n in pairs)
     summary = ""
@@ -390,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replay",
         action="store_true",
-        help="also replay each unpruned study's trials under the median pruner, now and as it was before",
+        help="also replay each unpruned study's trials under tune's pruners, and the median as it was before",
+    )
+    p.add_argument(
+        "--replay-grid",
+        action="store_true",
+        help="also replay every unpruned study under a grid of percentile pruners (bench/tune.py GRID)",
     )
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument(
@@ -446,13 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     block = render(results, command.strip(), setup)
     if a.equal_steps:
         by = {(r["seed"], r["pruner"]): r for r in results}
-        plains = [by[seed, "none"] for seed in a.seeds if (seed, "none") in by and (seed, "median") in by]
+        plains = [by[seed, "none"] for seed in a.seeds if (seed, "none") in by and (seed, PRUNED) in by]
         if not a.render_only:  # the pruned studies, --parallel at once
             with ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:
                 for extended in [
                     pool.submit(
                         extend_to_steps,
-                        *(config, runs, study_name(a.prefix, p["seed"], "median"), p["seed"], p["steps"]),
+                        *(config, runs, study_name(a.prefix, p["seed"], PRUNED), p["seed"], p["steps"]),
                         *(extra, 8 * a.trials),
                     )
                     for p in plains
@@ -460,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                     extended.result()
         pairs = []
         for plain in plains:
-            name = study_name(a.prefix, plain["seed"], "median")
+            name = study_name(a.prefix, plain["seed"], PRUNED)
             within = within_steps(f"sqlite:///{runs / name / 'study.db'}", name, plain["steps"])
             pairs.append((plain, {"seed": plain["seed"], **within}))
         wins = sum(p["best"] is not None and p["best"] >= n["best"] for n, p in pairs)
@@ -469,11 +523,13 @@ def main(argv: list[str] | None = None) -> int:
             "the unpruned study's first "
             f"{a.trials} trials, and its best within them.\n\n"
             + md_table(
-                ["TPE seed", "no pruning", "median pruner, within those steps", "difference"],
+                ["TPE seed", "no pruning", f"{PRUNED} pruner, within those steps", "difference"],
                 equal_steps_rows(pairs),
             )
             + f"\n\nAt equal steps pruning's best was equal or better in {wins} of {len(pairs)}."
         )
+    if a.replay_grid:
+        block += "\n\n" + grid_block(runs, [r for r in results if r["pruner"] == "none"], a.trials)
     if a.replay:
         block += "\n\n" + replay_block(runs, [r for r in results if r["pruner"] == "none"], a.trials)
     write_between_markers(a.output, HEADING, "bench.tune", block)

@@ -549,8 +549,11 @@ def tune(
     ] = 1,
     pruner: Annotated[
         str,
-        typer.Option(help="median (trials compared at equal shares of their training), hyperband or none."),
-    ] = "median",
+        typer.Option(
+            help="quartile (keep a trial while it is in the top quarter at its share of training), "
+            "median, hyperband or none."
+        ),
+    ] = "quartile",
     seed: Annotated[
         int | None,
         typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process."),

@@ -40,15 +40,21 @@ def best_so_far_at(values: dict[int, float], at: int, sign: float) -> float | No
     return float(np.interp(at, steps, running))
 
 
-class MedianAtProgressPruner(optuna.pruners.BasePruner):
-    """Prune a trial whose best value so far is worse than the median of the completed trials' best
-    values at the same fraction of their training.
+class PercentileAtProgressPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose best value so far is in the bottom `percentile` percent of the other trials'
+    best values at the same fraction of their training; `tune --pruner median` is percentile 50.
 
     n_startup_trials: no pruning until this many trials have completed (the median needs a few).
+    count_pruned: also set the trial against pruned trials, each held at the best it had when it
+    stopped. Without them the reference is the survivors alone, and it rises with every trial pruned.
     """
 
-    def __init__(self, n_startup_trials: int = 3) -> None:
+    def __init__(
+        self, percentile: float = 50.0, n_startup_trials: int = 3, count_pruned: bool = False
+    ) -> None:
+        self.percentile = percentile
         self.n_startup_trials = n_startup_trials
+        self.count_pruned = count_pruned
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         values = trial.intermediate_values
@@ -57,11 +63,14 @@ class MedianAtProgressPruner(optuna.pruners.BasePruner):
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(completed) < self.n_startup_trials:
             return False
+        others = completed
+        if self.count_pruned:
+            others = others + study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
         sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
         at = max(values)  # the latest report: where this trial is now
-        others = [best_so_far_at(t.intermediate_values, at, sign) for t in completed if t.intermediate_values]
-        known = [v for v in others if v is not None and not np.isnan(v)]
+        bests = [best_so_far_at(t.intermediate_values, at, sign) for t in others if t.intermediate_values]
+        known = [v for v in bests if v is not None and not np.isnan(v)]
         if not known:
             return False
         mine = [sign * v for v in values.values() if not np.isnan(v)]
-        return bool(mine) and max(mine) < float(np.median(known))
+        return bool(mine) and max(mine) < float(np.percentile(known, self.percentile))

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "seqtrain tune needs Optuna: pip install 'seqtrain[tune]' (or pip install 'optuna>=3.6')."
 SPEC_KEYS = ("low", "high", "log", "step", "choices")
 TUNE_SETS = ("name", "output_dir")  # tune names each trial and puts it in the study folder
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("quartile", "median", "hyperband", "none")
 MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 # The pruner is asked only once a trial has trained this share of its planned steps: a trial's first
 # evaluation is near chance (about 0.58 on SST-2 at 8% of a batch-32 trial) and ranks trials by noise.
@@ -286,7 +286,7 @@ class Options:
     storage: str | None = None
     study: str | None = None
     jobs: int = 1
-    pruner: Any = "median"  # a name from PRUNERS, or an optuna pruner object (Python API)
+    pruner: Any = "quartile"  # a name from PRUNERS, or an optuna pruner object (Python API)
     report: bool = True  # False in the worker processes that --jobs starts
     seed: int | None = (
         None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
@@ -307,11 +307,13 @@ def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
 
     if not isinstance(pruner, str):
         return pruner
-    from seqtrain.pruner import PROGRESS, MedianAtProgressPruner
+    from seqtrain.pruner import PROGRESS, PercentileAtProgressPruner
 
     # Steps are fractions of each trial's planned steps, in thousandths (pruner.progress).
+    if pruner == "quartile":  # the default: BENCHMARKS.md (issue 21) compares the rules
+        return PercentileAtProgressPruner(75.0, n_startup_trials=3, count_pruned=True)
     if pruner == "median":
-        return MedianAtProgressPruner(n_startup_trials=3)
+        return PercentileAtProgressPruner(50.0, n_startup_trials=3)
     if pruner == "hyperband":  # rungs at 15% and 45% of the training
         return optuna.pruners.HyperbandPruner(
             min_resource=round(PRUNE_AFTER * PROGRESS), max_resource=PROGRESS, reduction_factor=3

@@ -228,10 +228,10 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     from bench.tune import render
 
     studies = [
-        (0, "median", 400, 0.80),
+        (0, "quartile", 400, 0.80),
         (1, "none", 2000, 0.85),
         (0, "none", 1000, 0.79),
-        (1, "median", 1400, 0.84),
+        (1, "quartile", 1400, 0.84),
     ]
     results = [
         {"seed": seed, "pruner": pruner, "steps": steps, "best": best, "best_trial": 3, "trials": 24}
@@ -240,7 +240,7 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     ]
     block = render(results, "python -m bench.tune", "setup")
     rows = [line for line in block.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
-    assert [r.split(" | ")[1] for r in rows] == ["median", "none", "median", "none"]
+    assert [r.split(" | ")[1] for r in rows] == ["quartile", "none", "quartile", "none"]
     assert "60% ✓" in rows[0] and "+1.00 points ✓" in rows[0]  # against seed 0's unpruned study
     assert "30% ✗" in rows[2] and "-1.00 points ✗" in rows[2]
     assert "1,800 steps with pruning against 3,000 without (40% saved" in block

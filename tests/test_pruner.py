@@ -8,7 +8,7 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState, create_trial  # noqa: E402
 
-from seqtrain.pruner import MedianAtProgressPruner, best_so_far_at, progress  # noqa: E402
+from seqtrain.pruner import PercentileAtProgressPruner, best_so_far_at, progress  # noqa: E402
 
 # Reports in thousandths of each trial's planned steps, as tune makes them (eval_every 50, 10,000 rows,
 # 2 epochs): a batch-128 trial (158 steps) evaluates at 316, 633, 949, 1000; a batch-32 trial (626 steps)
@@ -46,7 +46,7 @@ def test_best_so_far_is_interpolated_and_unknown_before_the_first_report() -> No
 
 def test_a_small_batch_trial_is_compared_at_its_share_of_training_not_its_evaluation_number() -> None:
     study = study_with(LARGE_BATCH, LARGE_BATCH, SMALL_BATCH)
-    pruner = MedianAtProgressPruner(n_startup_trials=3)
+    pruner = PercentileAtProgressPruner(50.0, n_startup_trials=3)
     # A small-batch trial a third of the way through. By evaluation number (4th: 0.80, 0.80, 0.69) it
     # is below the median, and also against the one curve with a report at 319 (0.69); at 319
     # thousandths the large batches had 0.66, and it is above. Optuna's MedianPruner, on evaluation
@@ -59,18 +59,38 @@ def test_a_small_batch_trial_is_compared_at_its_share_of_training_not_its_evalua
 
 def test_no_pruning_until_enough_trials_completed_or_where_nothing_is_known() -> None:
     behind = running({80: 0.40, 160: 0.45, 240: 0.47, 319: 0.50})
-    assert not MedianAtProgressPruner(n_startup_trials=3).prune(study_with(LARGE_BATCH, SMALL_BATCH), behind)
-    assert MedianAtProgressPruner(n_startup_trials=2).prune(study_with(LARGE_BATCH, SMALL_BATCH), behind)
+    assert not PercentileAtProgressPruner(50.0, n_startup_trials=3).prune(
+        study_with(LARGE_BATCH, SMALL_BATCH), behind
+    )
+    assert PercentileAtProgressPruner(50.0, n_startup_trials=2).prune(
+        study_with(LARGE_BATCH, SMALL_BATCH), behind
+    )
     # At 80 thousandths only the small batch had reported: the median of one curve.
     early = running({80: 0.50})
-    assert MedianAtProgressPruner(n_startup_trials=1).prune(study_with(LARGE_BATCH, SMALL_BATCH), early)
-    assert not MedianAtProgressPruner(n_startup_trials=1).prune(study_with(LARGE_BATCH), early)
-    assert not MedianAtProgressPruner(n_startup_trials=0).prune(study_with(LARGE_BATCH), running({}))
+    assert PercentileAtProgressPruner(50.0, n_startup_trials=1).prune(
+        study_with(LARGE_BATCH, SMALL_BATCH), early
+    )
+    assert not PercentileAtProgressPruner(50.0, n_startup_trials=1).prune(study_with(LARGE_BATCH), early)
+    assert not PercentileAtProgressPruner(50.0, n_startup_trials=0).prune(
+        study_with(LARGE_BATCH), running({})
+    )
 
 
 def test_minimize_prunes_the_trial_whose_loss_is_above_the_median() -> None:
     losses = {200: 0.9, 600: 0.6, 1000: 0.5}
     study = study_with(losses, losses, losses, direction="minimize")
-    pruner = MedianAtProgressPruner(n_startup_trials=3)
+    pruner = PercentileAtProgressPruner(50.0, n_startup_trials=3)
     assert pruner.prune(study, running({200: 1.0, 400: 0.8}))  # 0.8 above the 0.75 interpolated at 400
     assert not pruner.prune(study, running({200: 1.0, 400: 0.7}))
+
+
+def test_a_higher_percentile_prunes_more_and_pruned_trials_count_at_their_last_best() -> None:
+    study = study_with(LARGE_BATCH, LARGE_BATCH, SMALL_BATCH)
+    on_par = running({80: 0.57, 160: 0.62, 240: 0.65, 319: 0.67})  # 0.661, 0.661, 0.69 at 319
+    assert not PercentileAtProgressPruner(50.0).prune(study, on_par)
+    assert PercentileAtProgressPruner(75.0).prune(study, on_par)  # the 75th percentile is 0.676
+    # Two trials pruned early, at 0.60 and 0.62: held there, they pull the reference down at 319.
+    for curve in ({160: 0.58, 316: 0.60}, {80: 0.55, 240: 0.62}):
+        study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values=curve))
+    assert PercentileAtProgressPruner(75.0).prune(study, on_par)  # the survivors alone: unchanged
+    assert not PercentileAtProgressPruner(75.0, count_pruned=True).prune(study, on_par)  # 75th: 0.661
