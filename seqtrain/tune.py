@@ -1,4 +1,4 @@
-"""`seqtrain tune`: hyperparameter search on Optuna (TPE sampler, median or Hyperband pruner).
+"""`seqtrain tune`: hyperparameter search on Optuna (TPE sampler; quartile, median or Hyperband pruner).
 
 Each trial is an ordinary seqtrain run in `runs/<study>/trial-NNNN` (config.yaml, checkpoints,
 metrics.jsonl). Every evaluation is reported to the pruner through `train(should_stop=...)`, at its
@@ -69,8 +69,6 @@ PRUNERS = ("quartile", "median", "hyperband", "none")
 MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 # The pruner is asked only once a trial has trained this share of its planned steps: a trial's first
 # evaluation is near chance (about 0.58 on SST-2 at 8% of a batch-32 trial) and ranks trials by noise.
-# At 0.25 the median pruner saved 28% of the steps on 7 replayed studies, at 0.15 40%, and in neither
-# pruned a study's best trial (BENCHMARKS.md, issue 21).
 PRUNE_AFTER = 0.15
 
 # Used when --space is not given; written to runs/<study>/space.yaml as a starting point to edit.
