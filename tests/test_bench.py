@@ -235,7 +235,11 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     ]
     results = [
         {"seed": seed, "pruner": pruner, "steps": steps, "best": best, "best_trial": 3, "trials": 24}
-        | {"states": {"COMPLETE": 24}, "minutes": 1.0}
+        | {
+            "states": {"COMPLETE": 24},
+            "minutes": 1.0,
+            "planned": {(0, "quartile"): 1500, (1, "quartile"): 2500}.get((seed, pruner), steps),
+        }
         for seed, pruner, steps, best in studies
     ]
     block = render(results, "python -m bench.tune", "setup")
@@ -243,8 +247,9 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     assert [r.split(" | ")[1] for r in rows] == ["quartile", "none", "quartile", "none"]
     assert "60% ✓" in rows[0] and "+1.00 points ✓" in rows[0]  # against seed 0's unpruned study
     assert "30% ✗" in rows[2] and "-1.00 points ✗" in rows[2]
-    assert "1,800 steps with pruning against 3,000 without (40% saved" in block
-    assert "equal or better in 1 of 2" in block
+    assert "1,800 steps with pruning against 3,000 without (40.0% saved" in block
+    assert "equal or better in 1 of 2, +0.00 points on average" in block
+    assert "planned 4,000 steps, so within them pruning saved 55.0%" in block  # 1,800 trained of 4,000
 
 
 def test_tune_bench_reuses_a_study_only_once_its_first_trials_have_all_finished(tmp_path: Path) -> None:
