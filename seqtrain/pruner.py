@@ -14,7 +14,7 @@ trials' curves are interpolated at the fraction the trial being judged has reach
 `--pruner quartile` (the default) is PercentileAtProgressPruner(75, count_pruned=True): a trial goes
 on while it is in the top quarter of all trials so far, pruned ones held at the best they had. The
 median of the completed trials alone (`--pruner median`) rises as pruning removes the weaker ones,
-and replayed over 13 studies it stopped the best trial in 2 (BENCHMARKS.md).
+and replayed over 14 studies it stopped the best trial in 3 (BENCHMARKS.md).
 
 Only this module and tune.py import optuna; tune imports this one when a study is made.
 """
