@@ -3,8 +3,7 @@
 Each trial is an ordinary seqtrain run in `runs/<study>/trial-NNNN` (config.yaml, checkpoints,
 metrics.jsonl). Every evaluation is reported to the pruner through `train(should_stop=...)`, at its
 fraction of the trial's planned steps (pruner.py says why); a pruned trial stops right after that
-evaluation. The study lives in a database (SQLite in the study
-folder by default), so:
+evaluation. The study lives in a database (SQLite in the study folder by default), so:
 
 - killing `tune` and running the same command again continues the study: finished trials stay,
   and a trial that was running in a process that is gone, or that Ctrl-C stopped (also in a process
@@ -284,7 +283,9 @@ class Options:
     storage: str | None = None
     study: str | None = None
     jobs: int = 1
-    pruner: Any = "quartile"  # a name from PRUNERS, or an optuna pruner object (Python API)
+    # A name from PRUNERS, or an optuna pruner object (Python API; its steps are thousandths of a
+    # trial's planned steps, pruner.progress).
+    pruner: Any = "quartile"
     report: bool = True  # False in the worker processes that --jobs starts
     seed: int | None = (
         None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
@@ -539,6 +540,8 @@ def _release(trial: optuna.Trial) -> None:
 def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> tuple[int, int]:
     """A resumed trial: report the evaluations its run logged up to last/ (its process may have died
     between logging one and reporting it); returns how many there were and last/'s step."""
+    from seqtrain.pruner import progress
+
     last = json.loads((run_dir / "last" / "state.json").read_text())["step"]
     values: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -546,8 +549,6 @@ def _backfill(trial: optuna.Trial, run_dir: Path, split: str, monitor: str) -> t
             record = json.loads(line)
             if record.get("split") == split and record["step"] <= last and monitor in record:
                 values[record["step"]] = float(record[monitor])
-    from seqtrain.pruner import progress
-
     reported = _frozen(trial).intermediate_values
     planned = _planned(run_dir) or last
     for step in sorted(values):
