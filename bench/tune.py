@@ -293,7 +293,7 @@ def replay_rows(replays: list[tuple[int, str, dict[str, Any]]]) -> list[list[str
 
 
 def replay_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
-    """The replay table (see `replay`) for each unpruned study, under both rules, with a summary per rule."""
+    """The replay table (see `replay`) for each unpruned study under each of RULES, and a summary per rule."""
     replays = [(p["seed"], rule, replay(runs, p["study"], first, rule)) for p in plains for rule in RULES]
     summary = []
     for rule in RULES:
@@ -307,8 +307,7 @@ def replay_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
         "Replayed: each unpruned study's trials in order, each cut where the pruner would have stopped it "
         "(the same trials, so the pruner's doing alone). `quartile` and `median` are `seqtrain tune`'s "
         "pruners of those names, at equal shares of training; `median-evals` is Optuna's MedianPruner at "
-        "equal evaluation numbers "
-        "from a quarter of the steps, as tune had it before.\n\n"
+        "equal evaluation numbers from a quarter of the steps, as tune had it before.\n\n"
         + md_table(["TPE seed", "rule", "pruned", "steps", "saved", "best"], replay_rows(replays))
         + "\n\n"
         + "; ".join(summary)
