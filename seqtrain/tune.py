@@ -452,6 +452,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
     """Train one trial and tell the study how it ended: COMPLETE, PRUNED or FAIL (with the error)."""
     from optuna.trial import TrialState
 
+    from seqtrain.pruner import progress
     from seqtrain.train import Interrupted, train
 
     n = trial.number
@@ -464,8 +465,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
 
     def should_stop(step: int, metrics: dict[str, Any]) -> bool:
         """Report this evaluation at its fraction of the planned steps and ask the pruner."""
-        from seqtrain.pruner import progress
-
         seen["evals"] += 1
         seen["step"] = step
         planned = _planned(run_dir) or step  # run.json is written before the first evaluation
