@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
 HEADING = "## Hyperparameter search: pruning (issue 21)"
 TARGET_SAVED = 0.40
-PRUNED = "quartile"  # the pruner set against no pruning: tune's default
+PRUNED = "top15"  # the pruner set against no pruning: tune's default
 PRUNERS = (PRUNED, "none")
-RULES = ("quartile", "median", "median-evals")  # replayed: tune's pruners, and the median as it was
+RULES = ("top15", "quartile", "median", "median-evals")  # replayed: tune's pruners, and the median as it was
 
 
 def overrides(rows: int, epochs: int, eval_every: int) -> list[str]:
@@ -172,9 +172,9 @@ def evaluations(run_dir: Path, monitor: str = "accuracy") -> list[tuple[int, flo
 
 def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
     """A replayed rule's pruner, the share of a trial's steps from which it is asked, and whether
-    reports are made at shares of training (else at evaluation numbers). "quartile", "median": what
-    `seqtrain tune --pruner` does with that name (from PRUNE_AFTER). "median-evals": what median did before,
-    Optuna's MedianPruner on evaluation numbers from a quarter of the steps. "pP[+pruned]/N" (the
+    reports are made at shares of training (else at evaluation numbers). "top15", "quartile", "median":
+    what `seqtrain tune --pruner` does with that name (from PRUNE_AFTER). "median-evals": what median
+    did before, Optuna's MedianPruner on evaluation numbers from a quarter of the steps. "pP[+pruned]/N" (the
     grid): the percentile pruner of seqtrain/pruner.py at percentile P, N start-up trials, counting
     pruned trials or not, from PRUNE_AFTER."""
     import optuna
@@ -182,7 +182,7 @@ def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
     from seqtrain.pruner import PercentileAtProgressPruner
     from seqtrain.tune import PRUNE_AFTER, make_pruner
 
-    if rule in ("quartile", "median"):
+    if rule in ("top15", "quartile", "median"):
         return make_pruner(rule), PRUNE_AFTER, True
     if rule == "median-evals":
         return optuna.pruners.MedianPruner(n_startup_trials=3), 0.25, False
@@ -194,7 +194,7 @@ def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
     return pruner, PRUNE_AFTER, True
 
 
-GRID = [f"p{p}{c}/{n}" for c in ("", "+pruned") for p in (50, 60, 67, 75) for n in (3, 5)]
+GRID = [f"p{p}{c}/{n}" for c in ("", "+pruned") for p in (50, 60, 67, 75, 80, 85, 90) for n in (3, 5)]
 
 
 def grid_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
@@ -218,7 +218,8 @@ def grid_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
         "Replayed rules (`--replay-grid`): `pP/N` prunes a trial whose best so far is in the bottom P% of "
         "the completed trials at the same share of training, after N completed trials, from "
         "PRUNE_AFTER of its steps; `+pruned` also counts pruned trials, held at their last best. "
-        "`p50/3` is `--pruner median`, `p75+pruned/3` `--pruner quartile`.\n\n"
+        "`p50/3` is `--pruner median`, `p75+pruned/3` `--pruner quartile`, "
+        "`p85+pruned/3` `--pruner top15`.\n\n"
         + md_table(["rule", "steps saved", "best kept", "best, mean change (points)", "least saved"], rows)
     )
 
@@ -305,9 +306,10 @@ def replay_block(runs: Path, plains: list[dict[str, Any]], first: int) -> str:
         )
     return (
         "Replayed: each unpruned study's trials in order, each cut where the pruner would have stopped it "
-        "(the same trials, so the pruner's doing alone). `quartile` and `median` are `seqtrain tune`'s "
-        "pruners of those names, at equal shares of training; `median-evals` is Optuna's MedianPruner at "
-        "equal evaluation numbers from a quarter of the steps, as tune had it before.\n\n"
+        "(the same trials, so the pruner's doing alone). `top15`, `quartile` and `median` are "
+        "`seqtrain tune`'s pruners of those names, at equal shares of training; `median-evals` is "
+        "Optuna's MedianPruner at equal evaluation numbers from a quarter of the steps, as tune had it "
+        "before.\n\n"
         + md_table(["TPE seed", "rule", "pruned", "steps", "saved", "best"], replay_rows(replays))
         + "\n\n"
         + "; ".join(summary)

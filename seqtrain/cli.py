@@ -550,10 +550,10 @@ def tune(
     pruner: Annotated[
         str,
         typer.Option(
-            help="quartile (keep a trial while it is in the top quarter at its share of training), "
-            "median, hyperband or none."
+            help="top15 (keep a trial while it is in the top 15% of the trials at its share of "
+            "training), quartile (top 25%), median, hyperband or none."
         ),
-    ] = "quartile",
+    ] = "top15",
     seed: Annotated[
         int | None,
         typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process."),

@@ -1,4 +1,4 @@
-"""`seqtrain tune`: hyperparameter search on Optuna (TPE sampler; quartile, median or Hyperband pruner).
+"""`seqtrain tune`: hyperparameter search on Optuna (TPE sampler; percentile or Hyperband pruner).
 
 Each trial is an ordinary seqtrain run in `runs/<study>/trial-NNNN` (config.yaml, checkpoints,
 metrics.jsonl). Every evaluation is reported to the pruner through `train(should_stop=...)`, at its
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "seqtrain tune needs Optuna: pip install 'seqtrain[tune]' (or pip install 'optuna>=3.6')."
 SPEC_KEYS = ("low", "high", "log", "step", "choices")
 TUNE_SETS = ("name", "output_dir")  # tune names each trial and puts it in the study folder
-PRUNERS = ("quartile", "median", "hyperband", "none")
+PRUNERS = ("top15", "quartile", "median", "hyperband", "none")
 MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 # The pruner is asked only once a trial has trained this share of its planned steps: a trial's first
 # evaluation is near chance (about 0.58 on SST-2 at 8% of a batch-32 trial) and ranks trials by noise.
@@ -285,7 +285,7 @@ class Options:
     jobs: int = 1
     # A name from PRUNERS, or an optuna pruner object (Python API; its steps are thousandths of a
     # trial's planned steps, pruner.progress).
-    pruner: Any = "quartile"
+    pruner: Any = "top15"
     report: bool = True  # False in the worker processes that --jobs starts
     seed: int | None = (
         None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
@@ -309,7 +309,9 @@ def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
     from seqtrain.pruner import PROGRESS, PercentileAtProgressPruner
 
     # Steps are fractions of each trial's planned steps, in thousandths (pruner.progress).
-    if pruner == "quartile":  # the default: BENCHMARKS.md (issue 21) compares the rules
+    if pruner == "top15":  # the default: BENCHMARKS.md (issue 21) compares the rules
+        return PercentileAtProgressPruner(85.0, n_startup_trials=3, count_pruned=True)
+    if pruner == "quartile":
         return PercentileAtProgressPruner(75.0, n_startup_trials=3, count_pruned=True)
     if pruner == "median":
         return PercentileAtProgressPruner(50.0, n_startup_trials=3)

@@ -225,26 +225,26 @@ def test_rating_ensemble_grid_and_oracle_shift() -> None:
 
 
 def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed() -> None:
-    from bench.tune import render
+    from bench.tune import PRUNED, render
 
     studies = [
-        (0, "quartile", 400, 0.80),
+        (0, PRUNED, 400, 0.80),
         (1, "none", 2000, 0.85),
         (0, "none", 1000, 0.79),
-        (1, "quartile", 1400, 0.84),
+        (1, PRUNED, 1400, 0.84),
     ]
     results = [
         {"seed": seed, "pruner": pruner, "steps": steps, "best": best, "best_trial": 3, "trials": 24}
         | {
             "states": {"COMPLETE": 24},
             "minutes": 1.0,
-            "planned": {(0, "quartile"): 1500, (1, "quartile"): 2500}.get((seed, pruner), steps),
+            "planned": {(0, PRUNED): 1500, (1, PRUNED): 2500}.get((seed, pruner), steps),
         }
         for seed, pruner, steps, best in studies
     ]
     block = render(results, "python -m bench.tune", "setup")
     rows = [line for line in block.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
-    assert [r.split(" | ")[1] for r in rows] == ["quartile", "none", "quartile", "none"]
+    assert [r.split(" | ")[1] for r in rows] == [PRUNED, "none", PRUNED, "none"]
     assert "60% ✓" in rows[0] and "+1.00 points ✓" in rows[0]  # against seed 0's unpruned study
     assert "30% ✗" in rows[2] and "-1.00 points ✗" in rows[2]
     assert "1,800 steps with pruning against 3,000 without (40.0% saved" in block

@@ -94,3 +94,10 @@ def test_a_higher_percentile_prunes_more_and_pruned_trials_count_at_their_last_b
         study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values=curve))
     assert PercentileAtProgressPruner(75.0).prune(study, on_par)  # the survivors alone: unchanged
     assert not PercentileAtProgressPruner(75.0, count_pruned=True).prune(study, on_par)  # 75th: 0.661
+    # tune's named rules on the same study: quartile keeps it (0.67 ≥ 0.661); top15, the default,
+    # stops it (85th percentile: 0.661 + 0.4 × (0.69 − 0.661) = 0.673).
+    from seqtrain.tune import Options, make_pruner
+
+    assert not make_pruner("quartile").prune(study, on_par)
+    assert make_pruner("top15").prune(study, on_par)
+    assert Options.__dataclass_fields__["pruner"].default == "top15"
