@@ -180,9 +180,9 @@ def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
     import optuna
 
     from seqtrain.pruner import PercentileAtProgressPruner
-    from seqtrain.tune import PRUNE_AFTER, make_pruner
+    from seqtrain.tune import PRUNE_AFTER, PRUNERS, make_pruner
 
-    if rule in ("top15", "quartile", "median"):
+    if rule in PRUNERS:  # tune's own names, one list
         return make_pruner(rule), PRUNE_AFTER, True
     if rule == "median-evals":
         return optuna.pruners.MedianPruner(n_startup_trials=3), 0.25, False
