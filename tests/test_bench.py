@@ -252,6 +252,41 @@ def test_tune_bench_compares_each_pruned_study_with_the_unpruned_one_of_its_seed
     assert "planned 4,000 steps, so within them pruning saved 55.0%" in block  # 1,800 trained of 4,000
 
 
+def test_tune_bench_leaves_a_pair_with_failed_trials_out_of_the_totals() -> None:
+    # Seed 1's unpruned study lost 10 trials to a full disk (0 steps each): counted, it would make
+    # pruning look worse (or better) by the steps of trials that never ran.
+    from bench.tune import PRUNED, render
+
+    results = [
+        {"seed": 0, "pruner": PRUNED, "steps": 500, "states": {"COMPLETE": 24}, "error": None},
+        {"seed": 0, "pruner": "none", "steps": 1000, "states": {"COMPLETE": 24}, "error": None},
+        {"seed": 1, "pruner": PRUNED, "steps": 900, "states": {"COMPLETE": 24}, "error": None},
+        {"seed": 1, "pruner": "none", "steps": 700, "states": {"COMPLETE": 14, "FAIL": 10}}
+        | {"error": "CheckpointError: No space left on device"},
+    ]
+    for r in results:
+        r |= {"study": f"s{r['seed']}-{r['pruner']}", "planned": r["steps"], "best": 0.8, "best_trial": 1}
+        r |= {"trials": 24, "minutes": 1.0}
+    block = render(results, "python -m bench.tune", "setup")
+    assert "Over the 1 pair(s): 500 steps with pruning against 1,000 without (50.0% saved" in block
+    (row,) = [line for line in block.splitlines() if line.startswith(f"| 1 | {PRUNED} |")]
+    assert "not compared: failed trials" in row
+    assert "Left out of the totals: seed 1, s1-none has 10 failed trial(s) (CheckpointError" in block
+
+
+def test_tune_bench_drops_trial_checkpoints_but_keeps_what_it_reads(tmp_path: Path) -> None:
+    from bench.tune import drop_checkpoints
+
+    trial = tmp_path / "trial-0000"
+    for folder in ("checkpoints/step-50", "last", "best"):
+        (trial / folder).mkdir(parents=True)
+        (trial / folder / "model.safetensors").write_bytes(b"x" * 100)
+    (trial / "config.yaml").write_text("model: {}\n")
+    (trial / "metrics.jsonl").write_text("{}\n")
+    drop_checkpoints(tmp_path)
+    assert sorted(p.name for p in trial.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
 def test_tune_bench_reuses_a_study_only_once_its_first_trials_have_all_finished(tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
     from bench.tune import finished
