@@ -22,6 +22,7 @@ what killed saves left behind (.tmp-step-* folders, temporary links and files).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from seqtrain.errors import CheckpointError, ConfigError
+from seqtrain.errors import CheckpointError, ConfigError, DiskFullError
 
 FORMAT = 1
 REQUIRED_FILES = ("model.safetensors", "state.json")
@@ -111,7 +112,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _write_error(f"cannot write {path}: {e.strerror or e}", e) from None
     _fsync_dir(path.parent)
 
 
@@ -225,21 +226,31 @@ def save(
         _fsync_dir(ckpt_root)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
+        raise _write_error(
             f"could not write checkpoint step {step} in {ckpt_root}: {_reason(e)}. "
-            "The previous checkpoint is untouched."
+            "The previous checkpoint is untouched.",
+            e,
         ) from None
     try:
         _link(run_dir, "last", final)
         if best:
             _link(run_dir, "best", final)
     except OSError as e:
-        raise CheckpointError(
+        raise _write_error(
             f"wrote {final} but could not point last/best at it: {_reason(e)}. "
-            "They still point at the previous checkpoint."
+            "They still point at the previous checkpoint.",
+            e,
         ) from None
     _prune(run_dir, keep_last)
     return final
+
+
+def _write_error(message: str, e: BaseException) -> CheckpointError:
+    """A failed write as CheckpointError, or as DiskFullError when the disk or quota is full (an OSError
+    with ENOSPC/EDQUOT, or safetensors' text for OS error 28 or 122)."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or bool(re.search(r"os error (28|122)\b|code: (28|122)\b", str(e)))
+    return (DiskFullError if full else CheckpointError)(message)
 
 
 def _reason(e: BaseException) -> str:

@@ -21,3 +21,9 @@ class DataError(SeqtrainError):
 
 class CheckpointError(SeqtrainError):
     """A run directory or checkpoint that is missing, corrupt or unsafe to load."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint that could not be written because the disk or the quota is full: the machine's
+    fault, not the run's, so `seqtrain tune` stops the study (resumable) instead of failing trial after
+    trial."""

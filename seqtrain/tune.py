@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -55,7 +56,7 @@ from seqtrain.config import (
     read_yaml,
     safe_parse,
 )
-from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.errors import ConfigError, DiskFullError, SeqtrainError
 from seqtrain.machine import physical_cores
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 # The pruner is asked only once a trial has trained this share of its planned steps: a trial's first
 # evaluation is near chance (about 0.58 on SST-2 at 8% of a batch-32 trial) and ranks trials by noise.
 PRUNE_AFTER = 0.15
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # an OSError with these stops the study instead of failing a trial
 
 # Used when --space is not given; written to runs/<study>/space.yaml as a starting point to edit.
 DEFAULT_SPACE = """\
@@ -502,6 +504,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         stopped.exit_code = e.exit_code
         raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
+        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in DISK_FULL):
+            # The machine's fault, not the trial's: recorded as failed, every later trial would fail
+            # the same way within seconds. Stop instead; the trial stays RUNNING and resumes from last/.
+            raise SeqtrainError(
+                f"trial {n} stopped: {str(e).rstrip('.')}. Free some disk space (the study needs only "
+                "study.db and each trial's metrics.jsonl; the checkpoints/ folders of finished trials "
+                f"under {ctx['folder']} can go if you do not need their models), then run the same "
+                f"`seqtrain tune` command again: trial {n} resumes from its last checkpoint and the "
+                "study continues."
+            ) from None
         error = f"{type(e).__name__}: {e}"
         with _ctrl_c_deferred():
             trial.set_user_attr("error", error[:2000])

@@ -550,6 +550,34 @@ def test_disk_full_while_safetensors_writes(tmp_path: Path, monkeypatch: pytest.
     assert checkpoint.find(tmp_path, "last") == ((tmp_path / "checkpoints" / "step-00000001").resolve(), [])
 
 
+@pytest.mark.parametrize(
+    ("error", "full"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        ("Error while serializing: I/O error: No space left on device (os error 28)", True),
+        ("Error while serializing: I/O error: Permission denied (os error 13)", False),
+        (OSError(errno.EACCES, "Permission denied"), False),
+    ],
+)
+def test_a_full_disk_is_told_apart_from_other_write_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError | str, full: bool
+) -> None:
+    """tune stops the study on DiskFullError (every later trial would fail too) but records any other
+    CheckpointError as the trial's failure: the two must not be confused."""
+    from safetensors import SafetensorError
+
+    from seqtrain.errors import DiskFullError
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError(error) if isinstance(error, str) else error
+
+    monkeypatch.setattr(checkpoint, "save_file", failing)
+    with pytest.raises(CheckpointError, match="previous checkpoint is untouched") as raised:
+        small_save(tmp_path, 1)
+    assert isinstance(raised.value, DiskFullError) == full
+
+
 def test_disk_full_while_linking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     small_save(tmp_path, 1)
 

@@ -202,6 +202,41 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(
     assert "trial 0 failed" in result.output and "Traceback" not in result.output
 
 
+def test_full_disk_stops_the_study_and_a_rerun_resumes_the_trial_instead_of_failing_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in a bench: the disk filled in one trial, and every later trial was recorded as failed
+    # within two seconds each, until the study's trials were used up. Now tune stops, and the rerun
+    # (after freeing space) resumes that trial from its last checkpoint.
+    from safetensors import SafetensorError
+
+    import seqtrain.checkpoint
+
+    config, space = _setup(tmp_path, monkeypatch, epochs=2, max_steps=40)
+    save_file = seqtrain.checkpoint.save_file
+    disk = {"full": True}
+
+    def fills_in_trial_1(tensors: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        if disk["full"] and "trial-0001" in path and "tmp-step-00000016" in path:  # safetensors' own text
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(seqtrain.checkpoint, "save_file", fills_in_trial_1)
+    command = ["tune", config, "--trials", "3", "--space", space, "--pruner", "none"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "trial 1 stopped: could not write checkpoint step 16" in result.output
+    assert "Free some disk space" in result.output and "resumes from its last checkpoint" in result.output
+    assert [t.state.name for t in _trials(tmp_path)] == ["COMPLETE", "RUNNING"]  # no FAIL, no trial 2
+
+    disk["full"] = False  # space freed
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert [t.state.name for t in _trials(tmp_path)] == ["COMPLETE"] * 3
+    assert "trial 1 resumed from" in result.output
+    assert _evals(tmp_path / "runs" / "tiny-tune" / "trial-0001") == [8, 16, 24, 32, 40]
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
