@@ -558,6 +558,14 @@ def tune(
         int | None,
         typer.Option(help="Seed of the TPE sampler (default: random); reproducible with one process."),
     ] = None,
+    keep_pruned: Annotated[
+        bool,
+        typer.Option(
+            "--keep-pruned",
+            help="Keep the checkpoints of pruned trials (default: deleted once pruned; their metrics and "
+            "config stay).",
+        ),
+    ] = False,
     no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:
     """Search hyperparameters with Optuna; bad trials are pruned early.
@@ -580,6 +588,7 @@ def tune(
                 pruner,
                 not no_report,
                 seed,
+                keep_pruned,
             )
         )
     except SeqtrainError as e:

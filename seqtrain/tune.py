@@ -292,6 +292,9 @@ class Options:
     seed: int | None = (
         None  # TPE's seed; offset by the trials already stored, so a rerun does not repeat them
     )
+    # A pruned trial is never resumed, and most trials are pruned (126 of 153 in BENCHMARKS.md's
+    # 60-minute study): their checkpoints (about 28 MB each there) would fill the disk for nothing.
+    keep_pruned: bool = False
 
 
 def _monitor(cfg: Config) -> tuple[str, Literal["maximize", "minimize"]]:
@@ -531,6 +534,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         if seen["pruned"]:
             study.tell(trial, state=TrialState.PRUNED)
             _say(f"trial {n} pruned after {seen['step']:,} steps ({minutes:.1f} min)")
+            if not ctx["keep_pruned"]:  # config.yaml, metrics.jsonl and run.json stay
+                for folder in ("last", "best", "checkpoints"):  # the links first, then what they point at
+                    if (run_dir / folder).is_symlink():
+                        (run_dir / folder).unlink()
+                    else:
+                        shutil.rmtree(run_dir / folder, ignore_errors=True)
         elif not best or monitor not in best:
             trial.set_user_attr("error", f"the run ended without an evaluation of {monitor}")
             study.tell(trial, state=TrialState.FAIL)
@@ -672,6 +681,7 @@ def tune(opts: Options) -> int:
         run_workers(opts, study_name, url, deadline)
     else:
         ctx = {"base": base, "space": space, "folder": folder, "study": study_name, "monitor": monitor}
+        ctx |= {"keep_pruned": opts.keep_pruned}
         work(study, opts, ctx, deadline)
     if not opts.report:
         return 0
@@ -704,6 +714,8 @@ def run_workers(opts: Options, study_name: str, url: str, deadline: float | None
         cmd.append(f"train.num_threads={threads}")
     if opts.space is not None:
         cmd += ["--space", str(opts.space)]
+    if opts.keep_pruned:
+        cmd.append("--keep-pruned")
     if deadline is not None:
         cmd += ["--timeout", str(max(0.01, (deadline - time.time()) / 60))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

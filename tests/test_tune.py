@@ -4,6 +4,7 @@ and space validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -178,6 +179,14 @@ def test_pruned_trial_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     run = tmp_path / "runs" / "tiny-tune" / "trial-0000"
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 8 and _evals(run) == [8]
+    # a pruned trial is never resumed: its checkpoints go (they filled a disk), its record stays
+    left = {p.name for p in run.iterdir()}
+    assert not left & {"checkpoints", "last", "best"} and {"config.yaml", "metrics.jsonl"} <= left
+    kept = Options(Path(config), [], 1, space=Path(space), study="kept", keep_pruned=True)
+    assert tune(dataclasses.replace(kept, pruner=optuna.pruners.ThresholdPruner(lower=1.01))) == 1
+    run = tmp_path / "runs" / "kept" / "trial-0000"
+    assert {"checkpoints", "last", "best"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 8
 
 
 def test_failed_trial_is_recorded_and_the_study_goes_on(
