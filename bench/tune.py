@@ -128,17 +128,22 @@ def best_of(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> dict
 
 def within_steps(url: str, name: str, budget: int) -> dict[str, Any]:
     """The trials of one stored study, in trial order, while their steps add up to at most `budget`:
-    how many, their steps, and their best value."""
+    how many, their steps, their best value, and whether the study reached the budget (False: it was
+    not continued that far, so its trials had fewer steps than the comparison is about)."""
     import optuna
 
     study = optuna.load_study(study_name=name, storage=url)
-    taken, steps = [], 0
+    taken, steps, reached = [], 0, False
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if not t.state.is_finished() or steps + int(t.user_attrs.get("steps", 0)) > budget:
+        if not t.state.is_finished():
+            break
+        if steps + int(t.user_attrs.get("steps", 0)) > budget:
+            reached = True
             break
         taken.append(t)
         steps += int(t.user_attrs.get("steps", 0))
-    return {"trials": len(taken), "steps": steps, **best_of(study, taken)}
+    reached = reached or steps >= budget
+    return {"trials": len(taken), "steps": steps, "reached": reached, **best_of(study, taken)}
 
 
 def extend_to_steps(
@@ -567,7 +572,10 @@ def main(argv: list[str] | None = None) -> int:
             name = study_name(a.prefix, plain["seed"], PRUNED)
             within = within_steps(f"sqlite:///{runs / name / 'study.db'}", name, plain["steps"])
             pairs.append((plain, {"seed": plain["seed"], **within}))
+        short = [str(n["seed"]) for n, p in pairs if not p["reached"]]  # e.g. rendered before continuing
+        pairs = [(n, p) for n, p in pairs if p["reached"]]
         wins = sum(p["best"] is not None and p["best"] >= n["best"] for n, p in pairs)
+        diffs = [(p["best"] - n["best"]) * 100 for n, p in pairs if p["best"] is not None]
         block += (
             "\n\nAt equal steps: each pruned study continued until its trials had trained the steps of "
             "the unpruned study's first "
@@ -576,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                 ["TPE seed", "no pruning", f"{PRUNED} pruner, within those steps", "difference"],
                 equal_steps_rows(pairs),
             )
-            + f"\n\nAt equal steps pruning's best was equal or better in {wins} of {len(pairs)}."
+            + f"\n\nAt equal steps pruning's best was equal or better in {wins} of {len(pairs)}, "
+            f"{sum(diffs) / max(len(diffs), 1):+.2f} points on average."
+            + (f" Not continued to equal steps, so left out: seed(s) {', '.join(short)}." if short else "")
         )
     if a.replay_grid:
         block += "\n\n" + grid_block(runs, [r for r in comparable if r["pruner"] == "none"], a.trials)

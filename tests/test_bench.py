@@ -323,8 +323,16 @@ def test_tune_bench_at_equal_steps_takes_the_pruned_trials_that_fit_in_the_unpru
         trial = study.ask()
         trial.set_user_attr("steps", steps)
         study.tell(trial, value, state=state)
-    assert within_steps(url, "s", 700) == {"trials": 3, "steps": 700, "best": 0.7, "best_trial": 2}
+    assert within_steps(url, "s", 700) == {
+        "trials": 3,
+        "steps": 700,
+        "reached": True,
+        "best": 0.7,
+        "best_trial": 2,
+    }
     assert within_steps(url, "s", 750)["best"] == 0.9 and within_steps(url, "s", 299)["best"] is None
+    # 750 steps in all: a study not continued to 1,000 steps must not be compared at "equal steps"
+    assert within_steps(url, "s", 750)["reached"] and not within_steps(url, "s", 1000)["reached"]
     plain = {"seed": 3, "trials": 24, "steps": 700, "best": 0.75}
     (row,) = equal_steps_rows([(plain, {"seed": 3, **within_steps(url, "s", 700)})])
     assert row == ["3", "24 trials, 700 steps: 0.7500", "3 trials, 700 steps: 0.7000", "-5.00 points ✗"]
