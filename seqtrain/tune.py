@@ -3,7 +3,8 @@
 Each trial is an ordinary seqtrain run in `runs/<study>/trial-NNNN` (config.yaml, checkpoints,
 metrics.jsonl). Every evaluation is reported to the pruner through `train(should_stop=...)`, at its
 fraction of the trial's planned steps (pruner.py says why); a pruned trial stops right after that
-evaluation. The study lives in a database (SQLite in the study folder by default), so:
+evaluation, and its checkpoints are deleted (it is never resumed; `--keep-pruned` keeps them). The
+study lives in a database (SQLite in the study folder by default), so:
 
 - killing `tune` and running the same command again continues the study: finished trials stay,
   and a trial that was running in a process that is gone, or that Ctrl-C stopped (also in a process
@@ -14,7 +15,8 @@ evaluation. The study lives in a database (SQLite in the study folder by default
 
 `--trials N` counts every trial of the study (finished, pruned, failed and running), so a rerun
 tops the study up to N. A trial that raises (a bad combination of values, out of memory) is
-recorded as FAIL with its error, and the study goes on.
+recorded as FAIL with its error, and the study goes on; a full disk instead stops the study with the
+trial left to resume, since every later trial would fail the same way.
 
 Only this module (inside functions) and pruner.py import optuna: the space is validated without it.
 """
