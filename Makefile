@@ -44,8 +44,8 @@ bench-scale: install data
 # 1 thread each: about 8 minutes a seed on 2 free cores; finished studies are read, not run again.
 .PHONY: bench-tune
 bench-tune: install data
-	OMP_NUM_THREADS=1 $(BIN)/python -m bench.tune --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 \
-		--trials 24 --parallel 2 --replay --replay-grid
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.tune --seeds $$(seq 0 36) \
+		--trials 24 --parallel 2 --equal-steps --replay --replay-grid
 
 # headless Chromium for the page test in tests/test_serve.py (Debian's packages; .ci/run calls this)
 browser-deps:
