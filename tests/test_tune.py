@@ -450,3 +450,31 @@ def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_o
     for t in trials:  # each resumed or run once: every evaluation logged and reported once
         assert _evals(folder / f"trial-{t.number:04d}") == list(range(8, 121, 8)), t.number
         assert list(t.intermediate_values) == [round(1000 * s / 120) for s in range(8, 121, 8)], t.number
+
+
+def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A --jobs worker is its own `seqtrain tune` process: an option not passed on is silently dropped
+    # (a worker would delete pruned checkpoints the user asked to keep, or prune by another rule).
+    import seqtrain.tune
+    from seqtrain.tune import Options, run_workers
+
+    started: list[list[str]] = []
+
+    class Worker:
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+            started.append(cmd)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(seqtrain.tune.subprocess, "Popen", Worker)
+    opts = Options(tmp_path / "c.yaml", ["train.epochs=1"], 5, jobs=2, pruner="quartile", keep_pruned=True)
+    run_workers(opts, "s", "sqlite:///s.db", None)
+    assert len(started) == 2
+    for cmd in started:
+        assert "--keep-pruned" in cmd and cmd[cmd.index("--pruner") + 1] == "quartile"
+        assert "train.epochs=1" in cmd and cmd[cmd.index("--jobs") + 1] == "1"
+    run_workers(dataclasses.replace(opts, keep_pruned=False), "s", "sqlite:///s.db", None)
+    assert "--keep-pruned" not in started[-1]
