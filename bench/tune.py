@@ -372,9 +372,10 @@ def run_study(config: Path, name: str, seed: int, pruner: str, trials: int, extr
 
 def drop_checkpoints(study_dir: Path) -> None:
     """Delete the checkpoints of a finished study's trials; their config.yaml and metrics.jsonl stay."""
+    from seqtrain.checkpoint import remove_all
+
     for trial_dir in study_dir.glob("trial-*"):
-        for folder in ("checkpoints", "last", "best"):
-            shutil.rmtree(trial_dir / folder, ignore_errors=True)
+        remove_all(trial_dir)
 
 
 def pair_rows(results: list[dict[str, Any]]) -> list[list[str]]:

@@ -246,11 +246,15 @@ def save(
 
 
 def _write_error(message: str, e: BaseException) -> CheckpointError:
-    """A failed write as CheckpointError, or as DiskFullError when the disk or quota is full (an OSError
-    with ENOSPC/EDQUOT, or safetensors' text for OS error 28 or 122)."""
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    full = full or bool(re.search(r"os error (28|122)\b|code: (28|122)\b", str(e)))
-    return (DiskFullError if full else CheckpointError)(message)
+    """A failed write as CheckpointError, or as DiskFullError when the disk or quota is full."""
+    return (DiskFullError if is_disk_full(e) else CheckpointError)(message)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError with ENOSPC/EDQUOT, or safetensors' text for OS error 28 or 122."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return bool(re.search(r"os error (28|122)\b|code: (28|122)\b", str(e)))
 
 
 def _reason(e: BaseException) -> str:
@@ -270,6 +274,15 @@ def step_dirs(run_dir: Path) -> list[Path]:
         if m:
             found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
     return [p for _, p in sorted(found)]
+
+
+def remove_all(run_dir: Path) -> None:
+    """Delete every checkpoint of a run that will not be resumed, the `last`/`best` links first;
+    its config, metrics and tokenizer stay."""
+    for name in ("last", "best"):
+        if (run_dir / name).is_symlink():
+            (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
 import fcntl
 import json
 import os
@@ -72,7 +71,6 @@ MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 # The pruner is asked only once a trial has trained this share of its planned steps: a trial's first
 # evaluation is near chance (about 0.58 on SST-2 at 8% of a batch-32 trial) and ranks trials by noise.
 PRUNE_AFTER = 0.15
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # an OSError with these stops the study instead of failing a trial
 
 # Used when --space is not given; written to runs/<study>/space.yaml as a starting point to edit.
 DEFAULT_SPACE = """\
@@ -461,6 +459,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
     """Train one trial and tell the study how it ended: COMPLETE, PRUNED or FAIL (with the error)."""
     from optuna.trial import TrialState
 
+    from seqtrain.checkpoint import is_disk_full, remove_all
     from seqtrain.pruner import progress
     from seqtrain.train import Interrupted, train
 
@@ -509,7 +508,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         stopped.exit_code = e.exit_code
         raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
-        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in DISK_FULL):
+        if isinstance(e, DiskFullError) or is_disk_full(e):
             # The machine's fault, not the trial's: recorded as failed, every later trial would fail
             # the same way within seconds. Stop instead; the trial stays RUNNING and resumes from last/.
             raise SeqtrainError(
@@ -536,12 +535,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         if seen["pruned"]:
             study.tell(trial, state=TrialState.PRUNED)
             _say(f"trial {n} pruned after {seen['step']:,} steps ({minutes:.1f} min)")
-            if not ctx["keep_pruned"]:  # config.yaml, metrics.jsonl and run.json stay
-                for folder in ("last", "best", "checkpoints"):  # the links first, then what they point at
-                    if (run_dir / folder).is_symlink():
-                        (run_dir / folder).unlink()
-                    else:
-                        shutil.rmtree(run_dir / folder, ignore_errors=True)
+            if not ctx["keep_pruned"]:
+                remove_all(run_dir)
         elif not best or monitor not in best:
             trial.set_user_attr("error", f"the run ended without an evaluation of {monitor}")
             study.tell(trial, state=TrialState.FAIL)
@@ -683,7 +678,7 @@ def tune(opts: Options) -> int:
         run_workers(opts, study_name, url, deadline)
     else:
         ctx = {"base": base, "space": space, "folder": folder, "study": study_name, "monitor": monitor}
-        ctx |= {"keep_pruned": opts.keep_pruned}
+        ctx["keep_pruned"] = opts.keep_pruned
         work(study, opts, ctx, deadline)
     if not opts.report:
         return 0

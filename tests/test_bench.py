@@ -276,11 +276,12 @@ def test_tune_bench_leaves_a_pair_with_failed_trials_out_of_the_totals() -> None
 
 def test_tune_bench_drops_trial_checkpoints_but_keeps_what_it_reads(tmp_path: Path) -> None:
     from bench.tune import drop_checkpoints
+    from seqtrain import checkpoint
 
     trial = tmp_path / "trial-0000"
-    for folder in ("checkpoints/step-50", "last", "best"):
-        (trial / folder).mkdir(parents=True)
-        (trial / folder / "model.safetensors").write_bytes(b"x" * 100)
+    for step in (50, 100):  # the real layout: last and best are links into checkpoints/
+        model = torch.nn.Linear(3, 2)
+        checkpoint.save(trial, step, model, None, {"step": step, "epoch": 0}, best=step == 50, keep_last=1)
     (trial / "config.yaml").write_text("model: {}\n")
     (trial / "metrics.jsonl").write_text("{}\n")
     drop_checkpoints(tmp_path)
