@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,export,tensorboard,serve,tune]'
+	$(BIN)/pip install --quiet -e '.[dev,export,tensorboard,serve,tune,vectors,baselines]'
 	touch $(STAMP)
 
 data: $(STAMP)
