@@ -384,16 +384,14 @@ def load(
 def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
     """The checkpoint `which` points at, verified; if it is damaged, the newest good one (with warnings)."""
     warnings: list[str] = []
+    problems: list[str] = []  # why each candidate was passed over
     candidates: list[Path] = []
     for name in dict.fromkeys((which, "last", "best")):
         link = run_dir / name
         if link.exists():
             candidates.append(link.resolve())
         elif link.is_symlink() and name == which:  # a dangling link: its checkpoint was removed
-            warnings.append(
-                f"{link} points at {os.readlink(link)}, which is missing. "
-                "Falling back to an older checkpoint."
-            )
+            problems.append(f"{link} points at {os.readlink(link)}, which is missing.")
     candidates += [p.resolve() for p in reversed(step_dirs(run_dir))]
     seen: set[Path] = set()
     for ckpt in candidates:
@@ -402,44 +400,129 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
         seen.add(ckpt)
         try:
             verify(ckpt)
-            return ckpt, warnings
+            return ckpt, warnings + [f"{p} Falling back to an older checkpoint." for p in problems]
         except CheckpointError as e:
-            warnings.append(f"{e} Falling back to an older checkpoint.")
+            problems.append(str(e))
     if not candidates:
+        verb = _VERB[run_kind(run_dir) or CLASSIFIER]
         raise CheckpointError(
-            f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain train CONFIG."
+            f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain {verb} CONFIG."
         )
-    raise CheckpointError(f"no intact checkpoint in {run_dir}: " + " ".join(warnings))
+    raise CheckpointError(
+        f"no intact checkpoint in {run_dir}: "
+        + " ".join(problems)
+        + " Restore the checkpoints/ folder from a copy, or train the run again in a new folder."
+    )
 
 
 # --------------------------------------------------------------------------- the run directory's lock
 
 _HELD: dict[Path, IO[str]] = {}  # run directories this process has locked, with the open lock file
+CLASSIFIER, LANGUAGE_MODEL = "classifier", "language-model"  # what run.json's "kind" says (train, pretrain)
+_VERB = {CLASSIFIER: "train", LANGUAGE_MODEL: "pretrain"}
 
 
-def _seqtrain_made(run_dir: Path) -> bool:
-    return (run_dir / ".lock").exists() or (run_dir / "run.json").is_file()
+def run_marker() -> dict[str, Any]:
+    """What run.json carries to say seqtrain wrote it: {"seqtrain": {"version": ...}}. A folder is taken
+    for a run only with it, never for the mere presence of a file called run.json."""
+    from seqtrain import __version__
+
+    return {"seqtrain": {"version": __version__, "format": FORMAT}}
 
 
-def lock_run_dir(run_dir: Path, fresh: bool) -> list[str]:
+def read_run_info(run_dir: Path) -> dict[str, Any] | None:
+    """run.json as a dict, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_seqtrain_run(run_dir: Path) -> bool:
+    """run_dir holds a run.json that seqtrain wrote: with the marker, or (runs written before the marker)
+    with the step count and vocabulary size every run.json has, beside a checkpoint's manifest."""
+    info = read_run_info(run_dir)
+    if info is None:
+        return False
+    marker = info.get("seqtrain")
+    if isinstance(marker, dict) and isinstance(marker.get("version"), str):
+        return True
+    return (
+        all(isinstance(info.get(k), int) for k in ("steps_per_epoch", "vocab_size"))
+        and next((run_dir / "checkpoints").glob("step-*/manifest.json"), None) is not None
+    )
+
+
+def run_kind(run_dir: Path) -> str | None:
+    """CLASSIFIER (seqtrain train) or LANGUAGE_MODEL (seqtrain pretrain) as run.json says; None when
+    run_dir is no seqtrain run."""
+    info = read_run_info(run_dir)
+    if info is None or not is_seqtrain_run(run_dir):
+        return None
+    return LANGUAGE_MODEL if info.get("kind") == LANGUAGE_MODEL else CLASSIFIER
+
+
+def language_model_error(run_dir: Path, what: str) -> CheckpointError:
+    """`what` (eval, predict, ...) given a pretrain run: it has no labels; say how to get a classifier."""
+    return CheckpointError(
+        f"{run_dir} is a language model run (written by `seqtrain pretrain`), not a classifier: "
+        f"{what} needs a classifier with labels. Fine-tune it with `model.init_from: {run_dir}` in a "
+        "train config (seqtrain init DATA --init-from RUN writes one), then use that run."
+    )
+
+
+def _check_kind(run_dir: Path, kind: str, fresh: bool) -> None:
+    """A resume (or a fresh run over checkpoints) of the other verb's run: say which verb it belongs to."""
+    found = run_kind(run_dir)
+    if found is None or found == kind or (fresh and not step_dirs(run_dir)):
+        return
+    if found == LANGUAGE_MODEL:
+        raise ConfigError(
+            f"output_dir {str(run_dir)!r} holds a language model run (written by `seqtrain pretrain`), "
+            "not a classifier run: continue it with `seqtrain pretrain CONFIG --resume`, or fine-tune from "
+            f"it with `model.init_from: {run_dir}` and another output_dir (or name=...)."
+        )
+    raise ConfigError(
+        f"output_dir {str(run_dir)!r} holds a classifier run (written by `seqtrain train`), not a language "
+        "model run: continue it with `seqtrain train CONFIG --resume`, or give pretrain another output_dir "
+        "(or name=...)."
+    )
+
+
+def lock_run_dir(run_dir: Path, fresh: bool, kind: str | None = None) -> list[str]:
     """Lock run_dir for this process until it exits; return the stale temporary files it removed.
 
     A second process is refused while the first runs; a lock left by a process that died is free
-    (flock locks die with their process). A fresh run refuses a non-empty folder that seqtrain did
-    not create (output_dir=. next to the user's own files).
+    (flock locks die with their process). Nothing is created or locked in a folder before it is known to
+    be a seqtrain run (run.json with seqtrain's marker) or new or empty: a fresh run refuses a folder
+    with other files (output_dir=. next to the user's own files) and a resume refuses one that holds no
+    run. A fresh run marks the folder at once (run.json with the marker). `kind` (CLASSIFIER or
+    LANGUAGE_MODEL): refuse to resume the other verb's run.
     """
     key = run_dir.resolve()
     if key in _HELD:
         return []
-    if fresh and run_dir.is_dir() and any(run_dir.iterdir()) and not _seqtrain_made(run_dir):
-        names = sorted(p.name for p in run_dir.iterdir())
+    if run_dir.is_dir() and not is_seqtrain_run(run_dir):
+        # a lone .lock (left by an older seqtrain) holds nothing of the user's
+        names = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
         shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ConfigError(
-            f"output_dir {str(run_dir)!r} is a folder seqtrain did not create and it is not empty ({shown}); "
-            "training would overwrite files there. Pick a new or empty folder (output_dir=... or name=...)."
-        )
-    if not fresh and not run_dir.is_dir():
+        if names and fresh:
+            raise ConfigError(
+                f"output_dir {str(run_dir)!r} is a folder seqtrain did not create and it is not empty "
+                f"({shown}); training would overwrite files there. Pick a new or empty folder "
+                "(output_dir=... or name=...)."
+            )
+        if names:
+            raise ConfigError(
+                f"output_dir {str(run_dir)!r} is not a seqtrain run (no run.json written by seqtrain; it "
+                f"holds {shown}): there is nothing to resume. Check output_dir (or name), or start a new "
+                "run in a new or empty folder without --resume."
+            )
+    if not fresh and not is_seqtrain_run(run_dir):
         return []  # nothing to resume: the caller says so
+    if kind is not None:
+        _check_kind(run_dir, kind, fresh)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the life of the process
@@ -460,6 +543,12 @@ def lock_run_dir(run_dir: Path, fresh: bool) -> list[str]:
     f.write(f"{os.getpid()}\n")
     f.flush()
     _HELD[key] = f
+    if fresh and read_run_info(run_dir) is None:
+        try:  # the folder is seqtrain's from now on, also if this run stops before it writes run.json
+            write_json_atomic(run_dir / "run.json", run_marker())
+        except CheckpointError:
+            unlock_run_dir(run_dir)
+            raise
     return clean_stale(run_dir)
 
 

@@ -223,7 +223,59 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise CheckpointError(f"cannot read the tokenizer {path}: {e}") from None
 
 
+def read_labels(path: Path) -> Labels:
+    """A run's (or an export folder's) labels.json, checked: a file that is not JSON, or not the object
+    `seqtrain train` writes, is a CheckpointError that names the file and the fault, never a traceback
+    later (predict, explain, eval, export and serve all read labels.json through here)."""
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is damaged: {what}. It is written by `seqtrain train` (an export folder holds a copy of "
+            "its run's): restore it from a copy, or train the run again."
+        )
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {path.parent} is not a complete seqtrain run.") from None
+    except UnicodeDecodeError:
+        raise damaged("it is not UTF-8 text") from None
+    except ValueError as e:
+        raise damaged(f"it is not JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(raw, dict):
+        raise damaged(f"it holds a JSON {type(raw).__name__}, not an object with 'names' and 'values'")
+    task = raw.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise damaged(f"'task' is {task!r}, not 'classification' or 'regression'")
+    names, values = raw.get("names"), raw.get("values")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise damaged("'names' is not a non-empty list of strings")
+    if not isinstance(values, list) or not all(v is None or isinstance(v, str | int | float) for v in values):
+        raise damaged("'values' is not a list of label values")
+    if task == "classification" and (len(names) < 2 or len(values) != len(names)):
+        raise damaged(
+            f"it names {len(names)} classes with {len(values)} values; a classifier needs at least two "
+            "classes, one value each"
+        )
+    counts = raw.get("counts", [])
+    if not isinstance(counts, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in counts
+    ):
+        raise damaged("'counts' is not a list of integers")
+    for key in ("mean", "std", "low", "high"):
+        x = raw.get(key, 0.0)
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            raise damaged(f"{key!r} is {x!r}, not a finite number")
+    if task == "regression" and not raw.get("std", 1.0) > 0:
+        raise damaged(f"'std' is {raw.get('std')!r}; the targets' standard deviation must be positive")
+    if not isinstance(raw.get("integer", False), bool):
+        raise damaged("'integer' is not true or false")
+    return Labels.from_json(raw)
+
+
 def read_run_files(run_dir: Path) -> tuple[Tokenizer, Labels]:
     """The tokenizer and labels a training run wrote (JSON only)."""
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    return tokenizer, Labels.from_json(json.loads((run_dir / "labels.json").read_text()))
+    return tokenizer, read_labels(run_dir / "labels.json")

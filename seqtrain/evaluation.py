@@ -22,7 +22,7 @@ def evaluate_run(
     plots: bool,
 ) -> tuple[dict[str, Any], str]:
     """Evaluate, write eval-<...>.json (and the pictures); return the report and a title for it."""
-    run, warnings = load_run(run_dir, checkpoint)
+    run, warnings = load_run(run_dir, checkpoint, what="`seqtrain eval`")
     for w in warnings:
         console.warn(w)
     split_name = split or run.config.data.eval_split

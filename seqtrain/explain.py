@@ -422,7 +422,7 @@ def load_target(target: Path, checkpoint: str) -> Predictor:
         return load_exported_run(target)
     from seqtrain.inference import load_run
 
-    run, warnings = load_run(target, checkpoint)
+    run, warnings = load_run(target, checkpoint, what="`seqtrain explain`")
     for w in warnings:
         console.warn(w)
     return run

@@ -188,7 +188,7 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
         raise ExportError(
             f"ONNX export needs the package(s) {', '.join(missing_onnx_packages())}: {INSTALL_HINT}."
         )
-    run, load_warnings = load_run(run_dir, which, device="cpu")
+    run, load_warnings = load_run(run_dir, which, device="cpu", what="`seqtrain export`")
     model = WithProbs(run.model.eval(), run.labels, run.config).eval()
     folder = output if output is not None else run_dir / "export"
     folder.mkdir(parents=True, exist_ok=True)

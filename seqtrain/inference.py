@@ -52,10 +52,16 @@ class Run:
         return probs_of(self, seqs, batch_size, cost)
 
 
-def load_run(run_dir: Path, which: str = "best", device: str = "cpu") -> tuple[Run, list[str]]:
-    """Rebuild model, tokenizer and labels from a run directory (safe loaders only)."""
+def load_run(
+    run_dir: Path, which: str = "best", device: str = "cpu", what: str = "this command"
+) -> tuple[Run, list[str]]:
+    """Rebuild model, tokenizer and labels from a run directory (safe loaders only). A language model run
+    (seqtrain pretrain), a missing file or a damaged labels.json is a CheckpointError; `what` names the
+    command in that message."""
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {str(run_dir)!r} does not exist.")
+    if checkpoint.run_kind(run_dir) == checkpoint.LANGUAGE_MODEL:
+        raise checkpoint.language_model_error(run_dir, what)
     for name in ("config.yaml", "tokenizer.json", "labels.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(

@@ -352,7 +352,7 @@ def predict_command(
     else:
         from seqtrain.inference import load_run
 
-        run, warnings = load_run(run_dir, checkpoint)
+        run, warnings = load_run(run_dir, checkpoint, what="`seqtrain predict`")
     for w in warnings:
         console.warn(w)
     if threshold is not None and (run.labels.task != "classification" or len(run.labels.names) != 2):

@@ -92,6 +92,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     )  # torchrun: plan_ranks
     names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
     run_info = {
+        **checkpoint.run_marker(),
         "kind": KIND,
         "num_train_examples": rows,
         "steps_per_epoch": steps_per_epoch,
@@ -230,7 +231,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     if rank != 0:
         console.quiet()
     if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
-        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume):
+        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume, kind=checkpoint.LANGUAGE_MODEL):
             console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
     log = MetricsLog(run_dir / "metrics.jsonl")
     workers = resolve_workers(cfg.data.num_workers)

@@ -275,6 +275,7 @@ def prepare_run(
     # Under DDP each rank counts its own part after this (runtime.plan_ranks) and the epoch is the smallest.
     steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows))
     run_info = {
+        **checkpoint.run_marker(),
         "num_train_examples": vocab.num_examples,
         "steps_per_epoch": steps_per_epoch,
         "vocab_size": tokenizer.get_vocab_size(),
@@ -375,7 +376,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
         torch.use_deterministic_algorithms(True)
     if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
-        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume):
+        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume, kind=checkpoint.CLASSIFIER):
             console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
     log = MetricsLog(
         run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None
