@@ -113,7 +113,7 @@ def test_regenerating_benchmarks_md_keeps_its_hand_run_tables(tmp_path: Path) ->
         head, rest = outside.split(begin, 1)
         outside = head + begin + f"\n| regenerated {name} |\n" + end + rest.split(end, 1)[1]
     assert text == outside
-    assert "Prediction after this session's changes" in text  # the hand-run table, outside the markers
+    assert "**Prediction, hand-run later**" in text  # the hand-written note, outside the markers
 
 
 def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(
