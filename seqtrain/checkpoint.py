@@ -251,10 +251,18 @@ def _write_error(message: str, e: BaseException) -> CheckpointError:
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """An OSError with ENOSPC/EDQUOT, or safetensors' text for OS error 28 or 122."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return bool(re.search(r"os error (28|122)\b|code: (28|122)\b", str(e)))
+    """An OSError with ENOSPC/EDQUOT, safetensors' text for OS error 28 or 122, or SQLite's "database or
+    disk is full" (a study's database); also as the cause of the error raised (optuna wraps SQLite's)."""
+    cause: BaseException | None = e
+    for _ in range(8):
+        if cause is None:
+            return False
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if re.search(r"os error (28|122)\b|code: (28|122)\b|database or disk is full", str(cause)):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _reason(e: BaseException) -> str:
@@ -404,7 +412,7 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
         except CheckpointError as e:
             problems.append(str(e))
     if not candidates:
-        verb = _VERB[run_kind(run_dir) or CLASSIFIER]
+        verb = _VERB.get(run_kind(run_dir) or CLASSIFIER, "pretrain")
         raise CheckpointError(
             f"{run_dir} holds no checkpoint (no {which}/ folder). Train first: seqtrain {verb} CONFIG."
         )
@@ -455,37 +463,43 @@ def is_seqtrain_run(run_dir: Path) -> bool:
 
 
 def run_kind(run_dir: Path) -> str | None:
-    """CLASSIFIER (seqtrain train) or LANGUAGE_MODEL (seqtrain pretrain) as run.json says; None when
-    run_dir is no seqtrain run."""
+    """run.json's "kind": CLASSIFIER for `seqtrain train`'s runs (which do not say), LANGUAGE_MODEL or
+    another kind for `seqtrain pretrain`'s; None when run_dir is no seqtrain run."""
     info = read_run_info(run_dir)
     if info is None or not is_seqtrain_run(run_dir):
         return None
-    return LANGUAGE_MODEL if info.get("kind") == LANGUAGE_MODEL else CLASSIFIER
+    kind = info.get("kind")
+    return kind if isinstance(kind, str) and kind else CLASSIFIER
 
 
-def language_model_error(run_dir: Path, what: str) -> CheckpointError:
-    """`what` (eval, predict, ...) given a pretrain run: it has no labels; say how to get a classifier."""
+def not_a_classifier(run_dir: Path, what: str) -> CheckpointError | None:
+    """The error for `what` (eval, predict, ...) given a run that is not a classifier (a pretrain run has
+    no labels), saying how to get one; None for a classifier (or a folder that is no seqtrain run)."""
+    kind = run_kind(run_dir)
+    if kind in (None, CLASSIFIER):
+        return None
+    name = f"a {kind.replace('-', ' ')} run"
     return CheckpointError(
-        f"{run_dir} is a language model run (written by `seqtrain pretrain`), not a classifier: "
-        f"{what} needs a classifier with labels. Fine-tune it with `model.init_from: {run_dir}` in a "
-        "train config (seqtrain init DATA --init-from RUN writes one), then use that run."
+        f"{run_dir} is {name} (written by `seqtrain pretrain`), not a classifier: {what} needs a "
+        f"classifier with labels. Fine-tune it with `model.init_from: {run_dir}` in a train config "
+        "(seqtrain init DATA --init-from RUN writes one), then use that run."
     )
 
 
 def _check_kind(run_dir: Path, kind: str, fresh: bool) -> None:
     """A resume (or a fresh run over checkpoints) of the other verb's run: say which verb it belongs to."""
     found = run_kind(run_dir)
-    if found is None or found == kind or (fresh and not step_dirs(run_dir)):
+    if found is None or _VERB.get(found, "pretrain") == _VERB[kind] or (fresh and not step_dirs(run_dir)):
         return
-    if found == LANGUAGE_MODEL:
+    if found != CLASSIFIER:
         raise ConfigError(
-            f"output_dir {str(run_dir)!r} holds a language model run (written by `seqtrain pretrain`), "
-            "not a classifier run: continue it with `seqtrain pretrain CONFIG --resume`, or fine-tune from "
-            f"it with `model.init_from: {run_dir}` and another output_dir (or name=...)."
+            f"output_dir {str(run_dir)!r} holds a {found.replace('-', ' ')} run (written by `seqtrain "
+            "pretrain`), not a classifier run: continue it with `seqtrain pretrain CONFIG --resume`, or "
+            f"fine-tune from it with `model.init_from: {run_dir}` and another output_dir (or name=...)."
         )
     raise ConfigError(
-        f"output_dir {str(run_dir)!r} holds a classifier run (written by `seqtrain train`), not a language "
-        "model run: continue it with `seqtrain train CONFIG --resume`, or give pretrain another output_dir "
+        f"output_dir {str(run_dir)!r} holds a classifier run (written by `seqtrain train`), not a pretrain "
+        "run: continue it with `seqtrain train CONFIG --resume`, or give pretrain another output_dir "
         "(or name=...)."
     )
 

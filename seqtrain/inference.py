@@ -60,8 +60,9 @@ def load_run(
     command in that message."""
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {str(run_dir)!r} does not exist.")
-    if checkpoint.run_kind(run_dir) == checkpoint.LANGUAGE_MODEL:
-        raise checkpoint.language_model_error(run_dir, what)
+    other = checkpoint.not_a_classifier(run_dir, what)
+    if other is not None:
+        raise other
     for name in ("config.yaml", "tokenizer.json", "labels.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(

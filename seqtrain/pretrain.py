@@ -382,7 +382,10 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
                 state.last_eval_step = state.step
                 evaluate_and_save(run, bar)
         if state.step != state.last_eval_step:
+            state.last_eval_step = state.step  # saved with it: a resume does not evaluate this step again
             evaluate_and_save(run, bar)
+        if broadcast(stop.signum is not None, world):  # a signal in the last evaluation: honoured too
+            raise interrupted(stop, state.step, "pretrain", config_path)
     finish_distributed(world)
     if rank != 0:
         return {}

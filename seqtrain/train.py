@@ -674,7 +674,10 @@ def train(
                 state.last_eval_step = state.step
                 early_stop = evaluate_and_save(run, reports, bar, should_stop)
         if state.step != state.last_eval_step:
+            state.last_eval_step = state.step  # saved with it: a resume does not evaluate this step again
             evaluate_and_save(run, reports, bar, should_stop)
+        if broadcast(stop.signum is not None, run.world):  # a signal in the last evaluation: honoured too
+            raise interrupted(stop, state.step, "train", config_path)
     finish_distributed(run.world)
     return finish(run, reports, started) if run.rank == 0 else {}
 

@@ -56,6 +56,7 @@ from seqtrain.config import (
     from_dict,
     read_yaml,
     safe_parse,
+    to_dict,
 )
 from seqtrain.errors import ConfigError, DiskFullError, SeqtrainError
 from seqtrain.machine import physical_cores
@@ -121,6 +122,16 @@ class Param:
                 name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """What optuna stores for this dimension in each trial (to compare a study's space with this one)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
     def describe(self) -> str:
         if self.kind == "categorical":
@@ -339,6 +350,198 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
+BACKENDS = ("sqlite", "postgresql", "mysql")
+# The module a database URL's driver imports -> what to pip install for it.
+DRIVERS = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "'psycopg[binary]'",
+    "MySQLdb": "mysqlclient (or PyMySQL, with a mysql+pymysql:// URL)",
+    "pymysql": "PyMySQL",
+    "mysql": "mysql-connector-python",
+}
+URL_FORMS = (
+    "sqlite:///relative/path/study.db or sqlite:////absolute/path/study.db for a file, "
+    "postgresql://USER:PASSWORD@HOST/DATABASE or mysql+pymysql://... for several machines"
+)
+
+
+def open_storage(url: str, given: bool) -> tuple[optuna.storages.BaseStorage, str]:
+    """The study's storage and the URL to show (no password), checked before any trial: a URL that is
+    not one, an unknown database, a missing folder, a file that is not SQLite, a missing driver and a
+    database that cannot be opened are each a one-line error. `given`: the user's --storage."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {url!r} is not a database URL; give {URL_FORMS}.") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"--storage {shown!r}: {backend!r} is not a database tune can use ({', '.join(BACKENDS)}); "
+            f"give {URL_FORMS}."
+        )
+    if backend == "sqlite":
+        _check_sqlite_file(parsed.database, shown, given)
+    try:
+        return storage_for(url), shown
+    except ImportError as e:
+        module = getattr(e.__cause__, "name", None) or getattr(e, "name", None) or parsed.get_driver_name()
+        raise SeqtrainError(
+            f"--storage {shown!r} needs the Python module {module!r}, which is not installed: "
+            f"pip install {DRIVERS.get(module, module)}."
+        ) from None
+    except SQLAlchemyError as e:
+        raise _storage_error(e, shown) from None
+
+
+def _check_sqlite_file(database: str | None, shown: str, given: bool) -> None:
+    what = f"--storage {shown!r}" if given else "the study database"
+    if not database or database == ":memory:":
+        raise ConfigError(
+            f"{what} is an in-memory database: the study would be lost when tune exits (and --jobs workers "
+            "would not share it). Name a file: sqlite:///PATH/study.db."
+        )
+    path = Path(database)
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a folder; name a file in it, e.g. sqlite:///{path}/study.db.")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"{what}: the folder {path.parent} does not exist. Create it, or fix the path "
+            "(sqlite:/// and a relative path, sqlite://// and an absolute one)."
+        )
+    if path.is_file() and path.stat().st_size:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            raise SeqtrainError(f"{what}: cannot read {path}: {e.strerror or e}.") from None
+        if head != b"SQLite format 3\x00":
+            raise SeqtrainError(
+                f"{what}: {path} is not an SQLite database (damaged, or another file). Move it away "
+                "(a new study starts there) or give another --storage."
+            )
+
+
+def storage_label(url: str) -> str:
+    """The URL as messages show it: without its password."""
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url).render_as_string(hide_password=True))
+
+
+def _storage_error(e: BaseException, shown: str) -> SeqtrainError:
+    """A failed read or write of the study's database as a message; a full disk says what to do."""
+    from seqtrain.checkpoint import is_disk_full
+
+    cause = e.__cause__ if e.__cause__ is not None else e
+    reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
+    if is_disk_full(e):
+        return SeqtrainError(
+            f"the study database {shown} could not be written: the disk is full ({reason}). Free some disk "
+            "space, then run the same `seqtrain tune` command again: the stored trials are kept, and a "
+            "trial that was running resumes from its last checkpoint."
+        )
+    return SeqtrainError(f"the study database {shown} failed: {reason}.")
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(e, optuna.exceptions.StorageInternalError | SQLAlchemyError)
+
+
+def check_study_name(name: str) -> None:
+    """--study names a folder in runs/: a plain name, never a path out of it."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ConfigError(
+            f"--study {name!r} must be a plain name (no '/', not '.' or '..', no control characters): "
+            "the study's folder is runs/<study>."
+        )
+
+
+def check_same_space(study: optuna.Study, space: dict[str, Param], where: str) -> None:
+    """A study keeps the space its trials were drawn from: another one would make optuna fail, or reuse a
+    trial with a value the new space does not have."""
+    from optuna.trial import TrialState
+
+    wanted = {key: p.distribution() for key, p in space.items()}
+    changes: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False):
+        for key, dist in t.distributions.items():
+            if key not in wanted:
+                changes[key] = f"{key} ({_describe(dist)}) is not in it"
+            elif dist != wanted[key]:
+                changes[key] = f"{key} is {space[key].describe()} there but {_describe(dist)} in the study"
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.distributions:
+            for key in wanted.keys() - t.distributions.keys():
+                changes[key] = f"{key} is new"
+    if changes:
+        raise ConfigError(
+            f"the search space does not match study {study.study_name!r} in {where}: "
+            + "; ".join(changes[k] for k in sorted(changes))
+            + ". Give the space the study was started with (runs/<study>/space.yaml holds it) or start "
+            "another study (--study NAME)."
+        )
+
+
+def _describe(dist: optuna.distributions.BaseDistribution) -> str:
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return "one of " + ", ".join(repr(c) for c in dist.choices)
+    low, high = dist.low, dist.high  # type: ignore[attr-defined]
+    log, step = dist.log, dist.step  # type: ignore[attr-defined]
+    return f"{_fmt(low)}..{_fmt(high)}" + (" (log)" if log else f" step {_fmt(step)}" if step else "")
+
+
+# Keys that may differ between the processes and machines of one study: tune sets name and output_dir,
+# --jobs sets train.num_threads, each machine its device.
+PER_PROCESS = ("name", "output_dir", "train.num_threads", "train.device")
+
+
+def check_same_base(study: optuna.Study, cfg: Config, space: dict[str, Param], where: str) -> None:
+    """A study keeps the config it was started with (less the searched keys): trials trained from another
+    one would be compared as if they were not. The first run stores it in the study."""
+    mine = {
+        k: v
+        for k, v in json.loads(json.dumps(_flat(to_dict(cfg)))).items()
+        if k not in PER_PROCESS and k not in space
+    }
+    stored = study.user_attrs.get("base_config")
+    if not isinstance(stored, dict):
+        study.set_user_attr("base_config", mine)
+        return
+    changed = [k for k in sorted(mine.keys() & stored.keys()) if mine[k] != stored[k]]
+    if changed:
+        raise ConfigError(
+            f"the config differs from the one study {study.study_name!r} in {where} was started with: "
+            + "; ".join(f"{k} is {mine[k]!r}, was {stored[k]!r}" for k in changed[:6])
+            + ("; ..." if len(changed) > 6 else "")
+            + ". Its trials would not be comparable: run it with the same config and overrides, or start "
+            "another study (--study NAME)."
+        )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def _process_start(pid: int) -> str | None:
     """The start time of a process (field 22 of /proc/PID/stat), to tell a live owner from a reused pid."""
     try:
@@ -508,6 +711,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         stopped.exit_code = e.exit_code
         raise stopped from None
     except Exception as e:  # a bad combination, out of memory, a data error: record it and go on
+        if _is_storage_error(e):
+            raise  # the study's database, not the trial: tune() says what failed
         if isinstance(e, DiskFullError) or is_disk_full(e):
             # The machine's fault, not the trial's: recorded as failed, every later trial would fail
             # the same way within seconds. Stop instead; the trial stays RUNNING and resumes from last/.
@@ -643,15 +848,55 @@ def tune(opts: Options) -> int:
         raise ConfigError(f"--trials must be at least 1, got {opts.trials}.")
     if opts.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {opts.jobs}.")
+    if opts.timeout_min is not None and not opts.timeout_min > 0:
+        raise ConfigError(f"--timeout must be a positive number of minutes, got {opts.timeout_min}.")
+    if opts.study is not None:
+        check_study_name(opts.study)
     pruner = make_pruner(opts.pruner)
     study_name = opts.study or f"{base_cfg.name}-tune"
     folder = Path("runs") / study_name
-    folder.mkdir(parents=True, exist_ok=True)
-    url = opts.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    monitor, direction = _monitor(base_cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = storage_for(url)
+    url = opts.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    if opts.storage is not None:  # checked before anything is written
+        storage, shown = open_storage(url, given=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if opts.storage is None:
+        storage, shown = open_storage(url, given=False)
+    if base_cfg.output_dir is not None and opts.report:
+        console.warn(
+            f"output_dir ({base_cfg.output_dir}) is not used by tune: the study and its trials go in "
+            f"{folder} (choose it with --study)."
+        )
+    try:
+        deadline = started + opts.timeout_min * 60 if opts.timeout_min else None
+        return _run_study(
+            opts, base_cfg, base, space, space_text, pruner, study_name, folder, storage, url, deadline
+        )
+    except Exception as e:
+        if _is_storage_error(e):
+            raise _storage_error(e, shown) from None
+        raise
+
+
+def _run_study(
+    opts: Options,
+    base_cfg: Config,
+    base: dict[str, Any],
+    space: dict[str, Param],
+    space_text: str,
+    pruner: Any,
+    study_name: str,
+    folder: Path,
+    storage: optuna.storages.BaseStorage,
+    url: str,
+    deadline: float | None,
+) -> int:
+    """tune() once its options, config, space and storage are checked."""
+    import optuna
+
+    where = storage_label(url)
+    monitor, direction = _monitor(base_cfg)
     study = optuna.create_study(
         study_name=study_name, storage=storage, pruner=pruner, direction=direction, load_if_exists=True
     )
@@ -660,16 +905,17 @@ def tune(opts: Options) -> int:
     study.sampler = optuna.samplers.TPESampler(constant_liar=True, seed=seed)
     if study.direction.name.lower() != direction:
         raise ConfigError(
-            f"study {study_name!r} in {url} is set to {study.direction.name.lower()}, but this config's "
+            f"study {study_name!r} in {where} is set to {study.direction.name.lower()}, but this config's "
             f"train.monitor ({monitor}) wants {direction}: use another --study."
         )
+    check_same_space(study, space, where)
+    check_same_base(study, base_cfg, space, where)
     study.set_user_attr("monitor", monitor)
     (folder / "space.yaml").write_text(space_text, encoding="utf-8")
-    deadline = started + opts.timeout_min * 60 if opts.timeout_min else None
     if opts.report:
         done = len(study.get_trials(deepcopy=False))
         console.info(
-            f"study {study_name!r} ({url}): {done} trials so far, up to {opts.trials}; "
+            f"study {study_name!r} ({where}): {done} trials so far, up to {opts.trials}; "
             f"{monitor} ({direction}), "
             f"pruner {opts.pruner if isinstance(opts.pruner, str) else type(opts.pruner).__name__}, "
             f"{len(space)} parameters: " + "; ".join(f"{k} {p.describe()}" for k, p in space.items())

@@ -4,9 +4,11 @@ and space validation."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +31,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.skipif(not (REAL_DATA / "sst2").is_dir(), reason="needs the SST-2 data (make data)")
 
 # Tiny GRUs on the first 800 SST-2 sentences: a trial takes about a second.
-BASE = {
+BASE: dict[str, Any] = {
     "name": "tiny",
     "seed": 0,
     "data": {
@@ -69,7 +71,7 @@ def _setup(tmp: Path, monkeypatch: pytest.MonkeyPatch, space: str = SPACE, **tra
     return "base.yaml", "space.yaml"
 
 
-def _trials(tmp: Path, study: str = "tiny-tune") -> list[optuna.trial.FrozenTrial]:
+def _trials(tmp: Path, study: str = "tiny-tune") -> list[Any]:
     url = f"sqlite:///{tmp / 'runs' / study / 'study.db'}"
     return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
 
@@ -478,3 +480,193 @@ def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
         assert "train.epochs=1" in cmd and cmd[cmd.index("--jobs") + 1] == "1"
     run_workers(dataclasses.replace(opts, keep_pruned=False), "s", "sqlite:///s.db", None)
     assert "--keep-pruned" not in started[-1]
+
+
+# --------------------------------------------------------------------------- storage, study and options
+
+
+@pytest.mark.parametrize(
+    ("storage", "code", "message"),
+    [
+        ("sqlite:///{tmp}/nope/study.db", 2, r"the folder .*/nope does not exist"),
+        ("bogus://", 2, r"'bogus' is not a database tune can use"),
+        ("study.db", 2, r"--storage 'study\.db' is not a database URL; give sqlite:///"),
+        ("sqlite:///{tmp}/garbage.db", 1, r"garbage\.db is not an SQLite database"),
+        ("sqlite://", 2, r"in-memory database"),
+        # SQLAlchemy 2.1's postgresql:// imports psycopg (3); 2.0's psycopg2
+        (
+            "postgresql://user@localhost/optuna",
+            1,
+            r"'psycopg2?', which is not installed: pip install '?psycopg",
+        ),
+    ],
+    ids=["missing-folder", "bogus-scheme", "plain-path", "corrupt-file", "in-memory", "no-driver"],
+)
+def test_a_bad_storage_is_one_line_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str, code: int, message: str
+) -> None:
+    if "postgresql" in storage:
+        pytest.importorskip("sqlalchemy")
+        with contextlib.suppress(ImportError):
+            import psycopg  # noqa: F401
+
+            pytest.skip("psycopg is installed")
+        with contextlib.suppress(ImportError):
+            import psycopg2  # noqa: F401
+
+            pytest.skip("psycopg2 is installed")
+    config, space = _setup(tmp_path, monkeypatch)
+    (tmp_path / "garbage.db").write_text("my notes, not a database\n")
+    url = storage.format(tmp=tmp_path)
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--space", space, "--storage", url])
+    assert result.exit_code == code, result.output
+    assert re.search(message, " ".join(result.output.split())) and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "garbage.db").read_text() == "my notes, not a database\n"
+
+
+def test_a_corrupt_default_study_db_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, space = _setup(tmp_path, monkeypatch)
+    folder = tmp_path / "runs" / "tiny-tune"
+    folder.mkdir(parents=True)
+    (folder / "study.db").write_bytes(b"\x00" * 100)
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--space", space])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the study database: " in result.output and "not an SQLite database" in result.output
+    assert not (folder / "trial-0000").exists()
+
+
+@pytest.mark.parametrize(
+    ("second_space", "overrides", "message"),
+    [
+        (SPACE.replace("[gru, rnn]", "[gru, lstm]"), [], r"model\.cell is one of 'gru', 'lstm' there"),
+        (SPACE.replace("model.hidden_size: {low: 8, high: 24, step: 8}\n", ""), [], r"model\.hidden_size"),
+        (SPACE + "model.dropout: {low: 0.0, high: 0.3}\n", [], r"model\.dropout is new"),
+        (SPACE, ["train.max_steps=16"], r"train\.max_steps is 16, was 24"),
+    ],
+    ids=["choices-changed", "key-removed", "key-added", "base-config-changed"],
+)
+def test_a_changed_space_or_config_on_an_existing_study_is_refused_before_a_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_space: str, overrides: list[str], message: str
+) -> None:
+    config, space = _setup(tmp_path, monkeypatch)
+    first = runner.invoke(app, ["tune", config, "--trials", "1", "--space", space])
+    assert first.exit_code == 0, first.output
+    (tmp_path / "space.yaml").write_text(second_space)
+    result = runner.invoke(app, ["tune", config, *overrides, "--trials", "3", "--space", space])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert re.search(message, text) and "--study NAME" in text and "Traceback" not in result.output
+    assert len(_trials(tmp_path)) == 1  # no trial ran
+    assert (tmp_path / "runs" / "tiny-tune" / "space.yaml").read_text() == SPACE  # the study's space kept
+
+
+def test_the_same_study_again_with_jobs_threads_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--jobs workers add train.num_threads: not a change of the study's config."""
+    config, space = _setup(tmp_path, monkeypatch)
+    assert runner.invoke(app, ["tune", config, "--trials", "1", "--space", space]).exit_code == 0
+    result = runner.invoke(app, ["tune", config, "train.num_threads=2", "--trials", "1", "--space", space])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--timeout", "-5"], r"--timeout must be a positive number of minutes, got -5"),
+        (["--study", "../x"], r"--study '\.\./x' must be a plain name"),
+        (["--study", "{tmp}/abs"], r"--study '.*/abs' must be a plain name"),
+    ],
+    ids=["negative-timeout", "study-escapes", "study-absolute"],
+)
+def test_bad_tune_options_are_refused_before_any_folder_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: list[str], message: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    config, space = _setup(work, monkeypatch)
+    args = [o.format(tmp=tmp_path) for o in option]
+    result = runner.invoke(app, ["tune", config, "--trials", "1", "--space", space, *args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, " ".join(result.output.split())) and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert not (work / "runs").exists()
+
+
+def test_output_dir_is_said_to_be_unused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, space = _setup(tmp_path, monkeypatch)
+    result = runner.invoke(
+        app, ["tune", config, f"output_dir={tmp_path / 'elsewhere'}", "--trials", "1", "--space", space]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert re.search(r"output_dir \(.*elsewhere\) is not used by tune.*runs/tiny-tune", text), text
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_full_disk_under_study_db_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    config, space = _setup(tmp_path, monkeypatch)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        try:
+            raise sqlalchemy.exc.OperationalError(
+                "INSERT INTO trial_intermediate_values",
+                {},
+                sqlite3.OperationalError("database or disk is full"),
+            )
+        except sqlalchemy.exc.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_intermediate_value", full)
+    result = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert "study.db could not be written: the disk is full (database or disk is full)" in text, text
+    assert "run the same `seqtrain tune` command again" in text
+    assert [t.state.name for t in _trials(tmp_path)] == ["RUNNING"]  # not FAIL: it resumes
+
+
+def _ctrl_c_in_the_last_evaluation(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    import seqtrain.train
+
+    evaluate = seqtrain.train.evaluate_and_save
+
+    def and_ctrl_c(run: Any, *args: Any) -> bool:
+        if run.state.step == step and not run.cfg.name.endswith("trial-0001"):
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; train's handler records it
+        return bool(evaluate(run, *args))
+
+    monkeypatch.setattr(seqtrain.train, "evaluate_and_save", and_ctrl_c)
+
+
+def test_ctrl_c_in_a_trials_last_evaluation_stops_the_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 steps, evaluations at 8 and 16 and the last one at 20, after the loop: a Ctrl-C there stopped
+    nothing (every trial ran, exit 0). Now the study stops, and the rerun completes the trial without
+    training it again."""
+    config, space = _setup(tmp_path, monkeypatch, max_steps=20)
+    _ctrl_c_in_the_last_evaluation(monkeypatch, 20)
+    command = ["tune", config, "--trials", "2", "--space", space, "--pruner", "none"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert [t.state.name for t in _trials(tmp_path)] == ["RUNNING"]
+    monkeypatch.undo()
+    _setup(tmp_path, monkeypatch, max_steps=20)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert [t.state.name for t in _trials(tmp_path)] == ["COMPLETE", "COMPLETE"]
+    assert _evals(tmp_path / "runs" / "tiny-tune" / "trial-0000") == [8, 16, 20]
+
+
+def test_ctrl_c_in_trains_last_evaluation_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _ = _setup(tmp_path, monkeypatch, max_steps=20)
+    _ctrl_c_in_the_last_evaluation(monkeypatch, 20)
+    result = runner.invoke(app, ["train", config])
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert "stopped by SIGINT at step 20" in result.output and "--resume" in result.output
