@@ -4,6 +4,9 @@
     csv_options     with data.on_bad_rows: skip, a CSV line with too many fields is skipped (pandas warns
                     with its line number) and bytes that are not UTF-8 mark their row, which is then
                     skipped and counted like any bad row ("text is not valid UTF-8")
+    reader_options  the same for any file builder: .txt lines with such bytes too
+    pretrain_keys   errors about pretrain.path's texts name the pretrain.* keys, not the data.* ones that
+                    they are read with
     check_folder    a folder with no data files (only a README) is named as such
     label_problem   a label outside data.label_names, found row by row (so the message has the row)
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +42,16 @@ def csv_options(on_bad_rows: str) -> dict[str, Any]:
     if on_bad_rows != "skip":
         return {}
     return {"on_bad_lines": "warn", "encoding_errors": _HANDLER}
+
+
+def reader_options(builder: str, on_bad_rows: str) -> dict[str, Any]:
+    """Extra arguments of a `datasets` file builder (csv, text, ...) for data.on_bad_rows: with skip, a
+    .txt line with bytes that are not UTF-8 is marked and skipped like a CSV row."""
+    if builder == "csv":
+        return csv_options(on_bad_rows)
+    if builder == "text" and on_bad_rows == "skip":
+        return {"encoding_errors": _HANDLER}
+    return {}
 
 
 def not_utf8(text: str) -> bool:
@@ -77,6 +91,28 @@ def reading(path: str, split: str) -> Iterator[None]:
             else ""
         )
         raise DataError(f"cannot read split {split!r} of {path!r}: {text}.{hint}") from None
+
+
+@contextlib.contextmanager
+def pretrain_keys(pre: Any, data: Any) -> Iterator[None]:
+    """pretrain.path's texts are read as a copy of the data section (data.py's unlabeled_source), so the
+    errors raised while reading them say data.path, data.text_column and data.train_split: said here with
+    the pretrain keys to change instead. `pre`, `data`: the config's pretrain and data sections."""
+    try:
+        yield
+    except DataError as e:
+        if not pre.path:
+            raise
+        text = str(e)
+        own_path = pre.path != data.path and repr(pre.path) in text
+        own_column = pre.text_column != data.text_column and f"column {pre.text_column!r}" in text
+        if not (own_path or own_column):
+            raise
+        text = re.sub(r"\bdata\.text_column\b", "pretrain.text_column", text)
+        if own_path:
+            text = re.sub(r"\bdata\.path\b", "pretrain.path", text)
+            text = re.sub(r"\bdata\.train_split\b", "pretrain.split", text)
+        raise DataError(text) from None
 
 
 def check_folder(path: str) -> None:

@@ -330,8 +330,25 @@ def describe_type(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# train keys that only `seqtrain train` (and tune's trials) use: pretrain warns when one is set
+PRETRAIN_IGNORES = (
+    "label_smoothing",
+    "ema_decay",
+    "adversarial_eps",
+    "vat_eps",
+    "layer_lr_decay",
+    "unfreeze_every",
+    "class_weights",
+    "patience",
+    "monitor",
+    "tensorboard",
+    "trace_examples",
+)
+
+
 def help_text() -> str:
-    """Every config key with its default and help, section by section (for `train --help`)."""
+    """Every config key with its default and help, section by section (for `train --help`); the train keys
+    that `seqtrain pretrain` ignores say so."""
     lines: list[str] = []
     for section, cls in [("", Config), *SECTIONS.items()]:
         hints = typing.get_type_hints(cls)
@@ -344,6 +361,11 @@ def help_text() -> str:
             lines.append(
                 f"  {(section + '.' if section else '') + f.name} "
                 f"({describe_type(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}"
+                + (
+                    " [train and tune only; pretrain ignores it]"
+                    if cls is TrainConfig and f.name in PRETRAIN_IGNORES
+                    else ""
+                )
             )
     return "\n".join(lines)
 

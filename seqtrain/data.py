@@ -87,8 +87,7 @@ def open_split(data: DataConfig, split: str, limit: int | None = None) -> datase
                     f"use one of {', '.join(FILE_BUILDERS)}."
                 )
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            if FILE_BUILDERS[suffix] == "csv":
-                kwargs.update(badrows.csv_options(data.on_bad_rows))
+            kwargs.update(badrows.reader_options(FILE_BUILDERS[suffix], data.on_bad_rows))
             ds = datasets.load_dataset(
                 FILE_BUILDERS[suffix], data_files={split: files}, split=split, streaming=True, **kwargs
             )
@@ -517,11 +516,12 @@ def build_text_vocab(
                 if cap is None or tally.count <= cap:
                     yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
 
-    if given is None:
-        tokenizer.train_from_iterator(texts(), trainer=trainer)
-    else:
-        for _ in texts():  # count the rows only
-            pass
+    with badrows.pretrain_keys(cfg.pretrain, cfg.data):
+        if given is None:
+            tokenizer.train_from_iterator(texts(), trainer=trainer)
+        else:
+            for _ in texts():  # count the rows only
+                pass
     if tally.count == 0:
         raise DataError(
             f"the pretraining texts ({', '.join(d.path for d, _ in text_sources(cfg))}) have no usable rows."

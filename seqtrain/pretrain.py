@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,17 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.checkpoint import TrainState
-from seqtrain.config import Config, ModelConfig, check_resumable, dump_yaml, from_dict, read_yaml, to_dict
+from seqtrain.config import (
+    PRETRAIN_IGNORES,
+    Config,
+    ModelConfig,
+    TrainConfig,
+    check_resumable,
+    dump_yaml,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from seqtrain.data import (
     BatchStream,
     build_text_vocab,
@@ -70,6 +81,33 @@ def check_encoder_shape(model: ModelConfig) -> None:
             "pretrain: model.bidirectional with model.num_layers > 1 cannot be trained as a language model: "
             "from the second layer on, each direction reads the other's states, which have seen the token to "
             "predict. Use num_layers: 1 with bidirectional: true, or bidirectional: false."
+        )
+
+
+def warn_ignored_train_keys(cfg: Config) -> None:
+    """One line for each train key set away from its default that a language model does not use."""
+    defaults = TrainConfig()
+    for key in PRETRAIN_IGNORES:
+        value = getattr(cfg.train, key)
+        if value != getattr(defaults, key):
+            console.warn(
+                f"train.{key} is {value!r}, but `seqtrain pretrain` ignores it (it applies to "
+                "`seqtrain train` and tune); remove it from the pretrain config."
+            )
+
+
+def note_adaptive_cutoffs(cfg: Config, model: LanguageModel) -> None:
+    """pretrain.adaptive_cutoffs at or above the vocabulary size are left out of the softmax: say so."""
+    if cfg.pretrain.softmax != "adaptive":
+        return
+    head = model.adaptive[0]
+    assert isinstance(head, torch.nn.AdaptiveLogSoftmaxWithLoss)
+    used = [int(c) for c in head.cutoffs[:-1]]
+    if used != list(cfg.pretrain.adaptive_cutoffs):
+        console.warn(
+            f"pretrain.adaptive_cutoffs {cfg.pretrain.adaptive_cutoffs}: the vocabulary has "
+            f"{model.vocab_size:,} tokens, so the softmax uses {used} (cutoffs must be below the vocabulary "
+            f"size less one). Set pretrain.adaptive_cutoffs: {used}, or raise tokenizer.vocab_size."
         )
 
 
@@ -230,6 +268,10 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     set_threads(t.num_threads)
     if rank != 0:
         console.quiet()
+    warn_ignored_train_keys(cfg)
+    if t.deterministic:  # as train does
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
         for name in checkpoint.lock_run_dir(run_dir, fresh=not resume, kind=checkpoint.LANGUAGE_MODEL):
             console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
@@ -278,6 +320,8 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     model = LanguageModel(cfg.model, vocab_size, pre.softmax, pre.num_samples, pre.adaptive_cutoffs).to(
         device
     )
+    if ckpt_state is None:
+        note_adaptive_cutoffs(cfg, model)
     optimizer = make_optimizer(model, t)
     steps_per_epoch = run_info["steps_per_epoch"]
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
