@@ -466,6 +466,11 @@ def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.T
             f"model.init_from: {str(source)!r} is not a `seqtrain pretrain` run directory "
             "(no config.yaml and tokenizer.json there)."
         )
+    if checkpoint.run_kind(source) == checkpoint.CLASSIFIER:  # before its shapes: they are not the point
+        raise ConfigError(
+            f"model.init_from: {source} is a classifier run (written by `seqtrain train`), not a `seqtrain "
+            "pretrain` run. Point it at a pretrain run's folder, or leave model.init_from out."
+        )
     theirs = from_dict(read_yaml(source / "config.yaml"))
     for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional"):
         mine, other = getattr(cfg.model, key), getattr(theirs.model, key)

@@ -399,6 +399,23 @@ def starter_yaml(
     return "".join(lines)
 
 
+def _refuse_classifier_run(run_dir: Path) -> None:
+    """--init-from names a `seqtrain train` run (run.json without a pretrain kind): train would refuse the
+    config, so init does at once."""
+    import json
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no run.json to tell: model.init_from's own checks speak at train time
+    if isinstance(info, dict) and info.get("kind", "classifier") == "classifier":
+        raise DataError(
+            f"--init-from {str(run_dir)!r} is a classifier run (written by `seqtrain train`), not a "
+            "`seqtrain pretrain` run: fine-tuning starts from a pretrained language model. Give the folder "
+            "of a `seqtrain pretrain` run, or leave --init-from out."
+        )
+
+
 def write_starter(
     path: str,
     output: Path,
@@ -420,10 +437,13 @@ def write_starter(
                 f"--init-from {init_from!r} is not a `seqtrain pretrain` run directory (no config.yaml and "
                 "tokenizer.json there)."
             )
+        _refuse_classifier_run(Path(init_from))
         pretrained = yaml.safe_load(run_config.read_text())
     summary = inspect_dataset(path, text_column, label_column, sample)
     name = Path(path.rstrip("/")).stem.replace(" ", "-") or "run"
     text = starter_yaml(summary, name, init_from, pretrained)
+    if pretrained is not None:  # what the config says: the pretrained run's tokenizer, not the sample's
+        summary["vocab_size"] = pretrained["tokenizer"]["vocab_size"]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     return summary

@@ -248,3 +248,39 @@ def test_read_labels_accepts_what_train_writes(classifier: Path) -> None:
 
     labels = read_labels(classifier / "labels.json")
     assert labels == Labels.from_json(json.loads((classifier / "labels.json").read_text()))
+
+
+# --------------------------------------------------------------------------- init and model.init_from
+
+
+def test_init_from_a_classifier_run_is_refused_and_writes_nothing(
+    tmp_path: Path, data: Path, classifier: Path
+) -> None:
+    out = tmp_path / "ft.yaml"
+    result = invoke("init", str(data), "-o", str(out), "--init-from", str(classifier))
+    assert result.exit_code == 1, result.output
+    assert "is a classifier run" in flat(result) and "seqtrain pretrain" in flat(result)
+    assert not out.exists()
+
+
+def test_init_from_a_language_model_prints_the_vocab_size_it_writes(
+    tmp_path: Path, data: Path, language_model: Path
+) -> None:
+    out = tmp_path / "ft.yaml"
+    result = invoke("init", str(data), "-o", str(out), "--init-from", str(language_model))
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load(out.read_text())["tokenizer"]["vocab_size"]
+    assert written == yaml.safe_load((language_model / "config.yaml").read_text())["tokenizer"]["vocab_size"]
+    assert re.search(rf"vocab_size {written:,}\b", flat(result)), result.output
+
+
+def test_model_init_from_a_classifier_run_says_so_before_the_shapes(
+    tmp_path: Path, data: Path, classifier: Path
+) -> None:
+    cfg = write_config(
+        tmp_path / "c.yaml", data, tmp_path / "ft", model={"init_from": str(classifier), "cell": "lstm"}
+    )
+    result = invoke("train", str(cfg))
+    assert result.exit_code == 2, result.output
+    assert "model.init_from" in flat(result) and "is a classifier run" in flat(result), result.output
+    assert "model.cell" not in flat(result).split("error:")[-1]
