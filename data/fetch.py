@@ -12,6 +12,13 @@ import sys
 from pathlib import Path
 
 DATASETS = {"imdb": "stanfordnlp/imdb", "sst2": "stanfordnlp/sst2", "imdb-unlabeled": "stanfordnlp/imdb"}
+# The columns each labelled dataset keeps, where its source has them (the Hub's IMDB has no `rating`).
+COLUMNS = {"imdb": ("text", "label", "rating"), "sst2": ("sentence", "label")}
+NO_RATING = (
+    "{out}: the Hub's {hub_id} has no `rating` column (star ratings), only the binary label, so "
+    "configs/imdb-rating-*.yaml cannot train on it (they stop at once: no column 'rating'). For the "
+    "ratings, set SEQTRAIN_DATA_MIRROR to a copy of the IMDB data with them (see data/README.md)."
+)
 
 
 def from_mirror(mirror: Path, dest: Path, name: str) -> bool:
@@ -37,6 +44,12 @@ def from_hub(dest: Path, name: str) -> None:
     hub_id = DATASETS[name]
     if name == "imdb-unlabeled":  # the 50,000 reviews without labels, text only
         unsup = datasets.load_dataset(hub_id, split="unsupervised").select_columns(["text"])
+        labelled = {
+            t for split in ("train", "test") for t in datasets.load_dataset(hub_id, split=split)["text"]
+        }
+        before = len(unsup)
+        unsup = unsup.filter(lambda row: row["text"] not in labelled)  # as the mirror: no labelled review
+        print(f"{name}: left out {before - len(unsup):,} unlabeled reviews that are also labelled ones")
         out = dest / name
         out.mkdir(parents=True, exist_ok=True)
         for i in range(4):
@@ -44,13 +57,11 @@ def from_hub(dest: Path, name: str) -> None:
         print(f"{out}: written from the Hub ({hub_id}, unsupervised split)")
         return
     full = datasets.load_dataset(hub_id, split="train")
-    if name == "imdb":
-        full = full.remove_columns([c for c in full.column_names if c not in ("text", "label")])
-        parts = full.train_test_split(test_size=5000, seed=0)
-    else:
-        full = full.remove_columns([c for c in full.column_names if c not in ("sentence", "label")])
-        parts = full.train_test_split(test_size=6735, seed=0)
+    full = full.remove_columns([c for c in full.column_names if c not in COLUMNS[name]])
+    parts = full.train_test_split(test_size=5000 if name == "imdb" else 6735, seed=0)
     out = dest / name
+    if name == "imdb" and "rating" not in full.column_names:
+        print(NO_RATING.format(out=out, hub_id=hub_id), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     for split, ds in (("train", parts["train"]), ("validation", parts["test"])):
         n = 4 if split == "train" and name == "imdb" else 1
