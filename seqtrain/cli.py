@@ -408,10 +408,10 @@ def serve(
     max_wait_ms: Annotated[
         float,
         typer.Option(
-            help="How long the oldest waiting text waits for others to join its batch "
-            "(0: texts gather while the model runs; a batch takes all that wait)."
+            help="How long a worker that became free waits for more texts to fill its batch; it stops "
+            "waiting once every connection it holds has a request waiting (0: take what waits)."
         ),
-    ] = 0.0,
+    ] = 1.0,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -428,12 +428,33 @@ def serve(
     ] = 30,
     threads: Annotated[
         int | None,
-        typer.Option(help="The model's threads [default: the physical cores less one, left to HTTP]."),
+        typer.Option(
+            help="Each worker's model threads [default: the physical cores less one, shared by the "
+            "workers; at least 1]."
+        ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Model processes sharing the listening socket [default: the physical cores]."),
+    ] = None,
+    read_timeout_s: Annotated[
+        float,
+        typer.Option(help="Seconds a client gets to send a request's headers, and again its body; then 408."),
+    ] = 10.0,
+    explain_max_texts: Annotated[int, typer.Option(help="Texts in one /explain request; more get 413.")] = 16,
+    explain_max_tokens: Annotated[
+        int, typer.Option(help="Tokens (as the model reads them) in one /explain request; more get 413.")
+    ] = 2048,
+    explain_queue: Annotated[
+        int, typer.Option(help="/explain requests waiting or running in a worker; more get 503.")
+    ] = 4,
+    docs: Annotated[
+        bool, typer.Option(help="Serve FastAPI's /docs page (it loads its scripts from a CDN).")
+    ] = False,
 ) -> None:
     """Serve predictions over HTTP, with a page at / to try the model.
 
-    Endpoints: POST /predict, GET /health /ready /info /metrics."""
+    Endpoints: POST /predict /explain, GET /health /ready /info /metrics."""
     try:
         try:
             from seqtrain.serve import ServeOptions
@@ -457,6 +478,12 @@ def serve(
                 checkpoint,
                 grace_s,
                 threads=threads,
+                workers=workers,
+                read_timeout_s=read_timeout_s,
+                explain_max_texts=explain_max_texts,
+                explain_max_tokens=explain_max_tokens,
+                explain_queue=explain_queue,
+                docs=docs,
             ),
         )
     except SeqtrainError as e:

@@ -42,7 +42,13 @@ from seqtrain.serve import ServeOptions, listen, load_target, make_server, measu
 runner = CliRunner()
 SST2 = REAL_DATA / "sst2"
 pytestmark = pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/sst2 or data/sst2")
-LIMITS: dict[str, Any] = {"max_texts": 64, "max_bytes": 20_000, "max_batch_size": 32, "max_wait_ms": 20.0}
+LIMITS: dict[str, Any] = {
+    "max_texts": 64,
+    "max_bytes": 20_000,
+    "max_batch_size": 32,
+    "max_wait_ms": 20.0,
+    "explain_max_tokens": 512,
+}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +220,8 @@ BAD = [  # (body, status, words in the message)
     (b'{"text": "\\ud800 lone surrogate"}', 400, "lone surrogate"),
     (json.dumps({"texts": ["x"] * 65}).encode(), 413, "65 texts"),
     (json.dumps({"text": "x" * 20_001}).encode(), 413, "limit is 20,000"),
+    (b'{"text": "a", "top_k": ' + b"[" * 9_000 + b"]" * 9_000 + b"}", 422, "nested too deeply"),
+    (b"[" * 19_000, 422, "nested too deeply"),
 ]
 
 
@@ -242,6 +250,8 @@ def test_a_chunked_body_past_the_limit_is_cut_off(url: str) -> None:
 
 def test_other_paths_and_methods_answer_json_too(url: str) -> None:
     assert httpx.get(url + "/nowhere").json() == {"error": "Not Found", "status": 404}
+    # FastAPI's /docs page loads its scripts from a CDN: off unless --docs
+    assert httpx.get(url + "/docs").status_code == 404
     got = httpx.get(url + "/predict")
     assert got.status_code == 405 and got.json()["status"] == 405
 
@@ -269,15 +279,15 @@ def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
 
 
 def test_a_request_that_breaks_the_model_fails_alone(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from seqtrain import serve
+    from seqtrain.serve import batcher
 
     def fragile(run: Any, texts: list[str], batch_size: int, cost: Any = None) -> Any:
         if "BOOM" in texts:
             raise RuntimeError("the model broke")
         return predict_texts(run, texts, batch_size, cost)
 
-    predict_texts = serve.predict_texts
-    monkeypatch.setattr(serve, "predict_texts", fragile)
+    predict_texts = batcher.predict_texts
+    monkeypatch.setattr(batcher, "predict_texts", fragile)
     with serving(run_dir, max_wait_ms=300.0) as u:  # the four requests share a batch, which fails
         bodies = [
             {"texts": ["good", "fine"]},
@@ -299,9 +309,10 @@ def test_mixed_lengths_are_cut_into_batches_by_the_measured_cost(
     """Texts that arrive together are padded to the longest; with its BatchCost the server cuts a
     micro-batch of many short texts and a few long ones into a batch of each, and every text keeps
     its own result. (The cost is fixed here; measure_cost has its own test.)"""
-    from seqtrain import inference, serve
+    from seqtrain import inference
+    from seqtrain.serve import batcher
 
-    monkeypatch.setattr(serve, "measure_cost", lambda run, batch_size: BatchCost(per_call=5, per_step=1))
+    monkeypatch.setattr(batcher, "measure_cost", lambda run, batch_size: BatchCost(per_call=5, per_step=1))
 
     shapes: list[tuple[int, int]] = []
     model_forward = inference.Classifier.forward
@@ -344,15 +355,16 @@ def test_measure_cost_recovers_the_cost_per_call_and_per_step() -> None:
 
 
 def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None:
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    best = (run_dir / "best").resolve().name  # step-00000060
+    assert httpx.get(url + "/health").json() == {"status": "ok", "step": int(best.split("-")[1])}
     assert httpx.get(url + "/ready").json() == {"status": "ready"}
     info = httpx.get(url + "/info").json()
-    best = (run_dir / "best").resolve().name  # step-00000060
     assert info["labels"] == ["negative", "positive"] and info["task"] == "classification"
     assert info["checkpoint"] == best and info["step"] == int(best.split("-")[1]) and info["max_length"] == 64
     assert info["backend"] == "torch" and {"seqtrain", "torch", "fastapi", "uvicorn"} <= set(info["versions"])
     assert info["limits"]["max_texts"] == 64
-    assert info["threads"] == max(1, physical_cores() - 1)
+    assert info["threads"] == ServeOptions().model_threads and info["pid"] == os.getpid()
+    assert info["workers"] == physical_cores() and info["limits"]["explain_max_tokens"] == 512
     # measured at start-up: a call costs more than one text's step, and so does each step of a batch
     assert info["batch_cost"]["per_call"] > 1 and info["batch_cost"]["per_step"] >= 0
     post(url, {"texts": ["one", "two", "three"]})
@@ -363,6 +375,7 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
         'seqtrain_request_seconds_bucket{endpoint="/predict",le="0.1"}',
         'seqtrain_batch_texts_bucket{le="4.0"}',
         "seqtrain_queue_texts",
+        "seqtrain_ready_workers",
         "seqtrain_texts_total",
     ):
         assert metric(url, series) > 0 or series == "seqtrain_queue_texts", series
@@ -385,7 +398,7 @@ def test_ready_says_loading_until_the_model_is_loaded_while_health_answers(run_d
     with serving(run_dir, load=slow_load) as u:
         try:
             for _ in range(3):  # not a race: nothing loads until `go`
-                assert httpx.get(u + "/health").json() == {"status": "ok"}
+                assert httpx.get(u + "/health").json() == {"status": "ok", "step": None}
                 loading = httpx.get(u + "/ready")
                 assert loading.status_code == 503 and loading.json() == {"status": "loading"}
                 assert loading.headers["retry-after"] == "1"
@@ -407,10 +420,10 @@ def test_ready_says_loading_until_the_model_is_loaded_while_health_answers(run_d
 
 SLOW_LOAD = """
 import pathlib, sys, time
-import seqtrain.serve
+import seqtrain.serve.app
 from seqtrain.cli import main
 
-real, gate = seqtrain.serve.load_target, pathlib.Path(sys.argv.pop(1))
+real, gate = seqtrain.serve.app.load_target, pathlib.Path(sys.argv.pop(1))
 
 def load_target(*args, **kwargs):  # the model loads only once the test creates the gate file
     deadline = time.monotonic() + 60
@@ -418,18 +431,20 @@ def load_target(*args, **kwargs):  # the model loads only once the test creates 
         time.sleep(0.02)
     return real(*args, **kwargs)
 
-seqtrain.serve.load_target = load_target
+seqtrain.serve.app.load_target = load_target
 sys.argv = ["seqtrain", *sys.argv[1:]]
 main()
 """
 
 
+@pytest.mark.subprocess
 def test_the_command_listens_before_the_model_loads(run_dir: Path, tmp_path: Path) -> None:
     """`seqtrain serve` itself (a subprocess; its loading held back by a test-only wrapper, as
     tests/fault_entry.py does for training): /ready is 503 "loading", then 200; SIGTERM exits 0."""
     gate = tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     command = [sys.executable, "-c", SLOW_LOAD, str(gate), "serve", str(run_dir), "--port", "0"]
+    command += ["--workers", "1"]  # the wrapper replaces the loading in this process only
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stderr is not None
@@ -474,6 +489,7 @@ def test_keep_alive_answers_do_not_wait_for_a_delayed_ack(run_dir: Path) -> None
     assert min(times[1:]) < 0.035, times  # the first on a connection is acknowledged at once
 
 
+@pytest.mark.browser
 def test_the_page_shows_the_prediction_in_a_real_browser(run_dir: Path, url: str, tmp_path: Path) -> None:
     """Headless Chromium (Debian's chromium and chromium-driver: `make browser-deps`) driven by selenium."""
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -531,7 +547,8 @@ def test_serve_without_the_extra_says_how_to_install_it(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi raises ImportError
-    monkeypatch.delitem(sys.modules, "seqtrain.serve")
+    for name in [m for m in sys.modules if m == "seqtrain.serve" or m.startswith("seqtrain.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
     result = runner.invoke(app, ["serve", str(run_dir)])
     assert result.exit_code == 1 and "pip install 'seqtrain[serve]'" in result.output
     assert "Traceback" not in result.output
@@ -565,51 +582,277 @@ def onnx_dir(run_dir: Path) -> Path:
     return run_dir.parent / "onnx"
 
 
-@pytest.mark.parametrize("kind", ["run", "onnx"])
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(
-    kind: str, run_dir: Path, request: pytest.FixtureRequest
-) -> None:
-    target = run_dir if kind == "run" else request.getfixturevalue("onnx_dir")
+def start_command(
+    target: Path, *options: str, script: str | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """`seqtrain serve TARGET --port 0 OPTIONS` in a subprocess (or `script` with those arguments);
+    its URL once it is ready."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "seqtrain"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0", "--max-wait-ms", "1500"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+        [*head, "serve", str(target), "--port", "0", *options], stderr=subprocess.PIPE, text=True, env=env
     )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", lines[-1] if lines else "")):
+        lines.append(proc.stderr.readline())
+        assert lines[-1] and len(lines) < 20, lines  # the address comes first, or after a few warnings
+    u = f"http://127.0.0.1:{found.group(1)}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(u + "/ready", timeout=1).status_code == 200:
+                return proc, u
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "the server did not become ready"
+        time.sleep(0.05)
+
+
+@contextmanager
+def stopped_at_the_end(proc: subprocess.Popen[str]) -> Iterator[None]:
     try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", lines[-1] if lines else "")):
-            lines.append(proc.stderr.readline())
-            assert lines[-1] and len(lines) < 20, lines  # the address comes first, or after a few warnings
-        u = f"http://127.0.0.1:{found.group(1)}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(u + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the server did not become ready"
-            time.sleep(0.05)
-        if kind == "onnx" and sys.platform == "linux":  # the ONNX folder runs on onnxruntime alone
-            assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
-        texts = sst2_texts(3)
-        with ThreadPoolExecutor(1) as ex:
-            in_flight = ex.submit(post, u, {"texts": texts})  # waits 1.5 s in the batcher for company
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            answer = in_flight.result(timeout=30)
-        assert answer.status_code == 200
-        assert [p["text"] for p in answer.json()["predictions"]] == texts
-        assert proc.wait(timeout=30) == 0
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(u + "/health", timeout=2)
+        yield
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def half_sent(u: str, body: bytes, sent: int) -> socket.socket:
+    """A POST /predict whose headers and first `sent` bytes of body are on their way; the rest later."""
+    port = int(u.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[:sent])
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of the one answer on `sock` (read until the server closes it)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(rest) >= int(length.group(1)):
+            break
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(("kind", "workers"), [("run", "1"), ("onnx", "2")])
+def test_sigterm_says_shutting_down_finishes_the_request_in_flight_and_exits_0(
+    kind: str, workers: str, run_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """After SIGTERM, while a request is still in flight (its body half sent): /ready answers 503
+    "shutting down", a new /predict 503 with Retry-After; the request in flight is answered; exit 0."""
+    target = run_dir if kind == "run" else request.getfixturevalue("onnx_dir")
+    proc, u = start_command(target, "--workers", workers)
+    with stopped_at_the_end(proc):
+        if kind == "onnx" and sys.platform == "linux":  # the ONNX folder runs on onnxruntime alone
+            for pid in [proc.pid, httpx.get(u + "/info").json()["pid"]]:
+                assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+        texts = sst2_texts(3)
+        body = json.dumps({"texts": texts}).encode()
+        sock = half_sent(u, body, 10)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (ready := httpx.get(u + "/ready", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, "/ready still says ready after SIGTERM"
+            time.sleep(0.02)
+        assert ready.status_code == 503 and ready.json() == {"status": "shutting down"}
+        refused = post(u, {"text": "too late"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == "the server is shutting down."
+        sock.sendall(body[10:])
+        status, answer = read_answer(sock)
+        sock.close()
+        assert status == 200 and [p["text"] for p in answer["predictions"]] == texts
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(u + "/health", timeout=2)
     if kind == "onnx":
-        expected = predict_cli(target, texts, "--batch-size", "64")
-        assert answer.json()["predictions"] == expected
+        assert answer["predictions"] == predict_cli(target, texts, "--batch-size", "64")
+
+
+STALLED_MODEL = """
+import sys, time
+import seqtrain.serve.batcher as batcher
+from seqtrain.cli import main
+
+real = batcher.predict_texts
+
+def predict_texts(run, texts, *args):  # a forward pass that never ends (for a test)
+    if "STALL" in texts:
+        time.sleep(600)
+    return real(run, texts, *args)
+
+batcher.predict_texts = predict_texts
+sys.argv = ["seqtrain", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.subprocess
+def test_grace_bounds_the_exit_even_when_a_forward_pass_never_ends(run_dir: Path) -> None:
+    """SIGTERM with --grace-s 1 while the model is stuck: the stuck request gets 503 at the end of the
+    grace period, and the command exits 0 within grace + 2 s."""
+    proc, u = start_command(run_dir, "--workers", "1", "--grace-s", "1", script=STALLED_MODEL)
+    with stopped_at_the_end(proc), ThreadPoolExecutor(1) as ex:
+        stuck = ex.submit(post, u, {"texts": ["STALL"]})
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        took = time.monotonic() - start
+        answer = stuck.result(timeout=10)
+    assert code == 0 and took < 1 + 2, took
+    assert answer.status_code == 503 and "within --grace-s (1 s)" in answer.json()["error"]
+
+
+@pytest.mark.subprocess
+def test_workers_share_the_socket_and_metrics_sum_over_them(run_dir: Path) -> None:
+    """--workers 2: two model processes behind one port; /metrics (whichever answers) counts every
+    worker's requests; /info is the answering worker's own."""
+    proc, u = start_command(run_dir, "--workers", "2")
+    with stopped_at_the_end(proc):
+        deadline = time.monotonic() + 60
+        while metric(u, "seqtrain_ready_workers") < 2:  # /ready answers for the worker it reaches
+            assert time.monotonic() < deadline, "the second worker did not become ready"
+            time.sleep(0.05)
+        bodies = [{"text": t} for t in sst2_texts(40)]
+        for _ in range(3):  # 40 requests at once, on 40 connections: both workers take some
+            assert {r.status_code for r in asyncio.run(post_all(u, bodies))} == {200}
+        pids = {httpx.get(u + "/info").json()["pid"] for _ in range(20)}
+        info = httpx.get(u + "/info").json()
+        assert info["workers"] == 2 and info["threads"] == 1 and proc.pid not in pids
+        counts = [metric(u, 'seqtrain_requests_total{endpoint="/predict",status="200"}') for _ in range(10)]
+        assert counts == [120.0] * 10, counts  # summed, whichever worker answered
+        assert metric(u, "seqtrain_texts_total") == 120
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+# --------------------------------------------------------------------------- hostile clients
+
+
+class SlowModel:
+    """The tiny run, but each forward pass costs 0.5 ms per text more: an /explain of many texts
+    takes seconds (its occlusion runs thousands of rows), a /predict of one text a millisecond."""
+
+    def __init__(self, run: Any) -> None:
+        self.run, self.config, self.tokenizer, self.labels = run, run.config, run.tokenizer, run.labels
+
+    def probs(self, seqs: list[list[int]], batch_size: int, cost: Any = None) -> Any:
+        time.sleep(0.0005 * len(seqs))
+        return self.run.probs(seqs, batch_size, cost)
+
+
+def test_a_long_explain_does_not_stall_predict(run_dir: Path) -> None:
+    texts = [" ".join(["a long and rather dull film"] * 12)] * 40  # 40 x 64 tokens: 2,600 occlusion rows
+    with serving(
+        run_dir,
+        load=lambda: SlowModel(load_target(run_dir)[0]),
+        explain_max_texts=64,
+        explain_max_tokens=100_000,
+    ) as u:
+        while httpx.get(u + "/ready").status_code != 200:
+            time.sleep(0.02)
+        with ThreadPoolExecutor(1) as ex:
+            explaining = ex.submit(post, u, {"texts": texts}, "/explain")
+            time.sleep(0.2)
+            times = []
+            for i in range(10):
+                start = time.perf_counter()
+                assert post(u, {"text": f"a short one {i}"}).status_code == 200
+                times.append(time.perf_counter() - start)
+            assert not explaining.done(), "the explanation was too quick to test anything"
+            assert max(times) < 0.3, times  # not the seconds the explanation takes
+            assert explaining.result(timeout=60).status_code == 200
+
+
+def test_explain_has_its_own_budget_and_queue(run_dir: Path, url: str) -> None:
+    many = post(url, {"texts": ["good"] * 17}, path="/explain")
+    assert many.status_code == 413 and "--explain-max-texts" in many.json()["error"]
+    long = post(url, {"texts": [" ".join(["word"] * 60)] * 16}, path="/explain")  # 16 x 60 tokens
+    assert long.status_code == 413 and "--explain-max-tokens" in long.json()["error"]
+    assert "the texts hold 960 tokens" in long.json()["error"]
+    with serving(
+        run_dir, load=lambda: SlowModel(load_target(run_dir)[0]), explain_queue=1, explain_max_tokens=100_000
+    ) as u:
+        while httpx.get(u + "/ready").status_code != 200:
+            time.sleep(0.02)
+        with ThreadPoolExecutor(1) as ex:
+            first = ex.submit(post, u, {"texts": ["a long and rather dull film " * 10] * 16}, "/explain")
+            deadline = time.monotonic() + 10
+            while metric(u, "seqtrain_explain_requests") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            second = post(u, {"text": "queued"}, path="/explain")
+            assert second.status_code == 503 and "--explain-queue 1" in second.json()["error"]
+            assert first.result(timeout=60).status_code == 200
+
+
+def test_slow_clients_are_timed_out(run_dir: Path) -> None:
+    """A client that sends half its headers, or half its body, or nothing, loses its connection
+    after --read-timeout-s (with a JSON 408 when it sent something); the others are served."""
+    with serving(run_dir, read_timeout_s=0.5, **LIMITS) as u:
+        port = int(u.rsplit(":", 1)[1])
+        headers = socket.create_connection(("127.0.0.1", port), timeout=5)
+        headers.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Len")
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        body = half_sent(u, b'{"text": "never finished"}', 5)
+        body.settimeout(5)
+        assert post(u, {"text": "a patient client"}).status_code == 200
+        start = time.monotonic()
+        status, answer = read_answer(headers)
+        assert status == 408 and "headers did not arrive within 0.5 s (--read-timeout-s)" in answer["error"]
+        status, answer = read_answer(body)
+        assert status == 408 and "body did not arrive within 0.5 s" in answer["error"]
+        assert body.recv(100) == b""  # and closed
+        assert silent.recv(100) == b""  # closed, nothing to answer
+        assert time.monotonic() - start < 2
+        for s in (headers, silent, body):
+            s.close()
+        # one that sends each header slowly, a byte at a time, is cut off too
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with pytest.raises(OSError):
+            for byte in b"POST /predict HTTP/1.1\r\nHost: slow\r\n" * 10:
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.02)
+        trickle.close()
+
+
+def test_serve_refuses_a_target_it_cannot_serve(run_dir: Path, tmp_path: Path) -> None:
+    """A file, a damaged labels.json (not JSON, or the wrong object): one line naming it, exit 1."""
+    result = runner.invoke(app, ["serve", "/etc/passwd", "--port", "0"])
+    assert result.exit_code == 1 and "is a file, not a run directory" in result.output
+    for content in ('{"x": 1}', "not json {"):
+        copy = tmp_path / f"copy-{len(content)}"
+        shutil.copytree(run_dir, copy, symlinks=True)
+        (copy / "labels.json").write_text(content)
+        result = runner.invoke(app, ["serve", str(copy), "--port", "0"])
+        assert result.exit_code == 1 and "labels.json is damaged" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_a_run_still_training_is_served_with_a_warning(run_dir: Path, tmp_path: Path) -> None:
+    from seqtrain.serve import check_target
+
+    copy = tmp_path / "training"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "seqtrain", "train"])
+    try:
+        (copy / ".lock").write_text(f"{trainer.pid}\n")
+        (warning,) = check_target(copy)
+        assert "still being trained" in warning and "/health" in warning
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert check_target(copy) == []  # the trainer is gone: the run is finished

@@ -1,0 +1,415 @@
+"""The HTTP server around the app: uvicorn, one process or several sharing one listening socket.
+
+With --workers N > 1, uvicorn's multiprocess supervisor (uvicorn.supervisors.Multiprocess) starts N
+worker processes on the socket the command bound, checks they answer, and replaces one that dies;
+each worker loads the model on its own --threads. /metrics sums every worker's series
+(metrics.py); /ready, /info and /health describe the worker that answers.
+
+Slow clients: a connection must deliver a request's headers within --read-timeout-s of its first
+byte (of connecting, for the first request), or it is answered 408 and closed; the body gets as long
+again (requests.read_body); an idle keep-alive connection is closed after uvicorn's keep-alive
+timeout.
+
+SIGTERM or Ctrl-C: /ready answers 503 "shutting down" and new /predict and /explain requests get
+503 with Retry-After (the socket stays open meanwhile), the requests in flight finish, for up to
+--grace-s; those still unanswered then get a 503, the worker closes its connections and exits. The
+command exits 0 within --grace-s + 2 s, even when a forward pass is still running (the model's
+threads do not hold the exit). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from seqtrain.errors import CheckpointError, SeqtrainError
+from seqtrain.predict import Predictor
+from seqtrain.serve.app import CONNECTIONS, AppFactory, Connections, Service
+from seqtrain.serve.metrics import MULTIPROC_ENV
+from seqtrain.serve.options import ServeOptions
+from seqtrain.serve.requests import error_body
+from seqtrain.serve.target import check_target
+
+logger = logging.getLogger("uvicorn.error")
+SHUTDOWN_S = 1.0  # after the grace period: uvicorn closes the connections, the lifespan ends
+FAILURE_FILE = "failure-{pid}.txt"  # in the metrics folder: why a worker could not load TARGET
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+class ReadTimeout:
+    """For uvicorn's HTTP protocol classes: the read timeout for a request's headers, and the count
+    of this worker's open connections (app.Connections, found in the lifespan state)."""
+
+    cycle: Any
+    transport: Any
+    loop: asyncio.AbstractEventLoop
+    app_state: dict[str, Any]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.timed_cycle: Any = None
+        self.bytes_seen = False
+        self.counter: Connections | None = self.app_state.get(CONNECTIONS)
+        if self.counter is not None:
+            self.counter.open += 1
+        self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.read_timer is None and self.between_requests():
+            self.arm()
+        self.bytes_seen = True
+        super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+        if self.counter is not None:
+            self.counter.open -= 1
+            self.counter = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def arm(self) -> None:
+        timeout = self.counter.read_timeout_s if self.counter is not None else None
+        if timeout is None:
+            return
+        self.timed_cycle, self.bytes_seen = self.cycle, False
+        self.read_timer = self.loop.call_later(timeout, self.read_timed_out, timeout)
+
+    def read_timed_out(self, timeout: float) -> None:
+        self.read_timer = None
+        if self.transport.is_closing() or self.cycle is not self.timed_cycle or not self.between_requests():
+            return  # a request's headers arrived in time
+        if self.bytes_seen:
+            body = error_body(
+                408, f"the request's headers did not arrive within {timeout:g} s (--read-timeout-s)."
+            )
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.transport.close()
+
+
+class GuardedH11(ReadTimeout, H11Protocol):
+    """uvicorn's h11 protocol, with the read timeout."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpTools(ReadTimeout, HttpToolsProtocol):
+        """uvicorn's httptools protocol (the fast parser), with the read timeout."""
+
+    FASTEST: type[asyncio.Protocol] = GuardedHttpTools
+except ImportError:  # pragma: no cover - the serve extra installs httptools
+    FASTEST = GuardedH11
+
+PROTOCOLS: dict[str, type[asyncio.Protocol]] = {"h11": GuardedH11, "httptools": FASTEST, "auto": FASTEST}
+
+
+# --------------------------------------------------------------------------- one worker
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with the shutdown described above: a first SIGTERM or SIGINT drains before
+    uvicorn closes the socket, and is not raised again afterwards (uvicorn >= 0.29 re-raises it, so
+    the process would die by the signal); a model that fails to load stops it (`failure`)."""
+
+    failure: BaseException | None = None
+
+    def __init__(self, config: uvicorn.Config, service: Service | None = None) -> None:
+        super().__init__(config)
+        self.service = service
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining: asyncio.Task[None] | None = None
+        if isinstance(config.app, AppFactory):
+            config.app.on_failure = self.fail
+
+    def fail(self, error: BaseException) -> None:
+        self.failure = error
+        self.should_exit = True
+
+    @property
+    def app(self) -> Service | None:
+        if self.service is None and isinstance(self.config.app, AppFactory):
+            return self.config.app.service
+        return self.service
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining is not None or self.loop is None or self.app is None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self.loop.call_soon_threadsafe(self.start_draining)
+
+    def start_draining(self) -> None:
+        if self.draining is None:
+            self.draining = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        service = self.app
+        assert service is not None
+        service.begin_shutdown()
+        cut = await service.drain(float(service.opts.grace_s))
+        if cut:
+            logger.warning(f"{cut} request(s) did not finish within --grace-s; they were answered 503")
+        self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def exit_now_if_busy(self) -> None:
+        """After the shutdown: a forward pass still running on a daemon thread must not hold the
+        process (the interpreter's exit would wait on or crash under it): exit at once."""
+        service = self.app
+        if service is not None and service.busy and threading.current_thread() is threading.main_thread():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything else, so a busy port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a
+    # keep-alive response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror} (--host, --port).") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def fastest(module: str, name: str) -> str:
+    """uvicorn's `loop` setting: the C implementation when it is installed, else uvicorn's own."""
+    try:
+        __import__(module)
+    except ImportError:
+        return "auto"
+    return name
+
+
+def server_config(app: Any, opts: ServeOptions, overrides: dict[str, Any] | None = None) -> uvicorn.Config:
+    """uvloop and httptools when installed (the serve extra has them), with the read timeout; no
+    access log; a backlog of 2,048 connections."""
+    settings: dict[str, Any] = {
+        "loop": fastest("uvloop", "uvloop"),
+        "http": "httptools",
+        "backlog": 2048,
+        "proxy_headers": False,  # no X-Forwarded-* rewriting on every request: there is no access log
+        **(overrides or {}),
+    }
+    if isinstance(settings["http"], str):
+        settings["http"] = PROTOCOLS.get(settings["http"], FASTEST)
+    return uvicorn.Config(
+        app,
+        log_level=opts.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(SHUTDOWN_S),
+        h11_max_incomplete_event_size=64 * 1024,  # request line and headers (h11; httptools has its own)
+        factory=isinstance(app, AppFactory),
+        **settings,
+    )
+
+
+def make_server(
+    target: Path,
+    opts: ServeOptions,
+    load: Callable[[], Predictor] | None = None,
+    uvicorn_config: dict[str, Any] | None = None,
+) -> Server:
+    """One worker in this process: uvicorn on the app (server_config's settings, `uvicorn_config`'s
+    over them)."""
+    service = Service(target, opts, load)
+    server = Server(server_config(service, opts, uvicorn_config), service)
+    service.on_failure = server.fail
+    return server
+
+
+# --------------------------------------------------------------------------- several workers
+
+
+class WorkerProcess(Process):
+    """A uvicorn worker process that runs this module's Server (the shutdown above) and reports a
+    TARGET that fails to load: exit code STARTUP_FAILURE, the message in FAILURE_FILE."""
+
+    @property
+    def server(self) -> Server:
+        if self._server is None:
+            self._server = Server(self.config)
+        assert isinstance(self._server, Server)
+        return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover - a child
+        super().target(sockets)
+        server = self.server
+        if server.failure is not None:
+            folder = os.environ.get(MULTIPROC_ENV)
+            if folder:
+                message = (
+                    str(server.failure) if isinstance(server.failure, SeqtrainError) else repr(server.failure)
+                )
+                Path(folder, FAILURE_FILE.format(pid=os.getpid())).write_text(message)
+            sys.stderr.flush()
+            os._exit(STARTUP_FAILURE)
+        server.exit_now_if_busy()
+
+
+class Workers(Multiprocess):
+    """uvicorn's supervisor, starting WorkerProcess; after SIGTERM it waits for the workers up to
+    the grace period and a little more, then kills what is left."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], grace_s: float) -> None:
+        super().__init__(config, sockets)
+        self.grace_s = grace_s
+
+    def start_one(self) -> WorkerProcess:
+        process = WorkerProcess(self.config, self.sockets)
+        process.start()
+        return process
+
+    def init_processes(self) -> None:
+        self.processes = [self.start_one() for _ in range(self.processes_num)]
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # hung: kill it
+            process.join()
+            mark_dead(process.pid)
+            if process.exitcode == STARTUP_FAILURE:
+                logger.error(f"worker {process.pid} could not load the model; stopping")
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            logger.warning(f"worker {process.pid} died (exit code {process.exitcode}); starting another")
+            self.processes[idx] = self.start_one()
+
+    def handle_hup(self) -> None:
+        logger.warning("SIGHUP ignored: restart `seqtrain serve` to load a new checkpoint")
+
+    def handle_ttin(self) -> None:
+        logger.warning("SIGTTIN ignored: the number of workers is --workers")
+
+    def handle_ttou(self) -> None:
+        logger.warning("SIGTTOU ignored: the number of workers is --workers")
+
+    def join_all(self) -> None:
+        deadline = time.monotonic() + self.grace_s + SHUTDOWN_S + 0.5
+        for process in self.processes:
+            process.process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.process.is_alive():
+                logger.error(f"worker {process.pid} did not stop within --grace-s; killing it")
+                process.kill()
+                process.process.join()
+
+    def failures(self, folder: Path) -> list[str]:
+        """What the workers that could not load the model said."""
+        return [p.read_text() for p in sorted(folder.glob(FAILURE_FILE.format(pid="*")))]
+
+
+def mark_dead(pid: int | None) -> None:
+    """Drop a dead worker's live gauges from /metrics."""
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(pid)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def serve(target: Path, opts: ServeOptions) -> None:
+    """Check TARGET, listen, start the workers, which load TARGET in the background (/ready: 503
+    "loading", then 200); serve until SIGTERM or Ctrl-C, finish the requests in flight, return. A
+    model that fails to load stops it with its error."""
+    from seqtrain import console
+
+    opts.check()
+    warnings = check_target(target, opts.checkpoint)
+    sock = listen(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    workers = opts.worker_count
+    console.info(
+        f"listening on {url}: {target} (POST /predict, a page at /), {workers} worker"
+        f"{'s' if workers > 1 else ''} x {opts.model_threads} thread{'s' if opts.model_threads > 1 else ''};"
+        " SIGTERM or Ctrl-C stops"
+    )
+    for w in warnings:
+        console.warn(w)
+    if workers == 1:
+        server = make_server(target, opts)
+        server.run(sockets=[sock])
+        if server.failure is not None:
+            raise server.failure
+        console.info("stopped")
+        server.exit_now_if_busy()
+        return
+    with tempfile.TemporaryDirectory(prefix="seqtrain-serve-") as folder:
+        previous = os.environ.get(MULTIPROC_ENV)
+        os.environ[MULTIPROC_ENV] = folder  # read by the workers' prometheus_client
+        try:
+            config = server_config(AppFactory(target, opts), opts)
+            config.workers = workers
+            supervisor = Workers(config, [sock], opts.grace_s)
+            supervisor.run()
+        finally:
+            if previous is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = previous
+            sock.close()
+        failed = supervisor.failures(Path(folder))
+    if failed:
+        raise CheckpointError(failed[0])
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise CheckpointError("a worker could not start (see the messages above).")
+    console.info("stopped")
