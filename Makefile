@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo test lint bench bench-scale clean bench-serve browser-deps
+.PHONY: install data demo test lint bench bench-scale clean bench-serve browser-deps wrk
 
 install: $(STAMP)
 
@@ -52,10 +52,16 @@ browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
-# seqtrain serve under 1, 8 and 64 concurrent clients, beside the batched forward pass alone (bench/serve.py)
+# wrk, the C load generator of bench-serve (Debian's package); skipped when it is installed
+wrk:
+	command -v wrk >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+# seqtrain serve under 1, 8 and 64 concurrent clients (wrk), beside two ceilings: the sorted forward
+# pass alone and what its worker processes can reach on arrival-order batches (bench/serve.py).
 # The quickstart model on SST-2 sentences, and a short-trained IMDB LSTM on reviews (speed does not
 # depend on training).
-bench-serve: install data
+bench-serve: install data wrk
 	test -d runs/quickstart || $(BIN)/seqtrain train configs/quickstart.yaml
 	test -d runs/serve-imdb || $(BIN)/seqtrain train configs/imdb-lstm.yaml train.max_steps=30 \
 		data.max_train_examples=3000 data.max_eval_examples=200 train.eval_every=0 name=serve-imdb

@@ -1,24 +1,28 @@
-"""`make bench-serve`: texts/s and latency of `seqtrain serve` under concurrent clients, beside the ceiling.
+"""`make bench-serve`: texts/s and latency of `seqtrain serve` under concurrent clients, beside two ceilings.
 
-    python -m bench.serve TARGET [TARGET ...] [--seconds 20] [--concurrency 1 8 64]
-        [--client-processes 1] [--max-batch-size 64] [--threads T] [--soak 100000] [--output BENCHMARKS.md]
+    python -m bench.serve TARGET [TARGET ...] [--seconds 20] [--concurrency 1 8 64] [--workers N]
+        [--max-batch-size 64] [--threads T] [--soak 100000] [--python-client] [--output BENCHMARKS.md]
 
 TARGET is a run directory or an ONNX export folder; its texts are the run's eval split (SST-2
-validation sentences for the quickstart). The ceiling is the batched forward pass alone on the same
-texts, already tokenized, in this process: `seqtrain predict`'s way, chunks of 2,048 texts sorted by
-length and cut into batches of --max-batch-size. Beside it, the arrival-order ceiling: batches of
---max-batch-size texts in the order the clients send them, each cut by length where smaller
-batches cost less (encoding.BatchCost, measured here as the server measures it): the most a server
-can batch, since it cannot sort texts that have not arrived. Both are
-measured again for 3 s each right before each load, so that each ratio compares figures taken
-under the same load from other processes (on a shared machine it moves by minutes), and both in
-CPU time per text too, which other processes disturb much less than texts/s.
+validation sentences for the quickstart). Two ceilings, side by side, each measured again for 3 s
+right before each load (so that each ratio compares figures taken under the same load from other
+processes), in texts/s and in CPU time per text (process_time: every thread):
 
-`seqtrain serve TARGET --port 0` runs in a subprocess. For each concurrency N and each number P of
-client processes, N clients (aiohttp, one connection each, spread over P processes) send
-{"text": ...} one after another for --seconds. Besides texts/s and latency, the CPU time the server
-and the clients used is read from /proc, so a table can say whether the server or the load
-generator (or other processes) ran out of CPU.
+- sorted: the batched forward pass alone on the texts already tokenized, in this process on the
+  model's default threads: `seqtrain predict`'s way, chunks of 2,048 texts sorted by length and cut
+  into batches of --max-batch-size. No server can reach it: it sorts texts that have not arrived.
+- arrival order, N x 1: the server's N worker processes, each a model on one thread batching its
+  share of the texts in the order they come, at most its share of the clients per batch (at 64
+  clients and 2 workers: 32), each batch cut by length as the server cuts it (encoding.BatchCost).
+  That is what `serve --workers N` can reach; the ratio to it is the server's overhead.
+
+`seqtrain serve TARGET --port 0` runs in a subprocess. The load generator is wrk (Debian's package,
+`make wrk`; a Lua script POSTs {"text": ...} bodies, one connection per client); without it, or with
+--python-client, the Python client (aiohttp, N clients over --client-processes processes) is the
+fallback, and the output says so: it costs several times wrk's CPU per request, taken from the server
+on a small machine. Besides texts/s and latency, the CPU time of the server (with its workers) and
+of the clients is read from /proc, so a table can say whether the server or the load generator (or
+other processes) ran out of CPU.
 
 Then, on the first TARGET, the soak: --soak requests (100,000 by default; 0 skips it) at
 --soak-concurrency clients, one in 100 malformed (see MALFORMED): every answer's status is checked,
@@ -38,9 +42,12 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,7 +96,7 @@ class Ceiling:
         """(texts/s, CPU microseconds per text): chunks of 2,048 texts sorted by length (predict's
         chunk), or batches in arrival order, each cut by length as the server cuts them."""
         step = self.batch_size if arrival_order else 2048
-        done, start, cpu = 0, time.perf_counter(), time.thread_time()
+        done, start, cpu = 0, time.perf_counter(), time.process_time()  # every thread of the process
         while time.perf_counter() - start < seconds:
             for i in range(0, len(self.seqs), step):
                 part = self.seqs[i : i + step]
@@ -97,7 +104,63 @@ class Ceiling:
                 done += len(part)
                 if time.perf_counter() - start >= seconds:
                     break
-        return done / (time.perf_counter() - start), 1e6 * (time.thread_time() - cpu) / done
+        return done / (time.perf_counter() - start), 1e6 * (time.process_time() - cpu) / done
+
+
+_MODEL: dict[str, Any] = {}  # in each process of the N x 1 ceiling: its model and its share, encoded
+
+
+def arrival_prepare(target: Path, texts: list[str]) -> None:
+    """One process of the N x 1-thread ceiling: the model on one thread, its share of the texts encoded."""
+    from seqtrain.encoding import encode
+    from seqtrain.serve import load_target
+
+    run, _ = load_target(target, threads=1)
+    _MODEL.update(run=run, seqs=encode(run.tokenizer, texts, run.config.data), costs={})
+
+
+def arrival_part(batch_size: int, seconds: float, start: float) -> tuple[int, float]:
+    """Batches of `batch_size` of this process's share in arrival order, each cut by length as the
+    server cuts it, from time.time() `start` for `seconds`: (texts, CPU seconds of the process)."""
+    from seqtrain.serve import measure_cost
+
+    run, seqs, costs = _MODEL["run"], _MODEL["seqs"], _MODEL["costs"]
+    if batch_size not in costs:
+        costs[batch_size] = measure_cost(run, batch_size)
+        run.probs(seqs[:batch_size], batch_size, costs[batch_size])  # warm up
+    time.sleep(max(0.0, start - time.time()))
+    done, cpu, stop = 0, time.process_time(), start + seconds
+    while time.time() < stop:
+        for i in range(0, len(seqs), batch_size):
+            part = seqs[i : i + batch_size]
+            run.probs(part, batch_size, costs[batch_size])
+            done += len(part)
+            if time.time() >= stop:
+                break
+    return done, time.process_time() - cpu
+
+
+class ArrivalCeiling:
+    """Texts/s of N processes x 1 thread, each batching its share of the texts in arrival order: what
+    `serve --workers N` can reach (no sorting of texts that have not arrived, no HTTP)."""
+
+    def __init__(self, target: Path, texts: list[str], workers: int) -> None:
+        self.workers = workers
+        self.pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=os.environ.__setitem__, initargs=("OMP_NUM_THREADS", "1")
+        )
+        self.pool.starmap(arrival_prepare, [(target, texts[i::workers]) for i in range(workers)])
+
+    def measure(self, batch_size: int, seconds: float = CEILING_SECONDS) -> tuple[float, float]:
+        """(texts/s, CPU µs per text) with batches of `batch_size` in every process."""
+        self.pool.starmap(arrival_part, [(batch_size, 0.0, 0.0)] * self.workers)  # cost measured, warm
+        start = time.time() + 0.3
+        parts = self.pool.starmap(arrival_part, [(batch_size, seconds, start)] * self.workers)
+        done = sum(d for d, _ in parts)
+        return done / seconds, 1e6 * sum(c for _, c in parts) / max(done, 1)
+
+    def close(self) -> None:
+        self.pool.terminate()
 
 
 async def load(url: str, texts: list[str], concurrency: int, stop: float, offset: int = 0) -> dict[str, Any]:
@@ -139,9 +202,15 @@ def client_process(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its worker processes, all their threads, from /proc."""
+    total = 0
+    for p in server_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> float:
@@ -190,6 +259,83 @@ def measure_load(
         "clients_cores": clients_cpu / wall,
         "others_cores": max(0.0, others) / wall,
     }
+
+
+def lua_string(text: bytes) -> str:
+    """`text` as a Lua string literal (printable ASCII as is, every other byte as a decimal escape)."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}" for b in text) + '"'
+
+
+WRK_SCRIPT = """
+local bodies = {%s}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+function init(args) i = math.random(#bodies) end
+function request()
+  i = i %% #bodies + 1
+  return wrk.format(nil, "/predict", nil, bodies[i])
+end
+"""
+
+
+def wrk_ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def measure_wrk(
+    url: str, texts: list[str], concurrency: int, seconds: float, server_pid: int, script: Path
+) -> dict[str, Any]:
+    """`concurrency` connections of wrk (the C load generator; Debian's package) for `seconds`, each
+    POSTing {"text": ...} one after another; texts/s, latency, and where the CPU went."""
+    if not script.exists():
+        bodies = ",".join(lua_string(json.dumps({"text": t}).encode()) for t in texts[:4096])
+        script.write_text(WRK_SCRIPT % bodies)
+    threads = min(2, concurrency)
+    command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds:g}s", "--latency"]
+    command += ["--timeout", "30s", "-s", str(script), url]
+    server0, busy0, wall0 = cpu_seconds(server_pid), machine_busy(), time.time()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    _, _, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - wall0
+    server_cpu, clients_cpu = cpu_seconds(server_pid) - server0, usage.ru_utime + usage.ru_stime
+    out = proc.stdout.read() if proc.stdout else ""
+    found = {p: re.search(rf"^\s+{p}%\s+(\S+)$", out, re.M) for p in ("50", "99")}
+    total = re.search(r"(\d+) requests in", out)
+    if not total or not found["50"] or not found["99"]:
+        sys.exit(f"cannot read wrk's output:\n{out}")
+    requests = int(total.group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    statuses = {200: requests - (int(bad.group(1)) if bad else 0)}
+    if bad:
+        statuses[0] = int(bad.group(1))  # wrk counts them without their codes
+    others = (machine_busy() - busy0) - server_cpu - clients_cpu
+    return {
+        "concurrency": concurrency,
+        "client_processes": f"wrk -t{threads}",
+        "requests": requests,
+        "texts_per_s": requests / seconds,
+        "p50_ms": wrk_ms(found["50"].group(1)),
+        "p99_ms": wrk_ms(found["99"].group(1)),
+        "statuses": statuses,
+        "socket_errors": errors.group(1) if errors else None,
+        "server_us_per_text": 1e6 * server_cpu / max(requests, 1),
+        "clients_us_per_text": 1e6 * clients_cpu / max(requests, 1),
+        "server_cores": server_cpu / wall,
+        "clients_cores": clients_cpu / wall,
+        "others_cores": max(0.0, others) / wall,
+    }
+
+
+def server_pids(pid: int) -> list[int]:
+    """The server process and its workers (children), for their CPU time."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
 
 
 MALFORMED = [  # (body, the status it must get): one request in 100 during the soak
@@ -288,31 +434,42 @@ def start_server(target: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
     command = [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0"]
     command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
     command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--workers", str(args.workers)] if args.workers else []
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", line := proc.stderr.readline())):
         if not line:
             sys.exit("the server did not start")
+    stderr = proc.stderr
+    threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()  # never a full pipe
     return proc, f"http://127.0.0.1:{found.group(1)}"
 
 
 def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> dict[str, Any]:
-    """The ceiling and every load on one target, then (if asked) the soak."""
+    """The ceilings and every load on one target, then (if asked) the soak."""
     texts = eval_texts(target)
     top = Ceiling(target, texts, args.max_batch_size)
-    print(f"{target}: {len(texts):,} texts; ceiling {top.measure()[0]:,.0f} texts/s", flush=True)
+    print(f"{target}: {len(texts):,} texts; sorted ceiling {top.measure()[0]:,.0f} texts/s", flush=True)
     proc, url = start_server(target, args)
-    rows, soaked = [], None
+    rows, soaked, arrival_top = [], None, None
+    script = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "bodies.lua"
     try:
         info = wait_ready(url, proc)
+        workers = int(info.get("workers") or 1)
+        arrival_top = ArrivalCeiling(target, texts, workers)
         asyncio.run(load(url, texts, 1, time.time() + 1.0))  # warm up
         for n in args.concurrency:
-            for p in sorted({min(p, n) for p in args.client_processes}):
-                # just before, under the same load from other processes
-                (ceiling, ceiling_us), (arrival, arrival_us) = top.measure(), top.measure(arrival_order=True)
+            for p in [0] if args.wrk else sorted({min(p, n) for p in args.client_processes}):
+                # just before, under the same load from other processes; a worker's batch holds at most
+                # its share of the clients
+                cap = min(args.max_batch_size, -(-n // workers))
+                (ceiling, ceiling_us), (arrival, arrival_us) = top.measure(), arrival_top.measure(cap)
                 before = scrape(url)
-                row = measure_load(url, texts, n, p, args.seconds, proc.pid)
+                if args.wrk:
+                    row = measure_wrk(url, texts, n, args.seconds, proc.pid, script)
+                else:
+                    row = measure_load(url, texts, n, p, args.seconds, proc.pid)
                 after = scrape(url)
                 row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
                 row.update(ceiling=ceiling, ceiling_us=ceiling_us, arrival=arrival, arrival_us=arrival_us)
@@ -320,12 +477,13 @@ def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> 
                 row["of_arrival"] = row["texts_per_s"] / arrival
                 rows.append(row)
                 print(
-                    f"  {n:>3} clients in {p} process(es): {row['texts_per_s']:8,.0f} texts/s "
-                    f"({row['of_ceiling']:.2f}x the ceiling of {ceiling:,.0f}, {row['of_arrival']:.2f}x the "
-                    f"arrival-order one of {arrival:,.0f})  p50 {row['p50_ms']:6.1f} ms  "
-                    f"p99 {row['p99_ms']:6.1f} ms  mean batch {row['mean_batch']:5.1f}  "
-                    f"CPU us/text: server {row['server_us_per_text']:.0f}, ceilings {ceiling_us:.0f} and "
-                    f"{arrival_us:.0f}; cores: server {row['server_cores']:.2f}, clients "
+                    f"  {n:>3} clients ({row['client_processes']}): {row['texts_per_s']:8,.0f} texts/s "
+                    f"({row['of_arrival']:.2f}x the arrival-order {workers}x1 ceiling of {arrival:,.0f} "
+                    f"[batches of {cap}], {row['of_ceiling']:.2f}x the sorted one of {ceiling:,.0f})  "
+                    f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  mean batch "
+                    f"{row['mean_batch']:5.1f}  CPU us/text: server {row['server_us_per_text']:.0f}, "
+                    f"clients {row['clients_us_per_text']:.0f}, ceilings {arrival_us:.0f} and "
+                    f"{ceiling_us:.0f}; cores: server {row['server_cores']:.2f}, clients "
                     f"{row['clients_cores']:.2f}, others {row['others_cores']:.2f}  "
                     f"statuses {row['statuses']}",
                     flush=True,
@@ -334,6 +492,8 @@ def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> 
             soaked = asyncio.run(soak(url, texts, soak_requests, args.soak_concurrency, proc.pid))
             print("  " + soak_line(soaked, args.soak_concurrency), flush=True)
     finally:
+        if arrival_top is not None:
+            arrival_top.close()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     print(f"  server exit code after SIGTERM: {code}", flush=True)
@@ -427,6 +587,12 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--threads", type=int, help="the server's --threads (default: serve's)")
+    parser.add_argument("--workers", type=int, help="the server's --workers (default: serve's)")
+    parser.add_argument(
+        "--python-client",
+        action="store_true",
+        help="load with the Python client (aiohttp) even when wrk is installed",
+    )
     parser.add_argument(
         "--soak", type=int, default=100_000, help="requests, 1%% malformed, on the first TARGET (0: none)"
     )
@@ -435,6 +601,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.load_average = os.getloadavg()[0]
+    args.wrk = not args.python_client and shutil.which("wrk") is not None
+    if not args.wrk:
+        print(
+            "the load comes from the Python client (aiohttp), which costs several times the CPU per "
+            "request of wrk and takes it from the server: "
+            + ("asked for with --python-client" if args.python_client else "wrk is not installed (make wrk)"),
+            flush=True,
+        )
     command = shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]])
     start = time.perf_counter()
     results = [bench_target(t, args, args.soak if i == 0 else 0) for i, t in enumerate(args.targets)]
