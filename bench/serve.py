@@ -140,15 +140,17 @@ def arrival_part(batch_size: int, seconds: float, start: float) -> tuple[int, fl
     return done, time.process_time() - cpu
 
 
+def one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 class ArrivalCeiling:
     """Texts/s of N processes x 1 thread, each batching its share of the texts in arrival order: what
     `serve --workers N` can reach (no sorting of texts that have not arrived, no HTTP)."""
 
     def __init__(self, target: Path, texts: list[str], workers: int) -> None:
         self.workers = workers
-        self.pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=os.environ.__setitem__, initargs=("OMP_NUM_THREADS", "1")
-        )
+        self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=one_thread)
         self.pool.starmap(arrival_prepare, [(target, texts[i::workers]) for i in range(workers)])
 
     def measure(self, batch_size: int, seconds: float = CEILING_SECONDS) -> tuple[float, float]:
