@@ -12,6 +12,38 @@ import pytest
 
 from seqtrain.config import Config, from_dict
 
+# `make test` runs the tests on pytest-xdist workers (--dist loadgroup). The tests of a file named here run
+# on one worker, one after another: its module-scoped fixtures are expensive and are built once, or (the
+# torchrun tests) no two of them should start 2 processes each at once on a 2-core machine. Every other
+# test is sent on its own, to whichever worker is free. The groups are given by file here because pytest 9
+# ignores the node-id suffix through which xdist 3.8 applies `pytest.mark.xdist_group`.
+XDIST_GROUPS = {
+    "test_distributed.py": "distributed",
+    "test_pretrain.py": "pretrain",  # a language model pretrained on SST-2
+    "test_explain.py": "explain",  # a classifier trained on 6,000 SST-2 rows
+    "test_serve.py": "serve",  # a run, its ONNX export, a server
+    "test_export.py": "export",  # a run per cell
+    "test_cli.py": "cli",
+    "test_plots.py": "plots",
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called when xdist runs the tests
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadgroup":
+        return None  # xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        """A work unit per test, or per file for the files in XDIST_GROUPS; the largest units go first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return XDIST_GROUPS.get(name, nodeid)
+
+    return FileGroups(config, log)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 REAL_DATA = next((p for p in (ROOT / "data", SHARED) if (p / "sst2").is_dir()), SHARED)

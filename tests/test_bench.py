@@ -116,6 +116,7 @@ def test_regenerating_benchmarks_md_keeps_its_hand_run_tables(tmp_path: Path) ->
     assert "**Prediction, hand-run later**" in text  # the hand-written note, outside the markers
 
 
+@pytest.mark.slow
 def test_torch_forward_alone_is_the_runs_own_model_not_the_bare_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

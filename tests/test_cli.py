@@ -34,6 +34,7 @@ def test_train_writes_run(trained: Path) -> None:
     assert yaml.safe_load((trained / "config.yaml").read_text())["model"]["cell"] == "gru"
 
 
+@pytest.mark.subprocess
 def test_train_prints_the_resolved_config(tmp_path: Path) -> None:
     """What `train` prints first is the resolved config: the file, its defaults filled in,
     the overrides applied."""
@@ -146,6 +147,7 @@ def test_data_error_names_the_column(tmp_path: Path, trained: Path) -> None:
     assert result.exit_code == 1 and "'review'" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.subprocess
 def test_help_and_version_are_fast() -> None:
     exe = Path(sys.executable).parent / "seqtrain"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "seqtrain"]
@@ -159,6 +161,7 @@ def test_help_and_version_are_fast() -> None:
     assert version.stdout.startswith("seqtrain ")
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_torch() -> None:
     code = (
         "import sys; from seqtrain import cli; import seqtrain.config; "
@@ -191,6 +194,7 @@ def test_predict_parquet_dataset_ids_and_threshold(trained: Path, tmp_path: Path
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 201
 
 
+@pytest.mark.subprocess
 def test_predict_streams_stdin_before_input_ends(trained: Path) -> None:
     """The first results come out while stdin is still open."""
     import select

@@ -20,6 +20,8 @@ from seqtrain.optim import lr_at
 from seqtrain.train import train
 from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]  # torchrun children
+
 
 def torchrun(
     config: Path,

@@ -384,6 +384,7 @@ def test_terminal_format_prints_each_text_with_its_label(
     )
 
 
+@pytest.mark.subprocess
 def test_occlusion_on_the_onnx_export_matches_the_run(
     run_dir: Path, run: Run, validation: list[str], tmp_path: Path
 ) -> None:

@@ -169,6 +169,7 @@ def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(
     )  # 15 batches of 7, two at a time
 
 
+@pytest.mark.subprocess
 def test_predict_on_an_export_folder_never_imports_torch(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -60,6 +60,7 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen[str], timeout: fl
     raise AssertionError("training did not reach the step in time")
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(
     tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -90,6 +91,7 @@ def test_sigterm_saves_last_and_resume_is_exact_with_no_replay_or_gap(
     ).read_bytes()
 
 
+@pytest.mark.subprocess
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(
     tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -180,6 +182,7 @@ def test_predict_reports_undecodable_lines_and_keeps_order(tiny_data: Path, tmp_
     assert strict.exit_code == 1 and "line 2" in strict.output
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_signal_to_the_whole_process_group_with_workers_saves_last(
     tiny_data: Path, tmp_path: Path, signum: int
@@ -216,6 +219,7 @@ def test_signal_to_the_whole_process_group_with_workers_saves_last(
     assert json.loads((tmp_path / "group" / "last" / "state.json").read_text())["step"] >= 10
 
 
+@pytest.mark.subprocess
 def test_the_printed_resume_command_keeps_the_overrides_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, tiny_data, "hint", train={"epochs": 20, "trace_examples": True})
     proc = start(cfg, "train.log_every=7", f"output_dir={tmp_path / 'elsewhere'}")

@@ -507,6 +507,7 @@ CASES = [
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_cli(case: Case, tmp_path: Path, data_dir: Path, trained: Path) -> None:
     ctx = Ctx(tmp_path, data_dir, trained)
@@ -625,6 +626,7 @@ def test_same_step_resave_survives_a_kill_at_any_rename(
 # --------------------------------------------------------------------------- no sources, no fault hooks
 
 
+@pytest.mark.subprocess
 def test_config_help_and_errors_work_without_sources(tmp_path: Path) -> None:
     """A bytecode-only install (no .py files, as some installers and zipapps ship): config-help prints
     every help text as with the sources, and a config error still says what the key means."""
@@ -675,6 +677,7 @@ def test_no_fault_injection_hook_in_product_code() -> None:
         assert "SEQTRAIN_KILL_AFTER_SAVE" not in py.read_text(), py
 
 
+@pytest.mark.subprocess
 def test_out_of_memory_while_building_the_model_is_a_message(tmp_path: Path, data_dir: Path) -> None:
     """Below the parameter cap, an allocation can still fail (a small machine): exit 1 with a message that
     names the settings to shrink, no traceback. The failure is injected by the test-only entry point."""

@@ -12,6 +12,7 @@ from seqtrain.train import train
 from tests.conftest import REAL_DATA
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REAL_DATA / "sst2").is_dir(), reason="needs ../shared/data/sst2 or data/sst2")
 def test_a_few_thousand_sst2_rows_reach_75_percent(tmp_path: Path) -> None:
     start = time.perf_counter()

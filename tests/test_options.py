@@ -135,6 +135,7 @@ def test_each_training_option_shows_its_own_effect(tiny_data: Path, tmp_path: Pa
     assert not torch.equal(weighted["head.weight"], plain["head.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "option",
     [
@@ -233,6 +234,7 @@ def test_adversarial_perturbation_points_uphill_with_norm_eps() -> None:
     )
 
 
+@pytest.mark.slow
 def test_adversarial_training_learns_and_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
     runs = {}
     for name, eps in [("a", 1.0), ("b", 1.0), ("plain", 0.0)]:

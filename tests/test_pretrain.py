@@ -66,6 +66,7 @@ def unigram_perplexity(cfg: Config, run: Path) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
+@pytest.mark.slow
 def test_pretraining_drives_heldout_perplexity_well_below_unigram(pretrained: Path) -> None:
     cfg = lm_config(pretrained)
     heldout = [
@@ -81,6 +82,7 @@ def test_pretraining_drives_heldout_perplexity_well_below_unigram(pretrained: Pa
     assert (pretrained / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_heldout_rows_are_never_trained_on(pretrained: Path) -> None:
     cfg = lm_config(pretrained)
     texts = heldout_texts(cfg)
@@ -93,6 +95,7 @@ def test_heldout_rows_are_never_trained_on(pretrained: Path) -> None:
     assert run["num_train_examples"] == rows - held
 
 
+@pytest.mark.slow
 def test_sampled_softmax_trains_the_exact_perplexity_down(tmp_path: Path) -> None:
     cfg = lm_config(tmp_path / "sampled", pretrain={"softmax": "sampled", "num_samples": 256})
     pretrain(cfg)
@@ -136,6 +139,7 @@ def test_backward_direction_predicts_the_previous_token() -> None:
     ]  # state at t -> token t-1
 
 
+@pytest.mark.slow
 def test_init_from_loads_exactly_the_pretrained_tensors(pretrained: Path, tmp_path: Path) -> None:
     cfg = lm_config(tmp_path / "ft", model={"init_from": str(pretrained), "pooling": "max"})
     tokenizer, encoder = init_from_pretrained(cfg)
@@ -151,6 +155,7 @@ def test_init_from_loads_exactly_the_pretrained_tensors(pretrained: Path, tmp_pa
     assert torch.equal(model.head.weight, fresh_head)  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_pretrain_with_init_from_continues_that_language_model(pretrained: Path, tmp_path: Path) -> None:
     """ULMFiT's second stage: `pretrain` with model.init_from starts from the whole language model (same
     output layer) or from its encoder (another softmax: a fresh output layer), reuses its tokenizer, and
@@ -178,6 +183,7 @@ def test_pretrain_with_init_from_continues_that_language_model(pretrained: Path,
     assert perplexity(tmp_path / "cont") < 0.7 * perplexity(tmp_path / "scratch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -198,6 +204,7 @@ def test_init_from_with_other_shapes_or_vocabulary_is_a_clear_error(
         init_from_pretrained(cfg)
 
 
+@pytest.mark.slow
 def test_init_from_a_shape_mismatch_names_the_tensor_and_both_shapes(pretrained: Path) -> None:
     cfg = lm_config(pretrained)
     _, encoder = init_from_pretrained(
@@ -208,6 +215,7 @@ def test_init_from_a_shape_mismatch_names_the_tensor_and_both_shapes(pretrained:
         load_encoder(model, encoder, str(pretrained))
 
 
+@pytest.mark.slow
 def test_finetune_from_the_pretrained_encoder_learns_sst2(pretrained: Path, tmp_path: Path) -> None:
     cfg = lm_config(
         tmp_path / "ft",
@@ -227,6 +235,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.subprocess
 def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
     pretrained: Path, tmp_path: Path
 ) -> None:
@@ -242,6 +251,7 @@ def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
     assert "model.hidden_size is 64" in done.stderr and "32" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     changes = {"data": {"max_train_examples": 1500}, "train": {"epochs": 2, "eval_every": 15}}
     paths = {}
@@ -300,6 +310,7 @@ def test_interrupt_on_an_epochs_last_batch_keeps_that_epochs_evaluation(
     assert [r["epoch"] for r in evals] == [1, 2]
 
 
+@pytest.mark.slow
 def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(
     pretrained: Path, tmp_path: Path
 ) -> None:
@@ -318,6 +329,7 @@ def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(
     assert encoder["embedding.weight"].shape[0] == tokenizer.get_vocab_size()
 
 
+@pytest.mark.slow
 def test_the_training_stream_leaves_out_exactly_the_heldout_rows(pretrained: Path) -> None:
     # run.json's row count comes from the vocabulary pass; this counts what the training stream yields.
     # (Token ids cannot tell texts apart: different texts of unknown words encode alike.)

@@ -48,6 +48,7 @@ def rated(tmp_path: Path) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         rated,
@@ -100,6 +101,7 @@ def test_string_labels_are_discovered_for_many_classes(tmp_path: Path) -> None:
     assert sum(vocab.labels.counts) == 200
 
 
+@pytest.mark.slow
 def test_regression_learns_better_than_the_mean(rated: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         rated,
@@ -167,6 +169,7 @@ def test_regression_metrics_and_top_k() -> None:
     assert top_k_accuracy(probs, np.array([1, 0]), 2) == 0.5
 
 
+@pytest.mark.slow
 def test_distribution_head_regression_predicts_expected_stars(rated: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         rated,
@@ -217,6 +220,7 @@ def test_squared_emd_grows_with_distance_on_the_value_scale() -> None:
     assert float(squared_emd(sure, target, support, "sum")) == pytest.approx(sum(per_row), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_emd_weight_trains_and_is_checked(rated: Path, tmp_path: Path) -> None:
     from seqtrain.config import from_dict, to_dict
     from seqtrain.errors import ConfigError

@@ -91,6 +91,7 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
 # A single kill at step 10 is the first half of [10, 30], and two workers killed at 10 are what the two
 # cases with workers do before their own twist (a held-out split; VAT and a second kill): neither
 # has a case of its own (40 s less of `make test`).
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "workers,kills,ema,held,vat",
     [
