@@ -194,12 +194,12 @@ def rule_pruner(rule: str) -> tuple[optuna.pruners.BasePruner, float, bool]:
     reports are made at shares of training (else at evaluation numbers). "top15", "quartile", "median":
     what `seqtrain tune --pruner` does with that name (from PRUNE_AFTER). "median-evals": what median
     did before, Optuna's MedianPruner on evaluation numbers from a quarter of the steps. "pP[+pruned]/N" (the
-    grid): the percentile pruner of seqtrain/pruner.py at percentile P, N start-up trials, counting
+    grid): the percentile pruner of seqtrain/tune/pruner.py at percentile P, N start-up trials, counting
     pruned trials or not, from PRUNE_AFTER."""
     import optuna
 
-    from seqtrain.pruner import PercentileAtProgressPruner
     from seqtrain.tune import PRUNE_AFTER, PRUNERS, make_pruner
+    from seqtrain.tune.pruner import PercentileAtProgressPruner
 
     if rule in PRUNERS:  # tune's own names, one list
         return make_pruner(rule), PRUNE_AFTER, True
@@ -252,7 +252,7 @@ def replay(runs: Path, name: str, first: int, rule: str) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from seqtrain.pruner import progress
+    from seqtrain.tune.pruner import progress
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per in-memory study
     stored = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / name / 'study.db'}")

@@ -604,18 +604,18 @@ def tune(
 
         code = run_tune(
             Options(
-                config,
-                overrides or [],
-                trials,
-                timeout,
-                space,
-                storage,
-                study,
-                jobs,
-                pruner,
-                not no_report,
-                seed,
-                keep_pruned,
+                config=config,
+                overrides=overrides or [],
+                trials=trials,
+                timeout_min=timeout,
+                space=space,
+                storage=storage,
+                study=study,
+                jobs=jobs,
+                pruner=pruner,
+                report=not no_report,
+                seed=seed,
+                keep_pruned=keep_pruned,
             )
         )
     except SeqtrainError as e:

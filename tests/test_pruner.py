@@ -1,4 +1,4 @@
-"""The median pruner at equal fractions of training (seqtrain/pruner.py), on hand-made learning curves."""
+"""The median pruner at equal fractions of training (seqtrain/tune/pruner.py), on hand-made curves."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState, create_trial  # noqa: E402
 
-from seqtrain.pruner import PercentileAtProgressPruner, best_so_far_at, progress  # noqa: E402
+from seqtrain.tune.pruner import PercentileAtProgressPruner, best_so_far_at, progress  # noqa: E402
 
 # Reports in thousandths of each trial's planned steps, as tune makes them (eval_every 50, 10,000 rows,
 # 2 epochs): a batch-128 trial (158 steps) evaluates at 316, 633, 949, 1000; a batch-32 trial (626 steps)

@@ -173,7 +173,11 @@ def test_pruned_trial_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # Accuracy can never reach 1.01: the pruner stops the trial at its first evaluation.
     code = tune(
         Options(
-            Path(config), [], trials=1, space=Path(space), pruner=optuna.pruners.ThresholdPruner(lower=1.01)
+            config=Path(config),
+            overrides=[],
+            trials=1,
+            space=Path(space),
+            pruner=optuna.pruners.ThresholdPruner(lower=1.01),
         )
     )
     assert code == 1  # no trial completed
@@ -188,7 +192,9 @@ def test_pruned_trial_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # a pruned trial is never resumed: its checkpoints go (they filled a disk), its record stays
     left = {p.name for p in run.iterdir()}
     assert not left & {"checkpoints", "last", "best"} and {"config.yaml", "metrics.jsonl"} <= left
-    kept = Options(Path(config), [], 1, space=Path(space), study="kept", keep_pruned=True)
+    kept = Options(
+        config=Path(config), overrides=[], trials=1, space=Path(space), study="kept", keep_pruned=True
+    )
     assert tune(dataclasses.replace(kept, pruner=optuna.pruners.ThresholdPruner(lower=1.01))) == 1
     run = tmp_path / "runs" / "kept" / "trial-0000"
     assert {"checkpoints", "last", "best"} <= {p.name for p in run.iterdir()}
@@ -342,7 +348,7 @@ def test_ctrl_c_mid_trial_leaves_it_resumable_and_a_rerun_in_the_same_process_fi
         return step(run, batch, lr)
 
     monkeypatch.setattr(seqtrain.train, "train_step", ctrl_c_in_trial_1)
-    opts = Options(Path(config), [], trials=2, space=Path(space), pruner="none")
+    opts = Options(config=Path(config), overrides=[], trials=2, space=Path(space), pruner="none")
     with pytest.raises(SeqtrainError) as stopped:
         tune(opts)
     assert stopped.value.exit_code == 130 and "run the same `seqtrain tune` command again" in str(
@@ -372,12 +378,12 @@ def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
     trial 1 (before it has an owner), or while trial 1's result is stored after its run ended. Where a
     KeyboardInterrupt is raised directly (not a signal), Ctrl-C could not be held back: the trial is
     released and resumed from its last/ checkpoint, which its run had finished."""
-    import seqtrain.tune
+    import seqtrain.tune.trial
     from seqtrain.tune import Options, tune
 
     config, space = _setup(tmp_path, monkeypatch)
     folder = tmp_path / "runs" / "tiny-tune"
-    ask, finish = optuna.Study.ask, seqtrain.tune._finish
+    ask, finish = optuna.Study.ask, seqtrain.tune.trial._finish
 
     def ask_then_ctrl_c(study: Any, *args: Any, **kwargs: Any) -> Any:
         trial = ask(study, *args, **kwargs)  # trial 1 is stored as RUNNING now
@@ -396,8 +402,8 @@ def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
     if where == "ask":
         monkeypatch.setattr(optuna.Study, "ask", ask_then_ctrl_c)
     else:
-        monkeypatch.setattr(seqtrain.tune, "_finish", finish_then_ctrl_c)
-    opts = Options(Path(config), [], trials=2, space=Path(space), pruner="none")
+        monkeypatch.setattr(seqtrain.tune.trial, "_finish", finish_then_ctrl_c)
+    opts = Options(config=Path(config), overrides=[], trials=2, space=Path(space), pruner="none")
     with pytest.raises(KeyboardInterrupt):
         tune(opts)
     stopped = _trials(tmp_path)
@@ -409,7 +415,7 @@ def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
     first = (folder / "trial-0000" / "metrics.jsonl").read_bytes()
 
     monkeypatch.setattr(optuna.Study, "ask", ask)
-    monkeypatch.setattr(seqtrain.tune, "_finish", finish)
+    monkeypatch.setattr(seqtrain.tune.trial, "_finish", finish)
     assert tune(opts) == 0
     trials = _trials(tmp_path)
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
@@ -423,7 +429,7 @@ def test_ctrl_c_in_tunes_own_bookkeeping_loses_no_trial_and_runs_none_twice(
 def test_ctrl_c_to_jobs_2_stops_both_workers_and_a_rerun_completes_every_trial_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from seqtrain.tune import _process_start
+    from seqtrain.tune.trial import _process_start
 
     # 120 steps a trial: under load, both workers must still be mid-trial when Ctrl-C arrives
     config, space = _setup(tmp_path, monkeypatch, epochs=5, max_steps=120)
@@ -470,7 +476,7 @@ def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
 ) -> None:
     # A --jobs worker is its own `seqtrain tune` process: an option not passed on is silently dropped
     # (a worker would delete pruned checkpoints the user asked to keep, or prune by another rule).
-    import seqtrain.tune
+    import seqtrain.tune.workers
     from seqtrain.tune import Options, run_workers
 
     started: list[list[str]] = []
@@ -482,8 +488,15 @@ def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
         def wait(self) -> int:
             return 0
 
-    monkeypatch.setattr(seqtrain.tune.subprocess, "Popen", Worker)
-    opts = Options(tmp_path / "c.yaml", ["train.epochs=1"], 5, jobs=2, pruner="quartile", keep_pruned=True)
+    monkeypatch.setattr(seqtrain.tune.workers.subprocess, "Popen", Worker)
+    opts = Options(
+        config=tmp_path / "c.yaml",
+        overrides=["train.epochs=1"],
+        trials=5,
+        jobs=2,
+        pruner="quartile",
+        keep_pruned=True,
+    )
     run_workers(opts, "s", "sqlite:///s.db", None)
     assert len(started) == 2
     for cmd in started:
@@ -491,6 +504,35 @@ def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
         assert "train.epochs=1" in cmd and cmd[cmd.index("--jobs") + 1] == "1"
     run_workers(dataclasses.replace(opts, keep_pruned=False), "s", "sqlite:///s.db", None)
     assert "--keep-pruned" not in started[-1]
+
+
+def test_options_argv_is_what_the_command_line_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run_workers starts each worker with Options.argv(): every field must come back from the command line.
+    import seqtrain.tune
+    from seqtrain.tune import Options
+
+    seen: list[Options] = []
+    monkeypatch.setattr(seqtrain.tune, "tune", lambda opts: seen.append(opts) or 0)
+    opts = Options(
+        config=tmp_path / "c.yaml",
+        overrides=["train.epochs=1", "model.cell=gru"],
+        trials=3,
+        timeout_min=2.5,
+        space=tmp_path / "s.yaml",
+        storage="sqlite:///s.db",
+        study="s",
+        jobs=2,
+        pruner="median",
+        report=False,
+        seed=4,
+        keep_pruned=True,
+    )
+    for asked in (opts, Options(config=opts.config, overrides=[], trials=1)):
+        result = runner.invoke(app, ["tune", *asked.argv()])
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == asked
 
 
 # --------------------------------------------------------------------------- storage, study and options

@@ -7,19 +7,20 @@ thousandths (`PROGRESS`): 500 is halfway. Trials evaluate at different fractions
 
 Optuna's MedianPruner compares a trial with the others at the same step number only. Fed evaluation
 numbers (what tune did before), it set a batch-32 trial's fourth evaluation (a third of its data
-seen) against a batch-128 trial's fourth (all of it), and pruned the small batches that end best:
-on 7 studies replayed, the best trial was pruned in 3 (BENCHMARKS.md, issue 21). Here the other
-trials' curves are interpolated at the fraction the trial being judged has reached.
+seen) against a batch-128 trial's fourth (all of it), and pruned the small batches that end best,
+often the best trial of a study (BENCHMARKS.md and docs/experiments/tune.md replay such studies).
+Here the other trials' curves are interpolated at the fraction the trial being judged has reached.
 
 `--pruner top15` (the default) is PercentileAtProgressPruner(85, count_pruned=True): a trial goes on
 while it is in the top 15% of all trials so far, pruned ones held at the best they had, so the bar
 drops as weak trials are stopped and a slow starter that catches up is not cut near its end.
-`--pruner quartile` is the same at the top 25%: it kept the best trial in 34 of 37 replayed studies
-(top15: 31 of 37) but saved fewer steps (40.9% against 49.7%). The median of the completed trials
-alone (`--pruner median`) rises as pruning removes the weaker ones, and replayed over the same 37
-studies it stopped the best trial in 6 (BENCHMARKS.md).
+`--pruner quartile` is the same at the top 25%: it kept the best trial of more replayed studies than
+top15 but saved fewer steps. The median of the completed trials alone (`--pruner median`) rises as
+pruning removes the weaker ones, and stopped the best trial more often than either
+(docs/experiments/tune.md compares the rules).
 
-Only this module and tune.py import optuna; tune imports this one when a study is made.
+Only this module of the package imports optuna at its top; the others import it inside functions,
+and tune imports this one when a study is made.
 """
 
 from __future__ import annotations
