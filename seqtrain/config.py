@@ -116,6 +116,15 @@ class ModelConfig:
     weight_drop: float = 0.0
     """Training only: dropout on the recurrent (hidden-to-hidden) weights, one mask per batch (DropConnect, as
     in AWD-LSTM)."""
+    ngrams: int = 0
+    """A wide path beside the recurrent one: a linear model over the presence of each text's 1..ngrams-grams
+    (unigrams by token id, longer n-grams hashed into ngram_buckets), its output averaged with the recurrent
+    head's. In training each text is scored by the recurrent path alone, the n-gram path alone or their
+    average (a third of the texts each), so neither path leans on the other. 0 = off; 2 (unigrams and
+    bigrams) is the usual choice."""
+    ngram_buckets: int = 1048576
+    """Hash buckets for the n-grams longer than one token (model.ngrams >= 2); each holds one weight per
+    output."""
     pooling: Pooling = "last"
     """How the sequence becomes one vector: the last real step, mean or max over real steps, or attention."""
     head_norm: bool = False
@@ -218,6 +227,19 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
+    objective: Literal["lm", "vectors"] = "lm"
+    """What `seqtrain pretrain` learns: `lm`, the whole encoder as a language model (next and previous token);
+    `vectors`, word vectors only (gensim's skip-gram or fastText, minutes on a CPU), for model.init_from to
+    start the embeddings from."""
+    vectors_algorithm: Literal["skipgram", "cbow", "fasttext"] = "skipgram"
+    """objective vectors: word2vec skip-gram, word2vec CBOW (faster, a little weaker), or fastText skip-gram
+    with character n-grams (rare words share their subwords' vectors)."""
+    vectors_window: int = 5
+    """objective vectors: context words on each side."""
+    vectors_epochs: int = 5
+    """objective vectors: passes over the texts."""
+    vectors_negative: int = 5
+    """objective vectors: negative samples per context word."""
     path: str | None = None
     """Unlabeled texts for `seqtrain pretrain`: anything data.path accepts (Hub id, local folder, data files);
     null = only the labelled training texts."""
@@ -568,6 +590,10 @@ def _check_values(cfg: Config) -> None:
     }.items():
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {p}.")
+    if not 0 <= cfg.model.ngrams <= 3:
+        raise ConfigError(f"model.ngrams must be 0 (off), 1, 2 or 3, got {cfg.model.ngrams}.")
+    if cfg.model.ngram_buckets < 1:
+        raise ConfigError(f"model.ngram_buckets must be at least 1, got {cfg.model.ngram_buckets}.")
     if cfg.model.emd_weight < 0:
         raise ConfigError(f"model.emd_weight must be 0 or more, got {cfg.model.emd_weight}.")
     if cfg.model.emd_weight and not (
@@ -656,6 +682,9 @@ def _check_values(cfg: Config) -> None:
         "pretrain.max_heldout_texts": cfg.pretrain.max_heldout_texts,
         "pretrain.max_length": cfg.pretrain.max_length,
         "pretrain.num_samples": cfg.pretrain.num_samples,
+        "pretrain.vectors_window": cfg.pretrain.vectors_window,
+        "pretrain.vectors_epochs": cfg.pretrain.vectors_epochs,
+        "pretrain.vectors_negative": cfg.pretrain.vectors_negative,
     }.items():
         if n < 1:
             raise ConfigError(f"{key} must be at least 1, got {n}.")

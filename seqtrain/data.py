@@ -485,6 +485,28 @@ def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
     return sources
 
 
+def pretraining_texts(cfg: Config, tally: RowTally) -> Iterator[str]:
+    """Every usable pretraining text (held-out rows excluded), whole, source after source; `tally`
+    counts them, by chunk, and the rows skipped."""
+    for data, split in text_sources(cfg):
+        ds = open_split(data, split, cfg.data.max_train_examples)
+        check_columns(ds, data, split, need_label=False)
+        ds = ds.select_columns([data.text_column])
+        n_shards = 1 if cfg.data.max_train_examples else ds.n_shards
+        rows = count_rows(
+            ds,
+            data,
+            split,
+            n_shards,
+            tally,
+            lambda at: f"shard {at.shard}, chunk row {at.in_chunk}",
+            labelled=False,
+            heldout=cfg.pretrain.heldout_fraction,
+        )
+        for text, _, _ in rows:
+            yield text
+
+
 def build_text_vocab(
     cfg: Config, tokenizer: Tokenizer | None = None
 ) -> tuple[Tokenizer, int, list[int], Counter[str]]:
@@ -497,24 +519,9 @@ def build_text_vocab(
     cap = cfg.tokenizer.max_examples
 
     def texts() -> Iterator[str]:
-        for data, split in text_sources(cfg):
-            ds = open_split(data, split, cfg.data.max_train_examples)
-            check_columns(ds, data, split, need_label=False)
-            ds = ds.select_columns([data.text_column])
-            n_shards = 1 if cfg.data.max_train_examples else ds.n_shards
-            rows = count_rows(
-                ds,
-                data,
-                split,
-                n_shards,
-                tally,
-                lambda at: f"shard {at.shard}, chunk row {at.in_chunk}",
-                labelled=False,
-                heldout=cfg.pretrain.heldout_fraction,
-            )
-            for text, _, _ in rows:
-                if cap is None or tally.count <= cap:
-                    yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
+        for text in pretraining_texts(cfg, tally):
+            if cap is None or tally.count <= cap:
+                yield text[: cfg.pretrain.max_length * 20]  # ~20 characters a token at most
 
     with badrows.pretrain_keys(cfg.pretrain, cfg.data):
         if given is None:

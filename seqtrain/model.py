@@ -62,10 +62,20 @@ class Classifier(nn.Module):
         self.attention = nn.Linear(out, 1) if cfg.pooling == "attention" and num_classes else None
         self.head = nn.Linear(out, num_classes) if num_classes else None
         self.norm = nn.BatchNorm1d(out) if cfg.head_norm and num_classes else None
+        # model.ngrams: one weight per output for each unigram (by id) and each hashed longer n-gram;
+        # zero at the start, so the wide path begins by adding nothing.
+        self.ngram_weights = (
+            nn.Embedding(vocab_size + cfg.ngram_buckets, num_classes, padding_idx=PAD_ID)
+            if cfg.ngrams and num_classes
+            else None
+        )
+        self.wide_output: torch.Tensor | None = None  # model.ngrams in training: (B, C), see forward
         if init:  # skipped when loading a checkpoint: the QR behind orthogonal init is wasted work there
             self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.ngram_weights is not None:
+            nn.init.zeros_(self.ngram_weights.weight)
         for rnn in self.modules():
             if isinstance(rnn, nn.RNNBase):
                 for name, p in rnn.named_parameters():
@@ -102,10 +112,22 @@ class Classifier(nn.Module):
                 momentum=norm.momentum or 0.0,
                 eps=norm.eps,
             )
-        out = self.head(self.dropout(pooled))  # (B, classes) or (B, 1)
-        if self.cfg.task == "regression" and self.cfg.bounded:
-            out = torch.sigmoid(out)  # a score in [0, 1]
-        return out
+        out = self.activate(self.head(self.dropout(pooled)))  # (B, classes) or (B, 1)
+        if self.ngram_weights is None:
+            return out
+        # model.ngrams: the wide path. In training the recurrent path's output is returned and the wide
+        # path's is kept in `wide_output`, for its own loss (train.train_step): trained on their sum, the
+        # n-gram weights memorise the training texts within an epoch and the recurrent path stops
+        # learning. Each trained alone, their average is an ensemble of two models with different errors.
+        wide = self.activate(ngram_logits(self.ngram_weights, ids, lengths, self.cfg))  # (B, C)
+        if self.training:
+            self.wide_output = wide
+            return out
+        return (out + wide) / 2
+
+    def activate(self, out: torch.Tensor) -> torch.Tensor:
+        """A bounded regression's sigmoid (a score in [0, 1]); logits and unbounded scores as they are."""
+        return torch.sigmoid(out) if self.cfg.task == "regression" and self.cfg.bounded else out
 
     def encode(
         self, ids: torch.Tensor, lengths: torch.Tensor, delta: torch.Tensor | None = None
@@ -164,6 +186,45 @@ class Classifier(nn.Module):
         assert self.attention is not None
         scores = self.attention(x).masked_fill(~mask, float("-inf"))  # (B, T, 1)
         return (torch.softmax(scores, dim=1) * x).sum(1)
+
+
+# Odd multipliers for hashing n-grams of token ids; ids stay below 2^24, so products fit in int64.
+NGRAM_PRIMES = (1_000_003, 998_244_353)
+
+
+def ngram_ids(
+    ids: torch.Tensor, lengths: torch.Tensor, n: int, vocab_size: int, buckets: int
+) -> torch.Tensor:
+    """ids (B, T), lengths (B,) -> (B, F) feature ids of every 1..n-gram of each text, each feature once,
+    PAD_ID for padding and repeats. Unigrams keep their token id; longer n-grams are hashed into
+    [vocab_size, vocab_size + buckets)."""
+    T = ids.shape[1]
+    steps = torch.arange(T, device=ids.device).unsqueeze(0)  # (1, T)
+    features = [torch.where(steps < lengths.unsqueeze(1), ids, PAD_ID)]  # (B, T)
+    for size in range(2, n + 1):
+        width = T - size + 1
+        if width < 1:
+            break
+        code = ids[:, :width]
+        for k in range(1, size):
+            code = code * NGRAM_PRIMES[k - 1] + ids[:, k : k + width]
+        code = vocab_size + torch.remainder(code, buckets)  # (B, width)
+        real = steps[:, :width] + (size - 1) < lengths.unsqueeze(1)  # the n-gram ends on a real token
+        features.append(torch.where(real, code, PAD_ID))
+    flat = torch.cat(features, dim=1)  # (B, F)
+    # Presence, not counts (as in NB-SVM): sort, and blank each feature equal to its left neighbour.
+    flat = torch.sort(flat, dim=1).values
+    repeat = torch.cat([torch.zeros_like(flat[:, :1], dtype=torch.bool), flat[:, 1:] == flat[:, :-1]], dim=1)
+    return flat.masked_fill(repeat, PAD_ID)
+
+
+def ngram_logits(
+    weights: nn.Embedding, ids: torch.Tensor, lengths: torch.Tensor, cfg: ModelConfig
+) -> torch.Tensor:
+    """The wide path: (B, T) token ids -> (B, C), the sum of the weights of the n-grams each text holds
+    (the padding row is zero and stays zero)."""
+    vocab_size = weights.num_embeddings - cfg.ngram_buckets
+    return weights(ngram_ids(ids, lengths, cfg.ngrams, vocab_size, cfg.ngram_buckets)).sum(1)
 
 
 class LanguageModel(nn.Module):

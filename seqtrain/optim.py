@@ -27,7 +27,9 @@ def layer_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     (with the attention pooling). The language model of `pretrain` is one group."""
     if not isinstance(model, Classifier):
         return [list(model.parameters())]
-    top = [p for m in (model.attention, model.head) if m is not None for p in m.parameters()]
+    top = [
+        p for m in (model.attention, model.head, model.ngram_weights) if m is not None for p in m.parameters()
+    ]
     return [list(model.embedding.parameters()), *[list(layer.parameters()) for layer in model.layers], top]
 
 

@@ -66,13 +66,14 @@ from seqtrain.runtime import (
     seed_everything,
     set_threads,
 )
+from seqtrain.vectors import VECTORS_KIND
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from seqtrain.config import DataConfig
 
-KIND = "language-model"  # state.json's "kind": what init_from accepts
+KIND = checkpoint.LANGUAGE_MODEL  # state.json's "kind": what init_from accepts, with VECTORS_KIND
 
 
 def check_encoder_shape(model: ModelConfig) -> None:
@@ -111,8 +112,11 @@ def note_adaptive_cutoffs(cfg: Config, model: LanguageModel) -> None:
         )
 
 
-def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tuple[Tokenizer, dict[str, Any]]:
-    """A fresh run: refuse to overwrite one, read the texts once, write the run's files."""
+def prepare_run(
+    cfg: Config, workers: int, world: int, config_path: str, kind: str = KIND
+) -> tuple[Tokenizer, dict[str, Any]]:
+    """A fresh run: refuse to overwrite one, read the texts once, write the run's files (run.json says
+    `kind`: a language model, or vectors.VECTORS_KIND)."""
     run_dir = cfg.run_dir
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(
@@ -131,7 +135,7 @@ def prepare_run(cfg: Config, workers: int, world: int, config_path: str) -> tupl
     names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
     run_info = {
         **checkpoint.run_marker(),
-        "kind": KIND,
+        "kind": kind,
         "num_train_examples": rows,
         "steps_per_epoch": steps_per_epoch,
         "vocab_size": tokenizer.get_vocab_size(),
@@ -260,7 +264,12 @@ def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
 
 
 def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
-    """Train the config's encoder as a language model; return the best held-out perplexities (rank 0)."""
+    """Train the config's encoder as a language model; return the best held-out perplexities (rank 0).
+    pretrain.objective vectors: word vectors instead (seqtrain/vectors.py)."""
+    if cfg.pretrain.objective == "vectors":
+        from seqtrain.vectors import train_vectors
+
+        return train_vectors(cfg, resume)
     t, run_dir = cfg.train, cfg.run_dir
     check_encoder_shape(cfg.model)
     started = time.perf_counter()
@@ -471,13 +480,20 @@ def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.T
             f"model.init_from: {source} is a classifier run (written by `seqtrain train`), not a `seqtrain "
             "pretrain` run. Point it at a pretrain run's folder, or leave model.init_from out."
         )
+    vectors = checkpoint.run_kind(source) == VECTORS_KIND  # only the embedding must fit
     theirs = from_dict(read_yaml(source / "config.yaml"))
-    for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional"):
+    shapes = (
+        ["embedding_dim"]
+        if vectors
+        else ["cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional"]
+    )
+    for key in shapes:
         mine, other = getattr(cfg.model, key), getattr(theirs.model, key)
         if mine != other:
+            what = "word vectors" if vectors else "pretrained encoder"
             raise ConfigError(
-                f"model.{key} is {mine!r}, but the pretrained encoder in {source} has {other!r}. "
-                f"Set model.{key}: {other!r} (or pretrain another encoder)."
+                f"model.{key} is {mine!r}, but the {what} in {source} has {other!r}. "
+                f"Set model.{key}: {other!r} (or pretrain again with model.{key}: {mine!r})."
             )
     for key in ("kind", "vocab_size", "min_frequency", "lowercase"):
         mine, other = getattr(cfg.tokenizer, key), getattr(theirs.tokenizer, key)
@@ -490,7 +506,7 @@ def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.T
     for w in warnings:
         console.warn(w)
     weights, state, _, _ = checkpoint.load(ckpt)
-    if state.get("kind") != KIND:
+    if state.get("kind") not in (KIND, VECTORS_KIND):
         raise CheckpointError(
             f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run."
         )
@@ -505,6 +521,10 @@ def init_from_pretrained(cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
 
 
 def encoder_of(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A language model's encoder weights under the classifier's names; a vectors run's weights
+    (`embedding.weight` alone) as they are."""
+    if "embedding.weight" in weights:
+        return weights
     return {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
 
 
@@ -512,6 +532,9 @@ def start_from_language_model(cfg: Config, model: LanguageModel) -> str:
     """`pretrain` with model.init_from: start from that run's language model, whole when the output
     layers have the same shapes (same pretrain.softmax and sizes), else its encoder; says which."""
     _, weights = pretrained_language_model(cfg)  # checks the shapes and the tokenizer keys
+    if "embedding.weight" in weights:  # a vectors run
+        load_encoder(model.encoder, weights, cfg.model.init_from or "")
+        return "the word vectors (the embedding; the recurrent and output layers start fresh)"
     own = model.state_dict()
     if weights.keys() == own.keys() and all(own[k].shape == v.shape for k, v in weights.items()):
         model.load_state_dict(weights)
@@ -531,7 +554,9 @@ def load_encoder(model: Classifier, encoder: dict[str, torch.Tensor], source: st
                 f"model.init_from: {name} is {tuple(tensor.shape)} in {source} but "
                 f"{tuple(own[name].shape)} here; the vocabulary or model shapes differ."
             )
-    missing = [n for n in own if n.startswith(("embedding.", "layers.")) and n not in encoder]
+    # a vectors run holds the embedding alone; a language model also the recurrent layers
+    parts = ("embedding.", "layers.") if any(n.startswith("layers.") for n in encoder) else ("embedding.",)
+    missing = [n for n in own if n.startswith(parts) and n not in encoder]
     if missing:
         raise ConfigError(f"model.init_from: {source} lacks {', '.join(missing[:3])}.")
     model.load_state_dict(encoder, strict=False)

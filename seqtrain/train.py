@@ -473,9 +473,19 @@ def start_from_pretrained(
     if cfg.model.init_from:
         _, encoder = init_from_pretrained(cfg)
         load_encoder(model, encoder, cfg.model.init_from)
-        console.info(
-            f"encoder (embeddings and recurrent layers) from {cfg.model.init_from}; the head starts fresh"
-        )
+        what = "encoder (embeddings and recurrent layers)"
+        if not any(name.startswith("layers.") for name in encoder):
+            what = "word vectors (the embeddings; the recurrent layers start fresh)"
+        console.info(f"{what} from {cfg.model.init_from}; the head starts fresh")
+
+
+def ngram_path_loss(run: Run, y: torch.Tensor) -> torch.Tensor:
+    """model.ngrams: the n-gram path's own loss on the batch the last forward pass saw (0 without it);
+    adding it to the recurrent path's loss trains both at once, neither through the other."""
+    wide, run.model.wide_output = run.model.wide_output, None
+    if wide is None:
+        return torch.zeros((), device=y.device)
+    return task_loss(wide, y, run.labels, run.cfg, class_weights=run.class_weights)
 
 
 def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -495,13 +505,15 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
     ):
         logits = run.forward(ids, lengths, delta)  # (B, C); under DDP, backward all-reduces the gradients
         loss = task_loss(logits, y, run.labels, cfg, class_weights=run.class_weights)
-    run.scaler.scale(loss).backward()
+        wide_loss = ngram_path_loss(run, y)
+    run.scaler.scale(loss + wide_loss).backward()
     if delta is not None and delta.grad is not None:
         r_adv = adversarial_perturbation(delta.grad, t.adversarial_eps)  # (B, T, E)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
             adv_loss = task_loss(
                 run.forward(ids, lengths, r_adv), y, run.labels, cfg, class_weights=run.class_weights
             )
+            adv_loss = adv_loss + 0.0 * ngram_path_loss(run, y)  # the n-gram path ignores embeddings
         run.scaler.scale(adv_loss).backward()  # gradients add up: clean loss + adversarial loss
     if t.vat_eps:
         if run.unlabeled is not None:
@@ -509,6 +521,7 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
             ids, lengths = unlabeled["ids"].to(device), unlabeled["lengths"].to(device)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
             vat_loss = virtual_adversarial_loss(run.model, run.forward, ids, lengths, t.vat_eps)
+            run.model.wide_output = None  # the n-gram path takes no part in the consistency loss
         run.scaler.scale(vat_loss).backward()
     optimizer_step(run.model, run.optimizer, run.scaler, t.grad_clip)
     if run.ema is not None and t.ema_decay:

@@ -118,3 +118,78 @@ def test_word_dropout_and_weight_drop_act_in_training_only(cell: str) -> None:
     got = seen[-1]
     assert (got[:, 20:] == 0).all()
     assert 0.2 < (got[:, :20] == UNK_ID).float().mean() < 0.8
+
+
+# --------------------------------------------------------------------------- model.ngrams
+
+
+def test_ngram_ids_hold_each_ngram_once_and_never_padding() -> None:
+    from seqtrain.model import ngram_ids
+
+    ids = torch.tensor([[3, 4, 3, 4, 0, 0], [5, 6, 7, 0, 0, 0]])
+    lengths = torch.tensor([4, 3])
+    features = ngram_ids(ids, lengths, n=2, vocab_size=10, buckets=1000)  # (B, F)
+    rows = [sorted(f for f in row.tolist() if f != 0) for row in features]
+    # text 0: unigrams 3, 4 and bigrams (3, 4), (4, 3), each once; (4, pad) is not a bigram
+    assert rows[0][:2] == [3, 4] and len(rows[0]) == 4 and all(10 <= f < 1010 for f in rows[0][2:])
+    assert rows[1][:3] == [5, 6, 7] and len(rows[1]) == 5
+    # the same text with more padding after it has the same features
+    wider = ngram_ids(torch.cat([ids, torch.zeros(2, 9, dtype=torch.long)], 1), lengths, 2, 10, 1000)
+    assert [sorted(f for f in row.tolist() if f) for row in wider] == rows
+    # trigrams add (3, 4, 3) and (4, 3, 4); unigrams alone are the token ids
+    assert len([f for f in ngram_ids(ids, lengths, 3, 10, 1000)[0].tolist() if f]) == 6
+    assert sorted(f for f in ngram_ids(ids, lengths, 1, 10, 1000)[1].tolist() if f) == [5, 6, 7]
+
+
+def ngram_model(**changes: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, dropout=0.0, ngrams=2, ngram_buckets=64)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    model = build_model(cfg, vocab_size=20, num_classes=3)
+    with torch.no_grad():
+        model.ngram_weights.weight[1:].normal_()  # type: ignore[union-attr]
+    return model
+
+
+def test_the_ngram_path_is_averaged_in_and_trained_on_its_own_loss() -> None:
+    from seqtrain.model import ngram_logits
+
+    model = ngram_model()
+    ids, lengths = torch.randint(2, 20, (4, 7)), torch.tensor([7, 5, 3, 1])
+    deep = model.head(model.pool(model.encode(ids, lengths), lengths))  # (B, C)
+    wide = ngram_logits(model.ngram_weights, ids, lengths, model.cfg)  # (B, C)
+    assert wide.abs().sum() > 0
+    assert torch.allclose(model.eval()(ids, lengths), (deep + wide) / 2, atol=1e-6)
+    # training: the recurrent path's output is returned, the n-gram path's kept for its own loss, and
+    # each loss reaches only its own path's weights
+    model.train()
+    out = model(ids, lengths)
+    assert torch.allclose(out, deep, atol=1e-6) and torch.allclose(model.wide_output, wide, atol=1e-6)
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 0])).backward(retain_graph=True)
+    assert model.ngram_weights.weight.grad is None and model.head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model.wide_output, torch.tensor([0, 1, 2, 0])).backward()
+    assert model.head.weight.grad is None and model.ngram_weights.weight.grad.abs().sum() > 0
+    assert float(model.ngram_weights.weight.grad[0].abs().sum()) == 0.0  # the padding row stays zero
+
+
+def test_a_bounded_regression_averages_two_scores_in_0_1() -> None:
+    model = ngram_model(task="regression", bounded=True)
+    model = build_model(model.cfg, vocab_size=20, num_classes=1)
+    with torch.no_grad():
+        model.ngram_weights.weight.normal_(0, 5.0)  # type: ignore[union-attr]
+    scores = model.eval()(torch.randint(2, 20, (6, 5)), torch.tensor([5, 4, 3, 2, 1, 5]))
+    assert scores.shape == (6, 1) and bool(((scores > 0) & (scores < 1)).all())
+
+
+def test_ngram_logits_do_not_depend_on_the_batch() -> None:
+    model = ngram_model().eval()
+    short = torch.randint(2, 20, (1, 4))
+    batch = torch.zeros(3, 12, dtype=torch.long)
+    batch[:2] = torch.randint(2, 20, (2, 12))
+    batch[2, :4] = short
+    with torch.no_grad():
+        alone = model(short, torch.tensor([4]))
+        inside = model(batch, torch.tensor([12, 9, 4]))[2:]
+    assert torch.allclose(alone, inside, atol=1e-5)
