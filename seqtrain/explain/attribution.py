@@ -1,7 +1,7 @@
-"""`seqtrain explain`: which tokens drove a prediction, and a way to check that they did.
+"""Which tokens drove a prediction: a score per token, by one of two methods.
 
 A text's prediction — one class's probability, by default the predicted class's, or for regression
-the score in the target's units — is attributed to its tokens by one of two methods:
+the score in the target's units — is attributed to its tokens by:
 
 occlusion
     Remove one token at a time and run the model again. A token's score is
@@ -11,8 +11,8 @@ occlusion
     `eval --report` uses for its top words per class). Cost: n + 1 forwards of up to n tokens per
     text. Removing is the perturbation the deletion test makes, so the top-scored token is the one
     whose removal lowers the probability most (the best first deletion there is); replacing the
-    token with <unk> instead (`mode="unk"`, the method before) kept the text's length and scored
-    0.4460 against 0.4531 (SST-2) and 0.2484 against 0.2667 (IMDB) in AOPC@10 (BENCHMARKS.md).
+    token with <unk> instead (`mode="unk"`, the method before) keeps the text's length, and scored
+    lower in the deletion test (BENCHMARKS.md).
 
 integrated gradients (Sundararajan et al., 2017), on the embeddings, torch runs only
     The average gradient of the class probability along the straight line from a baseline to the
@@ -22,9 +22,9 @@ integrated gradients (Sundararajan et al., 2017), on the embeddings, torch runs 
     scores answer "how much does knowing this word matter", and by completeness the scores of a
     text sum to p(text) - p(the all-unknown text of the same length). `baseline="zero"` (the zero
     vector, which is also the padding embedding) is there for comparison; the model never sees it
-    inside a text, and in the deletion test it was worse on SST-2 (AOPC@10 0.4283 against 0.4337)
-    though better on IMDB (0.2265 against 0.2109). The integral is a midpoint Riemann sum over
-    `steps` points (32; 8, 16 and 64 steps moved AOPC@10 by less than 0.003 on either).
+    inside a text, and in the deletion test neither baseline was better on both SST-2 and IMDB. The
+    integral is a midpoint Riemann sum over `steps` points (32 by default; fewer or more steps barely
+    moved the deletion test).
 
     A short torch implementation, not captum: `Classifier.forward` already takes an additive
     `delta` on the embeddings, so the whole method is one batched forward and one autograd.grad
@@ -35,23 +35,13 @@ integrated gradients (Sundararajan et al., 2017), on the embeddings, torch runs 
 Long inputs are handled in length-bucketed chunks: texts are sorted by token count and the rows
 they need (occlusion: n + 1 per text; integrated gradients: steps per text) are grouped so each
 forward pads little and stays within a fixed budget of rows or tokens.
-
-Faithfulness is measured with the deletion test (`deletion_drops`, AOPC): remove the k
-highest-scored tokens and see how far the explained probability falls; `python -m bench.explain`
-writes the figures into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import html
-import json
-import sys
-import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,10 +55,16 @@ if TYPE_CHECKING:
     from seqtrain.inference import Run
     from seqtrain.predict import Predictor, Record
 
+
 METHODS = ("occlusion", "integrated-gradients")
-FORMATS = ("terminal", "jsonl", "html")
+
+
 OCCLUSION_ROWS = 8192  # sequences per call into the model (each call is batched by length again)
+
+
 IG_TOKENS = 1 << 17  # padded tokens per integrated-gradients forward (texts x steps x length)
+
+
 OCCLUSION_MODE = "drop"  # occlusion removes each token ("drop") or replaces it with <unk> ("unk")
 
 
@@ -317,273 +313,3 @@ def explain_stream(
         yield from explain_texts(
             model, [t for t, _ in buf], method, label, batch_size, steps, [i for _, i in buf]
         )
-
-
-def to_record(ex: Explanation, model: Predictor, method: str) -> dict[str, Any]:
-    """One JSONL object: the prediction, what is explained, and each token with its offsets and score."""
-    from seqtrain.predict import to_record as prediction
-
-    record: dict[str, Any] = {"id": ex.id} if ex.id is not None else {}
-    record.update(prediction(model.labels, ex.text, ex.probs))  # what `predict` writes for this text
-    record["explained"] = "score" if model.labels.task == "regression" else model.labels.names[ex.target]
-    record["method"] = method
-    record["tokens"] = [
-        {"text": ex.text[a:b], "start": a, "end": b, "score": round(float(s), 6)}
-        for (a, b), s in zip(ex.encoded.spans, ex.scores, strict=True)
-    ]
-    return record
-
-
-# --------------------------------------------------------------------------- output
-
-
-HTML_HEAD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>seqtrain explain</title>
-<style>
-body { font: 15px/1.6 system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; }
-.ex { border-top: 1px solid #ddd; padding: .6em 0; }
-.head { color: #555; font-size: 13px; }
-.text { white-space: pre-wrap; }
-.text span { border-radius: 3px; }
-</style></head><body>
-<h1>seqtrain explain</h1>
-<p class="head">Each token's background: <span style="background: rgba(0,150,0,.6)">for</span> or
-<span style="background: rgba(210,0,0,.6)">against</span> the explained label, stronger for larger scores
-(relative to the text's largest); hover for the score.</p>
-"""
-
-
-def html_block(record: dict[str, Any]) -> str:
-    """One text as HTML: every character of the input escaped, scored tokens on a coloured background."""
-    text, tokens = record["text"], record["tokens"]
-    top = max((abs(t["score"]) for t in tokens), default=0.0) or 1.0
-    parts, at = [], 0
-    for t in tokens:
-        parts.append(html.escape(text[at : t["start"]]))
-        alpha = min(1.0, abs(t["score"]) / top) * 0.75
-        rgb = "0,150,0" if t["score"] >= 0 else "210,0,0"
-        parts.append(
-            f'<span style="background: rgba({rgb},{alpha:.2f})" title="{t["score"]:+.4f}">'
-            f"{html.escape(text[t['start'] : t['end']])}</span>"
-        )
-        at = t["end"]
-    parts.append(html.escape(text[at:]))
-    head = html.escape(headline(record))
-    return f'<div class="ex"><div class="head">{head}</div><div class="text">{"".join(parts)}</div></div>\n'
-
-
-def headline(record: dict[str, Any]) -> str:
-    method = record["method"]
-    if "score" in record:
-        return f"score {record['score']:.4g}; {method} scores of the score"
-    label = record["label"]
-    head = f"{label} ({record['probs'][label]:.3f})"
-    if record["explained"] != label:
-        head += f"; explaining {record['explained']} ({record['probs'][record['explained']]:.3f})"
-    return f"{head}; {method}"
-
-
-def write_explanations(
-    model: Predictor, explanations: Iterable[Explanation], sink: IO[str], fmt: str, method: str
-) -> tuple[int, int]:
-    """Write as they come, in input order; returns (texts, tokens)."""
-    from seqtrain import console
-
-    texts = tokens = 0
-    if fmt == "html":
-        sink.write(HTML_HEAD)
-    for ex in explanations:
-        record = to_record(ex, model, method)
-        if fmt == "jsonl":
-            sink.write(json.dumps(record) + "\n")
-        elif fmt == "html":
-            sink.write(html_block(record))
-        else:
-            spans = [(t["start"], t["end"], t["score"]) for t in record["tokens"]]
-            console.print_attributions(
-                record["text"], spans, headline(record), None if sink is sys.stdout else sink
-            )
-        texts += 1
-        tokens += len(record["tokens"])
-        if texts % 64 == 0:
-            sink.flush()
-    if fmt == "html":
-        sink.write("</body></html>\n")
-    sink.flush()
-    return texts, tokens
-
-
-def load_target(target: Path, checkpoint: str) -> Predictor:
-    """A run directory (torch) or an ONNX export folder (onnxruntime, no torch import)."""
-    from seqtrain import console
-    from seqtrain.exported import is_export_folder, load_exported_run
-
-    if is_export_folder(target):
-        return load_exported_run(target)
-    from seqtrain.inference import load_run
-
-    run, warnings = load_run(target, checkpoint, what="`seqtrain explain`")
-    for w in warnings:
-        console.warn(w)
-    return run
-
-
-def explain_command(
-    target: Path,
-    texts: list[str],
-    input: str | None,
-    label: str | None,
-    method: str,
-    fmt: str,
-    output: str,
-    *,
-    text_column: str = "text",
-    id_column: str = "id",
-    checkpoint: str = "best",
-    batch_size: int = 256,
-    steps: int = 32,
-    strict: bool = False,
-) -> None:
-    """`seqtrain explain`: read texts as `predict` does, explain each, write them in order; texts/s on
-    stderr."""
-    from seqtrain import console
-    from seqtrain.predict import check_output, open_output, read_inputs, warn_malformed
-
-    check_output(output)  # before loading anything
-    model = load_target(target, checkpoint)
-    index = None
-    if label is not None:
-        if model.labels.task == "regression":
-            raise ExplainError("--label names a class; this run is a regression (its score is explained).")
-        if label not in model.labels.names:
-            raise ExplainError(
-                f"--label {label!r} is not one of the run's labels: {', '.join(model.labels.names)}."
-            )
-        index = model.labels.names.index(label)
-    from seqtrain.exported import ExportedRun
-
-    if method == "integrated-gradients" and isinstance(model, ExportedRun):
-        raise ExplainError(
-            "integrated gradients needs the model's gradients: give the run directory, "
-            "or use --method occlusion."
-        )
-    bad: list[str] = []
-    blank: list[int] = []
-    records = (
-        read_inputs(input, text_column, id_column, bad, strict, blank)
-        if input is not None
-        else ((t, None) for t in texts)
-    )
-    started = time.perf_counter()
-    sink = sys.stdout if output == "-" else open_output(output)
-    try:
-        chunk = 64 if input == "-" else 512  # stdin: answer sooner
-        n, tokens = write_explanations(
-            model, explain_stream(model, records, method, index, chunk, batch_size, steps), sink, fmt, method
-        )
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
-    seconds = time.perf_counter() - started
-    warn_malformed(bad)
-    if blank:
-        console.warn(
-            f"blank input line(s) {', '.join(map(str, blank[:20]))}{' ...' if len(blank) > 20 else ''}: "
-            "explained as empty texts (no tokens), one output line per input line."
-        )
-    where = f" to {output}" if output != "-" else ""
-    console.info(
-        f"explained {n:,} texts ({tokens:,} tokens) with {method}{where} in {seconds:.2f} s: "
-        f"{n / max(seconds, 1e-9):,.1f} texts/s"
-    )
-
-
-# --------------------------------------------------------------------------- faithfulness and summaries
-
-
-def deletion_drops(
-    model: Predictor,
-    encoded: list[Encoded],
-    scores: list[np.ndarray],
-    targets: list[int],
-    k_max: int = 10,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """(N, k_max): p_target(text) - p_target(text without its k highest-scored tokens), k = 1..k_max.
-
-    The deletion test behind AOPC (Samek et al., 2017): its mean over k and texts is the area over
-    the perturbation curve. Removing every token leaves the single <unk> an empty text becomes.
-    """
-    rows: list[list[int]] = []
-    for e, s in zip(encoded, scores, strict=True):
-        rows.append(e.ids)
-        ranked = np.argsort(-np.asarray(s, dtype=np.float64), kind="stable")
-        for k in range(1, k_max + 1):
-            gone = set(ranked[:k].tolist())
-            rows.append([t for j, t in enumerate(e.ids) if j not in gone] or [UNK_ID])
-    out = model.probs(rows, batch_size).reshape(len(encoded), k_max + 1, -1)
-    picked = out[np.arange(len(encoded)), :, np.asarray(targets, dtype=np.int64)]  # (N, k_max + 1)
-    return picked[:, :1] - picked[:, 1:]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation of two score vectors (average ranks for ties); nan when either is constant."""
-    from seqtrain.metrics import _ranks
-
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-def top_words(
-    model: Predictor,
-    data: DataConfig,
-    split: str,
-    limit: int | None = None,
-    max_texts: int = 2000,
-    max_cost: int = 4_000_000,
-    k: int = 10,
-    min_count: int = 5,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """`eval --report`: per class, the words with the largest mean occlusion score toward that class
-    (words seen at least `min_count` times), over the first texts of the split: at most `max_texts`,
-    and no more than `max_cost` tokens fed to the model (a text of n tokens costs n(n + 1)), which
-    keeps the report to seconds: all of 2,000 SST-2 phrases, about 100 IMDB reviews of 200 tokens."""
-    from seqtrain.data import bad_row_reason, open_split
-
-    texts: list[str] = []
-    for row in open_split(data, split, limit).select_columns([data.text_column]):
-        text = row[data.text_column]
-        if bad_row_reason(text, None, need_label=False) is None:
-            texts.append(text)
-            if len(texts) >= max_texts:
-                break
-    started = time.perf_counter()
-    encoded = encode_with_offsets(model.tokenizer, texts, data)
-    costs = np.cumsum([len(e.ids) * (len(e.spans) + 1) for e in encoded])
-    encoded = encoded[: max(1, int(np.searchsorted(costs, max_cost, side="right")))]
-    _, drops = occlusion(model, encoded, batch_size)
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = defaultdict(int)
-    for e, d in zip(encoded, drops, strict=True):
-        for tok, row in zip(e.ids, d, strict=False):
-            if tok != UNK_ID:
-                sums[tok] = sums.get(tok, 0.0) + row
-                counts[tok] += 1
-    names = model.labels.names if model.labels.task == "classification" else ["score"]
-    frequent = [t for t, c in counts.items() if c >= min_count]
-    by_class: dict[str, list[dict[str, Any]]] = {}
-    for c, name in enumerate(names):
-        means = sorted(((float(sums[t][c]) / counts[t], t) for t in frequent), reverse=True)[:k]
-        by_class[name] = [
-            {"word": model.tokenizer.id_to_token(t), "mean": round(m, 6), "n": counts[t]} for m, t in means
-        ]
-    return {
-        "texts": len(encoded),
-        "min_count": min_count,
-        "method": "occlusion",
-        "by_class": by_class,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
