@@ -6,16 +6,20 @@ at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec
 
 import typer
 
 from seqtrain import __version__
 from seqtrain.errors import SeqtrainError
+
+P = ParamSpec("P")
 
 app = typer.Typer(
     name="seqtrain",
@@ -31,6 +35,34 @@ def _fail(msg: str, code: int) -> typer.Exit:
 
     console.error(msg)
     return typer.Exit(code)
+
+
+def _errors(
+    interrupted: str | None = None, out_of_memory: bool = False
+) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """A command's errors as one line and an exit code instead of a traceback: a SeqtrainError as its
+    message and exit_code; Ctrl-C as `interrupted` and 130 (where given); a failed allocation as what
+    to make smaller (`out_of_memory`)."""
+
+    def decorate(command: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(command)
+        def run(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                command(*args, **kwargs)
+            except SeqtrainError as e:
+                raise _fail(str(e), e.exit_code) from None
+            except KeyboardInterrupt:
+                if interrupted is None:
+                    raise
+                raise _fail(interrupted, 130) from None
+            except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+                if not out_of_memory:
+                    raise
+                raise _out_of_memory(e) from None
+
+        return run
+
+    return decorate
 
 
 def _version(value: bool) -> None:
@@ -59,6 +91,7 @@ def _train_epilog() -> str:
 
 
 @app.command(epilog=_train_epilog())
+@_errors(interrupted="interrupted.", out_of_memory=True)
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
     overrides: Annotated[
@@ -71,19 +104,12 @@ def train(
     """Train a model as CONFIG says: progress on screen, checkpoints and metrics in the run directory."""
     from seqtrain.config import dump_yaml, load_config
 
-    try:
-        cfg = load_config(config, overrides or [])
-        from seqtrain import console
-        from seqtrain.train import train as run_training
+    cfg = load_config(config, overrides or [])
+    from seqtrain import console
+    from seqtrain.train import train as run_training
 
-        console.print_config(dump_yaml(cfg))
-        run_training(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted.", 130) from None
-    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
-        raise _out_of_memory(e) from None
+    console.print_config(dump_yaml(cfg))
+    run_training(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
 
 
 def _out_of_memory(e: BaseException) -> BaseException:
@@ -103,6 +129,7 @@ def _out_of_memory(e: BaseException) -> BaseException:
 
 
 @app.command(epilog=_train_epilog())
+@_errors(interrupted="interrupted.")
 def pretrain(
     config: Annotated[Path, typer.Argument(help="YAML config file (see configs/imdb-pretrain.yaml).")],
     overrides: Annotated[
@@ -117,17 +144,12 @@ def pretrain(
     Fine-tune from it with `model.init_from: RUN_DIR`."""
     from seqtrain.config import dump_yaml, load_config
 
-    try:
-        cfg = load_config(config, overrides or [])
-        from seqtrain import console
-        from seqtrain.pretrain import pretrain as run_pretraining
+    cfg = load_config(config, overrides or [])
+    from seqtrain import console
+    from seqtrain.pretrain import pretrain as run_pretraining
 
-        console.print_config(dump_yaml(cfg))
-        run_pretraining(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted.", 130) from None
+    console.print_config(dump_yaml(cfg))
+    run_pretraining(cfg, resume=resume, config_path=shlex.join([str(config), *(overrides or [])]))
 
 
 @app.command("config-help")
@@ -139,6 +161,7 @@ def config_help() -> None:
 
 
 @app.command("eval")
+@_errors()
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
     split: Annotated[
@@ -168,26 +191,24 @@ def eval_(
     """Loss, accuracy, macro precision/recall/F1, per-class table and confusion matrix.
 
     Writes eval-<split>.json in the run directory."""
-    try:
-        from seqtrain import console
-        from seqtrain.evaluation import evaluate_run
+    from seqtrain import console
+    from seqtrain.evaluate import evaluate_run
 
-        if checkpoint not in ("best", "last"):
-            raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
-        if limit is not None and limit < 1:
-            raise _fail(f"--limit must be at least 1, got {limit}.", 2)
-        report, title = evaluate_run(run_dir, split, data, checkpoint, limit, with_report, plots)
-        if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
-        else:
-            console.print_eval(report, title)
-            if "report" in report:
-                console.print_report(report["report"])
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    if checkpoint not in ("best", "last"):
+        raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
+    if limit is not None and limit < 1:
+        raise _fail(f"--limit must be at least 1, got {limit}.", 2)
+    report, title = evaluate_run(run_dir, split, data, checkpoint, limit, with_report, plots)
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        console.print_eval(report, title)
+        if "report" in report:
+            console.print_report(report["report"])
 
 
 @app.command()
+@_errors()
 def predict(
     run_dir: Annotated[
         Path,
@@ -234,49 +255,47 @@ def predict(
     """Classify texts; one result per text, in input order.
 
     Each result is {"text", "label", "probs"} ({"text", "score"} for regression)."""
-    try:
-        from seqtrain.exported import is_export_folder
-        from seqtrain.predict import check_output, predict_command
+    from seqtrain.exported import is_export_folder
+    from seqtrain.predict import check_output, predict_command
 
-        fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
-        if fmt not in ("jsonl", "csv"):
-            raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
-        if sum(x is not None and x != [] for x in (texts, input, data)) != 1:
-            raise _fail(
-                "give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: "
-                "one of them.",
-                2,
-            )
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
-        if batch_size < 1 or (top_k is not None and top_k < 1):
-            raise _fail(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}.", 2)
-        check_output(output)
-        if checkpoint != "best" and is_export_folder(run_dir):
-            raise _fail(
-                "--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2
-            )
-        predict_command(
-            run_dir,
-            texts,
-            input,
-            data,
-            split,
-            output,
-            fmt,
-            text_column,
-            id_column,
-            checkpoint,
-            batch_size,
-            strict,
-            top_k,
-            threshold,
+    fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
+    if fmt not in ("jsonl", "csv"):
+        raise _fail(f"--format must be jsonl or csv, got {fmt!r}.", 2)
+    if sum(x is not None and x != [] for x in (texts, input, data)) != 1:
+        raise _fail(
+            "give texts as arguments, or --input FILE (- for stdin), or --data DATASET --split NAME: "
+            "one of them.",
+            2,
         )
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise _fail(f"--threshold must be in [0, 1], got {threshold}.", 2)
+    if batch_size < 1 or (top_k is not None and top_k < 1):
+        raise _fail(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}.", 2)
+    check_output(output)
+    if checkpoint != "best" and is_export_folder(run_dir):
+        raise _fail(
+            "--checkpoint picks a checkpoint of a run directory; an export folder holds one model.", 2
+        )
+    predict_command(
+        run_dir,
+        texts,
+        input,
+        data,
+        split,
+        output,
+        fmt,
+        text_column,
+        id_column,
+        checkpoint,
+        batch_size,
+        strict,
+        top_k,
+        threshold,
+    )
 
 
 @app.command()
+@_errors()
 def explain(
     target: Annotated[Path, typer.Argument(help="Run directory, or an ONNX export folder (occlusion only).")],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to explain.")] = None,
@@ -308,36 +327,34 @@ def explain(
     ] = False,
 ) -> None:
     """Which tokens drove each prediction: a score per token, with its character offsets in the input."""
-    try:
-        from seqtrain.explain import FORMATS, METHODS, explain_command
+    from seqtrain.explain import FORMATS, METHODS, explain_command
 
-        if method not in METHODS or format not in FORMATS:
-            raise _fail(
-                f"--method must be one of {', '.join(METHODS)} and --format one of {', '.join(FORMATS)}.", 2
-            )
-        if (texts is not None and texts != []) == (input is not None):
-            raise _fail("give texts as arguments, or --input FILE (- for stdin): one of them.", 2)
-        if batch_size < 1 or steps < 1:
-            raise _fail("--batch-size and --steps must be at least 1.", 2)
-        explain_command(
-            target,
-            texts or [],
-            input,
-            label,
-            method,
-            format,
-            output,
-            text_column=text_column,
-            checkpoint=checkpoint,
-            batch_size=batch_size,
-            steps=steps,
-            strict=strict,
+    if method not in METHODS or format not in FORMATS:
+        raise _fail(
+            f"--method must be one of {', '.join(METHODS)} and --format one of {', '.join(FORMATS)}.", 2
         )
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    if (texts is not None and texts != []) == (input is not None):
+        raise _fail("give texts as arguments, or --input FILE (- for stdin): one of them.", 2)
+    if batch_size < 1 or steps < 1:
+        raise _fail("--batch-size and --steps must be at least 1.", 2)
+    explain_command(
+        target,
+        texts or [],
+        input,
+        label,
+        method,
+        format,
+        output,
+        text_column=text_column,
+        checkpoint=checkpoint,
+        batch_size=batch_size,
+        steps=steps,
+        strict=strict,
+    )
 
 
 @app.command()
+@_errors()
 def plot(
     run_dirs: Annotated[
         list[Path], typer.Argument(help="One or more run directories (each with metrics.jsonl).")
@@ -348,17 +365,15 @@ def plot(
     ] = None,
 ) -> None:
     """Draw loss and accuracy per step, train and eval, of one or more runs on one figure."""
-    try:
-        from seqtrain import console
-        from seqtrain.plots import plot_run_curves
+    from seqtrain import console
+    from seqtrain.plots import plot_run_curves
 
-        path = plot_run_curves(run_dirs, output or run_dirs[0] / "curves.png")
-        console.info(f"wrote {path}")
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    path = plot_run_curves(run_dirs, output or run_dirs[0] / "curves.png")
+    console.info(f"wrote {path}")
 
 
 @app.command()
+@_errors()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqtrain train`.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "torchscript",
@@ -370,32 +385,30 @@ def export(
     """Export the model (inputs: padded token ids and lengths) for use without seqtrain.
 
     tokenizer.json, labels.json and export.json are written beside it."""
-    try:
-        from seqtrain import console
-        from seqtrain.export import export_run
+    from seqtrain import console
+    from seqtrain.export import export_run
 
-        if checkpoint not in ("best", "last"):
-            raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
-        if format not in ("onnx", "torchscript"):
-            raise _fail(f"--format must be onnx or torchscript, got {format!r}.", 2)
-        info = export_run(run_dir, format, output, checkpoint)
-        for w in info["warnings"]:
-            console.warn(w)
-        diff = info["max_abs_diff"]
-        check = (
-            f"max abs difference from the eager model {diff:.2e}"
-            if diff is not None
-            else "not checked (onnxruntime is not installed)"
-        )
-        console.info(
-            f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) "
-            f"with tokenizer.json, labels.json, config.yaml and export.json; {check}"
-        )
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    if checkpoint not in ("best", "last"):
+        raise _fail(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}.", 2)
+    if format not in ("onnx", "torchscript"):
+        raise _fail(f"--format must be onnx or torchscript, got {format!r}.", 2)
+    info = export_run(run_dir, format, output, checkpoint)
+    for w in info["warnings"]:
+        console.warn(w)
+    diff = info["max_abs_diff"]
+    check = (
+        f"max abs difference from the eager model {diff:.2e}"
+        if diff is not None
+        else "not checked (onnxruntime is not installed)"
+    )
+    console.info(
+        f"wrote {info['folder']}/{info['model']} ({format}, {info['checkpoint']}) "
+        f"with tokenizer.json, labels.json, config.yaml and export.json; {check}"
+    )
 
 
 @app.command()
+@_errors()
 def serve(
     target: Annotated[
         Path, typer.Argument(help="Run directory (torch), or an ONNX export folder (onnxruntime, no torch).")
@@ -456,41 +469,39 @@ def serve(
 
     Endpoints: POST /predict /explain, GET /health /ready /info /metrics."""
     try:
-        try:
-            from seqtrain.serve import ServeOptions
-            from seqtrain.serve import serve as run_server
-        except ImportError as e:
-            raise _fail(
-                f"`seqtrain serve` needs the serve extra ({e.name} is not installed): "
-                "pip install 'seqtrain[serve]'",
-                1,
-            ) from None
-        run_server(
-            target,
-            ServeOptions(
-                host,
-                port,
-                max_batch_size,
-                max_wait_ms,
-                max_queue,
-                max_texts,
-                max_bytes,
-                checkpoint,
-                grace_s,
-                threads=threads,
-                workers=workers,
-                read_timeout_s=read_timeout_s,
-                explain_max_texts=explain_max_texts,
-                explain_max_tokens=explain_max_tokens,
-                explain_queue=explain_queue,
-                docs=docs,
-            ),
-        )
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+        from seqtrain.serve import ServeOptions
+        from seqtrain.serve import serve as run_server
+    except ImportError as e:
+        raise _fail(
+            f"`seqtrain serve` needs the serve extra ({e.name} is not installed): "
+            "pip install 'seqtrain[serve]'",
+            1,
+        ) from None
+    run_server(
+        target,
+        ServeOptions(
+            host,
+            port,
+            max_batch_size,
+            max_wait_ms,
+            max_queue,
+            max_texts,
+            max_bytes,
+            checkpoint,
+            grace_s,
+            threads=threads,
+            workers=workers,
+            read_timeout_s=read_timeout_s,
+            explain_max_texts=explain_max_texts,
+            explain_max_tokens=explain_max_tokens,
+            explain_queue=explain_queue,
+            docs=docs,
+        ),
+    )
 
 
 @app.command()
+@_errors()
 def init(
     data: Annotated[
         str, typer.Argument(help="Hub id, local dataset folder, or data files (.parquet/.csv/.jsonl/.txt).")
@@ -526,19 +537,17 @@ def init(
     """Inspect a dataset (splits, columns, labels, text lengths) and write a starter config for it.
 
     The config is commented: what was found and why each value was chosen."""
-    try:
-        from seqtrain import console
-        from seqtrain.starter import write_starter
+    from seqtrain import console
+    from seqtrain.starter import write_starter
 
-        if sample < 1:
-            raise _fail(f"--sample must be at least 1, got {sample}.", 2)
-        summary = write_starter(data, output, text_column, label_column, sample, force, init_from)
-        console.print_dataset_summary(summary, str(output))
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
+    if sample < 1:
+        raise _fail(f"--sample must be at least 1, got {sample}.", 2)
+    summary = write_starter(data, output, text_column, label_column, sample, force, init_from)
+    console.print_dataset_summary(summary, str(output))
 
 
 @app.command()
+@_errors(interrupted="interrupted; run the same command again to continue the study.")
 def tune(
     config: Annotated[
         Path,
@@ -598,30 +607,25 @@ def tune(
     """Search hyperparameters with Optuna; bad trials are pruned early.
 
     Each trial is a seqtrain run in runs/<study>/trial-NNNN; rerun the same command to continue a study."""
-    try:
-        from seqtrain.tune import Options
-        from seqtrain.tune import tune as run_tune
+    from seqtrain.tune import Options
+    from seqtrain.tune import tune as run_tune
 
-        code = run_tune(
-            Options(
-                config=config,
-                overrides=overrides or [],
-                trials=trials,
-                timeout_min=timeout,
-                space=space,
-                storage=storage,
-                study=study,
-                jobs=jobs,
-                pruner=pruner,
-                report=not no_report,
-                seed=seed,
-                keep_pruned=keep_pruned,
-            )
+    code = run_tune(
+        Options(
+            config=config,
+            overrides=overrides or [],
+            trials=trials,
+            timeout_min=timeout,
+            space=space,
+            storage=storage,
+            study=study,
+            jobs=jobs,
+            pruner=pruner,
+            report=not no_report,
+            seed=seed,
+            keep_pruned=keep_pruned,
         )
-    except SeqtrainError as e:
-        raise _fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; run the same command again to continue the study.", 130) from None
+    )
     raise typer.Exit(code)
 
 
