@@ -3,7 +3,7 @@
 
 Needs scikit-learn (`pip install 'seqtrain[baselines]'`). On ../shared/data/imdb (or data/imdb) it fits
 
-  TF-IDF (1-2 grams, sublinear tf) + logistic regression   the baseline issue 4 quotes (90.4% there)
+  TF-IDF (1-2 grams, sublinear tf) + logistic regression   the usual linear baseline
   NBSVM-style: binary 1-2 grams scaled by naive Bayes log-count ratios + logistic regression
                (Wang & Manning, 2012), the strongest linear model we know for this task
 

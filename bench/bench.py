@@ -1,4 +1,4 @@
-"""CPU speed of seqtrain against plain PyTorch (issue 3): `make bench`, or `python -m bench.bench`.
+"""CPU speed of seqtrain against plain PyTorch: `make bench`, or `python -m bench.bench`.
 
 For each recurrent cell (LSTM, GRU, RNN) at embedding 128, hidden 256, batch 64, max_length 400,
 unidirectional, pooling `last`, on data/imdb, it runs three benchmarks:

@@ -1,4 +1,4 @@
-"""Are the explanations faithful? `python -m bench.explain --run sst2=RUN_DIR --run imdb=RUN_DIR` (issue 20).
+"""Are the explanations faithful? `python -m bench.explain --run sst2=RUN_DIR --run imdb=RUN_DIR`.
 
 For each run, on a random sample of its validation split (seed 0):
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from seqtrain.predict import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADING = "## Explanations: faithfulness (issue 20)"
+HEADING = "## Explanations: faithfulness"
 BEGIN, END = common.markers("bench.explain")
 K = 10
 EXHAUSTIVE = 10  # the oracle searches texts of up to this many tokens exactly, longer ones greedily

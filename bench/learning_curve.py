@@ -1,7 +1,7 @@
 """Few labels: IMDB validation accuracy against the number of labelled training reviews, and against
 minutes of language-model pretraining. `python -m bench.learning_curve [--sizes 1000 2000] [--lines ...]`
 
-Lines (issue 16):
+Lines:
   scratch    configs/imdb-best.yaml's recipe from scratch on the first N training reviews
   pretrained configs/imdb-semi.yaml: the same classifier fine-tuned from a `seqtrain pretrain` run
   linear     NB-weighted uni+bigrams + logistic regression (bench.baselines' strongest), on the same N
@@ -151,7 +151,7 @@ def render() -> None:
     text = "\n".join(table)
     write_between_markers(
         ROOT / "BENCHMARKS.md",
-        "## Few labels: learning from unlabeled text (issue 16)",
+        "## Few labels: learning from unlabeled text",
         "bench.learning_curve",
         text,
     )

@@ -1,4 +1,4 @@
-"""Predict speed (issue 3), for `make bench`: `seqtrain predict` end to end against the forward passes alone.
+"""Predict speed, for `make bench`: `seqtrain predict` end to end against the forward passes alone.
 
 For a trained run it times, on the same validation reviews:
 

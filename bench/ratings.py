@@ -1,4 +1,4 @@
-"""How far ensembles get on issue 8's Spearman target:
+"""How far ensembles get on the ratings' Spearman target:
 `python -m bench.ratings --regression RUN... --binary RUN...`.
 
 Needs scikit-learn (`pip install 'seqtrain[baselines]'`). On the IMDB validation split it prints the

@@ -24,7 +24,7 @@ from seqtrain.encoding import PAD_ID, UNK_ID
 
 CELLS: dict[str, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
-# The shapes issue 3 fixes (--quick cuts texts to a shorter max_length instead of MAX_LENGTH).
+# The shapes the speed benchmarks fix (--quick cuts texts to a shorter max_length instead of MAX_LENGTH).
 EMBEDDING, HIDDEN, BATCH, MAX_LENGTH = 128, 256, 64, 400
 
 

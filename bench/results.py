@@ -1,4 +1,4 @@
-"""Accuracy results table (issue 4): `python -m bench.results RUN_DIR [RUN_DIR ...]`.
+"""Accuracy results table: `python -m bench.results RUN_DIR [RUN_DIR ...]`.
 
 Groups run directories by config name (`name` without the `-s<seed>` suffix) and writes, per
 group: validation accuracy (or MAE / Spearman for regression) as mean ± std over the seeds, wall
@@ -25,7 +25,7 @@ from bench.common import write_between_markers
 from seqtrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADING = "## Accuracy (issue 4, issue 8)"
+HEADING = "## Accuracy"
 
 
 def long_phrase_accuracy(run_dir: Path, min_words: int = 15) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""Constant memory on large streams (issue 7): `make bench-scale`, or `python -m bench.scale`.
+"""Constant memory on large streams: `make bench-scale`, or `python -m bench.scale`.
 
 Builds two training streams under bench/out/ and trains one epoch on each, each in its own process,
 reporting peak resident memory (ru_maxrss of the child) and wall time:

@@ -1,4 +1,4 @@
-"""CLI start-up (issue 3), for `make bench`: the median wall time of `seqtrain --help` as a fresh process."""
+"""CLI start-up, for `make bench`: the median wall time of `seqtrain --help` as a fresh process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training speed: seqtrain's loop against plain PyTorch on the same model (issue 3), for `make bench`.
+"""Training speed: seqtrain's loop against plain PyTorch on the same model, for `make bench`.
 
 For one recurrent cell at the issue-3 shapes it measures real (non-padding) tokens per second of:
 
@@ -49,7 +49,7 @@ from seqtrain.metrics import read_metrics
 from seqtrain.train import train as seqtrain_train
 from seqtrain.train import train_stream
 
-# Targets shown next to the ratios (issue 3).
+# Targets shown next to the ratios.
 TARGET_A_B, TARGET_A_C, TARGET_A_D = 15.0, 1.3, 0.90
 
 

@@ -1,4 +1,4 @@
-"""What pruning saves in `seqtrain tune` (issue 21): `python -m bench.tune [--seeds 0 1] [--trials 20]`.
+"""What pruning saves in `seqtrain tune`: `python -m bench.tune [--seeds 0 1] [--trials 20]`.
 
 For each TPE seed, two studies with the same number of trials on an SST-2 training subset, from the
 config `seqtrain init data/sst2` writes: one with tune's default pruner (PRUNED), one without
@@ -45,7 +45,7 @@ from bench.common import ROOT, START_ENV, data_path, md_table, say, write_betwee
 if TYPE_CHECKING:
     import optuna
 
-HEADING = "## Hyperparameter search: pruning (issue 21)"
+HEADING = "## Hyperparameter search: pruning"
 TARGET_SAVED = 0.40
 PRUNED = "top15"  # the pruner set against no pruning: tune's default
 PRUNERS = (PRUNED, "none")
