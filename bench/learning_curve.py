@@ -33,6 +33,27 @@ OUT = ROOT / "bench" / "out"
 RESULTS = OUT / "learning_curve.jsonl"
 
 
+# Each recurrent line: its config and overrides. `vectors` and `vectors+wide` start the embeddings from
+# `seqtrain pretrain configs/imdb-vectors.yaml` (runs/imdb-vectors; minutes, made first if missing).
+VECTORS_RUN = "runs/imdb-vectors"
+LINES: dict[str, tuple[str, list[str]]] = {
+    "scratch": ("configs/imdb-best.yaml", []),
+    "pretrained": ("configs/imdb-semi.yaml", []),
+    "wide": ("configs/imdb-best.yaml", ["model.ngrams=2"]),
+    "vectors": ("configs/imdb-best.yaml", [f"model.init_from={VECTORS_RUN}"]),
+    "vectors+wide": ("configs/imdb-best.yaml", [f"model.init_from={VECTORS_RUN}", "model.ngrams=2"]),
+}
+
+
+def ensure_vectors_run(threads: int) -> None:
+    if (ROOT / VECTORS_RUN / "best").exists():
+        return
+    from seqtrain.config import load_config
+    from seqtrain.pretrain import pretrain
+
+    pretrain(load_config(ROOT / "configs/imdb-vectors.yaml", [f"train.num_threads={threads}"]))
+
+
 def nb_bigrams_accuracy(n: int) -> float:
     """NB-weighted binary 1-2 grams + logistic regression (Wang & Manning 2012) on the first n reviews."""
     from sklearn.feature_extraction.text import CountVectorizer
@@ -112,7 +133,7 @@ def render() -> None:
         points[(label(p), p["n"], p.get("pretrain", ""))] = p
     by_size = sorted({k[1] for k in points if not k[2]})
     named = {k[0] for k in points if not k[2]}
-    lines = ["scratch", "pretrained", *sorted(named - {"scratch", "pretrained", "linear"}), "linear"]
+    lines = [line for line in LINES if line in named] + sorted(named - set(LINES) - {"linear"}) + ["linear"]
     table = ["| labelled reviews | " + " | ".join(lines) + " |", "|---:|" + "---:|" * len(lines)]
     for n in by_size:
         cells = []
@@ -199,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-only", action="store_true")
     a = p.parse_args(argv)
     if not a.render_only:
+        unknown = [line for line in a.lines if line != "linear" and line not in LINES]
+        if unknown:
+            p.error(f"unknown --lines {unknown}; choose from linear, {', '.join(LINES)}")
+        if any(line.startswith("vectors") for line in a.lines):
+            ensure_vectors_run(a.threads)
         for n in a.sizes:
             for line in a.lines:
                 if line == "linear":
@@ -213,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     )
                 else:
-                    config = "configs/imdb-best.yaml" if line == "scratch" else "configs/imdb-semi.yaml"
-                    extra = a.pretrained_overrides if line == "pretrained" else []
+                    config, extra = LINES[line]
+                    extra = extra + (a.pretrained_overrides if line == "pretrained" else [])
                     record({"line": line, "n": n, **train_point(config, n, a.min_steps, a.threads, extra)})
         for run in a.pretrain_runs:
             state = json.loads((run / "best" / "state.json").read_text())

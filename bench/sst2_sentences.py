@@ -42,7 +42,8 @@ def full_sentences(phrases: list[str]) -> set[str]:
     ones: all but the latest few thousand joined into one string (C's substring search), the latest
     one by one."""
     sentences: set[str] = set()
-    joined, recent = "", []
+    joined = ""
+    recent: list[str] = []
     for phrase in sorted(set(phrases), key=len, reverse=True):
         if phrase not in joined and not any(phrase in other for other in recent):
             sentences.add(phrase)
