@@ -35,6 +35,9 @@ LABEL_NAMES = [
     "y",
 ]
 MAX_CLASSES = 100  # more distinct values than this in a non-float column: not a label column
+# train.epochs: enough passes for about TARGET_STEPS steps of 64 texts, within [MIN_EPOCHS, MAX_EPOCHS]
+TARGET_STEPS, MIN_EPOCHS, MAX_EPOCHS = 1500, 3, 10
+ROW_COUNT_CAP = 200_000  # counting the training rows stops here (the recipe is the same above it)
 
 
 def find_splits(path: str) -> list[str]:
@@ -231,6 +234,7 @@ def inspect_dataset(
         "validation_split": None if eval_split else VALIDATION_SPLIT,
         "rows_read": rows,
         "whole_split": whole_split,
+        "train_rows": count_train_rows(path, train_split, rows, whole_split),
         "columns": {c: _type_name(features.get(c), columns[c][:100]) for c in columns},
         "text_column": text_col,
         "label_column": label_col,
@@ -361,11 +365,19 @@ def starter_yaml(
     lines.append(_line("model:"))
     if regression:
         lines.append(_line("  task: regression"))
+    vectors = pretrained is not None and pretrained.get("pretrain", {}).get("objective") == "vectors"
+    recipe = starter_recipe(s)
     if pretrained is not None:
         model = pretrained["model"]
         lines.append(
-            _line(f"  init_from: {_scalar(init_from)}", "start the embeddings and recurrent layers from it")
+            _line(
+                f"  init_from: {_scalar(init_from)}",
+                "start the embeddings from its word vectors"
+                if vectors
+                else "start the embeddings and recurrent layers from it",
+            )
         )
+    if pretrained is not None and not vectors:
         lines += [
             _line(
                 f"  {key}: {_scalar(model[key])}",
@@ -374,9 +386,10 @@ def starter_yaml(
             for key in ("cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional")
         ]
     else:
+        dim = model["embedding_dim"] if vectors else 128
         lines += [
             _line("  cell: lstm", "rnn | lstm | gru"),
-            _line("  embedding_dim: 128"),
+            _line(f"  embedding_dim: {dim}", "the word vectors'; must match them" if vectors else ""),
             _line("  hidden_size: 128"),
             _line("  num_layers: 1"),
             _line("  bidirectional: true", "read each text both ways"),
@@ -384,19 +397,54 @@ def starter_yaml(
     lines += [
         _line("  pooling: max", "last | mean | max | attention"),
         _line("  dropout: 0.3"),
+        _line(
+            f"  ngrams: {recipe['ngrams']}",
+            "a linear model over the uni- and bigrams beside the recurrent one, averaged with it",
+        ),
         _line("train:"),
         _line("  batch_size: 64"),
-        _line("  epochs: 3"),
+        _line(
+            f"  epochs: {recipe['epochs']}",
+            f"about {recipe['steps']:,} steps over ~{recipe['rows']:,} rows; early stopping ends it sooner",
+        ),
         _line("  lr: 0.002"),
         _line("  warmup_steps: 100"),
         _line("  lr_schedule: linear", "constant | linear | cosine, after warm-up"),
         _line("  grad_clip: 1.0", "recurrent gradients explode"),
-        _line("  patience: 2", "stop after 2 evaluations without improvement"),
+        _line(
+            f"  patience: {recipe['patience']}",
+            f"stop after {recipe['patience']} evaluations without improvement",
+        ),
     ]
     if s["imbalanced"]:
         lines.append(_line("  class_weights: balanced", "the labels are imbalanced in the sample"))
     lines.append(_line("  device: auto", "CUDA when present, else the CPU"))
     return "".join(lines)
+
+
+def starter_recipe(s: dict[str, Any]) -> dict[str, int]:
+    """Epochs and patience by dataset size: small datasets need more passes to take enough steps
+    (BENCHMARKS.md, "A small dataset through init"); the n-gram path is on."""
+    rows = int(s.get("train_rows") or s["rows_read"])
+    steps_per_epoch = max(1, math.ceil(rows * (1 - (s.get("validation_split") or 0.0)) / 64))
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+    return {
+        "ngrams": 2,
+        "epochs": epochs,
+        "patience": 3 if epochs > MIN_EPOCHS else 2,
+        "steps": epochs * steps_per_epoch,
+        "rows": rows,
+    }
+
+
+def count_train_rows(path: str, split: str, sampled: int, whole: bool) -> int:
+    """Rows of the training split: the sample when it read them all, else one streamed pass (capped)."""
+    if whole:
+        return sampled
+    rows = 0
+    for chunk in open_split(DataConfig(path=path), split, limit=ROW_COUNT_CAP).iter(batch_size=4096):
+        rows += len(next(iter(chunk.values())))
+    return rows
 
 
 def _refuse_classifier_run(run_dir: Path) -> None:

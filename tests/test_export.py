@@ -31,7 +31,13 @@ MODELS = {
     # the plain RNN goes through the other ONNX exporter (the dynamo one fixes the time length)
     "rnn-last": {"cell": "rnn", "bidirectional": False, "pooling": "last"},
     # model.ngrams: the hashed n-grams' sort and de-duplication export too, and their logits join the head's
-    "gru-ngrams": {"cell": "gru", "bidirectional": False, "pooling": "mean", "ngrams": 2, "ngram_buckets": 4096},
+    "gru-ngrams": {
+        "cell": "gru",
+        "bidirectional": False,
+        "pooling": "mean",
+        "ngrams": 2,
+        "ngram_buckets": 4096,
+    },
 }
 
 

@@ -93,13 +93,13 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
 # has a case of its own (40 s less of `make test`).
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
-    "workers,kills,ema,held,vat",
+    "workers,kills,ema,held,vat,ngrams",
     [
-        (0, [10, 30], None, None, False),
-        (0, ["epoch"], None, None, False),
-        (0, [10], 0.99, None, False),
-        (2, [10], None, 0.2, False),
-        (2, [10, 50], None, None, True),
+        (0, [10, 30], None, None, False, 0),
+        (0, ["epoch"], None, None, False, 0),
+        (0, [10], 0.99, None, False, 2),  # with model.ngrams' table and its optimizer state too
+        (2, [10], None, 0.2, False, 0),
+        (2, [10, 50], None, None, True, 0),
     ],
 )
 def test_sigkill_then_resume_is_bitwise_identical(
@@ -110,6 +110,7 @@ def test_sigkill_then_resume_is_bitwise_identical(
     ema: float | None,
     held: float | None,
     vat: bool,
+    ngrams: int,
 ) -> None:
     """Killed with SIGKILL right after a checkpoint (mid-epoch, twice, at an epoch boundary), then resumed:
     the final weights equal an uninterrupted run's, byte for byte (with EMA: the average and the raw weights;
@@ -124,6 +125,7 @@ def test_sigkill_then_resume_is_bitwise_identical(
             tiny_data,
             tmp_path / out,
             data={"num_workers": workers, "validation_split": held},
+            model={"ngrams": ngrams, "ngram_buckets": 4096},
             train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema, "vat_eps": float(vat)},
             pretrain={"path": str(unlabeled) if vat else None},
         )

@@ -69,6 +69,11 @@ def explain_command(
             "integrated gradients needs the model's gradients: give the run directory, "
             "or use --method occlusion."
         )
+    if method == "integrated-gradients" and model.config.model.ngrams:
+        console.warn(
+            "integrated gradients follow the embeddings, so they attribute the recurrent path's half of "
+            "each prediction and none of the n-gram path's (model.ngrams); --method occlusion shows both."
+        )
     bad: list[str] = []
     blank: list[int] = []
     records = (
