@@ -397,6 +397,7 @@ def starter_yaml(
     lines += [
         _line("  pooling: max", "last | mean | max | attention"),
         _line("  dropout: 0.3"),
+        _line("  embedding_dropout: 0.3", "small datasets overfit the embeddings first"),
         _line(
             f"  ngrams: {recipe['ngrams']}",
             "a linear model over the uni- and bigrams beside the recurrent one, averaged with it",
@@ -416,6 +417,10 @@ def starter_yaml(
             f"stop after {recipe['patience']} evaluations without improvement",
         ),
     ]
+    if not regression:
+        lines.append(
+            _line("  label_smoothing: 0.1", "keeps the recurrent path's logits from outgrowing the n-grams'")
+        )
     if s["imbalanced"]:
         lines.append(_line("  class_weights: balanced", "the labels are imbalanced in the sample"))
     lines.append(_line("  device: auto", "CUDA when present, else the CPU"))

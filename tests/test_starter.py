@@ -140,3 +140,44 @@ def test_init_without_a_validation_split_holds_out_part_of_train_not_test(tmp_pa
         and cfg.data.train_split == "train"
     )
     assert "test" in out.read_text()  # named in the comment: read only by `seqtrain eval --split test`
+
+
+@pytest.mark.parametrize("rows,epochs", [(400, 10), (12_000, 9), (60_000, 3)])
+def test_the_recipe_takes_more_epochs_on_fewer_rows_and_the_ngram_path(
+    tmp_path: Path, rows: int, epochs: int
+) -> None:
+    # The rows past the sample are counted: 12,000 rows (169 steps an epoch after the 10% held out)
+    # need 9 epochs for 1,500 steps, 60,000 rows 3 (the fewest); 400 rows get the most, 10.
+    data = write_reviews_csv(tmp_path / "reviews.csv", n=rows)
+    out = tmp_path / "config.yaml"
+    result = runner.invoke(app, ["init", str(data), "-o", str(out), "--sample", "300"])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.train.epochs == epochs and cfg.train.patience == (3 if epochs > 3 else 2)
+    assert cfg.model.ngrams == 2 and cfg.train.label_smoothing == 0.1
+
+
+def test_init_from_a_vectors_run_keeps_the_recipe_and_takes_the_tokenizer_and_dimension(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "vectors"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("{}")
+    (run / "run.json").write_text(
+        json.dumps({"seqtrain": {"version": "0", "format": 1}, "kind": "word-vectors", "vocab_size": 777})
+    )
+    (run / "config.yaml").write_text(
+        "tokenizer: {kind: word, vocab_size: 777, min_frequency: 3, lowercase: true}\n"
+        "model: {cell: gru, embedding_dim: 48, hidden_size: 512, bidirectional: false}\n"
+        "pretrain: {objective: vectors}\n"
+    )
+    data = write_reviews_csv(tmp_path / "reviews.csv")
+    out = tmp_path / "config.yaml"
+    result = runner.invoke(app, ["init", str(data), "-o", str(out), "--init-from", str(run)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.model.init_from == str(run) and cfg.model.embedding_dim == 48
+    assert (cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency) == (777, 3)
+    # only the embedding comes from the vectors: the recurrent layers are the recipe's
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.model.bidirectional) == ("lstm", 128, True)
+    assert "word vectors" in out.read_text()
