@@ -1,7 +1,8 @@
 """The classifier's training loop. Read it top to bottom: `train()` is the loop over epochs and
 batches, with evaluation, checkpoints and signals in it; `setup()` builds what it runs (a `Run`),
 `train_step()` is one optimizer step, `finish()` the summary. No callbacks, no trainer class.
-`pretrain.py` is the second loop, from the same pieces (runtime.py, optim.py, checkpoint.TrainState).
+`pretrain.py` is the second loop, from the same pieces (training/, runtime.py, optim.py,
+checkpoint.TrainState).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import Classifier, build_model, count_parameters, load_pretrained_embeddings
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
-from seqtrain.pretrain import init_from_pretrained, load_encoder
 from seqtrain.runtime import Interrupted as Interrupted  # re-exported: `seqtrain tune` catches it from here
 from seqtrain.runtime import (
     StopSignals,
@@ -52,6 +52,7 @@ from seqtrain.runtime import (
     seed_everything,
     set_threads,
 )
+from seqtrain.training.init_from import init_from_pretrained, load_encoder
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
