@@ -15,16 +15,20 @@ state at the chunk's start, batches already taken from the chunk).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import hashlib
 import math
 import os
 import signal
+import sys
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -776,14 +780,75 @@ class BatchStream(torch.utils.data.IterableDataset):
         return out
 
 
+# Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process group;
+# the main process decides when to stop (and saves last/), not the data workers.
+WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# While the main process waits for a batch it looks at its stop signals this often (seconds).
+WAIT_POLL = 0.25
+# How long the main process waits for a killed worker to be gone (seconds).
+REAP_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# This process's DataLoader iterators that started workers; `stop_workers` ends what is left of them.
+_running: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process
-    # group; the main process decides when to stop (and saves last/), not the workers.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in WORKER_IGNORED:
         signal.signal(signum, signal.SIG_IGN)
+    # A worker ends with the main process, however that ends (SIGKILL, OOM killer): an orphan would keep
+    # reading, and hold the run folder's lock that it inherited.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     # The model's OpenMP threads wait for each other at every time step: a worker that preempts
     # one of them stalls all of them. At low priority it runs in the gaps the model leaves.
     os.nice(19)
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are born deaf to the stop signals and are registered for `stop_workers`."""
+
+    def __iter__(self) -> Any:
+        if self.num_workers == 0:
+            return super().__iter__()
+        # Workers are forked with the stop signals blocked, and keep them blocked: a group signal that
+        # arrives while one starts (before `_worker_init` runs there, when torch's own handler would
+        # make it die) stays pending and is then dropped. The main process gets it when this returns.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
+        try:
+            batches = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _running.add(batches)
+        return _Batches(batches)
+
+
+_WAITING = object()  # no batch yet
+
+
+class _Batches:
+    """The batches of a loader with workers: torch's iterator, whose waits for a batch end after WAIT_POLL
+    (`next_or_none` looks at its stop signals in between; plain iteration just waits again)."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> Any:
+        while (batch := self.poll()) is _WAITING:
+            pass
+        return batch
+
+    def poll(self) -> Any:
+        """The next batch, or _WAITING when none came within WAIT_POLL; StopIteration at the end."""
+        try:
+            return next(self.batches)
+        except RuntimeError as e:
+            if str(e).startswith("DataLoader timed out"):
+                return _WAITING
+            raise
 
 
 def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
@@ -791,7 +856,7 @@ def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataL
     if num_workers > 0:
         # The parent trained the tokenizer with Rust threads; forked workers must not reuse that pool.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return torch.utils.data.DataLoader(
+    return _Loader(
         stream,
         batch_size=None,
         num_workers=num_workers,
@@ -802,4 +867,60 @@ def make_loader(stream: BatchStream, num_workers: int) -> torch.utils.data.DataL
         # uses, or a resumed run would see a shifted dropout stream.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
+        # A wait for the workers' next batch gives up after this long and starts again (`_Batches`), so
+        # the main process can notice a stop signal while a worker is slow or stuck.
+        timeout=WAIT_POLL if num_workers > 0 else 0,
     )
+
+
+def next_or_none(batches: Iterator[dict[str, Any]], stop: Callable[[], bool]) -> dict[str, Any] | None:
+    """The next batch, or None at the epoch's end, or None as soon as `stop()` is true while waiting for the
+    data workers."""
+    poll = getattr(batches, "poll", None)
+    if poll is None:  # no workers: the batch is made here
+        return None if stop() else next(batches, None)
+    while not stop():
+        try:
+            batch = poll()
+        except StopIteration:
+            return None
+        if batch is not _WAITING:
+            return cast(dict[str, Any], batch)
+    return None
+
+
+def _kill(batches: Any) -> list[Any]:
+    """SIGKILL the live workers of one DataLoader iterator (they ignore the stop signals and hold nothing
+    that must be written); the killed ones."""
+    if getattr(batches, "_worker_pids_set", False):
+        # torch watches its workers (SIGCHLD) and would report a killed one as a failure
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    killed = []
+    for worker in getattr(batches, "_workers", []):
+        if worker.exitcode is None:  # alive, and not reaped: its pid is still its own
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                worker.kill()
+                killed.append(worker)
+    return killed
+
+
+def stop_workers() -> None:
+    """End at once every data worker this process still runs, and release their loaders' queues. A stopped
+    run calls this rather than waiting for its workers, which may be busy or stuck for long; the batches
+    they were making are made again on resume, from the saved position of the last trained batch."""
+    for batches in list(_running):
+        for worker in _kill(batches):
+            worker.join(REAP_TIMEOUT)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # torch's own clean-up; with the workers gone it waits for nothing
+        _running.discard(batches)
+
+
+def kill_workers() -> None:
+    """SIGKILL every data worker this process runs, without waiting: for a process about to `os._exit`."""
+    for batches in list(_running):
+        _kill(batches)

@@ -7,21 +7,23 @@ writes checkpoints, the others read what it wrote. With one process the collecti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
 
-from seqtrain import console
+from seqtrain import console, data
 from seqtrain.errors import ConfigError, SeqtrainError
 from seqtrain.inference import pick_device
 from seqtrain.machine import physical_cores
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
 
 # Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# One request to stop can reach a process twice: a terminal's hangup comes from the kernel and from the
+# shell, a Ctrl-C to `tune --jobs` reaches each of its workers from the terminal and from tune. A stop
+# signal this soon (seconds) after the first is that same request, not a second one.
+REPEAT_WINDOW = 1.0
 # Before training, ranks other than 0 wait while rank 0 builds the vocabulary (a pass over the whole
 # training split), and all ranks count their rows: a gloo group of its own with this timeout carries
 # those waits; the training collectives keep torch's default, so a stuck step still fails in minutes.
@@ -241,7 +247,7 @@ def next_batch(
 ) -> tuple[dict[str, Any] | None, bool]:
     """The next batch, or None when this or any rank ran out (the epoch ends at the same step for all, so no
     rank waits forever in an all-reduce); and whether a stop signal reached any rank (all stop)."""
-    batch = next(loader, None)
+    batch = data.next_or_none(loader, stop.stopping)  # a signal ends the wait for a slow data worker
     exhausted, signalled = all_reduce([float(batch is None), float(stop.signum is not None)], world, op="max")
     return (None if exhausted else batch), bool(signalled)
 
@@ -307,14 +313,24 @@ def amp(device: torch.device, precision: str) -> tuple[bool, torch.dtype, torch.
 
 class StopSignals:
     """`with StopSignals() as stop:` records SIGINT/SIGTERM/SIGHUP instead of dying mid-step; the loop
-    checks `stop.signum` between steps, saves last/ and exits 128 + signum."""
+    checks `stop.signum` between steps and while it waits for a batch, saves last/ and exits 128 + signum.
+    A second signal (REPEAT_WINDOW or more after the first) exits at once, keeping the checkpoint saved
+    before (a save is written aside and moved into place, so one cut short leaves the previous intact).
+    Leaving the block ends the data workers."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._at = 0.0
         self._old: dict[int, Any] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = self.signum or signum
+        if self.signum is None:
+            self.signum, self._at = signum, time.monotonic()
+        elif time.monotonic() - self._at >= REPEAT_WINDOW:
+            _exit_now(signum)
+
+    def stopping(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopSignals:
         self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
@@ -323,8 +339,24 @@ class StopSignals:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        try:  # workers are ended, not waited for: one busy with a long read (or stuck) would hold the exit
+            data.stop_workers()
+        finally:
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+
+
+def _exit_now(signum: int) -> NoReturn:
+    """A second stop signal: end the data workers and exit 128 + signum, in the middle of whatever runs."""
+    data.kill_workers()
+    name = signal.Signals(signum).name
+    text = (
+        f"\nerror: stopped at once by a second {name}, without saving; last/ holds the latest complete "
+        "checkpoint (resume with --resume).\n"
+    )
+    with contextlib.suppress(OSError):
+        os.write(2, ("\x1b[?25h" if os.isatty(2) else "").encode() + text.encode())  # the bar hid the cursor
+    os._exit(128 + signum)
 
 
 class Interrupted(SeqtrainError):

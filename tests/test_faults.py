@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,6 +23,7 @@ from seqtrain import checkpoint
 from seqtrain.cli import app
 from seqtrain.config import to_dict
 from seqtrain.errors import CheckpointError
+from seqtrain.runtime import REPEAT_WINDOW
 from seqtrain.train import train
 from tests.conftest import ROOT, tiny_config
 
@@ -183,6 +186,7 @@ def test_predict_reports_undecodable_lines_and_keeps_order(tiny_data: Path, tmp_
 
 
 @pytest.mark.subprocess
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_signal_to_the_whole_process_group_with_workers_saves_last(
     tiny_data: Path, tmp_path: Path, signum: int
@@ -214,7 +218,7 @@ def test_signal_to_the_whole_process_group_with_workers_saves_last(
     wait_for_step(tmp_path / "group", 10, proc)
     os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err
+    assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in out + err
     assert json.loads((tmp_path / "group" / "last" / "state.json").read_text())["step"] >= 10
 
@@ -233,3 +237,220 @@ def test_the_printed_resume_command_keeps_the_overrides_and_resumes(tiny_data: P
     _out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "nothing to resume" not in err and "resuming" in err
+
+
+# --------------------------------------------------------------------------- stopping with data workers
+
+# How long a stopped run may take to save last/ and exit, whatever it was doing when the signal came.
+STOP_WITHIN = 30
+
+
+def start_group(workdir: Path, fault: str, *argv: str) -> subprocess.Popen[str]:
+    """`seqtrain ARGV...` under tests/fault_entry.py with FAULT, as the leader of its own process group
+    (as systemd and Kubernetes run a service), pinned to one core where the machine allows it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.fault_entry", fault, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=workdir,
+        start_new_session=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+
+
+def wait_for_marker(folder: Path, prefix: str, proc: subprocess.Popen[str], timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix}* file in {folder} in time")
+
+
+def group_alive(pgid: int) -> list[int]:
+    """The processes of group `pgid` still running (zombies, already dead, are not counted)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def stop_group(proc: subprocess.Popen[str], signum: int) -> tuple[str, str]:
+    """Signal the whole group; the run must exit within STOP_WITHIN seconds and leave no process behind
+    (the group is killed here in any case, so a failing test leaves nothing running)."""
+    os.killpg(proc.pid, signum)
+    try:
+        out, err = proc.communicate(timeout=STOP_WITHIN)
+        deadline = time.time() + 5
+        while group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        left = group_alive(proc.pid)
+        assert not left, f"processes left running after the run exited: {left}"
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"still running {STOP_WITHIN} s after {signal.Signals(signum).name} to its process group"
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return out, err
+
+
+def assert_stopped(proc: subprocess.Popen[str], out: str, err: str, signum: int, run: Path) -> int:
+    """Exited 128 + signum with last/ saved, no traceback; the step of last/."""
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in out + err and "--resume" in err, err[-3000:]
+    ckpt, _warnings = checkpoint.find(run, "last")
+    checkpoint.load(ckpt)
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+def group_config(tmp_path: Path, tiny_data: Path, **sections: dict[str, Any]) -> Path:
+    """A run in tmp_path/run with 2 data workers that would train for long."""
+    train = {"epochs": 50, "eval_every": 1000, **sections.pop("train", {})}
+    cfg = tiny_config(tiny_data, tmp_path / "run", data={"num_workers": 2}, train=train, **sections)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("after", "signum"),
+    [(0, signal.SIGTERM), (3, signal.SIGHUP)],
+    ids=["first-batch-sigterm", "mid-epoch-sighup"],
+)
+def test_group_signal_while_a_data_worker_hangs_still_stops_in_time(
+    tiny_data: Path, tmp_path: Path, after: int, signum: int
+) -> None:
+    """A worker stuck in its work (a slow read, a starved core) must not keep the run from stopping: the
+    wait for its batch ends, last/ is saved, and the workers are ended, not waited for."""
+    cfg = group_config(tmp_path, tiny_data)
+    proc = start_group(tmp_path, f"stall-worker={after}@{tmp_path / 'marks'}", "train", str(cfg))
+    wait_for_marker(tmp_path / "marks", "stalled-", proc)
+    time.sleep(0.5)  # the main process now waits for the stalled worker's batch
+    out, err = stop_group(proc, signum)
+    assert_stopped(proc, out, err, signum, tmp_path / "run")
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+def test_group_signal_while_data_workers_start_does_not_kill_them(tiny_data: Path, tmp_path: Path) -> None:
+    """A group signal that reaches a worker before seqtrain's own set-up in it (it ignores the stop
+    signals from then on) must not kill the worker, which would end the run with an error."""
+    cfg = group_config(tmp_path, tiny_data)
+    proc = start_group(tmp_path, f"slow-worker-start={tmp_path / 'marks'}", "train", str(cfg))
+    wait_for_marker(tmp_path / "marks", "starting-", proc)
+    out, err = stop_group(proc, signal.SIGTERM)
+    assert_stopped(proc, out, err, signal.SIGTERM, tmp_path / "run")
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+@pytest.mark.parametrize("moment", ["save", "evaluation"])
+def test_group_signal_during_a_save_or_an_evaluation_stops_in_time(
+    tiny_data: Path, tmp_path: Path, moment: str
+) -> None:
+    cfg = group_config(tmp_path, tiny_data, train={"eval_every": 5})
+    fault, prefix = ("slow-save", "saving-") if moment == "save" else ("slow-eval", "evaluating-2")
+    proc = start_group(tmp_path, f"{fault}=1@{tmp_path / 'marks'}", "train", str(cfg))
+    wait_for_marker(tmp_path / "marks", prefix, proc)
+    out, err = stop_group(proc, signal.SIGTERM)
+    assert assert_stopped(proc, out, err, signal.SIGTERM, tmp_path / "run") >= 5
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+def test_second_sigterm_while_saving_exits_at_once_and_keeps_the_previous_checkpoint(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    cfg = group_config(tmp_path, tiny_data, train={"eval_every": 5})
+    marks = tmp_path / "marks"
+    proc = start_group(tmp_path, f"slow-save=60@{marks}", "train", str(cfg))
+    while not (tmp_path / "run" / "last").exists():  # the first save (step 5) is not slowed
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    first = time.time()
+    wait_for_marker(marks, "saving-", proc)  # the stop's save (or the next periodic one) hangs halfway
+    time.sleep(max(0.0, first + REPEAT_WINDOW + 0.2 - time.time()))  # sooner is the same request
+    started = time.time()
+    _out, err = stop_group(proc, signal.SIGTERM)
+    assert time.time() - started < 10
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    ckpt, _warnings = checkpoint.find(tmp_path / "run", "last")
+    checkpoint.load(ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 5
+    resumed = subprocess.run(
+        [sys.executable, "-m", "seqtrain", "train", str(cfg), "--resume", "train.max_steps=12"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+def test_group_signal_while_a_pretrain_data_worker_hangs_still_stops_in_time(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    pretrain = {"path": None, "max_length": 64, "heldout_fraction": 0.05, "softmax": "full"}
+    cfg = group_config(tmp_path, tiny_data, pretrain=pretrain)
+    proc = start_group(tmp_path, f"stall-worker=2@{tmp_path / 'marks'}", "pretrain", str(cfg))
+    wait_for_marker(tmp_path / "marks", "stalled-", proc)
+    time.sleep(0.5)
+    out, err = stop_group(proc, signal.SIGTERM)
+    assert_stopped(proc, out, err, signal.SIGTERM, tmp_path / "run")
+
+
+@pytest.mark.subprocess
+@pytest.mark.subprocess
+def test_group_signal_while_a_tune_trial_data_worker_hangs_still_stops_in_time(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    cfg = group_config(tmp_path, tiny_data)
+    (tmp_path / "space.yaml").write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n")
+    proc = start_group(
+        tmp_path,
+        f"stall-worker=2@{tmp_path / 'marks'}",
+        "tune",
+        str(cfg),
+        "--trials",
+        "2",
+        "--space",
+        "space.yaml",
+        "--study",
+        "group",
+    )
+    wait_for_marker(tmp_path / "marks", "stalled-", proc)
+    time.sleep(0.5)
+    out, err = stop_group(proc, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in out + err and "resume" in err, err
+    checkpoint.load(checkpoint.find(tmp_path / "runs" / "group" / "trial-0000", "last")[0])
+
+
+def test_the_same_stop_request_arriving_twice_is_not_a_second_signal() -> None:
+    """A terminal's hangup reaches a process from the kernel and from the shell: still one request, so the
+    run saves last/ instead of exiting at once."""
+    from seqtrain.runtime import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.01)  # handlers run here
+        assert stop.signum == signal.SIGHUP
