@@ -427,6 +427,7 @@ def find(run_dir: Path, which: str = "best") -> tuple[Path, list[str]]:
 
 _HELD: dict[Path, IO[str]] = {}  # run directories this process has locked, with the open lock file
 CLASSIFIER, LANGUAGE_MODEL = "classifier", "language-model"  # what run.json's "kind" says (train, pretrain)
+WORD_VECTORS = "word-vectors"  # run.json's and state.json's "kind" for pretrain.objective: vectors
 _VERB = {CLASSIFIER: "train", LANGUAGE_MODEL: "pretrain"}
 
 

@@ -771,6 +771,12 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return keys
 
 
+def total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps a run trains if nothing stops it: train.epochs of `steps_per_epoch`, at most
+    train.max_steps (unset or 0: no cap). Both loops and tune's progress read this."""
+    return min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
+
+
 def check_resumable(cfg: Config) -> None:
     """Refuse a --resume whose config differs from the run's config.yaml in a key that must not change."""
     from seqtrain.errors import CheckpointError

@@ -6,17 +6,16 @@
 `model.init_from` (what `train` and this loop start from) is seqtrain/training/init_from.py; its
 functions are importable from here too.
 
-It is `train.py`'s loop with a different model and metric, built from the same pieces (runtime,
-optim, checkpoint, data.BatchStream, metrics.MetricsLog, console.TrainProgress).
+It is `train.py`'s recipe with a different model and metric: setup -> training/loop.py's epochs and
+batches with this module's `lm_step()`, its train line and `evaluate_and_save()` -> `finish()`, from the
+same pieces (training/, runtime, optim, checkpoint, data.BatchStream, metrics.MetricsLog).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,20 +27,19 @@ from seqtrain.config import (
     Config,
     ModelConfig,
     TrainConfig,
-    check_resumable,
     dump_yaml,
     to_dict,
+    total_steps,
 )
 from seqtrain.data import (
     BatchStream,
     build_text_vocab,
     heldout_texts,
-    make_loader,
     sorted_batches,
     text_sources,
 )
 from seqtrain.encoding import encode, load_tokenizer
-from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.errors import ConfigError
 from seqtrain.metrics import MetricsLog
 from seqtrain.model import LanguageModel, count_parameters
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
@@ -51,27 +49,31 @@ from seqtrain.runtime import (
     amp,
     bad_rows,
     broadcast,
-    check_same_layout,
-    epoch_rows,
     finish_distributed,
-    init_distributed,
-    interrupted,
-    next_batch,
-    note_dropped_rows,
-    plan_ranks,
     resolve_workers,
-    restore_rng,
     save_checkpoint,
     seed_everything,
-    set_threads,
 )
 from seqtrain.training.init_from import encoder_of as encoder_of
 from seqtrain.training.init_from import init_from_pretrained as init_from_pretrained
 from seqtrain.training.init_from import load_encoder as load_encoder
 from seqtrain.training.init_from import pretrained_language_model as pretrained_language_model
 from seqtrain.training.init_from import start_from_language_model as start_from_language_model
+from seqtrain.training.loop import run_loop
+from seqtrain.training.run_dir import (
+    claim,
+    finish_run,
+    lock,
+    open_run,
+    restore,
+    start_processes,
+    steps_per_epoch,
+    wrap,
+)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tokenizers import Tokenizer
 
     from seqtrain.config import DataConfig
@@ -121,26 +123,17 @@ def prepare_run(
     """A fresh run: refuse to overwrite one, read the texts once, write the run's files (run.json says
     `kind`: a language model, or vectors.VECTORS_KIND)."""
     run_dir = cfg.run_dir
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(
-            f"{run_dir} already holds a run. Continue it with `seqtrain pretrain {config_path} --resume`, "
-            "or pick another output_dir (e.g. name=... or output_dir=...), or delete the folder."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    claim(run_dir, "pretrain", config_path)
     started = time.perf_counter()
     # model.init_from: continue from that language model, with its tokenizer (ULMFiT's second stage)
     given = init_from_pretrained(cfg)[0] if cfg.model.init_from else None
     tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg, given)
-    steps_per_epoch = max(
-        1, sum(math.ceil(n / cfg.train.batch_size) for n in chunk_rows)
-    )  # torchrun: plan_ranks
     names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
     run_info = {
         **checkpoint.run_marker(),
         "kind": kind,
         "num_train_examples": rows,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch(chunk_rows, cfg.train.batch_size),
         "vocab_size": tokenizer.get_vocab_size(),
         "bad_rows": dict(bad),
         "workers": workers,
@@ -200,19 +193,39 @@ def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.devic
     return (totals / max(1, count)).tolist(), count
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMRun:
-    """What pretrain()'s evaluations and checkpoints use; only `state` changes."""
+    """What `setup()` builds and the loop runs; only `state` changes as the run goes."""
 
     cfg: Config
+    config_path: str
     rank: int
     world: int
     device: torch.device
+    workers: int
+    tokenizer: Tokenizer
+    sources: list[tuple[DataConfig, str]]  # data.text_sources: what the stream reads
+    run_info: dict[str, Any]
     log: MetricsLog
-    model: LanguageModel
+    model: LanguageModel  # the weights that train
+    forward: torch.nn.Module  # `model`, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    amp_dtype: torch.dtype
+    total_steps: int
     heldout: list[list[int]]  # the encoded held-out texts (rank 0's; empty elsewhere)
-    state: TrainState
+    state: TrainState  # state.best: the lowest held-out NLL per token so far
+
+
+@dataclass(kw_only=True)
+class LMWindow:
+    """Running sums over one logging window; a fresh one after every train line."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: float = 0.0
+    loss: float = 0.0  # the sum of the steps' mean NLL per target token
+    steps: float = 0.0
 
 
 def save(run: LMRun, best: bool, metrics: dict[str, Any]) -> None:
@@ -236,8 +249,9 @@ def save(run: LMRun, best: bool, metrics: dict[str, Any]) -> None:
     )
 
 
-def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
-    """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint."""
+def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> bool:
+    """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint. False: a language
+    model has no early stopping."""
     state = run.state
     metrics: dict[str, Any] = {}
     improved = False
@@ -264,6 +278,7 @@ def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> None:
             f"{'  (best)' if improved else ''}"
         )
     save(run, best=bool(broadcast(improved, run.world)), metrics=metrics)
+    return False
 
 
 def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
@@ -273,178 +288,150 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         from seqtrain.vectors import train_vectors
 
         return train_vectors(cfg, resume)
-    t, run_dir = cfg.train, cfg.run_dir
     check_encoder_shape(cfg.model)
     started = time.perf_counter()
-    rank, world, device = init_distributed(t.device)
-    set_threads(t.num_threads)
-    if rank != 0:
-        console.quiet()
+    run = setup(cfg, resume, config_path)
+    run.model.train()
+    # Ctrl-C / SIGTERM / SIGHUP on any rank: finish the step, save last/, exit non-zero
+    with StopSignals() as stop, console.TrainProgress(run.total_steps, run.state.step, "held-out ppl") as bar:
+        pretrain_loop(run, stop, bar)
+    finish_distributed(run.world)
+    return finish(run, started) if run.rank == 0 else {}
+
+
+def setup(cfg: Config, resume: bool, config_path: str) -> LMRun:
+    """Processes and threads, the run directory (fresh or resumed), model, DDP, optimizer and AMP."""
+    t, run_dir, pre = cfg.train, cfg.run_dir, cfg.pretrain
+    rank, world, device = start_processes(t)
     warn_ignored_train_keys(cfg)
-    if t.deterministic:  # as train does
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
-        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume, kind=checkpoint.LANGUAGE_MODEL):
-            console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
+    lock(run_dir, rank, resume, checkpoint.LANGUAGE_MODEL)
     log = MetricsLog(run_dir / "metrics.jsonl")
     workers = resolve_workers(cfg.data.num_workers)
-
-    # ---- the run directory (fresh) or the checkpoint to continue from (resume)
-    ckpt_state: dict[str, Any] | None = None
-    if resume:
-        check_resumable(cfg)
-        ckpt, warnings = checkpoint.find(run_dir, "last")
-        for w in warnings:
-            console.warn(w)
-        weights, ckpt_state, opt_state, rng = checkpoint.load(ckpt, verified=True)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        run_info = json.loads((run_dir / "run.json").read_text())
-        console.info(
-            f"resuming {run_dir} from {ckpt.name} (step {ckpt_state['step']}, epoch {ckpt_state['epoch']})"
-        )
-        if rank == 0:
-            log.truncate_after(ckpt_state["step"])
-        check_same_layout(run_dir, run_info, ckpt_state, workers, world)
-    elif rank != 0:
-        error = broadcast(None, world, setup=True)
-        if error:
-            raise SeqtrainError(error)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        run_info = json.loads((run_dir / "run.json").read_text())
-    else:
-        try:
-            tokenizer, run_info = prepare_run(cfg, workers, world, config_path)
-        except SeqtrainError as e:
-            broadcast(str(e), world, setup=True)
-            raise
-        broadcast(None, world, setup=True)
+    tokenizer, run_info, saved = open_run(
+        cfg,
+        resume=resume,
+        rank=rank,
+        world=world,
+        workers=workers,
+        log=log,
+        prepare=lambda: prepare_run(cfg, workers, world, config_path),
+        read=lambda: load_tokenizer(run_dir / "tokenizer.json"),
+        stream=lambda tokenizer: new_stream(cfg, tokenizer, TrainState(), rank, world, text_sources(cfg)),
+    )
     sources = text_sources(cfg)
-    fresh_stream = new_stream(cfg, tokenizer, TrainState(), rank, world, sources)
-    if ckpt_state is None and plan_ranks(fresh_stream, world, run_info) and rank == 0:
-        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
     heldout = encode(tokenizer, heldout_texts(cfg), sources[0][0]) if rank == 0 else []
 
-    # ---- model and optimizer
     seed_everything(cfg.seed)
-    pre = cfg.pretrain
     vocab_size = tokenizer.get_vocab_size()
     model = LanguageModel(cfg.model, vocab_size, pre.softmax, pre.num_samples, pre.adaptive_cutoffs).to(
         device
     )
-    if ckpt_state is None:
+    if saved is None:
         note_adaptive_cutoffs(cfg, model)
     optimizer = make_optimizer(model, t)
-    steps_per_epoch = run_info["steps_per_epoch"]
-    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    state = TrainState(world=world)  # state.best: the lowest held-out NLL per token so far
-    if ckpt_state is not None:
-        model.load_state_dict(weights)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        state = TrainState.from_checkpoint(ckpt_state, rank)
-        restore_rng(ckpt_state["rng"], rng, rank)
+    total = total_steps(t, run_info["steps_per_epoch"])
+    state = TrainState(world=world)
+    if saved is not None:
+        state = restore(saved, model, optimizer, rank)
     elif cfg.model.init_from:
         console.info(f"{start_from_language_model(cfg, model)} from {cfg.model.init_from}")
-    forward: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=pre.softmax == "adaptive",  # a batch may leave a tail cluster unused
-        )
+    # adaptive softmax: a batch may leave a tail cluster unused, which DDP must be told
+    forward = wrap(model, device, world, find_unused_parameters=pre.softmax == "adaptive")
     use_amp, amp_dtype, scaler = amp(device, t.precision)
     console.info(
         f"language model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters "
         f"({pre.softmax} softmax) on {device}, {torch.get_num_threads()} threads; "
-        f"{steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+        f"{run_info['steps_per_epoch']:,} steps per epoch, {total:,} steps"
+    )
+    return LMRun(
+        cfg=cfg,
+        config_path=config_path,
+        rank=rank,
+        world=world,
+        device=device,
+        workers=workers,
+        tokenizer=tokenizer,
+        sources=sources,
+        run_info=run_info,
+        log=log,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scaler=scaler,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        total_steps=total,
+        heldout=heldout,
+        state=state,
     )
 
-    run = LMRun(cfg, rank, world, device, log, model, optimizer, heldout, state)
 
-    # ---- the loop
-    model.train()
-    window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
-    with StopSignals() as stop, console.TrainProgress(total_steps, state.step, "held-out ppl") as bar:
-        while state.epoch < t.epochs and state.step < total_steps:
-            loader = iter(make_loader(new_stream(cfg, tokenizer, state, rank, world, sources), workers))
-            epoch_done = False
-            while True:
-                batch, signalled = next_batch(loader, stop, world)
-                if signalled:
-                    save(run, best=False, metrics={})
-                    raise interrupted(stop, state.step, "pretrain", config_path)
-                if batch is None:
-                    epoch_done = True
-                    break
-                if state.step >= total_steps:
-                    break
-                ids, lengths = batch["ids"].to(device), batch["lengths"].to(device)  # (B, T), (B,)
+def lm_step(run: LMRun, batch: dict[str, Any], lr: float) -> torch.Tensor:
+    """One optimizer step on one batch of texts; returns the loss, the mean NLL per target token."""
+    device = run.device
+    ids, lengths = batch["ids"].to(device), batch["lengths"].to(device)  # (B, T), (B,)
+    set_lr(run.optimizer, lr, run.state.step)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+        nll_sums, targets = run.forward(ids, lengths)  # (directions,), targets per direction
+        loss = nll_sums.mean() / max(1, targets)  # mean NLL per target token, averaged over directions
+    run.scaler.scale(loss).backward()
+    optimizer_step(run.model, run.optimizer, run.scaler, run.cfg.train.grad_clip)
+    return loss
 
-                lr = lr_at(state.step, t, total_steps)
-                set_lr(optimizer, lr, state.step)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    nll_sums, targets = forward(ids, lengths)  # (directions,), targets per direction
-                    loss = nll_sums.mean() / max(
-                        1, targets
-                    )  # mean NLL per target token, averaged over directions
-                scaler.scale(loss).backward()
-                optimizer_step(model, optimizer, scaler, t.grad_clip)
-                state.advance(batch["position"], workers)
-                window["tokens"] += float(batch["lengths"].sum())
-                window["loss"] += loss.item()
-                window["steps"] += 1
-                if state.step % t.log_every == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window["start"]
-                    tokens, loss_sum, steps = all_reduce(
-                        [window["tokens"], window["loss"], window["steps"]], world
-                    )
-                    record = {
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "split": "train",
-                        "loss": loss_sum / steps,
-                        "lr": lr,
-                        "tokens_per_sec": tokens / elapsed,
-                        "bad_rows": bad_rows(state.positions, world),
-                    }
-                    if rank == 0:
-                        log.write(record)
-                    shown = math.exp(state.best) if state.best is not None else 0.0
-                    bar.update(
-                        state.step,
-                        epoch=state.epoch,
-                        loss=record["loss"],
-                        acc=shown,
-                        tps=record["tokens_per_sec"],
-                    )
-                    window = {"start": time.perf_counter(), "tokens": 0.0, "loss": 0.0, "steps": 0.0}
-                else:
-                    bar.update(state.step)
-                if t.eval_every and state.step % t.eval_every == 0:
-                    state.last_eval_step = state.step
-                    evaluate_and_save(run, bar)
-            if not epoch_done:
-                break  # max_steps, inside the epoch
-            if world > 1:
-                note_dropped_rows(
-                    run_info, state.epoch + 1, epoch_rows(state.positions, world), rank, run_dir, bar
-                )
-            state.next_epoch()
-            if not t.eval_every and state.step != state.last_eval_step:
-                state.last_eval_step = state.step
-                evaluate_and_save(run, bar)
-        if state.step != state.last_eval_step:
-            state.last_eval_step = state.step  # saved with it: a resume does not evaluate this step again
-            evaluate_and_save(run, bar)
-        if broadcast(stop.signum is not None, world):  # a signal in the last evaluation: honoured too
-            raise interrupted(stop, state.step, "pretrain", config_path)
-    finish_distributed(world)
-    if rank != 0:
-        return {}
+
+def pretrain_loop(run: LMRun, stop: StopSignals, bar: console.TrainProgress) -> None:
+    """training.loop's run_loop with this recipe's step, train line (over a window of steps) and
+    evaluation."""
+    cfg, t, state = run.cfg, run.cfg.train, run.state
+    window = LMWindow()
+
+    def step(batch: dict[str, Any]) -> float:
+        lr = lr_at(state.step, t, run.total_steps)
+        loss = lm_step(run, batch, lr)
+        state.advance(batch["position"], run.workers)
+        window.tokens += float(batch["lengths"].sum())
+        window.loss += loss.item()
+        window.steps += 1
+        return lr
+
+    def log(lr: float) -> None:
+        nonlocal window
+        elapsed = time.perf_counter() - window.start
+        tokens, loss_sum, steps = all_reduce([window.tokens, window.loss, window.steps], run.world)
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "split": "train",
+            "loss": loss_sum / steps,
+            "lr": lr,
+            "tokens_per_sec": tokens / elapsed,
+            "bad_rows": bad_rows(state.positions, run.world),
+        }
+        if run.rank == 0:
+            run.log.write(record)
+        shown = math.exp(state.best) if state.best is not None else 0.0
+        bar.update(
+            state.step, epoch=state.epoch, loss=record["loss"], acc=shown, tps=record["tokens_per_sec"]
+        )
+        window = LMWindow()
+
+    run_loop(
+        run,
+        "pretrain",
+        stop,
+        bar,
+        stream=lambda: new_stream(cfg, run.tokenizer, state, run.rank, run.world, run.sources),
+        step=step,
+        log=log,
+        evaluate=lambda: evaluate_and_save(run, bar),
+        save_last=lambda: save(run, best=False, metrics={}),
+    )
+
+
+def finish(run: LMRun, started: float) -> dict[str, Any]:
+    """Rank 0, after the loop: pretrain-summary.json, curves.png; unlock the run."""
+    state, run_dir = run.state, run.cfg.run_dir
     summary = {
         "best_step": state.best_step,
         "heldout_perplexity": math.exp(state.best or 0.0),
@@ -452,15 +439,16 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
         "threads": torch.get_num_threads(),
     }
     checkpoint.write_json_atomic(run_dir / "pretrain-summary.json", summary)
-    try:
+
+    def draw(path: Path) -> None:
         from seqtrain.plots import plot_pretrain_curves
 
-        plot_pretrain_curves(run_dir, run_dir / "curves.png")
-    except Exception as e:  # a picture is a bonus
-        console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
-    console.info(
+        plot_pretrain_curves(run_dir, path)
+
+    finish_run(
+        run_dir,
+        draw,
         f"best held-out perplexity {summary['heldout_perplexity']:.1f} at step {state.best_step}; "
-        f"fine-tune from it with model.init_from: {run_dir}"
+        f"fine-tune from it with model.init_from: {run_dir}",
     )
-    checkpoint.unlock_run_dir(run_dir)
     return summary

@@ -1,8 +1,8 @@
-"""The classifier's training loop. Read it top to bottom: `train()` is the loop over epochs and
-batches, with evaluation, checkpoints and signals in it; `setup()` builds what it runs (a `Run`),
-`train_step()` is one optimizer step, `finish()` the summary. No callbacks, no trainer class.
-`pretrain.py` is the second loop, from the same pieces (training/, runtime.py, optim.py,
-checkpoint.TrainState).
+"""The classifier's training recipe: setup -> loop -> evaluate/save -> finish. `setup()` builds what
+the run needs (a `ClassifierRun`), `train()` runs training/loop.py's epochs and batches with this
+module's `train_step()` (one optimizer step), its train line and `evaluate_and_save()`, and `finish()`
+writes the summary. No callbacks, no trainer class. `pretrain.py` is the language model's recipe,
+from the same pieces (training/, runtime.py, optim.py, checkpoint.TrainState).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -22,10 +20,10 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.checkpoint import TrainState
-from seqtrain.config import Config, check_resumable, dump_yaml, to_dict
-from seqtrain.data import BatchStream, build_vocab, check_eval_split, make_loader, unlabeled_source
+from seqtrain.config import Config, dump_yaml, to_dict, total_steps
+from seqtrain.data import BatchStream, build_vocab, check_eval_split, unlabeled_source
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
-from seqtrain.errors import ConfigError, SeqtrainError
+from seqtrain.errors import ConfigError
 from seqtrain.inference import evaluate
 from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
@@ -38,21 +36,23 @@ from seqtrain.runtime import (
     amp,
     bad_rows,
     broadcast,
-    check_same_layout,
-    epoch_rows,
     finish_distributed,
-    init_distributed,
-    interrupted,
-    next_batch,
-    note_dropped_rows,
-    plan_ranks,
     resolve_workers,
-    restore_rng,
     save_checkpoint,
     seed_everything,
-    set_threads,
 )
 from seqtrain.training.init_from import init_from_pretrained, load_encoder
+from seqtrain.training.loop import run_loop
+from seqtrain.training.run_dir import (
+    claim,
+    finish_run,
+    lock,
+    open_run,
+    restore,
+    start_processes,
+    steps_per_epoch,
+    wrap,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -74,8 +74,8 @@ def truncate_trace(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class ClassifierRun:
     """What `setup()` builds and the loop runs; only `state` changes as the run goes."""
 
     cfg: Config
@@ -119,18 +119,7 @@ class Run:
         return self.ema if self.ema is not None else self.model
 
 
-@dataclass
-class Resumed:
-    """The checkpoint a --resume continues from."""
-
-    path: Path
-    weights: dict[str, torch.Tensor]
-    state: dict[str, Any]
-    optimizer: dict[str, Any] | None
-    rng: dict[str, torch.Tensor]
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TrainWindow:
     """Running sums over one logging window; a fresh one after every train line."""
 
@@ -144,7 +133,12 @@ class TrainWindow:
     unk: float = 0
 
     def add(
-        self, batch: dict[str, Any], loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, run: Run
+        self,
+        batch: dict[str, Any],
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        run: ClassifierRun,
     ) -> None:
         self.tokens += int(batch["lengths"].sum())
         self.padded += batch["ids"].numel()
@@ -156,7 +150,7 @@ class TrainWindow:
             self.correct += int((logits.argmax(-1) == y).sum())
         self.n += len(y)
 
-    def record(self, run: Run, lr: float) -> dict[str, Any]:
+    def record(self, run: ClassifierRun, lr: float) -> dict[str, Any]:
         """The train line, for all ranks (every rank calls this: the sums are taken over ranks)."""
         elapsed = time.perf_counter() - self.t0
         if run.world > 1:
@@ -259,26 +253,18 @@ def unlabeled_batches(
 
 def prepare_run(
     cfg: Config, workers: int, world: int, config_path: str
-) -> tuple[Tokenizer, Labels, dict[str, Any]]:
+) -> tuple[tuple[Tokenizer, Labels], dict[str, Any]]:
     """A fresh run: refuse to overwrite one, stream the training split once, write the run's files."""
-    t, run_dir = cfg.train, cfg.run_dir
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(
-            f"{run_dir} already holds a run. Continue it with `seqtrain train {config_path} --resume`, "
-            "or pick another output_dir (e.g. name=... or output_dir=...), or delete the folder."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir = cfg.run_dir
+    claim(run_dir, "train", config_path)
     t0 = time.perf_counter()
     vocab = build_vocab(cfg, init_from_pretrained(cfg)[0] if cfg.model.init_from else None)
     tokenizer, labels = vocab.tokenizer, vocab.labels
     eval_warning = check_eval_split(cfg, labels)  # a missing split or unknown labels: now, not after an epoch
-    # Under DDP each rank counts its own part after this (runtime.plan_ranks) and the epoch is the smallest.
-    steps_per_epoch = max(1, sum(math.ceil(n / t.batch_size) for n in vocab.chunk_rows))
     run_info = {
         **checkpoint.run_marker(),
         "num_train_examples": vocab.num_examples,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch(vocab.chunk_rows, cfg.train.batch_size),
         "vocab_size": tokenizer.get_vocab_size(),
         "labels": labels.names,
         "bad_rows": dict(vocab.bad_rows),
@@ -299,50 +285,7 @@ def prepare_run(
     )
     if eval_warning:
         console.warn(eval_warning)
-    return tokenizer, labels, run_info
-
-
-def open_run(
-    cfg: Config, resume: bool, config_path: str, rank: int, world: int, workers: int, log: MetricsLog
-) -> tuple[Tokenizer, Labels, dict[str, Any], Resumed | None]:
-    """Resume: the run's files and the checkpoint to continue from. Fresh: rank 0 builds the vocabulary
-    and writes the run's files while the other ranks wait, then they read them."""
-    run_dir = cfg.run_dir
-    if resume:
-        check_resumable(cfg)
-        ckpt, warnings = checkpoint.find(run_dir, "last")
-        for w in warnings:
-            console.warn(w)
-        saved = Resumed(ckpt, *checkpoint.load(ckpt, verified=True))  # find() verified it
-        tokenizer, labels = read_run_files(run_dir)
-        run_info = json.loads((run_dir / "run.json").read_text())
-        console.info(
-            f"resuming {run_dir} from {ckpt.name} (step {saved.state['step']}, epoch {saved.state['epoch']})"
-        )
-        if rank == 0:
-            log.truncate_after(saved.state["step"])
-            truncate_trace(run_dir / "trained-examples.tsv", saved.state["step"])
-        check_same_layout(run_dir, run_info, saved.state, workers, world)
-        return tokenizer, labels, run_info, saved
-    if rank != 0:
-        error = broadcast(None, world, setup=True)  # rank 0 builds the vocabulary meanwhile
-        if error:
-            raise SeqtrainError(error)
-        tokenizer, labels = read_run_files(run_dir)
-        run_info = json.loads((run_dir / "run.json").read_text())
-    else:
-        try:
-            tokenizer, labels, run_info = prepare_run(cfg, workers, world, config_path)
-        except SeqtrainError as e:
-            broadcast(str(e), world, setup=True)
-            raise
-        broadcast(None, world, setup=True)
-    if (
-        plan_ranks(train_stream(cfg, tokenizer, labels, TrainState(), rank, world), world, run_info)
-        and rank == 0
-    ):
-        checkpoint.write_json_atomic(run_dir / "run.json", run_info)
-    return tokenizer, labels, run_info, None
+    return (tokenizer, labels), run_info
 
 
 def train_stream(
@@ -366,24 +309,27 @@ def train_stream(
     )
 
 
-def setup(cfg: Config, resume: bool, config_path: str) -> Run:
+def setup(cfg: Config, resume: bool, config_path: str) -> ClassifierRun:
     """Processes and threads, the run directory (fresh or resumed), model, EMA, DDP, optimizer and AMP."""
     t, run_dir = cfg.train, cfg.run_dir
-    rank, world, device = init_distributed(t.device)
-    set_threads(t.num_threads)
-    if rank != 0:
-        console.quiet()  # one progress display and one log: rank 0's
-    if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
-        torch.use_deterministic_algorithms(True)
-    if rank == 0:  # one process at a time in run_dir; what killed saves left behind goes
-        for name in checkpoint.lock_run_dir(run_dir, fresh=not resume, kind=checkpoint.CLASSIFIER):
-            console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
+    rank, world, device = start_processes(t)
+    lock(run_dir, rank, resume, checkpoint.CLASSIFIER)
     log = MetricsLog(
         run_dir / "metrics.jsonl", run_dir / "tensorboard" if t.tensorboard and rank == 0 else None
     )
     workers = resolve_workers(cfg.data.num_workers)
-    tokenizer, labels, run_info, saved = open_run(cfg, resume, config_path, rank, world, workers, log)
+    (tokenizer, labels), run_info, saved = open_run(
+        cfg,
+        resume=resume,
+        rank=rank,
+        world=world,
+        workers=workers,
+        log=log,
+        prepare=lambda: prepare_run(cfg, workers, world, config_path),
+        read=lambda: read_run_files(run_dir),
+        stream=lambda files: train_stream(cfg, *files, TrainState(), rank, world),
+        truncate=lambda step: truncate_trace(run_dir / "trained-examples.tsv", step),
+    )
 
     seed_everything(cfg.seed)  # the same config and seed give the same weights
     model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs).to(device)
@@ -392,12 +338,11 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
         counts = torch.tensor(labels.counts, dtype=torch.float32).clamp(min=1)
         class_weights = (counts.sum() / (len(counts) * counts)).to(device)  # n / (C * count_c)
     optimizer = make_optimizer(model, t)
-    steps_per_epoch = run_info["steps_per_epoch"]
-    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    if t.warmup_steps > total_steps:
+    total = total_steps(t, run_info["steps_per_epoch"])
+    if t.warmup_steps > total:
         console.warn(
-            f"train.warmup_steps {t.warmup_steps} is longer than the run ({total_steps} steps): "
-            f"the learning rate stops at {lr_at(total_steps - 1, t, total_steps):.3g}, "
+            f"train.warmup_steps {t.warmup_steps} is longer than the run ({total} steps): "
+            f"the learning rate stops at {lr_at(total - 1, t, total):.3g}, "
             f"never reaching train.lr {t.lr:g}."
         )
     state, ema_weights = TrainState(world=world), None
@@ -405,11 +350,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
         weights = saved.weights
         if t.ema_decay:  # model.safetensors holds the average; training continues from the raw weights
             ema_weights, weights = weights, checkpoint.load_tensors(saved.path / "train-model.safetensors")
-        model.load_state_dict(weights)
-        if saved.optimizer is not None:
-            optimizer.load_state_dict(saved.optimizer)
-        state = TrainState.from_checkpoint(saved.state, rank)
-        restore_rng(saved.state["rng"], saved.rng, rank)
+        state = restore(saved, model, optimizer, rank, weights)
     else:
         start_from_pretrained(cfg, model, tokenizer, run_info, rank)
     if cfg.model.freeze_embeddings:
@@ -417,11 +358,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     ema = copy.deepcopy(model).requires_grad_(False) if t.ema_decay else None
     if ema is not None and ema_weights is not None:
         ema.load_state_dict(ema_weights)
-    forward: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = wrap(model, device, world)
     use_amp, amp_dtype, scaler = amp(device, t.precision)
     unlabeled = (
         unlabeled_batches(cfg, tokenizer, state, rank, world) if t.vat_eps and cfg.pretrain.path else None
@@ -429,30 +366,30 @@ def setup(cfg: Config, resume: bool, config_path: str) -> Run:
     console.info(
         f"model: {cfg.model.cell.upper()} {count_parameters(model):,} parameters on {device}, "
         f"{torch.get_num_threads()} threads, {workers} data workers; "
-        f"{steps_per_epoch:,} steps per epoch, {total_steps:,} steps"
+        f"{run_info['steps_per_epoch']:,} steps per epoch, {total:,} steps"
     )
-    return Run(
-        cfg,
-        config_path,
-        rank,
-        world,
-        device,
-        workers,
-        tokenizer,
-        labels,
-        run_info,
-        log,
-        model,
-        forward,
-        ema,
-        optimizer,
-        scaler,
-        use_amp,
-        amp_dtype,
-        class_weights,
-        total_steps,
-        state,
-        unlabeled,
+    return ClassifierRun(
+        cfg=cfg,
+        config_path=config_path,
+        rank=rank,
+        world=world,
+        device=device,
+        workers=workers,
+        tokenizer=tokenizer,
+        labels=labels,
+        run_info=run_info,
+        log=log,
+        model=model,
+        forward=forward,
+        ema=ema,
+        optimizer=optimizer,
+        scaler=scaler,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        class_weights=class_weights,
+        total_steps=total,
+        state=state,
+        unlabeled=unlabeled,
     )
 
 
@@ -480,7 +417,7 @@ def start_from_pretrained(
         console.info(f"{what} from {cfg.model.init_from}; the head starts fresh")
 
 
-def ngram_path_loss(run: Run, y: torch.Tensor) -> torch.Tensor:
+def ngram_path_loss(run: ClassifierRun, y: torch.Tensor) -> torch.Tensor:
     """model.ngrams: the n-gram path's own loss on the batch the last forward pass saw (0 without it);
     adding it to the recurrent path's loss trains both at once, neither through the other."""
     wide, run.model.wide_output = run.model.wide_output, None
@@ -489,7 +426,9 @@ def ngram_path_loss(run: Run, y: torch.Tensor) -> torch.Tensor:
     return task_loss(wide, y, run.labels, run.cfg, class_weights=run.class_weights)
 
 
-def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    run: ClassifierRun, batch: dict[str, Any], lr: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on one batch; returns (loss, logits, targets) for the log."""
     cfg, t, device = run.cfg, run.cfg.train, run.device
     ids, lengths, y = batch["ids"].to(device), batch["lengths"].to(device), batch["labels"].to(device)
@@ -530,7 +469,7 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> tuple[torch.Tensor
     return loss, logits, y
 
 
-def save(run: Run, reports: dict[int, dict[str, Any]], best: bool) -> None:
+def save(run: ClassifierRun, reports: dict[int, dict[str, Any]], best: bool) -> None:
     """Every rank calls this; rank 0 writes checkpoints/step-N with this step's evaluation, if any."""
     metrics = {k: v for k, v in reports.get(run.state.step, {}).items() if k != "arrays"}
     extra = {
@@ -554,7 +493,7 @@ def save(run: Run, reports: dict[int, dict[str, Any]], best: bool) -> None:
 
 
 def evaluate_and_save(
-    run: Run,
+    run: ClassifierRun,
     reports: dict[int, dict[str, Any]],
     bar: console.TrainProgress,
     should_stop: Callable[[int, dict[str, Any]], bool] | None,
@@ -614,89 +553,74 @@ def train(
     """Train as `cfg` says; return the best evaluation report (on rank 0; {} on the other ranks)."""
     started = time.perf_counter()
     run = setup(cfg, resume, config_path)
-    t, state = cfg.train, run.state
     reports: dict[int, dict[str, Any]] = {}  # step -> evaluation, this process's
-    early_stop = False
-    window = TrainWindow()
     run.model.train()
     # Ctrl-C / SIGTERM / SIGHUP on any rank: finish the step, save last/, exit non-zero
     with (
         StopSignals() as stop,
-        console.TrainProgress(run.total_steps, state.step, "mae" if run.regression else "acc") as bar,
+        console.TrainProgress(run.total_steps, run.state.step, "mae" if run.regression else "acc") as bar,
     ):
-        while state.epoch < t.epochs and state.step < run.total_steps and not early_stop:
-            loader = iter(
-                make_loader(
-                    train_stream(cfg, run.tokenizer, run.labels, state, run.rank, run.world), run.workers
-                )
-            )
-            epoch_done = False
-            while True:
-                waited = time.perf_counter()
-                batch, signalled = next_batch(loader, stop, run.world)  # all ranks agree on both
-                window.wait += time.perf_counter() - waited
-                if signalled:
-                    save(run, reports, best=False)
-                    raise interrupted(stop, state.step, "train", config_path)
-                if batch is None:
-                    epoch_done = True
-                    break
-                if state.step >= run.total_steps:
-                    break
-                lr = lr_at(state.step, t, run.total_steps)
-                loss, logits, y = train_step(run, batch, lr)
-                state.advance(batch["position"], run.workers)
-                window.add(batch, loss, logits, y, run)
-                if t.trace_examples and run.rank == 0:
-                    with open(cfg.run_dir / "trained-examples.tsv", "a") as trace:
-                        trace.writelines(
-                            f"{state.step}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"])
-                        )
-
-                if state.step % t.log_every == 0 or state.step == run.total_steps:
-                    record = window.record(run, lr)
-                    if run.rank == 0:
-                        run.log.write(record)
-                    bar.update(
-                        state.step,
-                        epoch=state.epoch,
-                        loss=record["loss"],
-                        acc=window.correct / window.n,
-                        tps=record["tokens_per_sec"],
-                    )
-                    window = TrainWindow()
-                else:
-                    bar.update(state.step)
-                if t.eval_every and state.step % t.eval_every == 0:
-                    state.last_eval_step = state.step
-                    if evaluate_and_save(run, reports, bar, should_stop):
-                        early_stop = True
-                        break
-            if not epoch_done or early_stop:
-                break  # max_steps or early stopping, inside the epoch
-            if run.world > 1:
-                note_dropped_rows(
-                    run.run_info,
-                    state.epoch + 1,
-                    epoch_rows(state.positions, run.world),
-                    run.rank,
-                    cfg.run_dir,
-                    bar,
-                )
-            state.next_epoch()
-            if not t.eval_every and state.step != state.last_eval_step:
-                state.last_eval_step = state.step
-                early_stop = evaluate_and_save(run, reports, bar, should_stop)
-        if state.step != state.last_eval_step:
-            state.last_eval_step = state.step  # saved with it: a resume does not evaluate this step again
-            evaluate_and_save(run, reports, bar, should_stop)
-        if broadcast(stop.signum is not None, run.world):  # a signal in the last evaluation: honoured too
-            raise interrupted(stop, state.step, "train", config_path)
+        train_loop(run, reports, stop, bar, should_stop)
     finish_distributed(run.world)
     return finish(run, reports, started) if run.rank == 0 else {}
 
 
-def finish(run: Run, reports: dict[int, dict[str, Any]], started: float) -> dict[str, Any]:
+def train_loop(
+    run: ClassifierRun,
+    reports: dict[int, dict[str, Any]],
+    stop: StopSignals,
+    bar: console.TrainProgress,
+    should_stop: Callable[[int, dict[str, Any]], bool] | None,
+) -> None:
+    """training.loop's run_loop with this recipe's step, train line (over a window of steps) and
+    evaluation."""
+    cfg, t, state = run.cfg, run.cfg.train, run.state
+    window = TrainWindow()
+
+    def step(batch: dict[str, Any]) -> float:
+        lr = lr_at(state.step, t, run.total_steps)
+        loss, logits, y = train_step(run, batch, lr)
+        state.advance(batch["position"], run.workers)
+        window.add(batch, loss, logits, y, run)
+        if t.trace_examples and run.rank == 0:
+            with open(cfg.run_dir / "trained-examples.tsv", "a") as trace:
+                trace.writelines(
+                    f"{state.step}\t{h}\n" for h in example_hashes(batch["ids"], batch["lengths"])
+                )
+        return lr
+
+    def log(lr: float) -> None:
+        nonlocal window
+        record = window.record(run, lr)
+        if run.rank == 0:
+            run.log.write(record)
+        bar.update(
+            state.step,
+            epoch=state.epoch,
+            loss=record["loss"],
+            acc=window.correct / window.n,
+            tps=record["tokens_per_sec"],
+        )
+        window = TrainWindow()
+
+    def waited(seconds: float) -> None:
+        window.wait += seconds
+
+    run_loop(
+        run,
+        "train",
+        stop,
+        bar,
+        stream=lambda: train_stream(cfg, run.tokenizer, run.labels, state, run.rank, run.world),
+        step=step,
+        log=log,
+        evaluate=lambda: evaluate_and_save(run, reports, bar, should_stop),
+        save_last=lambda: save(run, reports, best=False),
+        waited=waited,
+    )
+
+
+def finish(run: ClassifierRun, reports: dict[int, dict[str, Any]], started: float) -> dict[str, Any]:
     """Rank 0, after the loop: the best checkpoint's report as eval-<split>.json, curves.png; unlock the
     run."""
     cfg, state, run_dir = run.cfg, run.state, run.cfg.run_dir
@@ -717,12 +641,13 @@ def finish(run: Run, reports: dict[int, dict[str, Any]], started: float) -> dict
         console.print_eval(
             best, f"{cfg.name}: best checkpoint (step {state.best_step}) on {cfg.data.eval_split}"
         )
-    try:  # a picture is a bonus: a plotting problem must not fail a finished training
+
+    def draw(path: Path) -> None:
         from seqtrain.plots import plot_run_curves
 
-        plot_run_curves([run_dir], run_dir / "curves.png")
-    except Exception as e:
-        console.warn(f"could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
-    console.info(f"run directory: {run_dir}  (best: {run_dir / 'best'}, last: {run_dir / 'last'})")
-    checkpoint.unlock_run_dir(run_dir)
+        plot_run_curves([run_dir], path)
+
+    finish_run(
+        run_dir, draw, f"run directory: {run_dir}  (best: {run_dir / 'best'}, last: {run_dir / 'last'})"
+    )
     return best

@@ -35,7 +35,7 @@ from seqtrain.runtime import Interrupted, StopSignals, seed_everything
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-VECTORS_KIND = "word-vectors"
+VECTORS_KIND = checkpoint.WORD_VECTORS
 ENCODE_CHUNK = 2048  # texts per tokenizer call (the tokenizer runs them in parallel)
 NEIGHBOUR_PROBES = ("good", "bad", "great", "boring")  # shown after training when in the vocabulary
 

@@ -19,7 +19,6 @@ from seqtrain import checkpoint, console
 from seqtrain.config import Config, from_dict, read_yaml
 from seqtrain.encoding import load_tokenizer
 from seqtrain.errors import CheckpointError, ConfigError
-from seqtrain.vectors import VECTORS_KIND
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -41,7 +40,7 @@ def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.T
             f"model.init_from: {source} is a classifier run (written by `seqtrain train`), not a `seqtrain "
             "pretrain` run. Point it at a pretrain run's folder, or leave model.init_from out."
         )
-    vectors = checkpoint.run_kind(source) == VECTORS_KIND  # only the embedding must fit
+    vectors = checkpoint.run_kind(source) == checkpoint.WORD_VECTORS  # only the embedding must fit
     theirs = from_dict(read_yaml(source / "config.yaml"))
     shapes = (
         ["embedding_dim"]
@@ -67,7 +66,7 @@ def pretrained_language_model(cfg: Config) -> tuple[Tokenizer, dict[str, torch.T
     for w in warnings:
         console.warn(w)
     weights, state, _, _ = checkpoint.load(ckpt)
-    if state.get("kind") not in (checkpoint.LANGUAGE_MODEL, VECTORS_KIND):
+    if state.get("kind") not in (checkpoint.LANGUAGE_MODEL, checkpoint.WORD_VECTORS):
         raise CheckpointError(
             f"model.init_from: {source} is a classifier run, not a `seqtrain pretrain` run."
         )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from seqtrain import console
-from seqtrain.config import from_dict, read_yaml
+from seqtrain.config import from_dict, read_yaml, total_steps
 from seqtrain.errors import DiskFullError, SeqtrainError
 from seqtrain.tune.options import PRUNE_AFTER, Options
 from seqtrain.tune.space import _fmt, trial_config
@@ -285,7 +285,7 @@ def _planned(run_dir: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError, KeyError, yaml.YAMLError):
         spe = json.loads((run_dir / "run.json").read_text())["steps_per_epoch"]
         t = from_dict(read_yaml(run_dir / "config.yaml")).train
-        return int(min(t.max_steps or 10**12, t.epochs * spe))
+        return int(total_steps(t, spe))
     return None
 
 
