@@ -11,7 +11,7 @@ reads them), with configs/imdb-pretrain.yaml's encoder (BiLSTM-128, 30,000 words
 softmax share = 1 - encoder time / step time. `--minutes M` also trains each output layer for M minutes
 from the same start and reports the exact held-out perplexity it reaches: perplexity per minute, which is
 what matters (a faster step that learns less per step is no gain).
-The table between the markers in BENCHMARKS.md is replaced with what this run measured.
+The table between the markers in docs/experiments/lm-pretraining.md is replaced with what this run measured.
 """
 
 from __future__ import annotations
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             table.append(f"| {softmax} | {steps:,} | {math.exp(sum(nll) / len(nll)):.1f} |")
     text = "\n".join(table)
     print(text)
-    write_between_markers(ROOT / "BENCHMARKS.md", "## Pretraining speed", "bench.pretrain", text)
+    write_between_markers(
+        ROOT / "docs" / "experiments" / "lm-pretraining.md", "## Pretraining speed", "bench.pretrain", text
+    )
     return 0
 
 
