@@ -72,6 +72,7 @@ from seqtrain.training.run_dir import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from tokenizers import Tokenizer
@@ -294,7 +295,8 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     run.model.train()
     # Ctrl-C / SIGTERM / SIGHUP on any rank: finish the step, save last/, exit non-zero
     with StopSignals() as stop, console.TrainProgress(run.total_steps, run.state.step, "held-out ppl") as bar:
-        pretrain_loop(run, stop, bar)
+        batches = pretrain_loop(run, stop, bar)
+    del batches  # held until the block above ended its data workers (runtime.StopSignals)
     finish_distributed(run.world)
     return finish(run, started) if run.rank == 0 else {}
 
@@ -380,9 +382,11 @@ def lm_step(run: LMRun, batch: dict[str, Any], lr: float) -> torch.Tensor:
     return loss
 
 
-def pretrain_loop(run: LMRun, stop: StopSignals, bar: console.TrainProgress) -> None:
+def pretrain_loop(
+    run: LMRun, stop: StopSignals, bar: console.TrainProgress
+) -> Iterator[dict[str, Any]] | None:
     """training.loop's run_loop with this recipe's step, train line (over a window of steps) and
-    evaluation."""
+    evaluation; returns the last epoch's batches, as run_loop does."""
     cfg, t, state = run.cfg, run.cfg.train, run.state
     window = LMWindow()
 
@@ -416,7 +420,7 @@ def pretrain_loop(run: LMRun, stop: StopSignals, bar: console.TrainProgress) -> 
         )
         window = LMWindow()
 
-    run_loop(
+    return run_loop(
         run,
         "pretrain",
         stop,

@@ -560,7 +560,8 @@ def train(
         StopSignals() as stop,
         console.TrainProgress(run.total_steps, run.state.step, "mae" if run.regression else "acc") as bar,
     ):
-        train_loop(run, reports, stop, bar, should_stop)
+        batches = train_loop(run, reports, stop, bar, should_stop)
+    del batches  # held until the block above ended its data workers (runtime.StopSignals)
     finish_distributed(run.world)
     return finish(run, reports, started) if run.rank == 0 else {}
 
@@ -571,9 +572,9 @@ def train_loop(
     stop: StopSignals,
     bar: console.TrainProgress,
     should_stop: Callable[[int, dict[str, Any]], bool] | None,
-) -> None:
+) -> Iterator[dict[str, Any]] | None:
     """training.loop's run_loop with this recipe's step, train line (over a window of steps) and
-    evaluation."""
+    evaluation; returns the last epoch's batches, as run_loop does."""
     cfg, t, state = run.cfg, run.cfg.train, run.state
     window = TrainWindow()
 
@@ -606,7 +607,7 @@ def train_loop(
     def waited(seconds: float) -> None:
         window.wait += seconds
 
-    run_loop(
+    return run_loop(
         run,
         "train",
         stop,

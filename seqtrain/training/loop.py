@@ -23,7 +23,7 @@ from seqtrain.data import make_loader
 from seqtrain.runtime import broadcast, epoch_rows, interrupted, next_batch, note_dropped_rows
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from seqtrain import console
     from seqtrain.checkpoint import TrainState
@@ -57,7 +57,6 @@ class Loop:
     verb: str  # `seqtrain VERB`, for the message a signal ends the run with
     stop: StopSignals
     bar: console.TrainProgress
-    stream: Callable[[], BatchStream]
     step: Callable[[dict[str, Any]], float]
     log: Callable[[float], None]
     evaluate: Callable[[], bool]
@@ -77,8 +76,10 @@ def run_loop(
     evaluate: Callable[[], bool],
     save_last: Callable[[], None],
     waited: Callable[[float], None] = _no_wait,
-) -> None:
-    """Train until the run's end, early stopping or a signal (raised as runtime.Interrupted).
+) -> Iterator[dict[str, Any]] | None:
+    """Train until the run's end, early stopping or a signal (raised as runtime.Interrupted). Returns the
+    last epoch's batches: the caller holds them until its StopSignals block ends their data workers at
+    once (data.stop_workers), where dropping them here would wait for the workers to finish.
 
     stream()      the training stream of run.state.epoch, from the state's position
     step(batch)   one optimizer step on the batch; advances run.state and returns the lr it used
@@ -92,7 +93,6 @@ def run_loop(
         verb=verb,
         stop=stop,
         bar=bar,
-        stream=stream,
         step=step,
         log=log,
         evaluate=evaluate,
@@ -100,9 +100,10 @@ def run_loop(
         waited=waited,
     )
     state, t = run.state, run.cfg.train
-    early_stop = False
+    early_stop, batches = False, None
     while state.epoch < t.epochs and state.step < run.total_steps and not early_stop:
-        epoch_done, early_stop = run_epoch(loop)
+        batches = iter(make_loader(stream(), run.workers))
+        epoch_done, early_stop = run_epoch(loop, batches)
         if not epoch_done or early_stop:
             break  # max_steps or early stopping, inside the epoch
         if run.world > 1:
@@ -123,16 +124,16 @@ def run_loop(
         evaluate()
     if broadcast(stop.signum is not None, run.world):  # a signal in the last evaluation: honoured too
         raise interrupted(stop, state.step, verb, run.config_path)
+    return batches
 
 
-def run_epoch(loop: Loop) -> tuple[bool, bool]:
-    """The rest of state.epoch's batches; returns (the epoch ran out, the run should stop early)."""
+def run_epoch(loop: Loop, batches: Iterator[dict[str, Any]]) -> tuple[bool, bool]:
+    """The rest of state.epoch's `batches`; returns (the epoch ran out, the run should stop early)."""
     run = loop.run
     state, t = run.state, run.cfg.train
-    loader = iter(make_loader(loop.stream(), run.workers))
     while True:
         waited = time.perf_counter()
-        batch, signalled = next_batch(loader, loop.stop, run.world)  # all ranks agree on both
+        batch, signalled = next_batch(batches, loop.stop, run.world)  # all ranks agree on both
         loop.waited(time.perf_counter() - waited)
         if signalled:
             loop.save_last()
