@@ -199,7 +199,8 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
         )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(to_dict(cfg)))
-    assert torchrun(paths["straight"]).returncode == 0
+    straight = torchrun(paths["straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
     killed = torchrun(paths["killed"], entry=("tests.fault_entry", "kill-after-save=5"))
     assert killed.returncode != 0
     state = json.loads((tmp_path / "killed" / "last" / "state.json").read_text())
