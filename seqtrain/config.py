@@ -777,6 +777,12 @@ def total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
     return min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
 
 
+def monitored(t: TrainConfig, regression: bool) -> str:
+    """The metric that picks the best checkpoint: train.monitor, or for "auto" the task's own (mae for
+    regression, accuracy for classes). Training and tune's study read this."""
+    return t.monitor if t.monitor != "auto" else ("mae" if regression else "accuracy")
+
+
 def check_resumable(cfg: Config) -> None:
     """Refuse a --resume whose config differs from the run's config.yaml in a key that must not change."""
     from seqtrain.errors import CheckpointError

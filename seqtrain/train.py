@@ -20,7 +20,7 @@ import torch
 
 from seqtrain import checkpoint, console
 from seqtrain.checkpoint import TrainState
-from seqtrain.config import Config, dump_yaml, to_dict, total_steps
+from seqtrain.config import Config, dump_yaml, monitored, to_dict, total_steps
 from seqtrain.data import BatchStream, build_vocab, check_eval_split, unlabeled_source
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import ConfigError
@@ -108,11 +108,7 @@ class ClassifierRun:
 
     @property
     def monitor(self) -> str:
-        return (
-            self.cfg.train.monitor
-            if self.cfg.train.monitor != "auto"
-            else ("mae" if self.regression else "accuracy")
-        )
+        return monitored(self.cfg.train, self.regression)
 
     @property
     def inference_model(self) -> Classifier:

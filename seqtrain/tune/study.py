@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from seqtrain import console
-from seqtrain.config import Config, _suggest, read_yaml, to_dict
+from seqtrain.config import Config, _suggest, monitored, read_yaml, to_dict
 from seqtrain.errors import ConfigError
 from seqtrain.tune.options import PRUNE_AFTER, PRUNERS, Options, require_optuna
 from seqtrain.tune.report import report
@@ -29,11 +29,7 @@ MAXIMIZE = {"accuracy", "f1_macro", "r2", "spearman"}
 
 
 def _monitor(cfg: Config) -> tuple[str, Literal["maximize", "minimize"]]:
-    monitor = (
-        cfg.train.monitor
-        if cfg.train.monitor != "auto"
-        else ("mae" if cfg.model.task == "regression" else "accuracy")
-    )
+    monitor = monitored(cfg.train, cfg.model.task == "regression")
     return monitor, "maximize" if monitor in MAXIMIZE else "minimize"
 
 
