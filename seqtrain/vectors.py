@@ -48,13 +48,19 @@ class WordVectors(nn.Module):
         self.embedding = nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=PAD_ID)
 
 
-def tokenized_corpus(cfg: Config, tokenizer: Tokenizer) -> tuple[list[list[str]], int]:
-    """Every pretraining text as its tokens (padding and <unk> left out: an <unk> is no context);
-    returns the corpus and the token count."""
+def tokens_by_id(tokenizer: Tokenizer) -> list[str]:
+    """The vocabulary as a list: element i is token id i's text."""
     vocab = tokenizer.get_vocab()
     names = [""] * len(vocab)
     for token, index in vocab.items():
         names[index] = token
+    return names
+
+
+def tokenized_corpus(cfg: Config, tokenizer: Tokenizer) -> tuple[list[list[str]], int]:
+    """Every pretraining text as its tokens (padding and <unk> left out: an <unk> is no context);
+    returns the corpus and the token count."""
+    names = tokens_by_id(tokenizer)
     corpus: list[list[str]] = []
     tokens = 0
     pending: list[str] = []
@@ -147,10 +153,9 @@ def aligned_matrix(trained: Any, tokenizer: Tokenizer, seed: int) -> tuple[torch
 
 def write_word2vec_text(path: Path, matrix: torch.Tensor, tokenizer: Tokenizer) -> None:
     """word2vec's text format: a `count dim` header, then `token v1 ... vdim` per line, by token id."""
-    vocab = tokenizer.get_vocab()
     lines = [f"{matrix.shape[0]} {matrix.shape[1]}"]
-    for token in sorted(vocab, key=vocab.__getitem__):
-        lines.append(token + " " + " ".join(f"{x:.5f}" for x in matrix[vocab[token]].tolist()))
+    for index, token in enumerate(tokens_by_id(tokenizer)):
+        lines.append(token + " " + " ".join(f"{x:.5f}" for x in matrix[index].tolist()))
     checkpoint.write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
