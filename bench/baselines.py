@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, probs in baselines.items():
         print(f"{name:28s} {((probs > 0.5) == y).mean():.2%}")
     if a.runs:
-        from seqtrain.inference import load_run, predict_probs
+        from seqtrain.inference.run import load_run, predict_probs
 
         runs_positive = []
         for run_dir in a.runs:

@@ -51,11 +51,11 @@ from seqtrain.explain import (
     occlusion,
     spearman,
 )
-from seqtrain.inference import Run, load_run
+from seqtrain.inference.run import Run, load_run
 from seqtrain.model import build_model
 
 if TYPE_CHECKING:
-    from seqtrain.predict import Predictor
+    from seqtrain.inference.io import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "## Explanations: faithfulness"
@@ -227,7 +227,7 @@ def onnx_speed(run: Run, texts: list[str]) -> float | None:
         import onnxruntime  # noqa: F401
 
         from seqtrain.export import export_run
-        from seqtrain.exported import load_exported_run
+        from seqtrain.inference.onnx import load_exported_run
     except ImportError:
         return None
     with tempfile.TemporaryDirectory(prefix="seqtrain-bench-explain-") as tmp:

@@ -30,7 +30,7 @@ from seqtrain.config import Config, DataConfig
 from seqtrain.data import sorted_batches
 from seqtrain.encoding import encode
 from seqtrain.export import export_run
-from seqtrain.inference import load_run
+from seqtrain.inference.run import load_run
 from seqtrain.losses import to_probs
 
 PREDICT_BATCH, PREDICT_CHUNK = 256, 2048  # what `seqtrain predict` uses (cli -> predict_stream)
@@ -113,7 +113,7 @@ def bare_forward_seconds(cell: str, vocab_size: int, batches: Batches) -> float:
 
 def torch_forward_seconds(run_dir: Path, batches: Batches) -> float:
     """The run's own model, loaded as `seqtrain predict` loads it, called as it calls it
-    (inference.probs_of: the model, then to_probs)."""
+    (inference.run.probs_of: the model, then to_probs)."""
     run, _ = load_run(run_dir)
     return forward_seconds(
         lambda ids, lengths: to_probs(run.model(ids, lengths), run.labels, run.config), batches

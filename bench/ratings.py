@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-ridge", action="store_true", help="skip the TF-IDF + ridge model (about a minute)")
     a = p.parse_args(argv)
-    from seqtrain.inference import load_run, predict_probs
+    from seqtrain.inference.run import load_run, predict_probs
 
     data = data_path()
     valid = read_split(data, "validation")

@@ -30,7 +30,7 @@ HEADING = "## Accuracy"
 
 def long_phrase_accuracy(run_dir: Path, min_words: int = 15) -> tuple[float, int]:
     from seqtrain.data import open_split
-    from seqtrain.inference import load_run, predict_probs
+    from seqtrain.inference.run import load_run, predict_probs
 
     run, _ = load_run(run_dir)
     data = run.config.data

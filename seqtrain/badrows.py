@@ -10,7 +10,7 @@
     check_folder    a folder with no data files (only a README) is named as such
     label_problem   a label outside data.label_names, found row by row (so the message has the row)
 
-Imports nothing heavy: data.py and predict.py call it.
+Imports nothing heavy: data.py and inference/io.py call it.
 """
 
 from __future__ import annotations

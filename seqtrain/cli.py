@@ -255,8 +255,9 @@ def predict(
     """Classify texts; one result per text, in input order.
 
     Each result is {"text", "label", "probs"} ({"text", "score"} for regression)."""
-    from seqtrain.exported import is_export_folder
-    from seqtrain.predict import check_output, predict_command
+    from seqtrain.inference.io import check_output
+    from seqtrain.inference.onnx import is_export_folder
+    from seqtrain.predict import predict_command
 
     fmt = format or ("csv" if output.endswith(".csv") else "jsonl")
     if fmt not in ("jsonl", "csv"):

@@ -9,7 +9,8 @@ from typing import Any
 
 from seqtrain import console
 from seqtrain.checkpoint import write_json_atomic
-from seqtrain.inference import evaluate, load_run
+from seqtrain.inference.evaluation import evaluate
+from seqtrain.inference.run import load_run
 
 
 def evaluate_run(

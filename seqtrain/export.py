@@ -4,7 +4,7 @@ The exported model takes right-padded token ids (B, T) int64 (padding id 0) and 
 int64, and returns two outputs: `logits` (B, C), the model's raw outputs, and `probs`, what
 `seqtrain predict` reports: class probabilities (B, C), or for regression the score in the
 target's own units (B, 1). So an ONNX folder answers like the run it came from, and
-`seqtrain predict EXPORT_FOLDER` runs it on onnxruntime without importing torch (exported.py).
+`seqtrain predict EXPORT_FOLDER` runs it on onnxruntime without importing torch (inference/onnx.py).
 It is the eager `Classifier.forward` itself: that
 forward already avoids PackedSequence and handles padding with gathers by length, which trace and
 export as ordinary tensor ops with dynamic batch and time sizes (checked by the parity tests and
@@ -180,7 +180,7 @@ def check_parity(model: Classifier, path: Path, vocab_size: int) -> float | None
 def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str = "best") -> dict[str, Any]:
     """Export a run's checkpoint into a folder (default RUN_DIR/export); returns what export.json says,
     plus the check."""
-    from seqtrain.inference import load_run
+    from seqtrain.inference.run import load_run
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")

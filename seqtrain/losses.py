@@ -1,6 +1,6 @@
 """What a model's outputs mean: the training loss, and outputs turned into scores and probabilities.
 
-Shared by training (`train.py`), evaluation and prediction (`inference.py`), export and explain; it
+Shared by training (`train.py`), evaluation and prediction (`inference/`), export and explain; it
 needs only torch and the label mapping, so training imports nothing from inference.
 """
 

@@ -2,7 +2,7 @@
 
 - accuracy (MAE for regression) by text length, in quantile buckets of token length;
 - the truncation rate at `data.max_length` and the length distribution before truncation;
-- the unknown-token rate (already measured by `inference.evaluate`);
+- the unknown-token rate (already measured by `inference.evaluation.evaluate`);
 - calibration: the expected calibration error of the top label.
 """
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from seqtrain import console, data
+from seqtrain.devices import pick_device
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.inference import pick_device
 from seqtrain.machine import physical_cores
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from seqtrain.config import Config, dump_yaml, monitored, to_dict, total_steps
 from seqtrain.data import BatchStream, build_vocab, check_eval_split, unlabeled_source
 from seqtrain.encoding import UNK_ID, Labels, read_run_files
 from seqtrain.errors import ConfigError
-from seqtrain.inference import evaluate
+from seqtrain.inference.evaluation import evaluate
 from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import Classifier, build_model, count_parameters, load_pretrained_embeddings

@@ -163,9 +163,9 @@ def slow_save(seconds: float, folder: str) -> None:
 def slow_eval(seconds: float, folder: str) -> None:
     import time
 
-    import seqtrain.inference  # before the training modules import `evaluate` from it
+    import seqtrain.inference.evaluation  # before the training modules import `evaluate` from it
 
-    real = seqtrain.inference.evaluate
+    real = seqtrain.inference.evaluation.evaluate
     calls = {"n": 0}
 
     def evaluate(*args: Any, **kwargs: Any) -> Any:
@@ -174,7 +174,7 @@ def slow_eval(seconds: float, folder: str) -> None:
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    seqtrain.inference.evaluate = evaluate
+    seqtrain.inference.evaluation.evaluate = evaluate
 
 
 if __name__ == "__main__":

@@ -223,8 +223,8 @@ def test_predict_stream_reads_ahead_in_order_and_stops_cleanly(trained: Path) ->
 
     import numpy as np
 
-    from seqtrain.inference import load_run, predict_probs
-    from seqtrain.predict import predict_stream
+    from seqtrain.inference.io import predict_stream
+    from seqtrain.inference.run import load_run, predict_probs
 
     run, _ = load_run(trained)
     texts = [f"{'great superb ' * (i % 7)}film {i} {'dull awful ' * (i % 5)}" for i in range(50)]

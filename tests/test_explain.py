@@ -30,7 +30,7 @@ from seqtrain.explain import (
     spearman,
     top_words,
 )
-from seqtrain.inference import Run, load_run
+from seqtrain.inference.run import Run, load_run
 from tests.conftest import REAL_DATA, tiny_config
 
 pytestmark = pytest.mark.skipif(
@@ -391,7 +391,7 @@ def test_occlusion_on_the_onnx_export_matches_the_run(
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from seqtrain.export import export_run
-    from seqtrain.exported import load_exported_run
+    from seqtrain.inference.onnx import load_exported_run
 
     export_run(run_dir, "onnx", tmp_path / "onnx")
     texts = validation[:60]

@@ -18,7 +18,7 @@ from seqtrain.config import to_dict
 from seqtrain.data import pad
 from seqtrain.encoding import encode
 from seqtrain.export import export_run, load_exported
-from seqtrain.inference import load_run
+from seqtrain.inference.run import load_run
 from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
 
 runner = CliRunner()
@@ -164,9 +164,9 @@ def test_onnx_rnn_runs_batches_on_every_core_with_the_same_results(
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from seqtrain.exported import load_exported_run
+    from seqtrain.inference.onnx import load_exported_run
 
-    monkeypatch.setattr("seqtrain.exported.physical_cores", lambda: 2)
+    monkeypatch.setattr("seqtrain.inference.onnx.physical_cores", lambda: 2)
     export_run(run_dir, "onnx", tmp_path / "onnx")
     exported = load_exported_run(tmp_path / "onnx")
     assert (exported.pool is not None) == (exported.config.model.cell == "rnn")

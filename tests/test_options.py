@@ -151,7 +151,8 @@ def test_training_options_run_and_learn(tiny_data: Path, tmp_path: Path, option:
 
 
 def test_ema_weights_are_what_gets_evaluated_and_saved(tiny_data: Path, tmp_path: Path) -> None:
-    from seqtrain.inference import evaluate, load_run
+    from seqtrain.inference.evaluation import evaluate
+    from seqtrain.inference.run import load_run
     from seqtrain.train import ema_update
 
     report = train(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 3, "ema_decay": 0.95}))

@@ -309,13 +309,13 @@ def test_mixed_lengths_are_cut_into_batches_by_the_measured_cost(
     """Texts that arrive together are padded to the longest; with its BatchCost the server cuts a
     micro-batch of many short texts and a few long ones into a batch of each, and every text keeps
     its own result. (The cost is fixed here; measure_cost has its own test.)"""
-    from seqtrain import inference
+    from seqtrain import model
     from seqtrain.serve import batcher
 
     monkeypatch.setattr(batcher, "measure_cost", lambda run, batch_size: BatchCost(per_call=5, per_step=1))
 
     shapes: list[tuple[int, int]] = []
-    model_forward = inference.Classifier.forward
+    model_forward = model.Classifier.forward
 
     def forward(self: Any, ids: Any, lengths: Any) -> Any:
         shapes.append(tuple(ids.shape))
@@ -324,7 +324,7 @@ def test_mixed_lengths_are_cut_into_batches_by_the_measured_cost(
     short, long = ["good"] * 12, [" ".join(["a long and rather dull film"] * 10)] * 2
     expected = {r["text"]: r for r in predict_cli(run_dir, ["good", long[0]])}
     with serving(run_dir, max_wait_ms=500.0) as u:
-        monkeypatch.setattr(inference.Classifier, "forward", forward)
+        monkeypatch.setattr(model.Classifier, "forward", forward)
         got = post(u, {"texts": short[:6] + long + short[6:]}).json()["predictions"]
     assert [g["text"] for g in got] == short[:6] + long + short[6:]
     for g in got:

@@ -66,7 +66,7 @@ def test_many_classes_learn_beyond_the_majority(rated: Path, tmp_path: Path) -> 
     assert report["top_k"] == 3
     # The model is near perfect on its own validation split, where top-3 and top-1 agree. On the same
     # texts with shuffled stars, top-3 must beat top-1, and both must match a recount from the probabilities.
-    from seqtrain.inference import load_run, predict_probs
+    from seqtrain.inference.run import load_run, predict_probs
 
     shuffled = rated_rows(300, 1)
     stars = [r["stars"] for r in shuffled]

@@ -24,7 +24,7 @@ from seqtrain.explain.attribution import (
     kept_positions,
     occlusion,
 )
-from seqtrain.explain.command import explain_command, load_target
+from seqtrain.explain.command import explain_command
 from seqtrain.explain.faithfulness import deletion_drops, spearman, top_words
 from seqtrain.explain.output import FORMATS, HTML_HEAD, headline, html_block, to_record, write_explanations
 
@@ -47,7 +47,6 @@ __all__ = [
     "html_block",
     "integrated_gradients",
     "kept_positions",
-    "load_target",
     "occlusion",
     "spearman",
     "to_record",

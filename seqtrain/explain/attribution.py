@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from seqtrain.config import DataConfig
-    from seqtrain.inference import Run
-    from seqtrain.predict import Predictor, Record
+    from seqtrain.inference.io import Predictor, Record
+    from seqtrain.inference.run import Run
 
 
 METHODS = ("occlusion", "integrated-gradients")
@@ -275,7 +275,7 @@ def explain_texts(
         targets = [label if label is not None else int(p.argmax()) for p in probs]
         scores = [d[:, t] for d, t in zip(drops, targets, strict=True)]
     elif method == "integrated-gradients":
-        from seqtrain.inference import Run
+        from seqtrain.inference.run import Run
 
         if not isinstance(model, Run):
             raise ExplainError(

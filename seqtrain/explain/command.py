@@ -6,28 +6,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from seqtrain.explain.attribution import ExplainError, explain_stream
 from seqtrain.explain.output import write_explanations
-
-if TYPE_CHECKING:
-    from seqtrain.predict import Predictor
-
-
-def load_target(target: Path, checkpoint: str) -> Predictor:
-    """A run directory (torch) or an ONNX export folder (onnxruntime, no torch import)."""
-    from seqtrain import console
-    from seqtrain.exported import is_export_folder, load_exported_run
-
-    if is_export_folder(target):
-        return load_exported_run(target)
-    from seqtrain.inference import load_run
-
-    run, warnings = load_run(target, checkpoint, what="`seqtrain explain`")
-    for w in warnings:
-        console.warn(w)
-    return run
 
 
 def explain_command(
@@ -49,10 +30,14 @@ def explain_command(
     """`seqtrain explain`: read texts as `predict` does, explain each, write them in order; texts/s on
     stderr."""
     from seqtrain import console
-    from seqtrain.predict import check_output, open_output, read_inputs, warn_malformed
+    from seqtrain.inference.io import check_output, open_output, read_inputs, warn_malformed
+    from seqtrain.inference.onnx import ExportedRun
+    from seqtrain.inference.target import load_target
 
     check_output(output)  # before loading anything
-    model = load_target(target, checkpoint)
+    model, warnings = load_target(target, checkpoint, what="`seqtrain explain`")
+    for w in warnings:
+        console.warn(w)
     index = None
     if label is not None:
         if model.labels.task == "regression":
@@ -62,8 +47,6 @@ def explain_command(
                 f"--label {label!r} is not one of the run's labels: {', '.join(model.labels.names)}."
             )
         index = model.labels.names.index(label)
-    from seqtrain.exported import ExportedRun
-
     if method == "integrated-gradients" and isinstance(model, ExportedRun):
         raise ExplainError(
             "integrated gradients needs the model's gradients: give the run directory, "

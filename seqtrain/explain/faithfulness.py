@@ -14,7 +14,7 @@ from seqtrain.explain.attribution import Encoded, encode_with_offsets, occlusion
 
 if TYPE_CHECKING:
     from seqtrain.config import DataConfig
-    from seqtrain.predict import Predictor
+    from seqtrain.inference.io import Predictor
 
 
 def deletion_drops(

@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 from seqtrain.explain.attribution import Explanation
 
 if TYPE_CHECKING:
-    from seqtrain.predict import Predictor
+    from seqtrain.inference.io import Predictor
 
 
 FORMATS = ("terminal", "jsonl", "html")
@@ -20,7 +20,7 @@ FORMATS = ("terminal", "jsonl", "html")
 
 def to_record(ex: Explanation, model: Predictor, method: str) -> dict[str, Any]:
     """One JSONL object: the prediction, what is explained, and each token with its offsets and score."""
-    from seqtrain.predict import to_record as prediction
+    from seqtrain.inference.io import to_record as prediction
 
     record: dict[str, Any] = {"id": ex.id} if ex.id is not None else {}
     record.update(prediction(model.labels, ex.text, ex.probs))  # what `predict` writes for this text

@@ -36,11 +36,12 @@ error.
 
 from __future__ import annotations
 
+from seqtrain.inference.target import load_target
 from seqtrain.serve.batcher import Batcher, predict_texts
 from seqtrain.serve.http import Server, listen, make_server, serve
 from seqtrain.serve.options import ServeOptions
 from seqtrain.serve.requests import ApiError, parse_request
-from seqtrain.serve.target import check_target, describe, load_target, measure_cost
+from seqtrain.serve.target import check_target, describe, measure_cost
 
 __all__ = [
     "ApiError",

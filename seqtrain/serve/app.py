@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from seqtrain import __version__
-from seqtrain.predict import Predictor
+from seqtrain.inference.io import Predictor
+from seqtrain.inference.target import load_target
 from seqtrain.serve.batcher import Batcher
 from seqtrain.serve.metrics import CONTENT_TYPE, Instrument, Metrics
 from seqtrain.serve.options import ServeOptions
@@ -31,7 +32,7 @@ from seqtrain.serve.requests import (
     parse_request,
     read_body,
 )
-from seqtrain.serve.target import describe, load_target
+from seqtrain.serve.target import describe
 
 T = TypeVar("T")
 PAGE = files("seqtrain.serve").joinpath("page.html").read_text(encoding="utf-8")

@@ -4,8 +4,8 @@ Request handlers put their texts in one bounded queue. When the model is free, t
 to `max_batch_size` texts, after waiting up to `max_wait_ms` for more to arrive, counted from when
 the model became free (or from the first text's arrival, if later). The wait ends early once every
 open connection of this worker has its request waiting (no other text can come) or the batch is
-full. The batch then runs through what `predict.predict_stream` does with a chunk and
-`predict.to_record` (the code path of `seqtrain predict`: the same encoding, the same length-sorted
+full. The batch then runs through what `inference.io.predict_stream` does with a chunk and
+`inference.io.to_record` (the code path of `seqtrain predict`: the same encoding, the same length-sorted
 batches, the same rounding), each micro-batch sorted and cut wherever smaller forward passes cost
 less than one padded to the longest text (encoding.BatchCost, measured on the model at start-up).
 Each request gets back only its own results, in order.
@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from seqtrain.encoding import BatchCost, encode
-from seqtrain.predict import Predictor, to_record
+from seqtrain.inference.io import Predictor, to_record
 from seqtrain.serve.metrics import Metrics
 from seqtrain.serve.options import ServeOptions
 from seqtrain.serve.requests import ApiError

@@ -40,7 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from seqtrain.errors import CheckpointError, SeqtrainError
-from seqtrain.predict import Predictor
+from seqtrain.inference.io import Predictor
 from seqtrain.serve.app import CONNECTIONS, AppFactory, Connections, Service
 from seqtrain.serve.metrics import MULTIPROC_ENV
 from seqtrain.serve.options import ServeOptions

@@ -1,4 +1,5 @@
-"""What `serve` serves: TARGET checked before any worker starts, loaded in each worker, described by /info."""
+"""What `serve` serves: TARGET checked before any worker starts, described by /info (each worker loads it
+with inference.target.load_target)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 from seqtrain import __version__
 from seqtrain.encoding import UNK_ID, BatchCost, read_labels
 from seqtrain.errors import CheckpointError, ConfigError
-from seqtrain.predict import Predictor
+from seqtrain.inference.io import Predictor
+from seqtrain.inference.onnx import is_export_folder
 from seqtrain.serve.options import ServeOptions
 
 
@@ -24,8 +26,6 @@ def check_target(target: Path, checkpoint: str = "best") -> list[str]:
     """Before the workers start, without torch: TARGET is a run directory or an export folder whose
     labels.json can be read. Raises CheckpointError (one line naming the file) or ConfigError;
     returns warnings (a run that is still being trained)."""
-    from seqtrain.exported import is_export_folder
-
     if not target.exists():
         raise CheckpointError(f"{target} does not exist: give a run directory or an ONNX export folder.")
     if not target.is_dir():
@@ -80,28 +80,6 @@ def training_warning(run_dir: Path) -> list[str]:
     ]
 
 
-def load_target(
-    target: Path, checkpoint: str = "best", threads: int | None = None
-) -> tuple[Predictor, list[str]]:
-    """A run directory on torch, or an ONNX export folder on onnxruntime (torch never imported), on
-    `threads` threads (None: the library's default)."""
-    from seqtrain.exported import is_export_folder, load_exported_run
-
-    if not is_export_folder(target):
-        import torch
-
-        from seqtrain.inference import load_run
-
-        if threads:
-            torch.set_num_threads(threads)
-        return load_run(target, checkpoint)
-    if checkpoint != "best":
-        raise ConfigError(
-            "--checkpoint picks a checkpoint of a run directory; an export folder holds one model."
-        )
-    return load_exported_run(target, threads), []
-
-
 def measure_cost(run: Predictor, batch_size: int, steps: int = 32, repeats: int = 5) -> BatchCost | None:
     """The model's BatchCost, from the best of `repeats` timings of batches of unknown tokens:
     1 text of 1 step, 1 text of `steps` and `batch_size` texts of `steps`. None for batches of one."""
@@ -124,7 +102,7 @@ def measure_cost(run: Predictor, batch_size: int, steps: int = 32, repeats: int 
 
 
 def checkpoint_name(run: Predictor, target: Path) -> str | None:
-    ckpt = getattr(run, "checkpoint", None)  # inference.Run: the checkpoint folder
+    ckpt = getattr(run, "checkpoint", None)  # inference.run.Run: the checkpoint folder
     name = ckpt.name if isinstance(ckpt, Path) else None
     if name is None:
         with contextlib.suppress(OSError, ValueError):

@@ -1,10 +1,11 @@
-"""`seqtrain predict EXPORT_FOLDER`: an ONNX export run on onnxruntime, with no torch import.
+"""An ONNX export folder on onnxruntime, with no torch import (`seqtrain predict EXPORT_FOLDER`, and serve
+and explain).
 
 `seqtrain export RUN_DIR --format onnx` writes a folder with model.onnx (outputs `logits` and
 `probs`), tokenizer.json, labels.json, config.yaml and export.json. Predicting from that folder
-needs only onnxruntime, HF tokenizers and numpy: the process is up in a fraction of a second
-instead of the ~2 s that importing torch and loading a checkpoint take on a small machine, which
-is most of the wall time of a few thousand predictions. Texts are encoded and batched by length
+needs only onnxruntime, HF tokenizers and numpy: the process starts without the cost of importing
+torch and loading a checkpoint, which is most of the wall time of a few thousand predictions
+(BENCHMARKS.md). Texts are encoded and batched by length
 exactly as on the torch path (encoding.py), so the results agree with `seqtrain predict RUN_DIR`
 to float precision (tests/test_export.py).
 """
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 FILES = ("model.onnx", "tokenizer.json", "labels.json", "config.yaml")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportedRun:
-    """An ONNX export folder, ready to predict (a predict.Predictor)."""
+    """An ONNX export folder, ready to predict (an inference.io.Predictor)."""
 
     dir: Path
     config: Config
@@ -92,8 +93,7 @@ def load_exported_run(folder: Path, threads: int | None = None) -> ExportedRun:
     config = from_dict(read_yaml(folder / "config.yaml"))
     # onnxruntime's CPU RNN kernel runs on one thread, whatever intra_op_num_threads says; its LSTM
     # and GRU kernels split every time step across the threads. So an RNN runs one batch per core
-    # at once (5,000 IMDB reviews, hidden 256, 2 cores: 5.6 s instead of 7.6 s end to end), while
-    # for LSTM and GRU that was slower than one batch on all cores (8.4 s instead of 7.7 s).
+    # at once (faster end to end), while for LSTM and GRU that was slower than one batch on all cores.
     pool = None
     cores = threads or physical_cores()
     if config.model.cell == "rnn" and cores > 1:
@@ -103,4 +103,6 @@ def load_exported_run(folder: Path, threads: int | None = None) -> ExportedRun:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     tokenizer, labels = read_run_files(folder)
-    return ExportedRun(folder, config, tokenizer, labels, session, pool)
+    return ExportedRun(
+        dir=folder, config=config, tokenizer=tokenizer, labels=labels, session=session, pool=pool
+    )
