@@ -27,13 +27,11 @@ from seqtrain.config import (
     Config,
     ModelConfig,
     TrainConfig,
-    dump_yaml,
     to_dict,
     total_steps,
 )
 from seqtrain.data import (
     BatchStream,
-    build_text_vocab,
     heldout_texts,
     sorted_batches,
     text_sources,
@@ -61,15 +59,14 @@ from seqtrain.training.init_from import pretrained_language_model as pretrained_
 from seqtrain.training.init_from import start_from_language_model as start_from_language_model
 from seqtrain.training.loop import run_loop
 from seqtrain.training.run_dir import (
-    claim,
     finish_run,
     lock,
     open_run,
     restore,
     start_processes,
-    steps_per_epoch,
     wrap,
 )
+from seqtrain.training.texts import prepare_text_run
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -116,40 +113,6 @@ def note_adaptive_cutoffs(cfg: Config, model: LanguageModel) -> None:
             f"{model.vocab_size:,} tokens, so the softmax uses {used} (cutoffs must be below the vocabulary "
             f"size less one). Set pretrain.adaptive_cutoffs: {used}, or raise tokenizer.vocab_size."
         )
-
-
-def prepare_run(
-    cfg: Config, workers: int, world: int, config_path: str, kind: str = KIND
-) -> tuple[Tokenizer, dict[str, Any]]:
-    """A fresh run: refuse to overwrite one, read the texts once, write the run's files (run.json says
-    `kind`: a language model, or vectors.VECTORS_KIND)."""
-    run_dir = cfg.run_dir
-    claim(run_dir, "pretrain", config_path)
-    started = time.perf_counter()
-    # model.init_from: continue from that language model, with its tokenizer (ULMFiT's second stage)
-    given = init_from_pretrained(cfg)[0] if cfg.model.init_from else None
-    tokenizer, rows, chunk_rows, bad = build_text_vocab(cfg, given)
-    names = [f"{data.path}:{split}" for data, split in text_sources(cfg)]
-    run_info = {
-        **checkpoint.run_marker(),
-        "kind": kind,
-        "num_train_examples": rows,
-        "steps_per_epoch": steps_per_epoch(chunk_rows, cfg.train.batch_size),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "bad_rows": dict(bad),
-        "workers": workers,
-        "world": world,
-        "sources": names,
-        "torch": torch.__version__,
-    }
-    checkpoint.write_bytes_atomic(run_dir / "tokenizer.json", tokenizer.to_str().encode())
-    checkpoint.write_bytes_atomic(run_dir / "config.yaml", dump_yaml(cfg).encode())
-    checkpoint.write_json_atomic(run_dir / "run.json", run_info)
-    console.info(
-        f"vocabulary {tokenizer.get_vocab_size():,} tokens from {rows:,} texts ({', '.join(names)})"
-        f"{f', skipped {dict(bad)}' if bad else ''} ({time.perf_counter() - started:.1f}s)"
-    )
-    return tokenizer, run_info
 
 
 def new_stream(
@@ -316,7 +279,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> LMRun:
         world=world,
         workers=workers,
         log=log,
-        prepare=lambda: prepare_run(cfg, workers, world, config_path),
+        prepare=lambda: prepare_text_run(cfg, workers, world, config_path, kind=KIND),
         read=lambda: load_tokenizer(run_dir / "tokenizer.json"),
         stream=lambda tokenizer: new_stream(cfg, tokenizer, TrainState(), rank, world, text_sources(cfg)),
     )

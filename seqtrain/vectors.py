@@ -31,6 +31,7 @@ from seqtrain.data import RowTally, pretraining_texts
 from seqtrain.encoding import PAD_ID, UNK_ID
 from seqtrain.errors import ConfigError
 from seqtrain.runtime import Interrupted, StopSignals, seed_everything
+from seqtrain.training.texts import prepare_text_run
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -171,8 +172,6 @@ def neighbours(trained: Any) -> dict[str, list[str]]:
 
 def train_vectors(cfg: Config, resume: bool) -> dict[str, Any]:
     """pretrain.objective vectors: train the vectors, write the run; return its summary."""
-    from seqtrain.pretrain import prepare_run
-
     run_dir = cfg.run_dir
     if resume:
         raise ConfigError(
@@ -187,7 +186,7 @@ def train_vectors(cfg: Config, resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     for name in checkpoint.lock_run_dir(run_dir, fresh=True, kind=checkpoint.LANGUAGE_MODEL):
         console.warn(f"removed {run_dir / name}, left behind by an interrupted save")
-    tokenizer, run_info = prepare_run(cfg, 0, 1, "CONFIG", kind=VECTORS_KIND)
+    tokenizer, run_info = prepare_text_run(cfg, 0, 1, "CONFIG", kind=VECTORS_KIND)
     seed_everything(cfg.seed)
     threads = cfg.train.num_threads or max(1, torch.get_num_threads())
     with StopSignals() as stop:
