@@ -539,7 +539,7 @@ def init(
 
     The config is commented: what was found and why each value was chosen."""
     from seqtrain import console
-    from seqtrain.starter import write_starter
+    from seqtrain.init_config import write_starter
 
     if sample < 1:
         raise _fail(f"--sample must be at least 1, got {sample}.", 2)

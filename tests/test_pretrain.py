@@ -315,7 +315,7 @@ def test_init_with_init_from_writes_a_config_that_fine_tunes_from_the_run(
     pretrained: Path, tmp_path: Path
 ) -> None:
     from seqtrain.config import load_config
-    from seqtrain.starter import write_starter
+    from seqtrain.init_config import write_starter
 
     write_starter(str(SST2), tmp_path / "plain.yaml", sample=500)
     with pytest.raises(

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from seqtrain.cli import app
 from seqtrain.config import load_config
-from seqtrain.starter import inspect_dataset
+from seqtrain.init_config import inspect_dataset
 from tests.conftest import synthetic_rows, write_hub_folder
 
 runner = CliRunner()
