@@ -8,7 +8,7 @@ from seqtrain.errors import ConfigError
 from seqtrain.machine import physical_cores
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeOptions:
     """The server's settings. Batch, queue and /explain limits hold per worker process."""
 
