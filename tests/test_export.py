@@ -209,3 +209,6 @@ def test_predict_refuses_folders_it_cannot_run(run_dir: Path, tmp_path: Path) ->
     assert result.exit_code == 1 and "export it again" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path / "ts"), "great", "--checkpoint", "last"])
     assert result.exit_code == 2 and "export folder holds one model" in result.output
+    # explain loads its target as predict and serve do (inference.target.load_target)
+    result = runner.invoke(app, ["explain", str(tmp_path / "ts"), "great", "--checkpoint", "last"])
+    assert result.exit_code == 2 and "export folder holds one model" in result.output
