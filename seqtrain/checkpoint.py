@@ -44,7 +44,7 @@ REQUIRED_FILES = ("model.safetensors", "state.json")
 _STEP_DIR = re.compile(r"step-(\d+)(?:-(\d+))?")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainState:
     """Everything besides weights that a resume needs (both loops); state.json's "train_state"."""
 

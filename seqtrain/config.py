@@ -33,7 +33,7 @@ Cell = Literal["rnn", "lstm", "gru"]
 Pooling = Literal["last", "mean", "max", "attention"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = "data/sst2"
     """Hub id (`stanfordnlp/imdb`), a local dataset folder in the Hub layout, or a data file / glob (.parquet,
@@ -77,7 +77,7 @@ class DataConfig:
     skipped CSV line)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TokenizerConfig:
     kind: Literal["word", "bpe"] = "word"
     """`word`: whole words and punctuation; `bpe`: a subword vocabulary, so rare or misspelt words are not
@@ -92,7 +92,7 @@ class TokenizerConfig:
     """Build the vocabulary from at most this many training texts (default: all)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     task: Literal["classification", "regression"] = "classification"
     """classification: one class per text (any number of classes); regression: one number per text (a score,
@@ -155,7 +155,7 @@ class ModelConfig:
     off)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     batch_size: int = 64
     """Texts per training step."""
@@ -225,7 +225,7 @@ class TrainConfig:
     no gap)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PretrainConfig:
     objective: Literal["lm", "vectors"] = "lm"
     """What `seqtrain pretrain` learns: `lm`, the whole encoder as a language model (next and previous token);
@@ -266,7 +266,7 @@ class PretrainConfig:
     """adaptive: vocabulary ids where the head and each tail cluster end."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     name: str = "run"
     """Run name; the default output directory is runs/<name>."""

@@ -209,6 +209,9 @@ def test_imports_inside_functions_and_from_the_package_are_read() -> None:
         "seqtrain.inference.onnx:ExportedRun",
         "seqtrain.train:ClassifierRun",
         "seqtrain.pretrain:LMRun",
+        "seqtrain.checkpoint:TrainState",
+        *(f"seqtrain.config:{name}" for name in ("Config", "DataConfig", "TokenizerConfig", "ModelConfig")),
+        *(f"seqtrain.config:{name}" for name in ("TrainConfig", "PretrainConfig")),
     ],
 )
 def test_options_and_run_records_are_built_by_keyword(record: str) -> None:
