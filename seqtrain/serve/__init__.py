@@ -26,7 +26,7 @@ It is checked before the workers start; each worker loads it while the server al
 error.
 
     options.py   ServeOptions: the command's options
-    target.py    checking, loading and describing TARGET
+    target.py    checking and describing TARGET (inference/target.py loads it)
     requests.py  reading and checking request bodies, writing answers
     batcher.py   micro-batching and /explain in one worker
     metrics.py   Prometheus series, one worker's or all workers' summed
