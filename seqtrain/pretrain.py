@@ -42,6 +42,7 @@ from seqtrain.metrics import MetricsLog
 from seqtrain.model import LanguageModel, count_parameters
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from seqtrain.runtime import (
+    EvaluationStopped,
     StopSignals,
     all_reduce,
     amp,
@@ -57,7 +58,7 @@ from seqtrain.training.init_from import init_from_pretrained as init_from_pretra
 from seqtrain.training.init_from import load_encoder as load_encoder
 from seqtrain.training.init_from import pretrained_language_model as pretrained_language_model
 from seqtrain.training.init_from import start_from_language_model as start_from_language_model
-from seqtrain.training.loop import run_loop
+from seqtrain.training.loop import not_evaluated, run_loop
 from seqtrain.training.run_dir import (
     finish_run,
     lock,
@@ -69,7 +70,7 @@ from seqtrain.training.run_dir import (
 from seqtrain.training.texts import prepare_text_run
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from tokenizers import Tokenizer
@@ -143,8 +144,14 @@ def new_stream(
     )
 
 
-def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.device) -> tuple[list[float], int]:
-    """Exact (full-vocabulary) NLL per token on the held-out texts, per direction, and the token count."""
+def heldout_nll(
+    model: LanguageModel,
+    seqs: list[list[int]],
+    device: torch.device,
+    interrupt: Callable[[], None] | None = None,
+) -> tuple[list[float], int]:
+    """Exact (full-vocabulary) NLL per token on the held-out texts, per direction, and the token count.
+    `interrupt()` is called after every batch; what it raises ends the evaluation (a stop signal)."""
     model.eval()
     totals = torch.zeros(model.encoder.directions, dtype=torch.float64)
     count = 0
@@ -153,6 +160,8 @@ def heldout_nll(model: LanguageModel, seqs: list[list[int]], device: torch.devic
             sums, n = model.nll(ids.to(device), lengths.to(device), exact=True)
             totals += sums.double().cpu()
             count += n
+            if interrupt is not None:
+                interrupt()
     model.train()
     return (totals / max(1, count)).tolist(), count
 
@@ -213,14 +222,20 @@ def save(run: LMRun, best: bool, metrics: dict[str, Any]) -> None:
     )
 
 
-def evaluate_and_save(run: LMRun, bar: console.TrainProgress) -> bool:
+def evaluate_and_save(run: LMRun, bar: console.TrainProgress, stop: StopSignals) -> bool:
     """Held-out perplexity (rank 0), logged; every rank takes part in the checkpoint. False: a language
-    model has no early stopping."""
+    model has no early stopping. A stop signal abandons the evaluation: the checkpoint is saved without it
+    (training.loop.not_evaluated)."""
     state = run.state
     metrics: dict[str, Any] = {}
     improved = False
     if run.rank == 0:
-        per_direction, tokens = heldout_nll(run.model, run.heldout, run.device)
+        try:
+            per_direction, tokens = heldout_nll(run.model, run.heldout, run.device, stop.check)
+        except EvaluationStopped:  # the run ends next (training.loop.run_evaluation)
+            not_evaluated(state)
+            save(run, best=bool(broadcast(False, run.world)), metrics={})
+            return False
         nll = sum(per_direction) / len(per_direction)
         metrics = {
             "step": state.step,
@@ -391,7 +406,7 @@ def pretrain_loop(
         stream=lambda: new_stream(cfg, run.tokenizer, state, run.rank, run.world, run.sources),
         step=step,
         log=log,
-        evaluate=lambda: evaluate_and_save(run, bar),
+        evaluate=lambda: evaluate_and_save(run, bar, stop),
         save_last=lambda: save(run, best=False, metrics={}),
     )
 

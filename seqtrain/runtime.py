@@ -313,7 +313,8 @@ def amp(device: torch.device, precision: str) -> tuple[bool, torch.dtype, torch.
 
 class StopSignals:
     """`with StopSignals() as stop:` records SIGINT/SIGTERM/SIGHUP instead of dying mid-step; the loop
-    checks `stop.signum` between steps and while it waits for a batch, saves last/ and exits 128 + signum.
+    checks `stop.signum` between steps and while it waits for a batch, an evaluation between its batches
+    (`stop.check`), saves last/ and exits 128 + signum.
     A second signal (REPEAT_WINDOW or more after the first) exits at once, keeping the checkpoint saved
     before (a save is written aside and moved into place, so one cut short leaves the previous intact).
     Leaving the block ends the data workers."""
@@ -331,6 +332,11 @@ class StopSignals:
 
     def stopping(self) -> bool:
         return self.signum is not None
+
+    def check(self) -> None:
+        """Raise EvaluationStopped once a stop signal came: what an evaluation calls between its batches."""
+        if self.signum is not None:
+            raise EvaluationStopped
 
     def __enter__(self) -> StopSignals:
         self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
@@ -357,6 +363,11 @@ def _exit_now(signum: int) -> NoReturn:
     with contextlib.suppress(OSError):
         os.write(2, ("\x1b[?25h" if os.isatty(2) else "").encode() + text.encode())  # the bar hid the cursor
     os._exit(128 + signum)
+
+
+class EvaluationStopped(Exception):
+    """A stop signal during an evaluation: the recipe abandons it (no eval line, no best/ from it), saves
+    last/ marked as not evaluated at its step, so that a resume evaluates that step first."""
 
 
 class Interrupted(SeqtrainError):

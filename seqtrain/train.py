@@ -29,8 +29,8 @@ from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
 from seqtrain.model import Classifier, build_model, count_parameters, load_pretrained_embeddings
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
-from seqtrain.runtime import Interrupted as Interrupted  # re-exported: `seqtrain tune` catches it from here
 from seqtrain.runtime import (
+    EvaluationStopped,
     StopSignals,
     all_reduce,
     amp,
@@ -41,8 +41,9 @@ from seqtrain.runtime import (
     save_checkpoint,
     seed_everything,
 )
+from seqtrain.runtime import Interrupted as Interrupted  # re-exported: `seqtrain tune` catches it from here
 from seqtrain.training.init_from import init_from_pretrained, load_encoder
-from seqtrain.training.loop import run_loop
+from seqtrain.training.loop import not_evaluated, run_loop
 from seqtrain.training.run_dir import (
     claim,
     finish_run,
@@ -493,22 +494,30 @@ def evaluate_and_save(
     reports: dict[int, dict[str, Any]],
     bar: console.TrainProgress,
     should_stop: Callable[[int, dict[str, Any]], bool] | None,
+    stop: StopSignals,
 ) -> bool:
     """Rank 0 evaluates and logs, every rank takes part in the checkpoint; True when the run should stop
-    (early stopping, or `should_stop(step, report)`: a caller's verdict, `seqtrain tune`'s pruner)."""
+    (early stopping, or `should_stop(step, report)`: a caller's verdict, `seqtrain tune`'s pruner). A stop
+    signal abandons the evaluation: the checkpoint is saved without it (training.loop.not_evaluated)."""
     cfg, t, state = run.cfg, run.cfg.train, run.state
     if run.rank != 0:
         save(run, reports, best=False)
         return bool(broadcast(None, run.world))
-    report = evaluate(
-        run.inference_model,
-        cfg,
-        run.tokenizer,
-        run.labels,
-        cfg.data.eval_split,
-        run.device,
-        cfg.data.max_eval_examples,
-    )
+    try:
+        report = evaluate(
+            run.inference_model,
+            cfg,
+            run.tokenizer,
+            run.labels,
+            cfg.data.eval_split,
+            run.device,
+            cfg.data.max_eval_examples,
+            interrupt=stop.check,
+        )
+    except EvaluationStopped:  # the run ends next (training.loop.run_evaluation)
+        not_evaluated(state)
+        save(run, reports, best=False)
+        return bool(broadcast(False, run.world))
     reports[state.step] = report
     keys = (
         ("mae", "rmse", "r2", "spearman", "accuracy_rounded")
@@ -611,7 +620,7 @@ def train_loop(
         stream=lambda: train_stream(cfg, run.tokenizer, run.labels, state, run.rank, run.world),
         step=step,
         log=log,
-        evaluate=lambda: evaluate_and_save(run, reports, bar, should_stop),
+        evaluate=lambda: evaluate_and_save(run, reports, bar, should_stop, stop),
         save_last=lambda: save(run, reports, best=False),
         waited=waited,
     )

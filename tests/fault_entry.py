@@ -8,6 +8,7 @@
     python -m tests.fault_entry slow-worker-start=FOLDER train CONFIG [...]
     python -m tests.fault_entry slow-save=SECONDS@FOLDER train CONFIG [...]
     python -m tests.fault_entry slow-eval=SECONDS@FOLDER train CONFIG [...]
+    python -m tests.fault_entry slow-eval-batches=SECONDS@FOLDER train|pretrain|tune CONFIG [...]
 
 runs the ordinary `seqtrain` command line with checkpoint.save wrapped so that the process kills
 itself with SIGKILL right after checkpoint STEP is written (a crash at the worst moment for
@@ -20,7 +21,9 @@ The others stop at a chosen moment and say so with a file in FOLDER, for a test 
 then: `stall-worker` makes each data worker hang for good after its first N batches (stalled-PID);
 `slow-worker-start` holds each data worker for a few seconds as it starts, before seqtrain's own set-up
 (starting-PID); `slow-save` makes every checkpoint save after the first one sleep SECONDS halfway,
-after its first file (saving-STEP); `slow-eval` makes each evaluation sleep SECONDS (evaluating-N).
+after its first file (saving-STEP); `slow-eval` makes each evaluation sleep SECONDS (evaluating-N);
+`slow-eval-batches` makes every batch of every evaluation take SECONDS more, as a long split would
+(eval-batch-PID at the first).
 """
 
 from __future__ import annotations
@@ -177,6 +180,26 @@ def slow_eval(seconds: float, folder: str) -> None:
     seqtrain.inference.evaluation.evaluate = evaluate
 
 
+def slow_eval_batches(seconds: float, folder: str) -> None:
+    import time
+
+    import seqtrain.model
+
+    def slowed(real: Any, evaluating: Any) -> Any:
+        def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+            if evaluating(model, *args, **kwargs):
+                _mark(folder, f"eval-batch-{os.getpid()}")
+                time.sleep(seconds)
+            return real(model, *args, **kwargs)
+
+        return run
+
+    classifier, lm = seqtrain.model.Classifier, seqtrain.model.LanguageModel
+    # a classifier in eval mode is evaluated; a language model's exact NLL is its held-out evaluation
+    classifier.forward = slowed(classifier.forward, lambda m, *a, **k: not m.training)  # type: ignore[method-assign]
+    lm.nll = slowed(lm.nll, lambda m, *a, **k: k.get("exact", False))  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     fault, _, value = sys.argv[1].partition("=")
     if fault == "kill-after-save":
@@ -198,12 +221,15 @@ if __name__ == "__main__":
     elif fault == "slow-eval":
         seconds, _, where = value.partition("@")
         slow_eval(float(seconds), where)
+    elif fault == "slow-eval-batches":
+        seconds, _, where = value.partition("@")
+        slow_eval_batches(float(seconds), where)
     else:
         sys.exit(
             f"unknown fault {sys.argv[1]!r}; "
             "use kill-after-save=STEP, no-memory, slow-vocab=SECONDS, dump-weights=FOLDER, "
-            "stall-worker=N@FOLDER, slow-worker-start=FOLDER, slow-save=SECONDS@FOLDER or "
-            "slow-eval=SECONDS@FOLDER"
+            "stall-worker=N@FOLDER, slow-worker-start=FOLDER, slow-save=SECONDS@FOLDER, "
+            "slow-eval=SECONDS@FOLDER or slow-eval-batches=SECONDS@FOLDER"
         )
     sys.argv = ["seqtrain", *sys.argv[2:]]
     main()

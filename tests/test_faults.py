@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 
 from seqtrain import checkpoint
 from seqtrain.cli import app
-from seqtrain.config import to_dict
+from seqtrain.config import load_config, to_dict
 from seqtrain.errors import CheckpointError
 from seqtrain.runtime import REPEAT_WINDOW
 from seqtrain.train import train
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 
 runner = CliRunner()
 
@@ -245,12 +245,13 @@ def test_the_printed_resume_command_keeps_the_overrides_and_resumes(tiny_data: P
 STOP_WITHIN = 30
 
 
-def start_group(workdir: Path, fault: str, *argv: str) -> subprocess.Popen[str]:
-    """`seqtrain ARGV...` under tests/fault_entry.py with FAULT, as the leader of its own process group
-    (as systemd and Kubernetes run a service), pinned to one core where the machine allows it."""
+def start_group(workdir: Path, fault: str | None, *argv: str) -> subprocess.Popen[str]:
+    """`seqtrain ARGV...` under tests/fault_entry.py with FAULT (or none), as the leader of its own process
+    group (as systemd and Kubernetes run a service), pinned to one core where the machine allows it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    entry = ["seqtrain"] if fault is None else ["tests.fault_entry", fault]
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.fault_entry", fault, *argv],
+        [sys.executable, "-m", *entry, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -366,9 +367,50 @@ def test_group_signal_during_a_save_or_an_evaluation_stops_in_time(
     cfg = group_config(tmp_path, tiny_data, train={"eval_every": 5})
     fault, prefix = ("slow-save", "saving-") if moment == "save" else ("slow-eval", "evaluating-2")
     proc = start_group(tmp_path, f"{fault}=1@{tmp_path / 'marks'}", "train", str(cfg))
-    wait_for_marker(tmp_path / "marks", prefix, proc)
+    mark = wait_for_marker(tmp_path / "marks", prefix, proc)
     out, err = stop_group(proc, signal.SIGTERM)
-    assert assert_stopped(proc, out, err, signal.SIGTERM, tmp_path / "run") >= 5
+    step = assert_stopped(proc, out, err, signal.SIGTERM, tmp_path / "run")
+    if moment == "save":  # the save under way when the signal came was finished, and is last/
+        assert step == int(mark.name.split("-")[1])
+    else:
+        assert step >= 5
+
+
+def evaluated_steps(run: Path, split: str = "validation") -> list[int]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line["step"] for line in lines if line["split"] == split]
+
+
+@pytest.mark.subprocess
+def test_group_signal_during_a_long_evaluation_abandons_it_and_the_resume_runs_it(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """An evaluation of 50 batches of a second each (a large split): the signal ends it at its next batch
+    instead of after it, with no eval line and no best/ from it; last/ holds its step, and the resume
+    evaluates that step before it trains on."""
+    cfg = group_config(tmp_path, tiny_data, train={"eval_every": 5, "batch_size": 2})
+    proc = start_group(tmp_path, f"slow-eval-batches=1@{tmp_path / 'marks'}", "train", str(cfg))
+    wait_for_marker(tmp_path / "marks", "eval-batch-", proc)
+    out, err = stop_group(proc, signal.SIGTERM)
+    run = tmp_path / "run"
+    assert assert_stopped(proc, out, err, signal.SIGTERM, run) == 5
+    assert evaluated_steps(run) == [] and not (run / "best").exists()
+    train(load_config(cfg, ["train.max_steps=5"]), resume=True)
+    assert evaluated_steps(run) == [5] and (run / "best").exists()
+
+
+@pytest.mark.subprocess
+def test_group_signal_during_a_long_pretrain_evaluation_stops_in_time(tmp_path: Path) -> None:
+    """The same for the held-out evaluation of `seqtrain pretrain` (about 40 batches of a second each)."""
+    data = write_hub_folder(tmp_path / "texts", {"train": synthetic_rows(6000, 0)})
+    pretrain = {"path": None, "max_length": 64, "heldout_fraction": 0.45, "max_heldout_texts": 3000}
+    cfg = group_config(tmp_path, data, train={"eval_every": 5}, pretrain={**pretrain, "softmax": "full"})
+    proc = start_group(tmp_path, f"slow-eval-batches=1@{tmp_path / 'marks'}", "pretrain", str(cfg))
+    wait_for_marker(tmp_path / "marks", "eval-batch-", proc)
+    out, err = stop_group(proc, signal.SIGHUP)
+    run = tmp_path / "run"
+    assert assert_stopped(proc, out, err, signal.SIGHUP, run) == 5
+    assert evaluated_steps(run, "heldout") == [] and not (run / "best").exists()
 
 
 @pytest.mark.subprocess

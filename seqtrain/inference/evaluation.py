@@ -19,6 +19,8 @@ from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import classification_report, confusion, regression_report, top_k_accuracy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tokenizers import Tokenizer
 
     from seqtrain.config import Config
@@ -36,12 +38,14 @@ def evaluate(
     limit: int | None = None,
     data_cfg: Any = None,
     collect: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Stream a split in length-sorted batches and score it.
 
     classification: loss, accuracy, macro P/R/F1, per class, confusion matrix (+ top-k for many classes);
     regression: loss, MAE, RMSE, R², Spearman (+ rounded accuracy for integer targets).
     With `collect`, report["arrays"] holds per-row outputs, targets and token lengths (numpy).
+    `interrupt()` is called after every batch; what it raises ends the evaluation (a training run's stop).
     """
     was_training = model.training
     model.eval()
@@ -68,6 +72,8 @@ def evaluate(
         tokens += int(lengths.sum())
         unk += int((batch["ids"] == UNK_ID).sum())
         bad = batch["position"]["bad_rows"]
+        if interrupt is not None:
+            interrupt()
     model.train(was_training)
     if not targets:
         raise DataError(f"split {split!r} of {data.path!r} has no usable rows to evaluate.")

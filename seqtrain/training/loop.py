@@ -7,7 +7,11 @@
             log(lr) every train.log_every  (and at the last step); the progress bar otherwise
             evaluate() every train.eval_every steps; True stops the run (early stopping, a pruner)
         the rows torchrun's ranks left out of the epoch are noted; without eval_every, evaluate()
-    evaluate() once more unless this step was just evaluated; a signal during it is honoured too
+    evaluate() once more unless this step was just evaluated
+
+A stop signal during an evaluation ends the run right after it, with last/ at its step: the recipe
+abandons the evaluation at its next batch (StopSignals.check) and saves last/ without it, marked with
+not_evaluated, and a resume runs that evaluation first.
 
 The recipe's step, log line and evaluation are plain function arguments: the loop knows no model or
 metric.
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from seqtrain.data import make_loader
-from seqtrain.runtime import broadcast, epoch_rows, interrupted, next_batch, note_dropped_rows
+from seqtrain.runtime import all_reduce, broadcast, epoch_rows, interrupted, next_batch, note_dropped_rows
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -84,7 +88,8 @@ def run_loop(
     stream()      the training stream of run.state.epoch, from the state's position
     step(batch)   one optimizer step on the batch; advances run.state and returns the lr it used
     log(lr)       the train line, every train.log_every steps and at the last
-    evaluate()    evaluate and save a checkpoint; True stops the run here
+    evaluate()    evaluate and save a checkpoint; True stops the run here. On a stop signal (stop.check
+                  between its batches) it abandons the evaluation and saves last/ after not_evaluated
     save_last()   a checkpoint without evaluation (a stop signal)
     waited(s)     the seconds spent waiting for each batch
     """
@@ -101,6 +106,9 @@ def run_loop(
     )
     state, t = run.state, run.cfg.train
     early_stop, batches = False, None
+    due = state.step % t.eval_every == 0 if t.eval_every else not state.positions  # else: an epoch's start
+    if state.step and state.step != state.last_eval_step and due:
+        early_stop = run_evaluation(loop)  # resumed from an evaluation that a stop signal cut short
     while state.epoch < t.epochs and state.step < run.total_steps and not early_stop:
         batches = iter(make_loader(stream(), run.workers))
         epoch_done, early_stop = run_epoch(loop, batches)
@@ -117,14 +125,29 @@ def run_loop(
             )
         state.next_epoch()
         if not t.eval_every and state.step != state.last_eval_step:
-            state.last_eval_step = state.step
-            early_stop = evaluate()
+            early_stop = run_evaluation(loop)
     if state.step != state.last_eval_step:
-        state.last_eval_step = state.step  # saved with it: a resume does not evaluate this step again
-        evaluate()
-    if broadcast(stop.signum is not None, run.world):  # a signal in the last evaluation: honoured too
+        run_evaluation(loop)
+    elif broadcast(stop.signum is not None, run.world):  # a signal since: last/ holds this step
         raise interrupted(stop, state.step, verb, run.config_path)
     return batches
+
+
+def run_evaluation(loop: Loop) -> bool:
+    """The recipe's evaluation and checkpoint at this step; True stops the run early. A stop signal on any
+    rank before it ends (the recipe abandons it then, see not_evaluated) ends the run here: every rank has
+    just taken part in the checkpoint of this step."""
+    run = loop.run
+    run.state.last_eval_step = run.state.step  # saved with it: a resume does not evaluate this step again
+    early_stop = loop.evaluate()
+    if all_reduce([float(loop.stop.signum is not None)], run.world, op="max")[0]:
+        raise interrupted(loop.stop, run.state.step, loop.verb, run.config_path)
+    return early_stop
+
+
+def not_evaluated(state: TrainState) -> None:
+    """An evaluation abandoned for a stop signal: the checkpoint saved next leaves its step to the resume."""
+    state.last_eval_step = -1
 
 
 def run_epoch(loop: Loop, batches: Iterator[dict[str, Any]]) -> tuple[bool, bool]:
@@ -147,7 +170,5 @@ def run_epoch(loop: Loop, batches: Iterator[dict[str, Any]]) -> tuple[bool, bool
             loop.log(lr)
         else:
             loop.bar.update(state.step)
-        if t.eval_every and state.step % t.eval_every == 0:
-            state.last_eval_step = state.step
-            if loop.evaluate():
-                return False, True
+        if t.eval_every and state.step % t.eval_every == 0 and run_evaluation(loop):
+            return False, True
