@@ -119,9 +119,12 @@ class ModelConfig:
     ngrams: int = 0
     """A wide path beside the recurrent one: a linear model over the presence of each text's 1..ngrams-grams
     (unigrams by token id, longer n-grams hashed into ngram_buckets), its output averaged with the recurrent
-    head's. In training each text is scored by the recurrent path alone, the n-gram path alone or their
-    average (a third of the texts each), so neither path leans on the other. 0 = off; 2 (unigrams and
-    bigrams) is the usual choice."""
+    head's at evaluation and prediction. In training each path has its own loss on the same batch, so
+    neither leans on the other. 0 = off; 2 (unigrams and bigrams) is the usual choice."""
+    ngram_weighting: Literal["none", "nb"] = "none"
+    """model.ngrams with classes: `nb` scales each n-gram by its naive Bayes log-count ratio (counted on the
+    training split when a run starts, saved with the weights), as NB-weighted logistic regression does, so
+    telling n-grams learn first; `none`: plain presence."""
     ngram_buckets: int = 1048576
     """Hash buckets for the n-grams longer than one token (model.ngrams >= 2); each holds one weight per
     output."""
@@ -592,6 +595,16 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {p}.")
     if not 0 <= cfg.model.ngrams <= 3:
         raise ConfigError(f"model.ngrams must be 0 (off), 1, 2 or 3, got {cfg.model.ngrams}.")
+    if cfg.model.ngram_weighting == "nb" and not cfg.model.ngrams:
+        raise ConfigError(
+            "model.ngram_weighting: nb weights the n-gram path, which is off (model.ngrams: 0). "
+            "Set model.ngrams: 2, or model.ngram_weighting: none."
+        )
+    if cfg.model.ngram_weighting == "nb" and cfg.model.task == "regression":
+        raise ConfigError(
+            "model.ngram_weighting: nb counts n-grams per class; model.task is regression. "
+            "Set model.ngram_weighting: none."
+        )
     if cfg.model.ngram_buckets < 1:
         raise ConfigError(f"model.ngram_buckets must be at least 1, got {cfg.model.ngram_buckets}.")
     if cfg.model.emd_weight < 0:

@@ -27,7 +27,13 @@ from seqtrain.errors import ConfigError
 from seqtrain.inference.evaluation import evaluate
 from seqtrain.losses import task_loss, to_scores
 from seqtrain.metrics import MetricsLog, is_better
-from seqtrain.model import Classifier, build_model, count_parameters, load_pretrained_embeddings
+from seqtrain.model import (
+    Classifier,
+    build_model,
+    count_parameters,
+    load_pretrained_embeddings,
+    naive_bayes_scale,
+)
 from seqtrain.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from seqtrain.runtime import (
     EvaluationStopped,
@@ -350,6 +356,8 @@ def setup(cfg: Config, resume: bool, config_path: str) -> ClassifierRun:
         state = restore(saved, model, optimizer, rank, weights)
     else:
         start_from_pretrained(cfg, model, tokenizer, run_info, rank)
+        if model.ngram_scale is not None:
+            count_ngram_ratios(cfg, model, tokenizer, labels)
     if cfg.model.freeze_embeddings:
         model.embedding.weight.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False) if t.ema_decay else None
@@ -412,6 +420,27 @@ def start_from_pretrained(
         if not any(name.startswith("layers.") for name in encoder):
             what = "word vectors (the embeddings; the recurrent layers start fresh)"
         console.info(f"{what} from {cfg.model.init_from}; the head starts fresh")
+
+
+def count_ngram_ratios(cfg: Config, model: Classifier, tokenizer: Tokenizer, labels: Labels) -> None:
+    """model.ngram_weighting nb, fresh runs: one pass over the whole training split, as the model reads it
+    (every rank counts it all, so the ratios agree without a collective); resumed runs load them."""
+    t0 = time.perf_counter()
+    stream = BatchStream(
+        cfg.data,
+        cfg.data.train_split,
+        tokenizer,
+        labels,
+        256,
+        shuffle=False,
+        limit=cfg.data.max_train_examples,
+    )
+    assert model.ngram_scale is not None
+    scale, texts = naive_bayes_scale(stream, cfg.model, tokenizer.get_vocab_size(), labels.outputs)
+    model.ngram_scale.copy_(scale)
+    console.info(
+        f"n-gram path: naive Bayes ratios from {texts:,} training texts ({time.perf_counter() - t0:.1f}s)"
+    )
 
 
 def ngram_path_loss(run: ClassifierRun, y: torch.Tensor) -> torch.Tensor:

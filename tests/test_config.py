@@ -65,6 +65,10 @@ def test_range_check(tmp_path: Path) -> None:
         load_config(write(tmp_path, "train:\n  layer_lr_decay: 0\n"))
     with pytest.raises(ConfigError, match=r"train.unfreeze_every must be >= 0, got -3"):
         load_config(write(tmp_path, "train:\n  unfreeze_every: -3\n"))
+    with pytest.raises(ConfigError, match=r"model.ngram_weighting: nb weights the n-gram path, which is off"):
+        load_config(write(tmp_path, "model:\n  ngram_weighting: nb\n"))
+    with pytest.raises(ConfigError, match=r"nb counts n-grams per class; model.task is regression"):
+        load_config(write(tmp_path, "model:\n  ngram_weighting: nb\n  ngrams: 2\n  task: regression\n"))
 
 
 def test_int_accepted_for_float_but_not_bool_for_int(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ MODELS = {
         "pooling": "mean",
         "ngrams": 2,
         "ngram_buckets": 4096,
+        "ngram_weighting": "nb",  # the naive Bayes ratios travel as a constant of the graph
     },
 }
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from seqtrain.config import ModelConfig
+from seqtrain.encoding import PAD_ID
 from seqtrain.model import build_model, reverse_within_length
 
 
@@ -172,6 +173,32 @@ def test_the_ngram_path_is_averaged_in_and_trained_on_its_own_loss() -> None:
     F.cross_entropy(model.wide_output, torch.tensor([0, 1, 2, 0])).backward()
     assert model.head.weight.grad is None and model.ngram_weights.weight.grad.abs().sum() > 0
     assert float(model.ngram_weights.weight.grad[0].abs().sum()) == 0.0  # the padding row stays zero
+
+
+def test_naive_bayes_ratios_rank_the_ngrams_that_tell_the_classes_apart() -> None:
+    from seqtrain.model import naive_bayes_scale, ngram_logits
+
+    cfg = ModelConfig(cell="gru", embedding_dim=8, hidden_size=8, ngrams=1, ngram_buckets=4)
+    # token 5 only in class-1 texts, token 6 only in class 0, token 7 in every text
+    ids = torch.tensor([[5, 7, 0], [5, 7, 5], [6, 7, 0], [6, 7, 0]])
+    batches = [{"ids": ids, "lengths": torch.tensor([2, 3, 2, 2]), "labels": torch.tensor([1, 1, 0, 0])}]
+    scale, texts = naive_bayes_scale(batches, cfg, vocab_size=10, num_classes=2)  # (V + buckets, C)
+    assert texts == 4 and scale.shape == (14, 2)
+    assert torch.equal(scale[:, 0], scale[:, 1])  # two classes: one ratio, both columns
+    assert scale[5, 1] > scale[7, 1] and scale[6, 1] > scale[7, 1]
+    assert float(scale[7, 1]) < 1e-6 and float(scale[PAD_ID].abs().sum()) == 0.0
+    # presence, not counts: token 5 twice in a text counts once, so 5 and 6 weigh the same
+    assert torch.allclose(scale[5], scale[6])
+    # the scale multiplies each feature's weights; all ones changes nothing
+    model = ngram_model(ngram_weighting="nb")
+    assert model.ngram_scale is not None and model.ngram_scale.shape == (20 + 64, 3)
+    x, lengths = torch.randint(2, 20, (4, 7)), torch.tensor([7, 5, 3, 1])
+    plain = ngram_logits(model.ngram_weights, x, lengths, model.cfg)
+    assert torch.allclose(ngram_logits(model.ngram_weights, x, lengths, model.cfg, model.ngram_scale), plain)
+    with torch.no_grad():
+        model.ngram_scale[:20] *= 2.0  # unigrams count double: logits change, and the model uses it
+    assert not torch.allclose(model.eval()(x, lengths), ngram_model().eval()(x, lengths))
+    assert "ngram_scale" in model.state_dict() and "ngram_scale" not in ngram_model().state_dict()
 
 
 def test_a_bounded_regression_averages_two_scores_in_0_1() -> None:

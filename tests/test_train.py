@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from seqtrain.config import to_dict
@@ -43,6 +44,27 @@ def test_tiny_run_writes_a_complete_run_directory(tiny_data: Path, tmp_path: Pat
     assert report["accuracy"] > 0.8, "the synthetic task is easy"
     steps = json.loads((run / "run.json").read_text())["steps_per_epoch"]
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 2 * steps
+
+
+def test_nb_weighting_counts_the_whole_training_split_and_saves_the_ratios(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from seqtrain.checkpoint import load_tensors
+    from seqtrain.data import BatchStream
+    from seqtrain.encoding import read_run_files
+    from seqtrain.model import naive_bayes_scale
+
+    model = {"ngrams": 2, "ngram_buckets": 512, "ngram_weighting": "nb"}
+    cfg = tiny_config(tiny_data, tmp_path / "run", model=model, train={"max_steps": 3})
+    train(cfg)
+    saved = load_tensors((tmp_path / "run" / "last" / "model.safetensors").resolve())["ngram_scale"]
+    # the same ratios from the same split cut into other batches: nothing depends on how it is batched
+    tokenizer, labels = read_run_files(tmp_path / "run")
+    stream = BatchStream(cfg.data, "train", tokenizer, labels, 7, shuffle=False)
+    expected, texts = naive_bayes_scale(stream, cfg.model, tokenizer.get_vocab_size(), 2)
+    assert texts == json.loads((tmp_path / "run" / "run.json").read_text())["num_train_examples"]
+    assert torch.allclose(saved, expected) and saved.std() > 0  # counted, not left at ones
+    assert saved[0].abs().sum() == 0  # padding
 
 
 def test_same_seed_same_weights_other_seed_differs(tiny_data: Path, tmp_path: Path) -> None:
@@ -97,7 +119,7 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
     [
         (0, [10, 30], None, None, False, 0),
         (0, ["epoch"], None, None, False, 0),
-        (0, [10], 0.99, None, False, 2),  # with model.ngrams' table and its optimizer state too
+        (0, [10], 0.99, None, False, 2),  # model.ngrams: its table, optimizer state and NB ratios too
         (2, [10], None, 0.2, False, 0),
         (2, [10, 50], None, None, True, 0),
     ],
@@ -125,7 +147,7 @@ def test_sigkill_then_resume_is_bitwise_identical(
             tiny_data,
             tmp_path / out,
             data={"num_workers": workers, "validation_split": held},
-            model={"ngrams": ngrams, "ngram_buckets": 4096},
+            model={"ngrams": ngrams, "ngram_buckets": 4096, "ngram_weighting": "nb" if ngrams else "none"},
             train={"epochs": 2, "eval_every": 10, "log_every": 5, "ema_decay": ema, "vat_eps": float(vat)},
             pretrain={"path": str(unlabeled) if vat else None},
         )
