@@ -739,6 +739,63 @@ def test_workers_share_the_socket_and_metrics_sum_over_them(run_dir: Path) -> No
         assert proc.wait(timeout=30) == 0
 
 
+def per_worker(url: str, name: str) -> dict[str, float]:
+    """One series of /metrics per worker: {pid: value}."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {pid: float(v) for pid, v in re.findall("^" + name + r'\{pid="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def keep_alive_clients(url: str, clients: int, requests: int) -> list[int]:
+    """`clients` keep-alive connections opened at once (as a load generator or a proxy's pool opens
+    them: all waiting to be accepted together), each asking /info which worker holds it and then
+    POSTing `requests` texts one after another; the pid of each connection's worker."""
+    port = int(url.rsplit(":", 1)[1])
+    pool = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(clients)]
+    pids = []
+    try:
+        for sock in pool:
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, answer = read_answer(sock)
+            assert status == 200
+            pids.append(int(answer["pid"]))
+        for text in sst2_texts(requests):
+            body = json.dumps({"text": text}).encode()
+            for sock in pool:
+                head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+                sock.sendall(head.encode() + body)
+                assert read_answer(sock)[0] == 200
+    finally:
+        for sock in pool:
+            sock.close()
+    return pids
+
+
+@pytest.mark.subprocess
+def test_both_workers_serve_a_few_keep_alive_clients(run_dir: Path) -> None:
+    """--workers 2 and 8 keep-alive connections opened at once (a few clients, or a proxy's pool): both
+    workers serve requests, and /metrics counts each worker's. On one shared listening socket the
+    worker that woke first accepted every connection waiting, and the other core idled."""
+    proc, u = start_command(run_dir, "--workers", "2")
+    with stopped_at_the_end(proc):
+        deadline = time.monotonic() + 60
+        while metric(u, "seqtrain_ready_workers") < 2:
+            assert time.monotonic() < deadline, "the second worker did not become ready"
+            time.sleep(0.05)
+        # the kernel spreads connections by a hash: all 8 on one worker has odds of 1 in 128 a round
+        for _ in range(3):
+            before = per_worker(u, "seqtrain_worker_requests")
+            pids = keep_alive_clients(u, 8, 5)
+            if len(set(pids)) == 2:
+                break
+        assert len(set(pids)) == 2, f"all 8 connections went to worker {pids[0]}"
+        served = per_worker(u, "seqtrain_worker_requests")
+        assert set(served) == {str(p) for p in set(pids)}
+        for pid in set(pids):  # each worker ran exactly its connections' requests
+            assert served[str(pid)] - before.get(str(pid), 0) == 5 * pids.count(pid), (served, pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 # --------------------------------------------------------------------------- hostile clients
 
 

@@ -13,8 +13,9 @@
                     texts per forward pass, texts waiting
     GET  /          a page to try the model: the label, a bar per class, the words that drove it
 
---workers processes (default: one per physical core, each model on one thread) share one listening
-socket (http.py); each batches its own requests (batcher.py). Overload and bad input answer with a
+--workers processes (default: one per physical core, each model on one thread) listen on the one port
+(on Linux each on its own socket, the kernel spreading the connections; http.py); each batches its
+own requests (batcher.py). Overload and bad input answer with a
 JSON error ({"error": message, "status": code}) and touch no other request (requests.py): a full
 queue is 503 with Retry-After (so memory stays flat under a flood), too many texts, tokens or bytes
 is 413, a body that is not UTF-8 is 400, a body that is not JSON or has the wrong shape is 422, a

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,12 +41,23 @@ CONNECTIONS = "seqtrain.connections"  # the lifespan state's key for this worker
 
 
 class Connections:
-    """Open HTTP connections of this worker (http.GuardedProtocol counts them): how many requests
-    could still join a micro-batch."""
+    """Open HTTP connections of this worker (http.ReadTimeout counts them): how many requests could
+    still join a micro-batch; also in /metrics (seqtrain_worker_connections)."""
 
-    def __init__(self, read_timeout_s: float | None = None) -> None:
+    def __init__(self, read_timeout_s: float | None = None, gauge: Gauge | None = None) -> None:
         self.open = 0
         self.read_timeout_s = read_timeout_s  # for a request's headers (None: no limit)
+        self.gauge = gauge
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.gauge is not None:
+            self.gauge.inc()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.gauge is not None:
+            self.gauge.dec()
 
 
 class Service:
@@ -71,7 +83,7 @@ class Service:
         self.target, self.opts, self.on_failure = target, opts, on_failure
         self.load = load or self.load_target
         self.metrics = Metrics()
-        self.connections = Connections(opts.read_timeout_s)
+        self.connections = Connections(opts.read_timeout_s, self.metrics.worker_connections)
         self.batcher: Batcher | None = None
         self.info: dict[str, Any] | None = None
         self.failure: BaseException | None = None

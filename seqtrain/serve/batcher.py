@@ -349,6 +349,7 @@ class Batcher:
                 ]
             )
         self.metrics.texts.inc(len(texts))
+        self.metrics.worker_requests.inc(len(batch))
         return out
 
     def check_explain(self, texts: list[str], admitted: bool = False) -> None:

@@ -1,8 +1,10 @@
-"""The HTTP server around the app: uvicorn, one process or several sharing one listening socket.
+"""The HTTP server around the app: uvicorn, one process or several on the one port.
 
 With --workers N > 1, uvicorn's multiprocess supervisor (uvicorn.supervisors.Multiprocess) starts N
-worker processes on the socket the command bound, checks they answer, and replaces one that dies;
-each worker loads the model on its own --threads. /metrics sums every worker's series
+worker processes, checks they answer, and replaces one that dies; each worker loads the model on its
+own --threads. On Linux each worker listens on a socket of its own, all on the same port with
+SO_REUSEPORT, and the kernel spreads the connections over them (one_socket_each); elsewhere they
+share one socket. /metrics sums every worker's series
 (metrics.py); /ready, /info and /health describe the worker that answers.
 
 Slow clients: a connection must deliver a request's headers within --read-timeout-s of its first
@@ -71,7 +73,7 @@ class ReadTimeout:
         self.bytes_seen = False
         self.counter: Connections | None = self.app_state.get(CONNECTIONS)
         if self.counter is not None:
-            self.counter.open += 1
+            self.counter.opened()
         self.arm()
 
     def data_received(self, data: bytes) -> None:
@@ -85,7 +87,7 @@ class ReadTimeout:
             self.read_timer.cancel()
             self.read_timer = None
         if self.counter is not None:
-            self.counter.open -= 1
+            self.counter.closed()
             self.counter = None
         super().connection_lost(exc)  # type: ignore[misc]
 
@@ -220,6 +222,41 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+BACKLOG = 2048  # connections waiting to be accepted, per listening socket
+
+
+def one_socket_each(sock: socket.socket, count: int) -> list[socket.socket]:
+    """`count` listening sockets on the address `sock` is bound to, one per worker, each with
+    SO_REUSEPORT: the kernel spreads new connections over them (by a hash of the client's address and
+    port). On one shared socket, whichever worker wakes first accepts every connection waiting, so at a
+    few keep-alive clients one worker took nearly all of them and the other idled. `sock` (bound
+    without SO_REUSEPORT, so that a port in use, by a server with SO_REUSEPORT too, was refused) is
+    closed and its port taken at once. They listen here: a connection that reaches a worker still
+    starting, or one being replaced, waits for it. Not on Linux (where SO_REUSEPORT does not spread
+    connections, or is missing): [sock], shared."""
+    if count < 2 or not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        return [sock]
+    address = sock.getsockname()
+    family = sock.family
+    sock.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            each = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see listen()
+            sockets.append(each)
+            each.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            each.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            each.bind(address)
+            each.listen(BACKLOG)
+            each.set_inheritable(True)
+    except OSError as e:
+        for each in sockets:
+            each.close()
+        host, port = address[:2]
+        raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror} (--host, --port).") from None
+    return sockets
+
+
 def fastest(module: str, name: str) -> str:
     """uvicorn's `loop` setting: the C implementation when it is installed, else uvicorn's own."""
     try:
@@ -231,11 +268,11 @@ def fastest(module: str, name: str) -> str:
 
 def server_config(app: Any, opts: ServeOptions, overrides: dict[str, Any] | None = None) -> uvicorn.Config:
     """uvloop and httptools when installed (the serve extra has them), with the read timeout; no
-    access log; a backlog of 2,048 connections."""
+    access log; a backlog of BACKLOG connections."""
     settings: dict[str, Any] = {
         "loop": fastest("uvloop", "uvloop"),
         "http": "httptools",
-        "backlog": 2048,
+        "backlog": BACKLOG,
         "proxy_headers": False,  # no X-Forwarded-* rewriting on every request: there is no access log
         **(overrides or {}),
     }
@@ -297,20 +334,23 @@ class WorkerProcess(Process):
 
 
 class Workers(Multiprocess):
-    """uvicorn's supervisor, starting WorkerProcess; after SIGTERM it waits for the workers up to
-    the grace period and a little more, then kills what is left."""
+    """uvicorn's supervisor, starting WorkerProcess, each on its own socket of `sockets` when there is
+    one per worker (one_socket_each; a worker replaced takes over its socket), else all on the one;
+    after SIGTERM it waits for the workers up to the grace period and a little more, then kills what
+    is left."""
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], grace_s: float) -> None:
         super().__init__(config, sockets)
         self.grace_s = grace_s
 
-    def start_one(self) -> WorkerProcess:
-        process = WorkerProcess(self.config, self.sockets)
+    def start_one(self, slot: int) -> WorkerProcess:
+        own = len(self.sockets) == self.processes_num
+        process = WorkerProcess(self.config, [self.sockets[slot]] if own else self.sockets)
         process.start()
         return process
 
     def init_processes(self) -> None:
-        self.processes = [self.start_one() for _ in range(self.processes_num)]
+        self.processes = [self.start_one(slot) for slot in range(self.processes_num)]
 
     def keep_subprocess_alive(self) -> None:
         if self.should_exit.is_set():
@@ -328,7 +368,7 @@ class Workers(Multiprocess):
             if self.should_exit.is_set():
                 return
             logger.warning(f"worker {process.pid} died (exit code {process.exitcode}); starting another")
-            self.processes[idx] = self.start_one()
+            self.processes[idx] = self.start_one(idx)
 
     def handle_hup(self) -> None:
         logger.warning("SIGHUP ignored: restart `seqtrain serve` to load a new checkpoint")
@@ -394,19 +434,21 @@ def serve(target: Path, opts: ServeOptions) -> None:
         server.exit_now_if_busy()
         return
     with tempfile.TemporaryDirectory(prefix="seqtrain-serve-") as folder:
+        sockets = one_socket_each(sock, workers)
         previous = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = folder  # read by the workers' prometheus_client
         try:
             config = server_config(AppFactory(target, opts), opts)
             config.workers = workers
-            supervisor = Workers(config, [sock], opts.grace_s)
+            supervisor = Workers(config, sockets, opts.grace_s)
             supervisor.run()
         finally:
             if previous is None:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:
                 os.environ[MULTIPROC_ENV] = previous
-            sock.close()
+            for each in sockets:
+                each.close()
         failed = supervisor.failures(Path(folder))
     if failed:
         raise CheckpointError(failed[0])

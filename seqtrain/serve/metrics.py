@@ -2,14 +2,17 @@
 
 With several workers, every worker writes its series to files in PROMETHEUS_MULTIPROC_DIR
 (prometheus_client's multiprocess mode; `serve` sets it to a temporary folder) and /metrics, whichever
-worker answers it, sums them over all workers. With one process in a thread (the tests), each app
-keeps its series in a registry of its own.
+worker answers it, sums them over all workers, except seqtrain_worker_connections and
+seqtrain_worker_requests: one series per live worker, labelled with its pid, to show how the
+connections and the load are spread. With one process in a thread (the tests), each app keeps its
+series in a registry of its own.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,22 +53,26 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
         )
-        self.queue = Gauge(
-            "seqtrain_queue_texts", "Texts waiting for the model.", registry=r, multiprocess_mode="livesum"
-        )
-        self.explaining = Gauge(
-            "seqtrain_explain_requests",
-            "/explain requests waiting or running.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.ready = Gauge(
-            "seqtrain_ready_workers",
-            "Worker processes whose model is loaded and not shutting down.",
-            registry=r,
-            multiprocess_mode="livesum",
+
+        def gauge(name: str, text: str, mode: Literal["livesum", "liveall"] = "livesum") -> Gauge:
+            """Summed over the live workers ("livesum"), or one series per live worker ("liveall")."""
+            return Gauge(name, text, registry=r, multiprocess_mode=mode)
+
+        self.queue = gauge("seqtrain_queue_texts", "Texts waiting for the model.")
+        self.explaining = gauge("seqtrain_explain_requests", "/explain requests waiting or running.")
+        self.ready = gauge(
+            "seqtrain_ready_workers", "Worker processes whose model is loaded and not shutting down."
         )
         self.texts = Counter("seqtrain_texts", "Texts predicted.", registry=r)
+        # one series per worker (a pid label): how the connections and the load are spread
+        self.worker_connections = gauge(
+            "seqtrain_worker_connections", "Open HTTP connections of each worker process.", "liveall"
+        )
+        self.worker_requests = gauge(
+            "seqtrain_worker_requests",
+            "/predict requests each worker process has run through its model.",
+            "liveall",
+        )
 
     def exposition(self) -> bytes:
         """The Prometheus text: this process's series, or every worker's summed."""

@@ -26,7 +26,7 @@ class ServeOptions:
     grace_s: int = 30  # after SIGTERM, how long the requests in flight get to finish
     log_level: str = "info"
     threads: int | None = None  # each worker's model threads; None: see model_threads
-    workers: int | None = None  # model processes sharing the listening socket; None: the physical cores
+    workers: int | None = None  # model processes on the one port; None: the physical cores
     # a client must send a request's headers, and then its body, within this many seconds
     read_timeout_s: float = 10.0
     explain_max_texts: int = 16  # texts in one /explain request; more: 413
