@@ -834,6 +834,35 @@ def test_a_long_explain_does_not_stall_predict(run_dir: Path) -> None:
             assert explaining.result(timeout=60).status_code == 200
 
 
+def test_explain_takes_at_most_its_share_of_a_busy_model() -> None:
+    """Closed-loop clients leave the queue empty for a moment between /predict batches (the answers
+    are on their way, the next requests not yet in): an /explain slice must not start in every such
+    gap, or /predict gets half the model and its latency doubles. The model's time is checked here
+    with the gate alone: back-to-back batches of 1 ms, 0.3 ms apart, against slices of 1 ms."""
+    from seqtrain.serve.batcher import EXPLAIN_SHARE, Gate
+
+    gate = Gate(lambda: 0)  # nothing queued: the gaps
+    stop = time.monotonic() + 1.0
+    held = {"predict": 0.0, "explain": 0.0}
+
+    def run(kind: str) -> None:
+        while time.monotonic() < stop:
+            with gate.first() if kind == "predict" else gate.after():
+                began = time.monotonic()
+                time.sleep(0.001)
+                held[kind] += time.monotonic() - began
+            if kind == "predict":
+                time.sleep(0.0003)
+
+    threads = [threading.Thread(target=run, args=(kind,)) for kind in held]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    share = held["explain"] / (held["explain"] + held["predict"])
+    assert 0 < share <= 2.5 * EXPLAIN_SHARE, held  # and /explain still gets its share
+
+
 def test_explain_has_its_own_budget_and_queue(run_dir: Path, url: str) -> None:
     many = post(url, {"texts": ["good"] * 17}, path="/explain")
     assert many.status_code == 413 and "--explain-max-texts" in many.json()["error"]

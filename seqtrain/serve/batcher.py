@@ -12,10 +12,10 @@ Each request gets back only its own results, in order.
 
 /explain requests have their own bounded queue (--explain-queue), their own thread (one explained
 at a time) and a budget of texts and tokens per request. Occlusion runs many forward passes; they
-go through the model in slices of about EXPLAIN_SLICE_TOKENS tokens, and a slice starts only while
-no /predict batch waits (after EXPLAIN_PATIENCE_S of waiting, it starts between two batches), so a
-/predict batch waits for at most one slice. The model computes one thing at a time in a worker: a
-worker uses the cores its --threads give it, /explain included.
+go through the model in slices sized (from the slices timed so far) to take about EXPLAIN_SLICE_S,
+and, while /predict is busy, they take at most EXPLAIN_SHARE of the model's time (Gate), so a
+/predict batch waits for at most one slice, and rarely. The model computes one thing at a time in
+a worker: a worker uses the cores its --threads give it, /explain included.
 
 The model's threads are daemon threads: a forward pass that outlives the grace period after SIGTERM
 does not hold the process's exit.
@@ -44,8 +44,9 @@ from seqtrain.serve.requests import ApiError
 from seqtrain.serve.target import measure_cost
 
 T = TypeVar("T")
-EXPLAIN_SLICE_TOKENS = 4096  # padded tokens per forward pass of /explain (rows x longest row)
-EXPLAIN_PATIENCE_S = 0.5  # how long an /explain slice gives way to /predict batches that keep coming
+EXPLAIN_SLICE_S = 0.002  # what one /explain forward pass aims to take: the most a /predict batch waits
+EXPLAIN_SLICE_TOKENS = 512  # padded tokens (rows x longest row) of the first /explain pass: none timed yet
+EXPLAIN_SHARE = 0.1  # of the model's time /explain may take from a busy /predict (all of an idle one)
 EXPLAIN_BATCH = 256  # rows per length-sorted batch, as `seqtrain explain` batches them
 
 
@@ -105,14 +106,20 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 class Gate:
-    """The model computes one thing at a time: /predict batches first; an /explain slice only while no
-    batch waits for the model and none is queued (`pending`), or once it has waited `patience_s`."""
+    """The model computes one thing at a time: /predict batches first. An /explain slice starts when
+    no batch runs or waits for the model; and while /predict is busy (a batch is queued, or one ran
+    since the last slice), only once it has rested (1 / share - 1) times as long as its last slice
+    took, so /explain takes at most `share` of the model (and of the worker's core) from a busy
+    /predict, and all of an idle one."""
 
-    def __init__(self, pending: Callable[[], int], patience_s: float = EXPLAIN_PATIENCE_S) -> None:
+    def __init__(self, pending: Callable[[], int], share: float = EXPLAIN_SHARE) -> None:
         self.cond = threading.Condition()
         self.busy = False
         self.urgent = 0  # /predict batches waiting for the model
-        self.pending, self.patience_s = pending, patience_s
+        self.batches = 0  # /predict batches run so far
+        self.pending, self.share = pending, share
+        self.seen = 0  # `batches` when the last /explain slice ended
+        self.rest_until = 0.0  # monotonic: when /explain may take the model from a busy /predict again
 
     @contextlib.contextmanager
     def first(self) -> Iterator[None]:
@@ -122,6 +129,7 @@ class Gate:
                 self.cond.wait()
             self.urgent -= 1
             self.busy = True
+            self.batches += 1
         try:
             yield
         finally:
@@ -129,15 +137,24 @@ class Gate:
 
     @contextlib.contextmanager
     def after(self) -> Iterator[None]:
-        give_way_until = time.monotonic() + self.patience_s
         with self.cond:
-            while self.busy or self.urgent or (self.pending() and time.monotonic() < give_way_until):
-                # a queued batch does not notify: look again shortly
-                self.cond.wait(0.002 if not self.busy and not self.urgent else None)
+            while True:
+                if self.busy or self.urgent:
+                    self.cond.wait()
+                    continue
+                left = self.rest_until - time.monotonic()
+                if left <= 0 or not (self.pending() or self.batches != self.seen):
+                    break
+                self.cond.wait(min(left, 0.002))  # a queued batch does not notify: look again shortly
             self.busy = True
+        began = time.monotonic()
         try:
             yield
         finally:
+            ended = time.monotonic()
+            with self.cond:
+                self.seen = self.batches
+                self.rest_until = ended + (ended - began) * (1 / self.share - 1)
             self._release()
 
     def _release(self) -> None:
@@ -146,15 +163,32 @@ class Gate:
             self.cond.notify_all()
 
 
+class SliceSize:
+    """Padded tokens per /explain forward pass (rows x longest row), set from the passes timed so far
+    so that one takes about `seconds`: the same wait for /predict whether the model is a small GRU on
+    sentences or an LSTM on long reviews, and whether the machine is free or loaded."""
+
+    def __init__(self, seconds: float, tokens: float) -> None:
+        self.seconds, self.tokens = seconds, tokens
+
+    def rows(self, longest: int) -> int:
+        return max(1, int(self.tokens) // max(longest, 1))
+
+    def timed(self, tokens: int, elapsed: float) -> None:
+        """A pass of `tokens` padded tokens took `elapsed` s: halfway to the size that takes `seconds`."""
+        if elapsed > 0:
+            self.tokens = min(max((self.tokens + tokens * self.seconds / elapsed) / 2, 1.0), float(1 << 20))
+
+
 @dataclass
 class GatedModel:
     """The model as /explain sees it: forward passes in slices, each through the gate's `after`,
     batched as `seqtrain explain` batches them (length-sorted, EXPLAIN_BATCH rows) and then cut to
-    about `slice_tokens` padded tokens."""
+    `size`'s padded tokens."""
 
     run: Predictor
     gate: Gate
-    slice_tokens: int = EXPLAIN_SLICE_TOKENS
+    size: SliceSize
 
     @property
     def config(self) -> Any:
@@ -174,11 +208,15 @@ class GatedModel:
         out: np.ndarray | None = None
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rows = max(1, self.slice_tokens // max(int(lengths[idx[-1]]), 1))
-            for at in range(0, len(idx), rows):
-                part = idx[at : at + rows]
+            at = 0
+            while at < len(idx):
+                longest = int(lengths[idx[-1]])
+                part = idx[at : at + self.size.rows(longest)]
+                at += len(part)
                 with self.gate.after():
+                    began = time.perf_counter()
                     probs = self.run.probs([seqs[i] for i in part], len(part))
+                    self.size.timed(len(part) * longest, time.perf_counter() - began)
                 if out is None:
                     out = np.zeros((len(seqs), probs.shape[1]), np.float32)
                 out[part] = probs
@@ -213,10 +251,12 @@ class Batcher:
     model_thread: ModelThread = field(default_factory=lambda: ModelThread("seqtrain-model"))
     explain_thread: ModelThread = field(default_factory=lambda: ModelThread("seqtrain-explain"))
     gate: Gate = field(init=False)
+    slices: SliceSize = field(init=False)  # of /explain's forward passes, kept from one request to the next
     running: bool = False  # a batch is on the model's thread
 
     def __post_init__(self) -> None:
         self.gate = Gate(lambda: self.waiting)
+        self.slices = SliceSize(EXPLAIN_SLICE_S, EXPLAIN_SLICE_TOKENS)
 
     @property
     def model(self) -> Predictor:
@@ -378,7 +418,7 @@ class Batcher:
         from seqtrain import explain
 
         self.check_explain(texts, admitted)
-        gated = GatedModel(self.model, self.gate)
+        gated = GatedModel(self.model, self.gate, self.slices)
 
         def run() -> list[str]:
             return [
