@@ -69,7 +69,8 @@ wrk:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 # seqtrain serve under 1, 8 and 64 concurrent clients (wrk), beside two ceilings: the sorted forward
-# pass alone and what its worker processes can reach on arrival-order batches (bench/serve.py).
+# pass alone and what its worker processes can reach on arrival-order batches (bench/serve.py); each run's
+# ONNX export at 64 clients; /predict's p99 at 8 clients idle and with /explain running; the soak.
 # The quickstart model on SST-2 sentences, and a short-trained IMDB LSTM on reviews (speed does not
 # depend on training).
 bench-serve: install data wrk

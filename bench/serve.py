@@ -1,7 +1,8 @@
 """`make bench-serve`: texts/s and latency of `seqtrain serve` under concurrent clients, beside two ceilings.
 
     python -m bench.serve TARGET [TARGET ...] [--seconds 20] [--concurrency 1 8 64] [--workers N]
-        [--max-batch-size 64] [--threads T] [--soak 100000] [--python-client] [--output BENCHMARKS.md]
+        [--max-batch-size 64] [--threads T] [--soak 100000] [--no-onnx] [--onnx-concurrency 64]
+        [--explain-seconds 10] [--python-client] [--output BENCHMARKS.md]
 
 TARGET is a run directory or an ONNX export folder; its texts are the run's eval split (SST-2
 validation sentences for the quickstart). Two ceilings, side by side, each measured again for 3 s
@@ -22,7 +23,16 @@ processes), in texts/s and in CPU time per text (process_time: every thread):
 fallback, and the output says so: it costs several times wrk's CPU per request, taken from the server
 on a small machine. Besides texts/s and latency, the CPU time of the server (with its workers) and
 of the clients is read from /proc, so a table can say whether the server or the load generator (or
-other processes) ran out of CPU.
+other processes) ran out of CPU. Each worker's share of the requests is read from /metrics
+(seqtrain_worker_requests, one series per worker pid), and its open connections half-way through.
+
+After each run directory, its ONNX export (`seqtrain export RUN --format onnx`, into a temporary
+folder) is served the same way at --onnx-concurrency clients, against the ceilings of that export
+(the same two, on onnxruntime). Unless --no-onnx.
+
+On each run directory, with wrk: /predict at EXPLAIN_CLIENTS clients for --explain-seconds, idle,
+then again while one client per worker sends /explain requests one after another, each the first
+eval texts that fit serve's default /explain budgets: the p99 of each and their ratio.
 
 Then, on the first TARGET, the soak: --soak requests (100,000 by default; 0 skips it) at
 --soak-concurrency clients, one in 100 malformed (see MALFORMED): every answer's status is checked,
@@ -59,7 +69,7 @@ import pyarrow.parquet as pq
 from bench import common
 
 MAX_REQUESTS = 500_000  # per load: a bound whatever the speed
-HEADING = "## Serving (make bench-serve, issue 19)"
+HEADING = "## Serve under load"
 CEILING_SECONDS = 3.0
 
 
@@ -406,6 +416,24 @@ async def soak(
     return found
 
 
+def per_worker(url: str, name: str) -> dict[str, float]:
+    """One series of /metrics per worker process: {pid: value}."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    return {pid: float(v) for pid, v in re.findall("^" + name + r'\{pid="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def read_connections(url: str, into: dict[str, float]) -> None:
+    into.update(per_worker(url, "seqtrain_worker_connections"))
+
+
+def shares(values: list[float]) -> str:
+    """Each worker's share of the total, largest first: '52/48%'."""
+    total = sum(values) or 1.0
+    return "/".join(f"{100 * v / total:.0f}" for v in sorted(values, reverse=True)) + "%"
+
+
 def scrape(url: str) -> tuple[float, float]:
     """Texts predicted and forward passes run so far, from /metrics."""
     import httpx
@@ -448,32 +476,47 @@ def start_server(target: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
     return proc, f"http://127.0.0.1:{found.group(1)}"
 
 
-def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> dict[str, Any]:
-    """The ceilings and every load on one target, then (if asked) the soak."""
+def bench_target(
+    target: Path,
+    args: argparse.Namespace,
+    soak_requests: int,
+    concurrency: list[int] | None = None,
+    explain_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The ceilings and every load on one target (`concurrency`, else --concurrency), then (if
+    asked) /predict's latency with /explain running beside it, and the soak."""
     texts = eval_texts(target)
     top = Ceiling(target, texts, args.max_batch_size)
     print(f"{target}: {len(texts):,} texts; sorted ceiling {top.measure()[0]:,.0f} texts/s", flush=True)
     proc, url = start_server(target, args)
-    rows, soaked, arrival_top = [], None, None
+    rows, soaked, arrival_top, explained = [], None, None, None
     script = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "bodies.lua"
     try:
         info = wait_ready(url, proc)
         workers = int(info.get("workers") or 1)
         arrival_top = ArrivalCeiling(target, texts, workers)
         asyncio.run(load(url, texts, 1, time.time() + 1.0))  # warm up
-        for n in args.concurrency:
+        for n in concurrency or args.concurrency:
             for p in [0] if args.wrk else sorted({min(p, n) for p in args.client_processes}):
                 # just before, under the same load from other processes; a worker's batch holds at most
                 # its share of the clients
                 cap = min(args.max_batch_size, -(-n // workers))
                 (ceiling, ceiling_us), (arrival, arrival_us) = top.measure(), arrival_top.measure(cap)
-                before = scrape(url)
+                before, served = scrape(url), per_worker(url, "seqtrain_worker_requests")
+                connections: dict[str, float] = {}  # each worker's, half-way through the load
+                halfway = threading.Timer(args.seconds / 2, read_connections, (url, connections))
+                halfway.start()
                 if args.wrk:
                     row = measure_wrk(url, texts, n, args.seconds, proc.pid, script)
                 else:
                     row = measure_load(url, texts, n, p, args.seconds, proc.pid)
+                halfway.join()
                 after = scrape(url)
                 row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                row["worker_requests"] = [
+                    v - served.get(pid, 0.0) for pid, v in per_worker(url, "seqtrain_worker_requests").items()
+                ]
+                row["worker_connections"] = list(connections.values())
                 row.update(ceiling=ceiling, ceiling_us=ceiling_us, arrival=arrival, arrival_us=arrival_us)
                 row["of_ceiling"] = row["texts_per_s"] / ceiling
                 row["of_arrival"] = row["texts_per_s"] / arrival
@@ -487,9 +530,14 @@ def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> 
                     f"clients {row['clients_us_per_text']:.0f}, ceilings {arrival_us:.0f} and "
                     f"{ceiling_us:.0f}; cores: server {row['server_cores']:.2f}, clients "
                     f"{row['clients_cores']:.2f}, others {row['others_cores']:.2f}  "
-                    f"statuses {row['statuses']}",
+                    f"per worker: requests {shares(row['worker_requests'])} "
+                    f"{[int(v) for v in row['worker_requests']]}, connections half-way "
+                    f"{[int(v) for v in row['worker_connections']]}  statuses {row['statuses']}",
                     flush=True,
                 )
+        if explain_seconds and args.wrk:
+            explained = explain_phase(url, texts, top, explain_seconds, proc.pid, script)
+            print("  " + explain_line(explained), flush=True)
         if soak_requests:
             soaked = asyncio.run(soak(url, texts, soak_requests, args.soak_concurrency, proc.pid))
             print("  " + soak_line(soaked, args.soak_concurrency), flush=True)
@@ -501,7 +549,87 @@ def bench_target(target: Path, args: argparse.Namespace, soak_requests: int) -> 
     print(f"  server exit code after SIGTERM: {code}", flush=True)
     model = info_model(target)
     return {"target": str(target), "texts": len(texts), "info": info, "model": model, "loads": rows,
-            "soak": soaked, "exit_code": code}  # fmt: skip
+            "soak": soaked, "explain": explained, "exit_code": code}  # fmt: skip
+
+
+EXPLAIN_CLIENTS = 8  # /predict clients while /explain runs
+
+
+def explain_body(texts: list[str], top: Ceiling, max_texts: int = 16, max_tokens: int = 2048) -> list[str]:
+    """The first eval texts that fit one /explain request under serve's default budgets (texts, and
+    tokens as the model reads them)."""
+    body: list[str] = []
+    tokens = 0
+    for text, seq in zip(texts, top.seqs, strict=True):
+        if len(body) == max_texts or tokens + len(seq) > max_tokens:
+            break
+        body.append(text)
+        tokens += len(seq)
+    return body
+
+
+def explain_phase(
+    url: str, texts: list[str], top: Ceiling, seconds: float, server_pid: int, script: Path
+) -> dict[str, Any]:
+    """/predict at EXPLAIN_CLIENTS wrk clients for `seconds`, idle, then again with one client per
+    worker process sending /explain requests one after another (each a full budget of texts): the
+    p99 of each, and how many explanations ran meanwhile."""
+    import httpx
+
+    idle = measure_wrk(url, texts, EXPLAIN_CLIENTS, seconds, server_pid, script)
+    body = {"texts": explain_body(texts, top)}
+    workers = int(httpx.get(url + "/info").json()["workers"])
+    clients: dict[int, httpx.Client] = {}  # a keep-alive connection on each worker
+    for _ in range(50 * workers):
+        if len(clients) == workers:
+            break
+        client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1))
+        pid = int(client.get("/info").json()["pid"])
+        if pid in clients:
+            client.close()
+        else:
+            clients[pid] = client
+    stop = threading.Event()
+    found: dict[str, Any] = {"statuses": {}, "seconds": []}
+
+    def explainer(client: httpx.Client) -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            status = client.post("/explain", json=body).status_code
+            found["statuses"][status] = found["statuses"].get(status, 0) + 1
+            found["seconds"].append(time.perf_counter() - start)
+
+    running = [threading.Thread(target=explainer, args=(c,), daemon=True) for c in clients.values()]
+    for t in running:
+        t.start()
+    time.sleep(0.5)  # the first explanations under way
+    busy = measure_wrk(url, texts, EXPLAIN_CLIENTS, seconds, server_pid, script)
+    stop.set()
+    for t in running:
+        t.join(timeout=180)
+    for c in clients.values():
+        c.close()
+    return {
+        "clients": EXPLAIN_CLIENTS,
+        "idle": idle,
+        "busy": busy,
+        "ratio": busy["p99_ms"] / idle["p99_ms"],
+        "explain_texts": len(body["texts"]),
+        "explain_workers": len(clients),
+        "explain_statuses": found["statuses"],
+        "explain_s": float(np.median(found["seconds"])) if found["seconds"] else float("nan"),
+    }
+
+
+def explain_line(e: dict[str, Any]) -> str:
+    idle, busy = e["idle"], e["busy"]
+    return (
+        f"/predict at {e['clients']} clients, p99 {idle['p99_ms']:.1f} ms idle, {busy['p99_ms']:.1f} ms "
+        f"while /explain runs on {e['explain_workers']} worker(s) ({e['ratio']:.2f}x; ≤ 2 "
+        f"{common.check(e['ratio'], 2, False)}); p50 {idle['p50_ms']:.1f} and {busy['p50_ms']:.1f} ms; "
+        f"{idle['texts_per_s']:,.0f} and {busy['texts_per_s']:,.0f} texts/s; /explain of "
+        f"{e['explain_texts']} texts: {e['explain_statuses']}, {e['explain_s']:.2f} s median"
+    )
 
 
 def info_model(target: Path) -> str:
@@ -531,35 +659,33 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, command: str,
         f"{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"{minutes:.1f} min; load average {load0:.1f} at the start, {load1:.1f} at the end.",
         "",
-        "| target (model; texts) | clients (processes) | texts/s | ceilings just before: sorted, arrival "
-        "order | ratio to each (≥ 0.8 at 64) | p50 ms (≤ 10 at 1) | p99 ms | mean batch | CPU µs per text: "
-        "server, clients; ceilings | cores: server, clients, others |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| target (model; texts) | clients | texts/s | ceilings just before: arrival order, sorted | "
+        "ratio to each | p50 ms | p99 ms | mean batch | requests per worker | CPU µs per text: server, "
+        "clients; ceilings | cores: server, clients, others |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         info = r["info"]
         name = f"{Path(r['target']).name} ({info['backend']}, {r['model']}; {r['texts']:,})"
         for row in r["loads"]:
-            n = row["concurrency"]
-            ratio = f"{row['of_ceiling']:.2f}" + (
-                f" {common.check(row['of_ceiling'], 0.8)}" if n >= 64 else ""
-            )
-            ratio += f", {row['of_arrival']:.2f}"
-            p50 = f"{row['p50_ms']:.1f}" + (f" {common.check(row['p50_ms'], 10, False)}" if n == 1 else "")
             bad = {k: v for k, v in row["statuses"].items() if k != 200}
             lines.append(
-                f"| {name} | {n} ({row['client_processes']}) | {row['texts_per_s']:,.0f} | "
-                f"{row['ceiling']:,.0f}, {row['arrival']:,.0f} | {ratio} | {p50} | {row['p99_ms']:.1f} | "
-                f"{row['mean_batch']:.1f} | {row['server_us_per_text']:,.0f}, "
-                f"{row['clients_us_per_text']:,.0f}; "
-                f"{row['ceiling_us']:,.0f}, {row['arrival_us']:,.0f} | {row['server_cores']:.2f}, "
+                f"| {name} | {row['concurrency']} | {row['texts_per_s']:,.0f} | "
+                f"{row['arrival']:,.0f}, {row['ceiling']:,.0f} | {row['of_arrival']:.2f}, "
+                f"{row['of_ceiling']:.2f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                f"{row['mean_batch']:.1f} | {shares(row['worker_requests'])} | "
+                f"{row['server_us_per_text']:,.0f}, {row['clients_us_per_text']:,.0f}; "
+                f"{row['arrival_us']:,.0f}, {row['ceiling_us']:,.0f} | {row['server_cores']:.2f}, "
                 f"{row['clients_cores']:.2f}, {row['others_cores']:.2f}"
                 f"{f' (not 200: {bad})' if bad else ''} |"
             )
             name = ""
     lines.append("")
     for r in results:
-        lines.append(f"- {Path(r['target']).name}: the server exited {r['exit_code']} after SIGTERM.")
+        name = f"{Path(r['target']).name} ({r['info']['backend']})"
+        lines.append(f"- {name}: exit {r['exit_code']} after SIGTERM.")
+        if r["explain"]:
+            lines.append(f"- {name}, {explain_line(r['explain'])}.")
         if r["soak"]:
             s = r["soak"]
             ok = (
@@ -568,10 +694,16 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, command: str,
                 and s["answered"] == s["requests"]
                 and (s["rss_growth"] or 0) <= 0.05
             )
-            lines.append(
-                f"- {Path(r['target']).name}, {soak_line(s, args.soak_concurrency)} {'✓' if ok else '✗'}."
-            )
+            lines.append(f"- {name}, {soak_line(s, args.soak_concurrency)} {'✓' if ok else '✗'}.")
     return "\n".join(lines)
+
+
+def export_onnx(run_dir: Path, folder: Path) -> Path:
+    """`seqtrain export RUN --format onnx` into folder/<run name>."""
+    out = folder / run_dir.name
+    command = [sys.executable, "-m", "seqtrain", "export", str(run_dir), "--format", "onnx"]
+    subprocess.run([*command, "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 def main() -> None:
@@ -599,6 +731,20 @@ def main() -> None:
         "--soak", type=int, default=100_000, help="requests, 1%% malformed, on the first TARGET (0: none)"
     )
     parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each run directory, its ONNX export (seqtrain export) at --onnx-concurrency clients",
+    )
+    parser.add_argument("--onnx-concurrency", type=int, nargs="+", default=[64])
+    parser.add_argument(
+        "--explain-seconds",
+        type=float,
+        default=10.0,
+        help=f"on each run directory: /predict at {EXPLAIN_CLIENTS} clients this long idle, then as long "
+        "with /explain running (wrk only; 0: skip)",
+    )
     parser.add_argument("--output", type=Path, default=common.ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -613,7 +759,14 @@ def main() -> None:
         )
     command = shlex.join(["python", "-m", "bench.serve", *sys.argv[1:]])
     start = time.perf_counter()
-    results = [bench_target(t, args, args.soak if i == 0 else 0) for i, t in enumerate(args.targets)]
+    results = []
+    exports = Path(tempfile.mkdtemp(prefix="bench-serve-onnx-"))
+    for i, target in enumerate(args.targets):
+        results.append(bench_target(target, args, args.soak if i == 0 else 0, None, args.explain_seconds))
+        if args.onnx and (target / "checkpoints").is_dir():
+            onnx = export_onnx(target, exports)
+            results.append(bench_target(onnx, args, 0, args.onnx_concurrency))
+    shutil.rmtree(exports, ignore_errors=True)
     block = table(results, args, command, (time.perf_counter() - start) / 60)
     common.write_between_markers(args.output, HEADING, "bench.serve", block)
     print(f"wrote the table into {args.output}", flush=True)
