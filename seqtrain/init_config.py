@@ -405,10 +405,6 @@ def starter_yaml(
             f"  ngrams: {recipe['ngrams']}",
             "a linear model over the uni- and bigrams beside the recurrent one, averaged with it",
         ),
-    ]
-    if not regression:
-        lines.append(_line("  ngram_weighting: nb", "each n-gram scaled by its naive Bayes ratio, as NB-LR"))
-    lines += [
         _line("train:"),
         _line("  batch_size: 64"),
         _line(

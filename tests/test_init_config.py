@@ -154,7 +154,7 @@ def test_the_recipe_takes_more_epochs_on_fewer_rows_and_the_ngram_path(
     assert result.exit_code == 0, result.output
     cfg = load_config(out)
     assert cfg.train.epochs == epochs and cfg.train.patience == (3 if epochs > 3 else 2)
-    assert cfg.model.ngrams == 2 and cfg.model.ngram_weighting == "nb" and cfg.train.label_smoothing == 0.1
+    assert cfg.model.ngrams == 2 and cfg.train.label_smoothing == 0.1
 
 
 def test_init_from_a_vectors_run_keeps_the_recipe_and_takes_the_tokenizer_and_dimension(
