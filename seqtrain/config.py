@@ -186,8 +186,8 @@ class TrainConfig:
     near the initial weights."""
     adversarial_eps: float = 0.0
     """Adversarial training (Miyato et al., 2017): each step also trains on the batch with every text's
-    embeddings moved by this L2 norm in the direction that raises its loss most (1.0 in
-    configs/imdb-best.yaml; 5.0 slowed learning there); costs about 2x per step; 0 = off."""
+    embeddings moved by this L2 norm in the direction that raises its loss most (configs/imdb-best.yaml
+    uses 1.0); a second forward and backward pass per step; 0 = off."""
     vat_eps: float = 0.0
     """Virtual adversarial training (Miyato et al., 2017), classification only: each step also moves the
     embeddings of a batch of unlabeled texts (pretrain.path, cut as data.max_length says; the labelled batch
@@ -260,9 +260,9 @@ class PretrainConfig:
     max_length: int = 256
     """Texts are cut to their first this many tokens."""
     softmax: Literal["sampled", "adaptive", "full"] = "adaptive"
-    """Output layer: torch's adaptive softmax, sampled softmax with shared negatives, or the full softmax (10x
-    slower). In 3 minutes of `python -m bench.pretrain --minutes 3` adaptive took fewer steps than sampled
-    (116 vs 163) but reached a lower held-out perplexity (407 vs 509)."""
+    """Output layer: torch's adaptive softmax, sampled softmax with shared negatives, or the full softmax
+    (the slowest by far). In the same minutes adaptive takes fewer steps than sampled but reaches a lower
+    held-out perplexity (`python -m bench.pretrain`; docs/experiments/lm-pretraining.md)."""
     num_samples: int = 1024
     """sampled: negatives per step, shared by every position of the batch."""
     adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])

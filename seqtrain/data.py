@@ -7,7 +7,7 @@
     sorted_batches     batches of already-encoded texts, by length, for eval and predict
 
 Why chunks: a CPU recurrent kernel costs the same for a pad as for a token, so each batch should
-hold texts of similar length (a few percent of padding instead of ~40%). Sorting a chunk of a few
+hold texts of similar length (a few percent of padding instead of a large share). Sorting a chunk of a few
 thousand rows gives that, and shuffling the batches cut from it keeps the order random. A chunk
 never spans two shards, so the stream position of any batch is tiny: (shard, the `datasets`
 state at the chunk's start, batches already taken from the chunk).

@@ -8,7 +8,7 @@
     read_run_files     the tokenizer.json and labels.json a run (or an export folder) holds
 
 Nothing here imports torch, so `seqtrain predict` on an ONNX export folder starts in a fraction
-of a second (torch's import alone takes ~1.5 s on a small CPU machine); data.py wraps the numpy
+of a second (torch's import alone takes longer than that); data.py wraps the numpy
 batches into tensors for the torch paths.
 """
 
@@ -101,7 +101,7 @@ class BatchCost:
     and for B texts padded to T steps, T * (per_step + B).
 
     A server's batch holds whatever texts arrived together. Padding them all to the longest costs
-    up to 3x the work of batches sorted over many texts (SST-2 sentences, BENCHMARKS.md), while each
+    several times the work of batches sorted over many texts (BENCHMARKS.md), while each
     extra, smaller batch costs a call and, at every step, the work that does not grow with B. `serve`
     measures both constants on its model at start-up (serve.measure_cost)."""
 

@@ -1,8 +1,8 @@
 """Embedding -> recurrent layers -> pooled real steps -> Linear.
 
 Batches are right-padded and sorted by length, and go straight into PyTorch's fused
-`nn.RNN` / `nn.LSTM` / `nn.GRU` kernels (a PackedSequence leaves the fused CPU kernel and ran
-~17x slower here). Padding never reaches the result:
+`nn.RNN` / `nn.LSTM` / `nn.GRU` kernels (a PackedSequence leaves the fused CPU kernel and runs
+many times slower; BENCHMARKS.md). Padding never reaches the result:
 
 - forward direction: padding comes after the real steps, so the state at step `length - 1` has
   read exactly the text; we gather it.
