@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +42,8 @@ def _errors(
     interrupted: str | None = None, out_of_memory: bool = False
 ) -> Callable[[Callable[P, None]], Callable[P, None]]:
     """A command's errors as one line and an exit code instead of a traceback: a SeqtrainError as its
-    message and exit_code; Ctrl-C as `interrupted` and 130 (where given); a failed allocation as what
-    to make smaller (`out_of_memory`)."""
+    message and exit_code; Ctrl-C as `interrupted` and 130 (where given; 128 + the signal's number for a
+    KeyboardInterrupt that carries one); a failed allocation as what to make smaller (`out_of_memory`)."""
 
     def decorate(command: Callable[P, None]) -> Callable[P, None]:
         @functools.wraps(command)
@@ -51,10 +52,10 @@ def _errors(
                 command(*args, **kwargs)
             except SeqtrainError as e:
                 raise _fail(str(e), e.exit_code) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:  # Ctrl-C, or another stop signal raised as one (`tune`)
                 if interrupted is None:
                     raise
-                raise _fail(interrupted, 130) from None
+                raise _fail(interrupted, 128 + getattr(e, "signum", signal.SIGINT)) from None
             except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
                 if not out_of_memory:
                     raise

@@ -38,6 +38,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # shell, a Ctrl-C to `tune --jobs` reaches each of its workers from the terminal and from tune. A stop
 # signal this soon (seconds) after the first is that same request, not a second one.
 REPEAT_WINDOW = 1.0
+# When a StopSignals block of this process last took a first stop signal (time.monotonic()): `seqtrain
+# tune` reads it between trials, so that the same request reaching it twice stops it once.
+stop_requested_at: float | None = None
 # Before training, ranks other than 0 wait while rank 0 builds the vocabulary (a pass over the whole
 # training split), and all ranks count their rows: a gloo group of its own with this timeout carries
 # those waits; the training collectives keep torch's default, so a stuck step still fails in minutes.
@@ -325,8 +328,10 @@ class StopSignals:
         self._old: dict[int, Any] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        global stop_requested_at
         if self.signum is None:
             self.signum, self._at = signum, time.monotonic()
+            stop_requested_at = self._at
         elif time.monotonic() - self._at >= REPEAT_WINDOW:
             _exit_now(signum)
 

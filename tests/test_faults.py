@@ -486,6 +486,50 @@ def test_group_signal_while_a_tune_trial_data_worker_hangs_still_stops_in_time(
     checkpoint.load(checkpoint.find(tmp_path / "runs" / "group" / "trial-0000", "last")[0])
 
 
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("to", "signum"), [("parent", signal.SIGTERM), ("group", signal.SIGHUP)], ids=["kill-pid", "group-sighup"]
+)
+def test_a_stop_signal_to_tune_jobs_stops_its_workers_and_leaves_the_study_resumable(
+    tiny_data: Path, tmp_path: Path, to: str, signum: int
+) -> None:
+    """`tune --jobs 2` signalled alone (`kill PID`) or with its process group: the workers are told, each
+    saves its trial's last/, and tune exits 128 + signum with no process left; no trial is recorded as
+    failed, and the stopped ones are left to resume."""
+    import optuna
+
+    cfg = tmp_path / "run.yaml"  # no data workers here: the tune test with them is above
+    train = {"epochs": 50, "eval_every": 5}
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_data, tmp_path / "run", train=train))))
+    (tmp_path / "space.yaml").write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n")
+    args = ["tune", str(cfg), "--trials", "3", "--space", "space.yaml", "--study", "jobs", "--jobs", "2"]
+    proc = start_group(tmp_path, None, *args)
+    folder = tmp_path / "runs" / "jobs"
+    deadline = time.time() + 120
+    while not all((folder / f"trial-000{n}" / "last").exists() for n in (0, 1)):  # both workers training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    (os.kill if to == "parent" else os.killpg)(proc.pid, signum)
+    try:
+        out, err = proc.communicate(timeout=STOP_WITHIN)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"tune still running {STOP_WITHIN} s after the signal") from None
+    finally:
+        time.sleep(0.5)
+        left = group_alive(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"processes left running after tune exited: {left}"
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in out + err and "run the same command again" in " ".join(err.split()), err
+    study = optuna.load_study(study_name="jobs", storage=f"sqlite:///{folder / 'study.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert {t.state.name for t in trials} <= {"COMPLETE", "RUNNING"}, [t.user_attrs for t in trials]
+    for t in trials:
+        if t.state.name == "RUNNING":  # resumable: its last/ checkpoint is whole
+            checkpoint.load(checkpoint.find(folder / f"trial-{t.number:04d}", "last")[0])
+
+
 def test_the_same_stop_request_arriving_twice_is_not_a_second_signal() -> None:
     """A terminal's hangup reaches a process from the kernel and from the shell: still one request, so the
     run saves last/ instead of exiting at once."""

@@ -482,10 +482,10 @@ def test_jobs_workers_get_the_options_that_change_what_a_trial_does(
     started: list[list[str]] = []
 
     class Worker:
-        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        def __init__(self, cmd: list[str], env: dict[str, str], **kwargs: Any) -> None:
             started.append(cmd)
 
-        def wait(self) -> int:
+        def poll(self) -> int:
             return 0
 
     monkeypatch.setattr(seqtrain.tune.workers.subprocess, "Popen", Worker)
@@ -726,3 +726,32 @@ def test_ctrl_c_in_trains_last_evaluation_exits_130(tmp_path: Path, monkeypatch:
     result = runner.invoke(app, ["train", config])
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert "stopped by SIGINT at step 20" in result.output and "--resume" in result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_sigterm_or_sighup_in_tunes_own_bookkeeping_exits_128_plus_signum_and_releases_the_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """Outside a trial's training a stop signal is held back while the study is written, as Ctrl-C is,
+    then ends tune with 128 + signum; the trial it had just stored is left to resume."""
+    config, space = _setup(tmp_path, monkeypatch)
+    ask = optuna.Study.ask
+
+    def ask_then_signal(study: Any, *args: Any, **kwargs: Any) -> Any:
+        trial = ask(study, *args, **kwargs)  # stored as RUNNING, not yet owned
+        os.kill(os.getpid(), signum)
+        return trial
+
+    def not_handled(sig: int, frame: Any) -> None:
+        raise AssertionError(f"{signal.Signals(sig).name} was not handled by tune")
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
+    previous = signal.signal(signum, not_handled)  # instead of ending this test process
+    try:
+        result = runner.invoke(app, ["tune", config, "--trials", "2", "--space", space])
+    finally:
+        signal.signal(signum, previous)
+    assert result.exit_code == 128 + signum, result.output
+    assert "run the same command again" in result.output
+    trials = _trials(tmp_path)
+    assert [t.state.name for t in trials] == ["RUNNING"] and trials[0].user_attrs["owner"]["released"]

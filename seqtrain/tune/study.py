@@ -4,8 +4,6 @@ and base config as its trials), its trials run here or in --jobs workers, and th
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +16,7 @@ from seqtrain.tune.options import PRUNE_AFTER, PRUNERS, Options, require_optuna
 from seqtrain.tune.report import report
 from seqtrain.tune.space import Param, _fmt, load_space
 from seqtrain.tune.storage import _is_storage_error, _storage_error, open_storage, storage_label
-from seqtrain.tune.trial import work
+from seqtrain.tune.trial import stop_signals_raise, work
 from seqtrain.tune.workers import run_workers
 
 if TYPE_CHECKING:
@@ -153,17 +151,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def tune(opts: Options) -> int:
-    """`seqtrain tune`: returns the exit code (0 when the study has a completed trial)."""
+    """`seqtrain tune`: returns the exit code (0 when the study has a completed trial). Ctrl-C, SIGTERM and
+    SIGHUP stop the study (a trial saves last/, --jobs passes them on to its workers) and raise
+    KeyboardInterrupt (trial.StopRequested, with the signal's number), also in a process started with
+    SIGINT ignored, as a shell's background job is; --jobs workers, started from here, get them too."""
+    with stop_signals_raise():
+        return _tune(opts)
+
+
+def _tune(opts: Options) -> int:
     require_optuna()
     import optuna
 
     from seqtrain.config import apply_overrides, load_config
 
     started = time.time()
-    # Ctrl-C stops the study (each trial saves last/) even in a process started with SIGINT ignored, as a
-    # shell's background job is; --jobs workers, started from here, then get Python's handler too.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     base_cfg = load_config(opts.config, opts.overrides)  # the config alone must be valid
     base = apply_overrides(read_yaml(opts.config) or {}, list(opts.overrides))
     space, space_text = load_space(opts.space, base)

@@ -7,15 +7,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +89,7 @@ def next_trial(study: optuna.Study, n_trials: int, folder: Path) -> tuple[optuna
         # trial with no owner, which no later tune may take (it could be another machine's).
         trial = None
         try:
-            with _ctrl_c_deferred():
+            with _stop_deferred():
                 trial = study.ask()
                 trial.set_user_attr("owner", _owner())
         except BaseException:
@@ -97,32 +99,87 @@ def next_trial(study: optuna.Study, n_trials: int, folder: Path) -> tuple[optuna
         return trial, False
 
 
-@contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Ctrl-C waits until the block has written the study (a new trial and its owner, a trial's result),
-    then raises KeyboardInterrupt: the database is never left halfway. A second Ctrl-C raises at once.
-    Only where Ctrl-C raises KeyboardInterrupt (tune() sets that up in the main thread; signal handlers
-    cannot be set in other threads, and Ctrl-C is not delivered there)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
+# The signals that stop a study: Ctrl-C, `kill`, closing the terminal (those that stop a training run).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal to `seqtrain tune` outside a trial's training, raised as Ctrl-C raises
+    KeyboardInterrupt (and held back the same way while the study is written); the command exits with
+    128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_raised_at: list[float] = []  # when _raise_stop raised, in this tune()
+
+
+def _raise_stop(signum: int, frame: types.FrameType | None) -> None:
+    """Raise StopRequested, unless this is the same request arriving again (from the process group and
+    from `tune --jobs`, runtime.REPEAT_WINDOW) after it stopped a trial's training or was raised here."""
+    runtime = sys.modules.get("seqtrain.runtime")  # loaded once a trial trained; not imported for this
+    trained = runtime.stop_requested_at if runtime is not None else None
+    last = max([*_raised_at, -math.inf if trained is None else trained])
+    if time.monotonic() - last < (runtime.REPEAT_WINDOW if runtime is not None else 1.0):
         return
-    pending: list[int] = []
+    _raised_at.append(time.monotonic())
+    raise StopRequested(signum)
 
-    def later(signum: int, frame: types.FrameType | None) -> None:
-        if pending:
-            raise KeyboardInterrupt
-        pending.append(signum)
 
-    previous = signal.signal(signal.SIGINT, later)
+@contextlib.contextmanager
+def handling_stop_signals(handler: Callable[[int, types.FrameType | None], None]) -> Iterator[None]:
+    """`handler` for every stop signal in the block, the previous handlers restored after it."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While tune runs: every stop signal raises StopRequested, also in a process started with them
+    ignored (a shell's background job ignores SIGINT); a trial's training records them instead
+    (runtime.StopSignals). Only in the main thread, where signal handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _raised_at.clear()
+    runtime = sys.modules.get("seqtrain.runtime")
+    if runtime is not None:
+        runtime.stop_requested_at = None  # type: ignore[attr-defined]  # an earlier stop is none to this tune()
+    with handling_stop_signals(_raise_stop):
+        yield
+
+
+@contextlib.contextmanager
+def _stop_deferred() -> Iterator[None]:
+    """A stop signal waits until the block has written the study (a new trial and its owner, a trial's
+    result), then raises StopRequested: the database is never left halfway. A second one (the same request
+    arriving twice is not, runtime.REPEAT_WINDOW) raises at once. Only where stop signals raise (tune()
+    sets that up in the main thread; a KeyboardInterrupt raised directly cannot be held back)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not _raise_stop
+    ):
+        yield
+        return
+    from seqtrain.runtime import REPEAT_WINDOW
+
+    pending: list[tuple[int, float]] = []
+
+    def later(signum: int, frame: types.FrameType | None) -> None:
+        if pending and time.monotonic() - pending[0][1] >= REPEAT_WINDOW:
+            raise StopRequested(signum)
+        pending.append((signum, time.monotonic()))
+
+    with handling_stop_signals(later):
+        yield
     if pending:
-        raise KeyboardInterrupt
+        raise StopRequested(pending[0][0])
 
 
 # --------------------------------------------------------------------------- one trial
@@ -212,7 +269,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
                 "study continues."
             ) from None
         error = f"{type(e).__name__}: {e}"
-        with _ctrl_c_deferred():
+        with _stop_deferred():
             trial.set_user_attr("error", error[:2000])
             _finish(trial, seen, t0, run_dir)
             study.tell(trial, state=TrialState.FAIL)
@@ -220,7 +277,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, resumed: bool, ctx: dict
         return
     # The run is over: a Ctrl-C now waits until its result is stored. Released instead, the trial would
     # be resumed from last/, and a pruned one would train on past the point where it was pruned.
-    with _ctrl_c_deferred():
+    with _stop_deferred():
         planned = _finish(trial, seen, t0, run_dir)
         if seen["pruned"] and planned is not None and seen["step"] >= planned:
             seen["pruned"] = False  # "prune" at the last evaluation: the run is complete, keep its result
