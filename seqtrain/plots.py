@@ -1,6 +1,6 @@
 """PNG pictures of a run: training curves, confusion matrix, precision-recall and calibration.
 
-matplotlib is imported inside each function (it takes a noticeable part of a second), so `seqtrain --help` stays fast.
+matplotlib is imported inside each function (it is slow to import), so `seqtrain --help` stays fast.
 We draw on `matplotlib.figure.Figure` objects and never touch `pyplot`: no global figure state,
 no GUI backend is ever chosen, and `savefig` renders PNGs with the Agg canvas.
 """
