@@ -936,6 +936,10 @@ def test_a_run_still_training_is_served_with_a_warning(run_dir: Path, tmp_path: 
     trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "seqtrain", "train"])
     try:
         (copy / ".lock").write_text(f"{trainer.pid}\n")
+        deadline = time.monotonic() + 30  # until the child has exec'd, /proc shows the parent's command
+        while b"seqtrain" not in Path(f"/proc/{trainer.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in trainer never started"
+            time.sleep(0.05)
         (warning,) = check_target(copy)
         assert "still being trained" in warning and "/health" in warning
     finally:
