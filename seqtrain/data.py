@@ -16,13 +16,11 @@ state at the chunk's start, batches already taken from the chunk).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import hashlib
 import math
 import os
 import signal
-import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +35,7 @@ from seqtrain import badrows, encoding
 from seqtrain.config import Config, DataConfig, TokenizerConfig
 from seqtrain.encoding import PAD, UNK, Labels, clip, encode, number
 from seqtrain.errors import DataError
+from seqtrain.machine import end_with_parent
 
 if TYPE_CHECKING:
     import datasets
@@ -787,7 +786,6 @@ WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WAIT_POLL = 0.25
 # How long the main process waits for a killed worker to be gone (seconds).
 REAP_TIMEOUT = 5.0
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # This process's DataLoader iterators that started workers; `stop_workers` ends what is left of them.
 _running: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -797,9 +795,7 @@ def _worker_init(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     # A worker ends with the main process, however that ends (SIGKILL, OOM killer): an orphan would keep
     # reading, and hold the run folder's lock that it inherited.
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    end_with_parent(signal.SIGKILL)
     # The model's OpenMP threads wait for each other at every time step: a worker that preempts
     # one of them stalls all of them. At low priority it runs in the gaps the model leaves.
     os.nice(19)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def physical_cores() -> int:
@@ -22,3 +27,11 @@ def physical_cores() -> int:
     except OSError:
         n = os.cpu_count() or 1
     return max(1, min(n, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n))
+
+
+def end_with_parent(signum: int) -> None:
+    """In a child process: the kernel sends it `signum` when its parent ends, however the parent ends
+    (SIGKILL, the OOM killer). Linux only; elsewhere nothing."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)

@@ -206,13 +206,16 @@ class Server(uvicorn.Server):
             os._exit(0)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """Bind before loading anything else, so a busy port is a one-line error."""
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """Bind before loading anything else, so a busy port is a one-line error; `reuse_port`: one of the
+    workers' sockets on the same port (one_socket_each)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a
     # keep-alive response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -236,24 +239,21 @@ def one_socket_each(sock: socket.socket, count: int) -> list[socket.socket]:
     connections, or is missing): [sock], shared."""
     if count < 2 or not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
         return [sock]
-    address = sock.getsockname()
-    family = sock.family
+    host, port = sock.getsockname()[:2]
     sock.close()
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            each = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see listen()
-            sockets.append(each)
-            each.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            each.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            each.bind(address)
-            each.listen(BACKLOG)
-            each.set_inheritable(True)
+            sockets.append(listen(host, port, reuse_port=True))
+            sockets[-1].listen(BACKLOG)
     except OSError as e:
         for each in sockets:
             each.close()
-        host, port = address[:2]
         raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror} (--host, --port).") from None
+    except CheckpointError:
+        for each in sockets:
+            each.close()
+        raise
     return sockets
 
 

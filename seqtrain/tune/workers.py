@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import os
@@ -15,13 +14,12 @@ import time
 import types
 
 from seqtrain import console
-from seqtrain.machine import physical_cores
+from seqtrain.machine import end_with_parent, physical_cores
 from seqtrain.tune.options import Options
 from seqtrain.tune.trial import StopRequested, handling_stop_signals
 
 # How long --jobs waits for its workers to save their trials and exit after a stop signal (seconds).
 STOP_TIMEOUT = 25.0
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_workers(opts: Options, study_name: str, url: str, deadline: float | None) -> None:
@@ -96,8 +94,6 @@ def _wait(procs: list[subprocess.Popen[bytes]], received: list[int]) -> list[int
 def _end_with(parent: int) -> None:
     """In a worker before it starts: SIGTERM when `parent` (this process) ends, however it ends (SIGKILL,
     the OOM killer), so that the worker saves its trial and stops instead of running the study on alone."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    end_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # it ended before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
