@@ -632,7 +632,17 @@ def tune(
 
 
 def main() -> None:
-    app()
+    """The `seqtrain` command. A command that stops for a stop signal exits 128 + signum; from then on the
+    process ignores stop signals, so that the same request arriving late (`tune --jobs` passes each one on
+    to its workers, which also get it from the terminal) cannot interrupt the interpreter's cleanup."""
+    from seqtrain.machine import STOP_SIGNALS, ignore_stop_signals
+
+    try:
+        app()
+    except SystemExit as exit_:
+        if exit_.code in {128 + signum for signum in STOP_SIGNALS}:
+            ignore_stop_signals()
+        raise
 
 
 if __name__ == "__main__":

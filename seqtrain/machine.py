@@ -1,14 +1,28 @@
-"""What this machine has, without importing torch (ONNX prediction runs without it)."""
+"""What this machine has and how this process stops, without importing torch (ONNX prediction and
+`seqtrain tune` run without it)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import signal
 import sys
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+# Signals that stop a run after the current step, with last/ saved, and a study: Ctrl-C, `kill`, closing
+# the terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# One request to stop can reach a process twice: a terminal's hangup comes from the kernel and from the
+# shell, a Ctrl-C to `tune --jobs` reaches each of its workers from the terminal and from tune. A stop
+# signal this soon (seconds) after the first is that same request, not a second one.
+REPEAT_WINDOW = 1.0
+# When a training run of this process last took a first stop signal (time.monotonic(); set by
+# runtime.StopSignals): `seqtrain tune` reads it between trials, so that the same request reaching it
+# twice stops it once.
+stop_requested_at: float | None = None
 
 
 def physical_cores() -> int:
@@ -35,3 +49,12 @@ def end_with_parent(signum: int) -> None:
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+
+def ignore_stop_signals() -> None:
+    """From here on this process ignores stop signals: for a process already exiting because of one, so
+    that the same request arriving late (from the terminal and from `tune --jobs`) does not interrupt the
+    interpreter's own cleanup with a KeyboardInterrupt traceback."""
+    for signum in STOP_SIGNALS:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: not the main thread
+            signal.signal(signum, signal.SIG_IGN)

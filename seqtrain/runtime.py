@@ -23,24 +23,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 
-from seqtrain import console, data
+from seqtrain import console, data, machine
 from seqtrain.devices import pick_device
 from seqtrain.errors import ConfigError, SeqtrainError
-from seqtrain.machine import physical_cores
+from seqtrain.machine import REPEAT_WINDOW, STOP_SIGNALS, physical_cores
 
 if TYPE_CHECKING:
     from seqtrain.checkpoint import TrainState
     from seqtrain.data import BatchStream
 
-# Signals that stop a run after the current step, with last/ saved: Ctrl-C, `kill`, closing the terminal.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# One request to stop can reach a process twice: a terminal's hangup comes from the kernel and from the
-# shell, a Ctrl-C to `tune --jobs` reaches each of its workers from the terminal and from tune. A stop
-# signal this soon (seconds) after the first is that same request, not a second one.
-REPEAT_WINDOW = 1.0
-# When a StopSignals block of this process last took a first stop signal (time.monotonic()): `seqtrain
-# tune` reads it between trials, so that the same request reaching it twice stops it once.
-stop_requested_at: float | None = None
 # Before training, ranks other than 0 wait while rank 0 builds the vocabulary (a pass over the whole
 # training split), and all ranks count their rows: a gloo group of its own with this timeout carries
 # those waits; the training collectives keep torch's default, so a stuck step still fails in minutes.
@@ -328,10 +319,9 @@ class StopSignals:
         self._old: dict[int, Any] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        global stop_requested_at
         if self.signum is None:
             self.signum, self._at = signum, time.monotonic()
-            stop_requested_at = self._at
+            machine.stop_requested_at = self._at
         elif time.monotonic() - self._at >= REPEAT_WINDOW:
             _exit_now(signum)
 

@@ -241,3 +241,33 @@ def test_predict_stream_reads_ahead_in_order_and_stops_cleanly(trained: Path) ->
 
     with pytest.raises(ValueError, match="line 2"):
         list(predict_stream(run, broken(), chunk=1))
+
+
+@pytest.mark.parametrize(("code", "ignored"), [(130, True), (143, True), (129, True), (1, False), (0, False)])
+def test_a_command_stopped_by_a_signal_ignores_the_same_request_arriving_late(
+    code: int, ignored: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --jobs worker that stopped for Ctrl-C can get the same Ctrl-C again from tune while the
+    interpreter cleans up: with the default handler that prints a KeyboardInterrupt traceback from an
+    atexit callback. main() ignores stop signals once a command exits 128 + signum, and only then."""
+    import signal
+
+    from seqtrain import cli
+
+    def stopped() -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "app", stopped)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == code
+        now = {signum: signal.getsignal(signum) for signum in before}
+        if ignored:
+            assert set(now.values()) == {signal.SIG_IGN}
+        else:
+            assert now == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -23,7 +23,7 @@ from seqtrain import checkpoint
 from seqtrain.cli import app
 from seqtrain.config import load_config, to_dict
 from seqtrain.errors import CheckpointError
-from seqtrain.runtime import REPEAT_WINDOW
+from seqtrain.machine import REPEAT_WINDOW
 from seqtrain.train import train
 from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
 

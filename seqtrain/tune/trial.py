@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 import types
@@ -23,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from seqtrain import console
+from seqtrain import console, machine
 from seqtrain.config import from_dict, read_yaml, total_steps
 from seqtrain.errors import DiskFullError, SeqtrainError
+from seqtrain.machine import REPEAT_WINDOW, STOP_SIGNALS
 from seqtrain.tune.options import PRUNE_AFTER, Options
 from seqtrain.tune.space import _fmt, trial_config
 from seqtrain.tune.storage import _is_storage_error
@@ -99,10 +99,6 @@ def next_trial(study: optuna.Study, n_trials: int, folder: Path) -> tuple[optuna
         return trial, False
 
 
-# The signals that stop a study: Ctrl-C, `kill`, closing the terminal (those that stop a training run).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 class StopRequested(KeyboardInterrupt):
     """A stop signal to `seqtrain tune` outside a trial's training, raised as Ctrl-C raises
     KeyboardInterrupt (and held back the same way while the study is written); the command exits with
@@ -118,11 +114,10 @@ _raised_at: list[float] = []  # when _raise_stop raised, in this tune()
 
 def _raise_stop(signum: int, frame: types.FrameType | None) -> None:
     """Raise StopRequested, unless this is the same request arriving again (from the process group and
-    from `tune --jobs`, runtime.REPEAT_WINDOW) after it stopped a trial's training or was raised here."""
-    runtime = sys.modules.get("seqtrain.runtime")  # loaded once a trial trained; not imported for this
-    trained = runtime.stop_requested_at if runtime is not None else None
+    from `tune --jobs`, machine.REPEAT_WINDOW) after it stopped a trial's training or was raised here."""
+    trained = machine.stop_requested_at
     last = max([*_raised_at, -math.inf if trained is None else trained])
-    if time.monotonic() - last < (runtime.REPEAT_WINDOW if runtime is not None else 1.0):
+    if time.monotonic() - last < REPEAT_WINDOW:
         return
     _raised_at.append(time.monotonic())
     raise StopRequested(signum)
@@ -148,9 +143,7 @@ def stop_signals_raise() -> Iterator[None]:
         yield
         return
     _raised_at.clear()
-    runtime = sys.modules.get("seqtrain.runtime")
-    if runtime is not None:
-        runtime.stop_requested_at = None  # type: ignore[attr-defined]  # an earlier stop is none to this tune()
+    machine.stop_requested_at = None  # an earlier stop is none to this tune()
     with handling_stop_signals(_raise_stop):
         yield
 
@@ -159,7 +152,7 @@ def stop_signals_raise() -> Iterator[None]:
 def _stop_deferred() -> Iterator[None]:
     """A stop signal waits until the block has written the study (a new trial and its owner, a trial's
     result), then raises StopRequested: the database is never left halfway. A second one (the same request
-    arriving twice is not, runtime.REPEAT_WINDOW) raises at once. Only where stop signals raise (tune()
+    arriving twice is not, machine.REPEAT_WINDOW) raises at once. Only where stop signals raise (tune()
     sets that up in the main thread; a KeyboardInterrupt raised directly cannot be held back)."""
     if (
         threading.current_thread() is not threading.main_thread()
@@ -167,8 +160,6 @@ def _stop_deferred() -> Iterator[None]:
     ):
         yield
         return
-    from seqtrain.runtime import REPEAT_WINDOW
-
     pending: list[tuple[int, float]] = []
 
     def later(signum: int, frame: types.FrameType | None) -> None:
