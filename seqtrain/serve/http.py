@@ -14,9 +14,12 @@ timeout.
 
 SIGTERM or Ctrl-C: /ready answers 503 "shutting down" and new /predict and /explain requests get
 503 with Retry-After (the socket stays open meanwhile), the requests in flight finish, for up to
---grace-s; those still unanswered then get a 503, the worker closes its connections and exits. The
-command exits 0 within --grace-s + 2 s, even when a forward pass is still running (the model's
-threads do not hold the exit). A second signal stops at once.
+--grace-s; those still unanswered then get a 503, the worker closes its connections and exits. With
+several workers, one that has finished its requests goes on answering 503 until every worker has (or
+--grace-s is over): a worker that closed its socket early would strand the connections the kernel had
+already queued on it, and they would be reset instead of answered. The command exits 0 within
+--grace-s + 2 s, even when a forward pass is still running (the model's threads do not hold the
+exit). A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -143,9 +147,12 @@ class Server(uvicorn.Server):
 
     failure: BaseException | None = None
 
-    def __init__(self, config: uvicorn.Config, service: Service | None = None) -> None:
+    def __init__(
+        self, config: uvicorn.Config, service: Service | None = None, drained: Drained | None = None
+    ) -> None:
         super().__init__(config)
         self.service = service
+        self.drained = drained
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining: asyncio.Task[None] | None = None
         if isinstance(config.app, AppFactory):
@@ -179,9 +186,15 @@ class Server(uvicorn.Server):
         service = self.app
         assert service is not None
         service.begin_shutdown()
-        cut = await service.drain(float(service.opts.grace_s))
+        grace_s = float(service.opts.grace_s)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        cut = await service.drain(grace_s)
         if cut:
             logger.warning(f"{cut} request(s) did not finish within --grace-s; they were answered 503")
+        if self.drained is not None:  # the others may still be busy: keep answering 503 until they are done
+            self.drained.one_more()
+            while not self.drained.everyone() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
     @contextlib.contextmanager
@@ -307,14 +320,32 @@ def make_server(
 # --------------------------------------------------------------------------- several workers
 
 
+class Drained:
+    """How many of the workers have finished their requests after SIGTERM, shared by all of them (a
+    counter in shared memory, passed to each worker process as it starts)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.count = multiprocessing.get_context("spawn").Value("i", 0)
+
+    def one_more(self) -> None:
+        with self.count.get_lock():
+            self.count.value += 1
+
+    def everyone(self) -> bool:
+        return bool(self.count.value >= self.workers)
+
+
 class WorkerProcess(Process):
     """A uvicorn worker process that runs this module's Server (the shutdown above) and reports a
     TARGET that fails to load: exit code STARTUP_FAILURE, the message in FAILURE_FILE."""
 
+    drained: Drained | None = None  # set before start(): the process takes it along
+
     @property
     def server(self) -> Server:
         if self._server is None:
-            self._server = Server(self.config)
+            self._server = Server(self.config, drained=self.drained)
         assert isinstance(self._server, Server)
         return self._server
 
@@ -342,10 +373,12 @@ class Workers(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], grace_s: float) -> None:
         super().__init__(config, sockets)
         self.grace_s = grace_s
+        self.drained = Drained(self.processes_num)
 
     def start_one(self, slot: int) -> WorkerProcess:
         own = len(self.sockets) == self.processes_num
         process = WorkerProcess(self.config, [self.sockets[slot]] if own else self.sockets)
+        process.drained = self.drained
         process.start()
         return process
 
