@@ -27,9 +27,10 @@ demo: install data
 		"the plot is thin but the performances are wonderful"
 
 # The tests on every core (pytest-xdist; tests/conftest.py groups those that must share a worker), one
-# torch thread per worker. TEST_WORKERS=1 runs them in one process.
+# torch thread per worker, the 25 slowest listed at the end (to keep the whole under 5 minutes). TEST_WORKERS=1
+# runs them in one process.
 TEST_WORKERS ?= auto
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test: install
 	$(PYTEST)
