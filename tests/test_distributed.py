@@ -217,14 +217,14 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
 
 
 def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_path: Path) -> None:
-    """rank 0 builds the vocabulary for 15 s while torch's default collective timeout is 5 s:
+    """rank 0 builds the vocabulary for 9 s while torch's default collective timeout is 3 s:
     rank 1 still waits."""
     data = write_hub_folder(
         tmp_path / "d", {"train": synthetic_rows(200, 0), "validation": synthetic_rows(40, 1)}, shards=2
     )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp_path / "run", train={"max_steps": 3}))))
-    proc = torchrun(path, entry=("tests.fault_entry", "slow-vocab=5"))
+    proc = torchrun(path, entry=("tests.fault_entry", "slow-vocab=3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
