@@ -35,7 +35,7 @@ from seqtrain import badrows, encoding
 from seqtrain.config import Config, DataConfig, TokenizerConfig
 from seqtrain.encoding import PAD, UNK, Labels, clip, encode, number
 from seqtrain.errors import DataError
-from seqtrain.machine import end_with_parent
+from seqtrain.machine import STOP_SIGNALS, end_with_parent
 
 if TYPE_CHECKING:
     import datasets
@@ -781,7 +781,7 @@ class BatchStream(torch.utils.data.IterableDataset):
 
 # Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process group;
 # the main process decides when to stop (and saves last/), not the data workers.
-WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WORKER_IGNORED = STOP_SIGNALS
 # While the main process waits for a batch it looks at its stop signals this often (seconds).
 WAIT_POLL = 0.25
 # How long the main process waits for a killed worker to be gone (seconds).
