@@ -148,11 +148,16 @@ class Server(uvicorn.Server):
     failure: BaseException | None = None
 
     def __init__(
-        self, config: uvicorn.Config, service: Service | None = None, drained: Drained | None = None
+        self,
+        config: uvicorn.Config,
+        service: Service | None = None,
+        drained: Drained | None = None,
+        slot: int = 0,
     ) -> None:
         super().__init__(config)
         self.service = service
-        self.drained = drained
+        self.drained = drained  # with several workers: which of them are done (this one is `slot`)
+        self.slot = slot
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining: asyncio.Task[None] | None = None
         if isinstance(config.app, AppFactory):
@@ -192,7 +197,7 @@ class Server(uvicorn.Server):
         if cut:
             logger.warning(f"{cut} request(s) did not finish within --grace-s; they were answered 503")
         if self.drained is not None:  # the others may still be busy: keep answering 503 until they are done
-            self.drained.one_more()
+            self.drained.done(self.slot)
             while not self.drained.everyone() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
         self.should_exit = True
@@ -321,31 +326,32 @@ def make_server(
 
 
 class Drained:
-    """How many of the workers have finished their requests after SIGTERM, shared by all of them (a
-    counter in shared memory, passed to each worker process as it starts)."""
+    """Which workers are done after SIGTERM, one flag per worker slot in shared memory (passed to each
+    worker process as it starts): a worker sets its own once its requests are finished, the supervisor
+    sets the flag of a worker that has exited (one that died or stopped while loading has nothing left
+    to answer, and the others must not wait the whole grace period for it)."""
 
     def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.count = multiprocessing.get_context("spawn").Value("i", 0)
+        self.flags = multiprocessing.get_context("spawn").Array("b", workers)
 
-    def one_more(self) -> None:
-        with self.count.get_lock():
-            self.count.value += 1
+    def done(self, slot: int) -> None:
+        self.flags[slot] = 1
 
     def everyone(self) -> bool:
-        return bool(self.count.value >= self.workers)
+        return all(self.flags[:])
 
 
 class WorkerProcess(Process):
     """A uvicorn worker process that runs this module's Server (the shutdown above) and reports a
     TARGET that fails to load: exit code STARTUP_FAILURE, the message in FAILURE_FILE."""
 
-    drained: Drained | None = None  # set before start(): the process takes it along
+    drained: Drained | None = None  # set before start(), with its slot: the process takes them along
+    slot = 0
 
     @property
     def server(self) -> Server:
         if self._server is None:
-            self._server = Server(self.config, drained=self.drained)
+            self._server = Server(self.config, drained=self.drained, slot=self.slot)
         assert isinstance(self._server, Server)
         return self._server
 
@@ -378,7 +384,7 @@ class Workers(Multiprocess):
     def start_one(self, slot: int) -> WorkerProcess:
         own = len(self.sockets) == self.processes_num
         process = WorkerProcess(self.config, [self.sockets[slot]] if own else self.sockets)
-        process.drained = self.drained
+        process.drained, process.slot = self.drained, slot
         process.start()
         return process
 
@@ -414,8 +420,11 @@ class Workers(Multiprocess):
 
     def join_all(self) -> None:
         deadline = time.monotonic() + self.grace_s + SHUTDOWN_S + 0.5
-        for process in self.processes:
-            process.process.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and any(p.process.is_alive() for p in self.processes):
+            for slot, process in enumerate(self.processes):
+                if not process.process.is_alive():
+                    self.drained.done(slot)  # gone: the others need not wait for it
+            time.sleep(0.05)
         for process in self.processes:
             if process.process.is_alive():
                 logger.error(f"worker {process.pid} did not stop within --grace-s; killing it")
