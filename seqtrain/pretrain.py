@@ -275,6 +275,7 @@ def pretrain(cfg: Config, resume: bool = False, config_path: str = "CONFIG") -> 
     with StopSignals() as stop, console.TrainProgress(run.total_steps, run.state.step, "held-out ppl") as bar:
         batches = pretrain_loop(run, stop, bar)
     del batches  # held until the block above ended its data workers (runtime.StopSignals)
+    run.forward = run.model  # the DistributedDataParallel wrapper goes before its process group
     finish_distributed(run.world)
     return finish(run, started) if run.rank == 0 else {}
 

@@ -56,11 +56,20 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def finish_distributed(world: int) -> None:
+    """Wait for every rank, then tear the process groups down while the interpreter is whole. The
+    caller has dropped its DistributedDataParallel wrapper first: its reducer holds the group, and a
+    gloo group still referenced at interpreter exit is destroyed during finalization, where a rank can
+    abort ("terminate called without an active exception") after its work is done."""
     if world > 1:
+        import gc
+
         import torch.distributed as dist
 
+        global _setup_group
         dist.barrier()
+        _setup_group = None
         dist.destroy_process_group()
+        gc.collect()  # the reducer and groups go now, not at exit
 
 
 def set_threads(num_threads: int | None) -> None:

@@ -596,6 +596,7 @@ def train(
     ):
         batches = train_loop(run, reports, stop, bar, should_stop)
     del batches  # held until the block above ended its data workers (runtime.StopSignals)
+    run.forward = run.model  # the DistributedDataParallel wrapper goes before its process group
     finish_distributed(run.world)
     return finish(run, reports, started) if run.rank == 0 else {}
 
