@@ -254,12 +254,9 @@ def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
 @pytest.mark.subprocess
 def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     changes = {"data": {"max_train_examples": 1500}, "train": {"epochs": 2, "eval_every": 15}}
-    paths = {}
-    for name in ("straight", "killed"):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(to_dict(lm_config(tmp_path / name, **changes))))
-        paths[name] = path
-    assert run_cli("pretrain", str(paths["straight"])).returncode == 0
+    pretrain(lm_config(tmp_path / "straight", **changes))  # the reference, in this process
+    paths = {"killed": tmp_path / "killed.yaml"}
+    paths["killed"].write_text(yaml.safe_dump(to_dict(lm_config(tmp_path / "killed", **changes))))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
         [sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(paths["killed"])],
