@@ -580,6 +580,30 @@ def test_serve_refuses_bad_options_and_a_busy_port(run_dir: Path) -> None:
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="one socket per worker on Linux only")
+def test_one_socket_each_closes_the_sockets_it_opened_when_one_cannot_listen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The third of three workers' sockets fails to bind: a one-line error, and the two already
+    listening are closed (not left holding the port)."""
+    import seqtrain.serve.http as http
+    from seqtrain.errors import SeqtrainError
+
+    opened: list[socket.socket] = []
+    real = http.listen
+
+    def listen_twice(host: str, port: int, **kwargs: Any) -> socket.socket:
+        if len(opened) == 2:
+            raise http.CheckpointError(f"cannot listen on {host}:{port}: Address already in use")
+        opened.append(real(host, port, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(http, "listen", listen_twice)
+    with pytest.raises(SeqtrainError, match="cannot listen"):
+        http.one_socket_each(real("127.0.0.1", 0), 3)
+    assert len(opened) == 2 and all(each.fileno() == -1 for each in opened)
+
+
 @pytest.fixture(scope="module")
 def onnx_dir(run_dir: Path) -> Path:
     pytest.importorskip("onnxruntime")

@@ -224,9 +224,10 @@ class Server(uvicorn.Server):
             os._exit(0)
 
 
-def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def listen(host: str, port: int, *, reuse_port: bool = False, backlog: int | None = None) -> socket.socket:
     """Bind before loading anything else, so a busy port is a one-line error; `reuse_port`: one of the
-    workers' sockets on the same port (one_socket_each)."""
+    workers' sockets on the same port (one_socket_each); `backlog`: listening already, with that many
+    connections waiting to be accepted."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a
     # keep-alive response (headers and body: two writes) waits for the client's delayed ACK, 40 ms each time
@@ -236,6 +237,8 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
+        if backlog is not None:
+            sock.listen(backlog)
     except OSError as e:
         sock.close()
         raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror} (--host, --port).") from None
@@ -262,12 +265,7 @@ def one_socket_each(sock: socket.socket, count: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            sockets.append(listen(host, port, reuse_port=True))
-            sockets[-1].listen(BACKLOG)
-    except OSError as e:
-        for each in sockets:
-            each.close()
-        raise CheckpointError(f"cannot listen on {host}:{port}: {e.strerror} (--host, --port).") from None
+            sockets.append(listen(host, port, reuse_port=True, backlog=BACKLOG))
     except CheckpointError:
         for each in sockets:
             each.close()
