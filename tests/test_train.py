@@ -110,18 +110,17 @@ def run_cli(config: Path, *args: str, kill_after: int | None = None) -> subproce
     )
 
 
-# A single kill at step 10 is the first half of [10, 30], and two workers killed at 10 are what the two
-# cases with workers do before their own twist (a held-out split; VAT and a second kill): neither
-# has a case of its own; EMA and the n-gram path ride on the two kills (each case is a subprocess run
-# three or four times: the cases are few to keep `make test` short).
+# A single kill at step 10 is the first half of [10, 30], and two workers killed at 10 are the first half
+# of the case with workers: neither has a case of its own; EMA and the n-gram path ride on the two kills,
+# a held-out split and VAT on the workers' case (each case is a subprocess run three times: the cases
+# are few to keep `make test` short).
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     "workers,kills,ema,held,vat,ngrams",
     [
         (0, [10, 30], 0.99, None, False, 2),  # model.ngrams: its table, optimizer state and NB ratios too
         (0, ["epoch"], None, None, False, 0),
-        (2, [10], None, 0.2, False, 0),
-        (2, [10, 50], None, None, True, 0),
+        (2, [10, 50], None, 0.2, True, 0),  # streams: the rows left for training, unlabeled batches
     ],
 )
 def test_sigkill_then_resume_is_bitwise_identical(
