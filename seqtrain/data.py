@@ -35,7 +35,7 @@ from seqtrain import badrows, encoding
 from seqtrain.config import Config, DataConfig, TokenizerConfig
 from seqtrain.encoding import PAD, UNK, Labels, clip, encode, number
 from seqtrain.errors import DataError
-from seqtrain.machine import STOP_SIGNALS, end_with_parent
+from seqtrain.machine import STOP_SIGNALS, end_with_parent, ignore_stop_signals
 
 if TYPE_CHECKING:
     import datasets
@@ -779,9 +779,6 @@ class BatchStream(torch.utils.data.IterableDataset):
         return out
 
 
-# Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process group;
-# the main process decides when to stop (and saves last/), not the data workers.
-WORKER_IGNORED = STOP_SIGNALS
 # While the main process waits for a batch it looks at its stop signals this often (seconds).
 WAIT_POLL = 0.25
 # How long the main process waits for a killed worker to be gone (seconds).
@@ -791,8 +788,9 @@ _running: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _worker_init(worker_id: int) -> None:
-    for signum in WORKER_IGNORED:
-        signal.signal(signum, signal.SIG_IGN)
+    # Ctrl-C, `kill -- -PGID` (systemd, Kubernetes) and closing the terminal signal the whole process
+    # group; the main process decides when to stop (and saves last/), not the data workers.
+    ignore_stop_signals()
     # A worker ends with the main process, however that ends (SIGKILL, OOM killer): an orphan would keep
     # reading, and hold the run folder's lock that it inherited.
     end_with_parent(signal.SIGKILL)
@@ -810,7 +808,7 @@ class _Loader(torch.utils.data.DataLoader):
         # Workers are forked with the stop signals blocked, and keep them blocked: a group signal that
         # arrives while one starts (before `_worker_init` runs there, when torch's own handler would
         # make it die) stays pending and is then dropped. The main process gets it when this returns.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             batches = super().__iter__()
         finally:

@@ -52,9 +52,10 @@ def end_with_parent(signum: int) -> None:
 
 
 def ignore_stop_signals() -> None:
-    """From here on this process ignores stop signals: for a process already exiting because of one, so
-    that the same request arriving late (from the terminal and from `tune --jobs`) does not interrupt the
-    interpreter's own cleanup with a KeyboardInterrupt traceback."""
+    """From here on this process ignores stop signals: for a data worker (its main process decides when
+    to stop), and for a process already exiting because of one, so that the same request arriving late
+    (from the terminal and from `tune --jobs`) does not interrupt the interpreter's own cleanup with a
+    KeyboardInterrupt traceback."""
     for signum in STOP_SIGNALS:
         with contextlib.suppress(OSError, ValueError):  # ValueError: not the main thread
             signal.signal(signum, signal.SIG_IGN)

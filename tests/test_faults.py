@@ -492,7 +492,6 @@ def test_a_stop_signal_to_tune_jobs_stops_its_workers_and_leaves_the_study_resum
     """`tune --jobs 2` signalled alone (`kill PID`): the workers are told, each saves its trial's last/,
     and tune exits 128 + SIGTERM with no process left; no trial is recorded as failed, and the stopped
     ones are left to resume. (The signal to the whole group is tests/test_tune.py's Ctrl-C case.)"""
-    signum = signal.SIGTERM
     import optuna
 
     cfg = tmp_path / "run.yaml"  # no data workers here: the tune test with them is above
@@ -506,7 +505,7 @@ def test_a_stop_signal_to_tune_jobs_stops_its_workers_and_leaves_the_study_resum
     while not all((folder / f"trial-000{n}" / "last").exists() for n in (0, 1)):  # both workers training
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
-    os.kill(proc.pid, signum)  # tune alone: it must tell its workers
+    os.kill(proc.pid, signal.SIGTERM)  # tune alone: it must tell its workers
     try:
         out, err = proc.communicate(timeout=STOP_WITHIN)
     except subprocess.TimeoutExpired:
@@ -517,7 +516,7 @@ def test_a_stop_signal_to_tune_jobs_stops_its_workers_and_leaves_the_study_resum
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert not left, f"processes left running after tune exited: {left}"
-    assert proc.returncode == 128 + signum, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in out + err and "run the same command again" in " ".join(err.split()), err
     study = optuna.load_study(study_name="jobs", storage=f"sqlite:///{folder / 'study.db'}")
     trials = study.get_trials(deepcopy=False)

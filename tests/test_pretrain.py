@@ -255,11 +255,11 @@ def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
 def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     changes = {"data": {"max_train_examples": 1500}, "train": {"epochs": 2, "eval_every": 15}}
     pretrain(lm_config(tmp_path / "straight", **changes))  # the reference, in this process
-    paths = {"killed": tmp_path / "killed.yaml"}
-    paths["killed"].write_text(yaml.safe_dump(to_dict(lm_config(tmp_path / "killed", **changes))))
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(to_dict(lm_config(tmp_path / "killed", **changes))))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
-        [sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(paths["killed"])],
+        [sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(config)],
         capture_output=True,
         text=True,
         env=env,
@@ -267,7 +267,7 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert killed.returncode == -9, killed.stderr
-    resumed = run_cli("pretrain", str(paths["killed"]), "--resume")
+    resumed = run_cli("pretrain", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, _, _, _ = checkpoint.load(checkpoint.find(tmp_path / "straight", "last")[0])
     b, state, _, _ = checkpoint.load(checkpoint.find(tmp_path / "killed", "last")[0])
