@@ -60,6 +60,10 @@ class DataConfig:
     """Texts are cut to this many tokens."""
     truncation: Literal["head", "tail", "head+tail"] = "head"
     """Which tokens survive truncation: the first, the last, or half of each."""
+    ngram_max_length: int | None = None
+    """With model.ngrams: the n-gram path reads each text up to this many tokens (cut as data.truncation
+    says), while the recurrent path still reads data.max_length of them; linear models gain from the whole
+    of a long review, the recurrent path does not. null: both paths read the same data.max_length tokens."""
     chunk_size: int = 4096
     """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then
     shuffled."""
@@ -604,6 +608,17 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             "model.ngram_weighting: nb counts n-grams per class; model.task is regression. "
             "Set model.ngram_weighting: none."
+        )
+    if cfg.data.ngram_max_length is not None and not cfg.model.ngrams:
+        raise ConfigError(
+            "data.ngram_max_length sets how far the n-gram path reads, which is off (model.ngrams: 0). "
+            "Set model.ngrams: 2, or data.ngram_max_length: null."
+        )
+    if cfg.data.ngram_max_length is not None and cfg.data.ngram_max_length < cfg.data.max_length:
+        raise ConfigError(
+            f"data.ngram_max_length ({cfg.data.ngram_max_length}) is below data.max_length "
+            f"({cfg.data.max_length}): the n-gram path reads at least the recurrent path's tokens. "
+            "Raise it, or set it to null."
         )
     if cfg.model.ngram_buckets < 1:
         raise ConfigError(f"model.ngram_buckets must be at least 1, got {cfg.model.ngram_buckets}.")

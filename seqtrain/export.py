@@ -33,7 +33,7 @@ from torch import nn
 
 from seqtrain import __version__
 from seqtrain.config import Config
-from seqtrain.encoding import PAD_ID, UNK_ID, Labels
+from seqtrain.encoding import PAD_ID, UNK_ID, Labels, read_length
 from seqtrain.errors import SeqtrainError
 from seqtrain.losses import to_probs
 from seqtrain.model import Classifier
@@ -221,7 +221,7 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, which: str =
         "pad_id": PAD_ID,
         "unk_id": UNK_ID,
         "empty_text": "a single unk_id",
-        "max_length": data.max_length,
+        "max_length": read_length(data),
         "truncation": data.truncation,
         "labels": run.labels.names,
     }

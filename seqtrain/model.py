@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from seqtrain.config import ModelConfig
+from seqtrain.config import DataConfig, ModelConfig
 from seqtrain.encoding import PAD_ID, UNK_ID
 
 CELLS: dict[str, Callable[..., nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -37,11 +37,51 @@ def reverse_within_length(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.where(t <= last, last - t, t)  # (B, T); an involution: applying it twice is the identity
 
 
+def recurrent_view(
+    ids: torch.Tensor, lengths: torch.Tensor, max_length: int, truncation: str, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """data.ngram_max_length: ids (B, T) as the n-gram path reads them -> (B, min(T, max_length)) ids and
+    (B,) lengths of the tokens the recurrent path reads, cut as `encoding.encode` cuts at max_length
+    (head, tail or head+tail), and delta (B, T, E) cut the same way. Plain tensor ops on the shapes, so the
+    ONNX export keeps dynamic batch and time sizes."""
+    steps = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, T)
+    over = (lengths - max_length).clamp(min=0).unsqueeze(1)  # (B, 1) tokens beyond max_length
+    if truncation == "head":
+        source = steps.expand_as(ids)
+    elif truncation == "tail":
+        source = steps + over
+    else:  # head+tail: the first max_length - max_length // 2 tokens, then the last max_length // 2
+        source = torch.where(steps < max_length - max_length // 2, steps, steps + over)
+    cut_lengths = lengths.clamp(max=max_length)
+    padding = steps >= cut_lengths.unsqueeze(1)  # (B, T)
+    # every real position's source lies within its text; padding reads position 0 and is blanked
+    source = source.masked_fill(padding, 0)[:, :max_length]  # (B, T') with T' = min(T, max_length)
+    cut = ids.gather(1, source).masked_fill(padding[:, :max_length], PAD_ID)
+    if delta is not None:
+        delta = delta.gather(1, source.unsqueeze(-1).expand(-1, -1, delta.shape[-1]))  # (B, T', E)
+    return cut, cut_lengths, delta
+
+
 class Classifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True) -> None:
-        """num_classes: width of the output (1 for regression); init=False when weights will be loaded."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        num_classes: int,
+        init: bool = True,
+        data: DataConfig | None = None,
+    ) -> None:
+        """num_classes: width of the output (1 for regression); init=False when weights will be loaded;
+        data: how texts were cut, for data.ngram_max_length (the recurrent path's view is cut here)."""
         super().__init__()
         self.cfg = cfg
+        # data.ngram_max_length: the ids hold up to that many tokens; the recurrent path reads
+        # data.max_length of them, as data.truncation says
+        self.view = (
+            (data.max_length, data.truncation)
+            if data is not None and data.ngram_max_length and cfg.ngrams and num_classes
+            else None
+        )
         H = cfg.hidden_size
         self.directions = 2 if cfg.bidirectional else 1
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
@@ -104,6 +144,9 @@ class Classifier(nn.Module):
         delta (B, T, E), training only: added to the (dropped-out) embeddings; adversarial training
         passes zeros to get the loss's gradient with respect to them, then the perturbation."""
         assert self.head is not None, "an encoder built with num_classes=0 has no head"
+        wide_ids, wide_lengths = ids, lengths
+        if self.view is not None:  # data.ngram_max_length: the n-gram path reads further
+            ids, lengths, delta = recurrent_view(ids, lengths, *self.view, delta)
         x = self.encode(ids, lengths, delta)  # (B, T, directions * H)
         pooled = self.pool(x, lengths)  # (B, directions * H)
         if self.norm is not None:  # model.head_norm
@@ -126,7 +169,9 @@ class Classifier(nn.Module):
         # path's is kept in `wide_output`, for its own loss (train.train_step): trained on their sum, the
         # n-gram weights memorise the training texts within an epoch and the recurrent path stops
         # learning. Each trained alone, their average is an ensemble of two models with different errors.
-        wide = self.activate(ngram_logits(self.ngram_weights, ids, lengths, self.cfg, self.ngram_scale))
+        wide = self.activate(
+            ngram_logits(self.ngram_weights, wide_ids, wide_lengths, self.cfg, self.ngram_scale)
+        )
         if self.training:
             self.wide_output = wide
             return out
@@ -383,8 +428,11 @@ def sampled_softmax_nll(
     return F.cross_entropy(logits, torch.zeros_like(y), reduction="sum")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True) -> Classifier:
-    return Classifier(cfg, vocab_size, num_classes, init)
+def build_model(
+    cfg: ModelConfig, vocab_size: int, num_classes: int, init: bool = True, *, data: DataConfig | None = None
+) -> Classifier:
+    """data: the run's data config, which data.ngram_max_length needs (None: both paths read the same ids)."""
+    return Classifier(cfg, vocab_size, num_classes, init, data)
 
 
 def load_pretrained_embeddings(

@@ -335,7 +335,7 @@ def setup(cfg: Config, resume: bool, config_path: str) -> ClassifierRun:
     )
 
     seed_everything(cfg.seed)  # the same config and seed give the same weights
-    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs).to(device)
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs, data=cfg.data).to(device)
     class_weights = None
     if t.class_weights == "balanced" and labels.task != "regression":
         counts = torch.tensor(labels.counts, dtype=torch.float32).clamp(min=1)

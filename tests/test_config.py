@@ -69,6 +69,12 @@ def test_range_check(tmp_path: Path) -> None:
         load_config(write(tmp_path, "model:\n  ngram_weighting: nb\n"))
     with pytest.raises(ConfigError, match=r"nb counts n-grams per class; model.task is regression"):
         load_config(write(tmp_path, "model:\n  ngram_weighting: nb\n  ngrams: 2\n  task: regression\n"))
+    with pytest.raises(
+        ConfigError, match=r"data.ngram_max_length sets how far the n-gram path reads, which is off"
+    ):
+        load_config(write(tmp_path, "data:\n  ngram_max_length: 4096\n"))
+    with pytest.raises(ConfigError, match=r"data.ngram_max_length \(100\) is below data.max_length \(400\)"):
+        load_config(write(tmp_path, "data:\n  ngram_max_length: 100\nmodel:\n  ngrams: 2\n"))
 
 
 def test_int_accepted_for_float_but_not_bool_for_int(tmp_path: Path) -> None:

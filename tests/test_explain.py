@@ -99,10 +99,16 @@ def test_offsets_slice_the_original_text_back_to_each_token(run: Run, truncation
     """Every kept token's offsets select its own characters in the input, and the ids are what the model
     reads (encoding.encode), also when the text is clipped and truncated (a shifted tail would fail)."""
     long = " ".join(f"wörd{i} très   good" for i in range(80))  # > max_length * 32 characters: clipped first
-    for data in (run.config.data, dataclasses.replace(run.config.data, max_length=6, truncation=truncation)):
+    for data in (
+        run.config.data,
+        dataclasses.replace(run.config.data, max_length=6, truncation=truncation),
+        # data.ngram_max_length: the tokens the model reads reach further than max_length
+        dataclasses.replace(run.config.data, max_length=2, ngram_max_length=6, truncation=truncation),
+    ):
         texts = [*TRICKY, long]
         encoded = encode_with_offsets(run.tokenizer, texts, data)
         assert [e.ids for e in encoded] == encode(run.tokenizer, texts, data)
+        assert max(len(e.ids) for e in encoded) == (data.ngram_max_length or data.max_length)
         for text, e in zip(texts, encoded, strict=True):
             assert len(e.spans) == len(e.ids)
             pieces = [text[a:b] for a, b in e.spans]

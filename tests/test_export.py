@@ -39,7 +39,16 @@ MODELS = {
         "ngram_buckets": 4096,
         "ngram_weighting": "nb",  # the naive Bayes ratios travel as a constant of the graph
     },
+    # data.ngram_max_length: the recurrent path's head+tail cut of the longer ids exports as tensor ops
+    "lstm-bi-ngrams-read-further": {
+        "cell": "lstm",
+        "bidirectional": True,
+        "pooling": "max",
+        "ngrams": 2,
+        "ngram_buckets": 4096,
+    },
 }
+DATA = {"lstm-bi-ngrams-read-further": {"max_length": 24, "ngram_max_length": 96, "truncation": "head+tail"}}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -48,7 +57,9 @@ def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     data = write_hub_folder(
         tmp / "tiny", {"train": synthetic_rows(300, 0), "validation": synthetic_rows(50, 1)}
     )
-    cfg = tiny_config(data, tmp / "run", model=MODELS[request.param], data={"max_length": 48})
+    cfg = tiny_config(
+        data, tmp / "run", model=MODELS[request.param], data=DATA.get(request.param, {"max_length": 48})
+    )
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     result = runner.invoke(app, ["train", str(path)])
@@ -115,7 +126,10 @@ def test_export_command_writes_the_folder(run_dir: Path) -> None:
     }
     info = json.loads((folder / "export.json").read_text())
     assert info["format"] == "torchscript" and info["model"] == "model.pt" and info["pad_id"] == 0
-    assert info["max_length"] == 48 and set(info["inputs"]) == {"ids", "lengths"}
+    # the ids the model takes: data.ngram_max_length where the n-gram path reads further
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    read = data["ngram_max_length"] or 48
+    assert info["max_length"] == read and set(info["inputs"]) == {"ids", "lengths"}
     assert (folder / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
     assert "max abs difference" in result.output
 

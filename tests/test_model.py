@@ -175,6 +175,66 @@ def test_the_ngram_path_is_averaged_in_and_trained_on_its_own_loss() -> None:
     assert float(model.ngram_weights.weight.grad[0].abs().sum()) == 0.0  # the padding row stays zero
 
 
+@pytest.mark.parametrize("truncation", ["head", "tail", "head+tail"])
+def test_the_recurrent_path_reads_what_encode_keeps_when_the_ngram_path_reads_further(
+    truncation: str,
+) -> None:
+    """data.ngram_max_length: the model cuts the recurrent path's max_length tokens from the longer ids as
+    encoding.encode would have cut them, the n-gram path reads all of them, and an adversarial delta
+    on the embeddings is cut the same way."""
+    from seqtrain.config import DataConfig
+    from seqtrain.encoding import encode, pad
+    from seqtrain.model import ngram_logits
+
+    class Words:  # the two calls of a tokenizer that encode makes
+        def encode_batch_fast(self, texts: list[str], add_special_tokens: bool) -> list[object]:
+            return [type("E", (), {"ids": [int(w) for w in t.split()]})() for t in texts]
+
+    max_length, lengths_of = 5, [12, 5, 9, 1, 6]
+    generator = torch.Generator().manual_seed(1)
+    texts = [
+        " ".join(str(int(i)) for i in torch.randint(2, 20, (n,), generator=generator)) for n in lengths_of
+    ]
+    narrow = DataConfig(max_length=max_length, truncation=truncation)  # type: ignore[arg-type]
+    wide = DataConfig(max_length=max_length, truncation=truncation, ngram_max_length=16)  # type: ignore[arg-type]
+    full_ids, full_lengths = (torch.from_numpy(a) for a in pad(encode(Words(), texts, wide)))  # type: ignore[arg-type]
+    cut_ids, cut_lengths = (torch.from_numpy(a) for a in pad(encode(Words(), texts, narrow)))  # type: ignore[arg-type]
+    assert full_lengths.tolist() == lengths_of and cut_lengths.tolist() == [5, 5, 5, 1, 5]
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        cell="lstm",
+        bidirectional=True,
+        pooling="max",
+        embedding_dim=8,
+        hidden_size=8,
+        dropout=0.0,
+        ngrams=2,
+        ngram_buckets=64,
+    )
+    model = build_model(cfg, vocab_size=20, num_classes=2, data=wide)
+    plain = build_model(cfg, vocab_size=20, num_classes=2, data=narrow)
+    plain.load_state_dict(model.state_dict())
+    # training mode returns the recurrent path alone: the same as a model given the cut ids
+    delta = torch.randn(*full_ids.shape, 8, generator=generator)  # (B, T, E)
+    cut_delta = torch.zeros(5, cut_ids.shape[1], 8)
+    for row, n in enumerate(lengths_of):
+        positions = encode(Words(), [" ".join(map(str, range(n)))], narrow)[0]  # which positions survive
+        cut_delta[row, : len(positions)] = delta[row, positions]
+    model.train(), plain.train()
+    assert torch.allclose(
+        model(full_ids, full_lengths, delta), plain(cut_ids, cut_lengths, cut_delta), atol=1e-6
+    )
+    # the n-gram path saw the whole text, not the cut one
+    assert torch.allclose(model.wide_output, ngram_logits(model.ngram_weights, full_ids, full_lengths, cfg))
+    with torch.no_grad():
+        model.ngram_weights.weight[1:].normal_(generator=generator)  # type: ignore[union-attr]
+    assert not torch.allclose(
+        ngram_logits(model.ngram_weights, full_ids, full_lengths, cfg),
+        ngram_logits(model.ngram_weights, cut_ids, cut_lengths, cfg),
+    )
+
+
 def test_naive_bayes_ratios_rank_the_ngrams_that_tell_the_classes_apart() -> None:
     from seqtrain.model import naive_bayes_scale, ngram_logits
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqtrain.encoding import CHARS_PER_TOKEN, UNK_ID, clip, pad
+from seqtrain.encoding import CHARS_PER_TOKEN, UNK_ID, clip, pad, read_length
 from seqtrain.errors import SeqtrainError
 
 if TYPE_CHECKING:
@@ -104,12 +104,12 @@ def encode_with_offsets(tokenizer: Tokenizer, texts: list[str], data: DataConfig
     clipped = [clip(t, data) for t in texts]
     # clipped characters after `tail_from` come from the original's tail
     # (tail: all of them; head+tail: those after the joining space)
-    tail_from = {"tail": -1, "head+tail": data.max_length * CHARS_PER_TOKEN // 2}.get(data.truncation)
+    tail_from = {"tail": -1, "head+tail": read_length(data) * CHARS_PER_TOKEN // 2}.get(data.truncation)
     out: list[Encoded] = []
     for text, cut, e in zip(
         texts, clipped, tokenizer.encode_batch(clipped, add_special_tokens=False), strict=True
     ):
-        keep = kept_positions(len(e.ids), data.max_length, data.truncation)
+        keep = kept_positions(len(e.ids), read_length(data), data.truncation)
         shift = len(text) - len(cut)
         spans = []
         for i in keep:

@@ -63,7 +63,7 @@ def load_run(
     tokenizer, labels = read_run_files(run_dir)
     ckpt, warnings = checkpoint.find(run_dir, which)
     weights = checkpoint.load_tensors(ckpt / "model.safetensors")
-    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs, init=False)
+    model = build_model(cfg.model, tokenizer.get_vocab_size(), labels.outputs, data=cfg.data, init=False)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from seqtrain.encoding import BatchCost, encode
+from seqtrain.encoding import BatchCost, encode, read_length
 from seqtrain.inference.io import Predictor, to_record
 from seqtrain.serve.metrics import Metrics
 from seqtrain.serve.options import ServeOptions
@@ -400,8 +400,8 @@ class Batcher:
         if tokens > self.opts.explain_max_tokens:
             raise ApiError(
                 413,
-                f"the texts hold {tokens:,} tokens (as the model reads them, up to max_length "
-                f"{run.config.data.max_length} each); /explain takes at most "
+                f"the texts hold {tokens:,} tokens (as the model reads them, up to "
+                f"{read_length(run.config.data)} each); /explain takes at most "
                 f"{self.opts.explain_max_tokens:,} per request (--explain-max-tokens).",
             )
         if self.explaining >= self.opts.explain_queue:
