@@ -105,20 +105,28 @@ def tiny_data(tmp_path: Path) -> Path:
 def train_tiny_run(tmp: Path, **sections: dict[str, Any]) -> Path:
     """Train a tiny run through the CLI (as a user would) on fresh synthetic data;
     returns its run directory."""
-    import yaml
     from typer.testing import CliRunner
 
     from seqtrain.cli import app
-    from seqtrain.config import to_dict
 
     data = write_hub_folder(
         tmp / "tiny", {"train": synthetic_rows(600, 0), "validation": synthetic_rows(200, 1)}
     )
     path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp / "run", **sections))))
+    write_yaml(path, tiny_config(data, tmp / "run", **sections))
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
     return tmp / "run"
+
+
+def write_yaml(path: Path, cfg: Config) -> Path:
+    """`cfg` as the YAML file a user would write; returns the path."""
+    import yaml
+
+    from seqtrain.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
 
 
 def tiny_config(data_path: Path, out: Path, **sections: dict[str, Any]) -> Config:

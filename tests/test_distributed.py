@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from seqtrain import checkpoint
-from seqtrain.config import to_dict
 from seqtrain.metrics import read_metrics
 from seqtrain.optim import lr_at
 from seqtrain.train import train
-from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
+from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder, write_yaml
 
 pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]  # torchrun children
 
@@ -57,7 +55,7 @@ def test_two_process_gloo_run_matches_single_process_band(tmp_path: Path) -> Non
         data, tmp_path / "ddp", train={"epochs": 2, "batch_size": 16}
     )  # 2 x 16 = the same global batch
     path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(to_dict(ddp_cfg)))
+    write_yaml(path, ddp_cfg)
     proc = torchrun(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.perf_counter() - start < 60
@@ -90,7 +88,7 @@ def test_ranks_hold_equal_weights_that_match_one_process_at_the_same_global_batc
     step = {"optimizer": "sgd", "lr": 0.5, "lr_schedule": "constant", "epochs": 1}
     ddp_cfg = tiny_config(two, tmp_path / "ddp", **same, train={**step, "batch_size": 16})
     path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(to_dict(ddp_cfg)))
+    write_yaml(path, ddp_cfg)
     proc = torchrun(path, entry=("tests.fault_entry", f"dump-weights={tmp_path / 'ranks'}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     train(tiny_config(one, tmp_path / "single", **same, train={**step, "batch_size": 32}))
@@ -124,7 +122,7 @@ def test_uneven_shards_never_hang_and_world_size_is_checked_on_resume(tmp_path: 
     uneven_data(tmp_path / "d")
     cfg = tiny_config(tmp_path / "d", tmp_path / "run", data={"chunk_size": 64}, train={"epochs": 2})
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     proc = torchrun(path, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"]
@@ -156,7 +154,7 @@ def test_pretrain_plans_the_steps_that_run_on_uneven_shards(tmp_path: Path) -> N
         pretrain={"path": None, "heldout_fraction": 0.05, "softmax": "full"},
     )
     path = tmp_path / "lm.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     proc = torchrun(path, command="pretrain", timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "lm" / "run.json").read_text())
@@ -198,7 +196,7 @@ def test_two_process_resume_restores_each_ranks_rng_bitwise(tmp_path: Path) -> N
             train={"epochs": 2, "eval_every": 5},
         )
         paths[name] = tmp_path / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(to_dict(cfg)))
+        write_yaml(paths[name], cfg)
     straight = torchrun(paths["straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = torchrun(paths["killed"], entry=("tests.fault_entry", "kill-after-save=5"))
@@ -223,7 +221,7 @@ def test_other_ranks_wait_for_a_slow_vocabulary_past_the_default_timeout(tmp_pat
         tmp_path / "d", {"train": synthetic_rows(200, 0), "validation": synthetic_rows(40, 1)}, shards=2
     )
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(to_dict(tiny_config(data, tmp_path / "run", train={"max_steps": 3}))))
+    write_yaml(path, tiny_config(data, tmp_path / "run", train={"max_steps": 3}))
     proc = torchrun(path, entry=("tests.fault_entry", "slow-vocab=3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -249,7 +247,7 @@ def test_train_log_sums_unknown_tokens_and_skipped_rows_over_ranks(tmp_path: Pat
         tokenizer={"min_frequency": 2},
     )
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     proc = torchrun(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]

@@ -14,12 +14,11 @@ import yaml
 from typer.testing import CliRunner
 
 from seqtrain.cli import app
-from seqtrain.config import to_dict
 from seqtrain.data import pad
 from seqtrain.encoding import encode
 from seqtrain.export import export_run, load_exported
 from seqtrain.inference.run import load_run
-from tests.conftest import synthetic_rows, tiny_config, write_hub_folder
+from tests.conftest import synthetic_rows, tiny_config, write_hub_folder, write_yaml
 
 runner = CliRunner()
 
@@ -61,7 +60,7 @@ def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         data, tmp / "run", model=MODELS[request.param], data=DATA.get(request.param, {"max_length": 48})
     )
     path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
     return tmp / "run"

@@ -25,7 +25,7 @@ from seqtrain.config import load_config, to_dict
 from seqtrain.errors import CheckpointError
 from seqtrain.machine import REPEAT_WINDOW
 from seqtrain.train import train
-from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
+from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder, write_yaml
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ runner = CliRunner()
 def write_config(tmp_path: Path, data: Path, out: str, **sections: dict) -> Path:
     cfg = tiny_config(data, tmp_path / out, **sections)
     path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     return path
 
 
@@ -320,7 +320,7 @@ def group_config(tmp_path: Path, tiny_data: Path, **sections: dict[str, Any]) ->
     train = {"epochs": 50, "eval_every": 1000, **sections.pop("train", {})}
     cfg = tiny_config(tiny_data, tmp_path / "run", data={"num_workers": 2}, train=train, **sections)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     return path
 
 
@@ -496,7 +496,7 @@ def test_a_stop_signal_to_tune_jobs_stops_its_workers_and_leaves_the_study_resum
 
     cfg = tmp_path / "run.yaml"  # no data workers here: the tune test with them is above
     train = {"epochs": 50, "eval_every": 5}
-    cfg.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_data, tmp_path / "run", train=train))))
+    write_yaml(cfg, tiny_config(tiny_data, tmp_path / "run", train=train))
     (tmp_path / "space.yaml").write_text("train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n")
     args = ["tune", str(cfg), "--trials", "3", "--space", "space.yaml", "--study", "jobs", "--jobs", "2"]
     proc = start_group(tmp_path, None, *args)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from seqtrain import checkpoint
 from seqtrain.config import Config, from_dict, to_dict
@@ -23,7 +22,7 @@ from seqtrain.errors import ConfigError
 from seqtrain.model import LanguageModel, build_model, full_softmax_nll, sampled_softmax_nll
 from seqtrain.pretrain import init_from_pretrained, load_encoder, pretrain, start_from_language_model
 from seqtrain.train import train
-from tests.conftest import REAL_DATA, ROOT
+from tests.conftest import REAL_DATA, ROOT, write_yaml
 
 SST2 = REAL_DATA / "sst2"
 
@@ -245,7 +244,7 @@ def test_init_from_mismatch_on_the_command_line_exits_2_without_traceback(
         data={"label_column": "label"},
     )
     path = tmp_path / "ft.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml(path, cfg)
     done = run_cli("train", str(path))
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     assert "model.hidden_size is 64" in done.stderr and "32" in done.stderr
@@ -256,7 +255,7 @@ def test_pretrain_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     changes = {"data": {"max_train_examples": 1500}, "train": {"epochs": 2, "eval_every": 15}}
     pretrain(lm_config(tmp_path / "straight", **changes))  # the reference, in this process
     config = tmp_path / "killed.yaml"
-    config.write_text(yaml.safe_dump(to_dict(lm_config(tmp_path / "killed", **changes))))
+    write_yaml(config, lm_config(tmp_path / "killed", **changes))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
         [sys.executable, "-m", "tests.fault_entry", "kill-after-save=45", "pretrain", str(config)],

@@ -25,12 +25,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from seqtrain.cli import app
-from seqtrain.config import to_dict
-from tests.conftest import REAL_DATA, tiny_config
+from tests.conftest import REAL_DATA, tiny_config, write_yaml
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -69,7 +67,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model={"bidirectional": True, "pooling": "max"},
         train={"max_steps": 60, "eval_every": 0},
     )
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    write_yaml((tmp / "tiny.yaml"), cfg)
     result = runner.invoke(app, ["train", str(tmp / "tiny.yaml")])
     assert result.exit_code == 0, result.output
     return tmp / "run"

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
-from seqtrain.config import Config, to_dict
+from seqtrain.config import Config
 from seqtrain.errors import ConfigError
 from seqtrain.metrics import read_metrics
 from seqtrain.train import lr_at, train
-from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder
+from tests.conftest import ROOT, synthetic_rows, tiny_config, write_hub_folder, write_yaml
 
 
 def test_tiny_run_writes_a_complete_run_directory(tiny_data: Path, tmp_path: Path) -> None:
@@ -154,7 +153,7 @@ def test_sigkill_then_resume_is_bitwise_identical(
     train(config("straight"))  # the reference, in this process: one interpreter start fewer
     steps = json.loads((tmp_path / "straight" / "run.json").read_text())["steps_per_epoch"]
     cfg = tmp_path / "killed.yaml"
-    cfg.write_text(yaml.safe_dump(to_dict(config("killed"))))
+    write_yaml(cfg, config("killed"))
     for i, k in enumerate(kills):
         at = steps if k == "epoch" else k
         proc = run_cli(

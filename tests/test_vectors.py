@@ -19,7 +19,7 @@ from seqtrain.errors import ConfigError
 from seqtrain.model import build_model, load_pretrained_embeddings
 from seqtrain.pretrain import init_from_pretrained, load_encoder, pretrain
 from seqtrain.train import train
-from tests.conftest import REAL_DATA
+from tests.conftest import REAL_DATA, write_yaml
 
 pytest.importorskip("gensim")
 SST2 = REAL_DATA / "sst2"
@@ -161,7 +161,7 @@ def test_vectors_mistakes_on_the_command_line_exit_2_and_overwrite_nothing(
 
     before = files()
     config = tmp_path / "vectors.yaml"
-    config.write_text(yaml.safe_dump(to_dict(vectors_config(vectors_run))))
+    write_yaml(config, vectors_config(vectors_run))
     # --resume of a vectors run; a second vectors run into the same folder
     for args, says in (
         (["pretrain", str(config), "--resume"], "has no --resume"),
@@ -173,7 +173,7 @@ def test_vectors_mistakes_on_the_command_line_exit_2_and_overwrite_nothing(
         assert result.exception is None or isinstance(result.exception, SystemExit)
     # a classifier of another dimension
     ft = tmp_path / "ft.yaml"
-    ft.write_text(yaml.safe_dump(to_dict(classifier_config(tmp_path / "ft", vectors_run, embedding_dim=16))))
+    write_yaml(ft, classifier_config(tmp_path / "ft", vectors_run, embedding_dim=16))
     result = runner.invoke(app, ["train", str(ft)])
     assert result.exit_code == 2 and "model.embedding_dim" in result.output, result.output
     assert files() == before
