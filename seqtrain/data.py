@@ -478,7 +478,8 @@ def text_sources(cfg: Config) -> list[tuple[DataConfig, str]]:
     if pre.add_train_texts:
         sources.append((cfg.data, cfg.data.train_split))
     sources = [
-        (replace(data, max_length=pre.max_length, truncation="head"), split) for data, split in sources
+        (replace(data, max_length=pre.max_length, truncation="head", ngram_max_length=None), split)
+        for data, split in sources
     ]
     if not sources:
         raise DataError(

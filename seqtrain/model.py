@@ -59,6 +59,7 @@ def recurrent_view(
     cut = ids.gather(1, source).masked_fill(padding[:, :max_length], PAD_ID)
     if delta is not None:
         delta = delta.gather(1, source.unsqueeze(-1).expand(-1, -1, delta.shape[-1]))  # (B, T', E)
+        delta = delta.masked_fill(padding[:, :max_length].unsqueeze(-1), 0.0)
     return cut, cut_lengths, delta
 
 

@@ -221,18 +221,21 @@ def test_the_recurrent_path_reads_what_encode_keeps_when_the_ngram_path_reads_fu
     for row, n in enumerate(lengths_of):
         positions = encode(Words(), [" ".join(map(str, range(n)))], narrow)[0]  # which positions survive
         cut_delta[row, : len(positions)] = delta[row, positions]
+    with torch.no_grad():  # an n-gram path that adds something, so that which ids it reads shows
+        model.ngram_weights.weight[1:].normal_(generator=generator)  # type: ignore[union-attr]
+        plain.ngram_weights.weight.copy_(model.ngram_weights.weight)  # type: ignore[union-attr]
     model.train(), plain.train()
     assert torch.allclose(
         model(full_ids, full_lengths, delta), plain(cut_ids, cut_lengths, cut_delta), atol=1e-6
     )
     # the n-gram path saw the whole text, not the cut one
-    assert torch.allclose(model.wide_output, ngram_logits(model.ngram_weights, full_ids, full_lengths, cfg))
-    with torch.no_grad():
-        model.ngram_weights.weight[1:].normal_(generator=generator)  # type: ignore[union-attr]
-    assert not torch.allclose(
-        ngram_logits(model.ngram_weights, full_ids, full_lengths, cfg),
-        ngram_logits(model.ngram_weights, cut_ids, cut_lengths, cfg),
-    )
+    wide_full = ngram_logits(model.ngram_weights, full_ids, full_lengths, cfg)  # (B, C)
+    wide_cut = ngram_logits(model.ngram_weights, cut_ids, cut_lengths, cfg)
+    assert torch.allclose(model.wide_output, wide_full) and not torch.allclose(wide_full, wide_cut)
+    # and evaluation averages the recurrent path on the cut ids with the n-gram path on all of them
+    model.eval(), plain.eval()
+    deep = plain.head(plain.pool(plain.encode(cut_ids, cut_lengths), cut_lengths))
+    assert torch.allclose(model(full_ids, full_lengths), (deep + wide_full) / 2, atol=1e-6)
 
 
 def test_naive_bayes_ratios_rank_the_ngrams_that_tell_the_classes_apart() -> None:

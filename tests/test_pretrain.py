@@ -50,6 +50,15 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_pretraining_reads_pretrain_max_length_tokens_whatever_the_classifier_reads(tmp_path: Path) -> None:
+    """A config shared with a classifier whose n-gram path reads further (data.ngram_max_length): the
+    language model still reads pretrain.max_length tokens of each text."""
+    from seqtrain.encoding import read_length
+
+    cfg = lm_config(tmp_path, data={"ngram_max_length": 4096}, model={"ngrams": 2})
+    assert [read_length(source) for source, _ in text_sources(cfg)] == [64]
+
+
 def unigram_perplexity(cfg: Config, run: Path) -> float:
     """Add-one unigram model of the training rows, scored on the held-out rows, over the same targets
     (every token but the first of each text) as the language model's forward direction."""

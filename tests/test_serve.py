@@ -367,6 +367,7 @@ def test_health_ready_info_metrics_and_the_page(run_dir: Path, url: str) -> None
     info = httpx.get(url + "/info").json()
     assert info["labels"] == ["negative", "positive"] and info["task"] == "classification"
     assert info["checkpoint"] == best and info["step"] == int(best.split("-")[1]) and info["max_length"] == 64
+    assert info["ngram_max_length"] is None  # the n-gram path, when on, reads the same tokens
     assert info["backend"] == "torch" and {"seqtrain", "torch", "fastapi", "uvicorn"} <= set(info["versions"])
     assert info["limits"]["max_texts"] == 64
     assert info["threads"] == ServeOptions().model_threads and info["pid"] == os.getpid()

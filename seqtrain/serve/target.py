@@ -135,6 +135,7 @@ def describe(
         "checkpoint": name,
         "step": step_of(name),
         "max_length": data.max_length,
+        "ngram_max_length": data.ngram_max_length,  # the tokens the n-gram path reads, when further
         "truncation": data.truncation,
         "limits": {**limits, "read_timeout_s": opts.read_timeout_s},
         "workers": opts.worker_count,
