@@ -62,8 +62,9 @@ class DataConfig:
     """Which tokens survive truncation: the first, the last, or half of each."""
     ngram_max_length: int | None = None
     """With model.ngrams: the n-gram path reads each text up to this many tokens (cut as data.truncation
-    says), while the recurrent path still reads data.max_length of them; linear models gain from the whole
-    of a long review, the recurrent path does not. null: both paths read the same data.max_length tokens."""
+    says), while the recurrent path still reads data.max_length of them (the model cuts them out), so a
+    long review's every n-gram counts at the recurrent path's cost; measured on IMDB in BENCHMARKS.md.
+    null: both paths read the same data.max_length tokens."""
     chunk_size: int = 4096
     """Examples read, shuffled and sorted by length together; batches are cut from each sorted chunk, then
     shuffled."""
