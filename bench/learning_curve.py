@@ -107,11 +107,14 @@ def record(point: dict[str, Any]) -> None:
 
 
 def label(point: dict[str, Any]) -> str:
-    """A line's name with the overrides that set it apart (not the ones every curve run gets)."""
+    """A line's name with the overrides that set it apart (not the ones every curve run gets, nor those
+    that define the line in LINES)."""
+    defining = set(LINES.get(point["line"], ("", []))[1])
     own = [
         o
         for o in point.get("overrides", [])
-        if not o.startswith(
+        if o not in defining
+        and not o.startswith(
             (
                 "data.max_train_examples=",
                 "train.epochs=",
