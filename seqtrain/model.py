@@ -80,7 +80,7 @@ class Classifier(nn.Module):
         # data.max_length of them, as data.truncation says
         self.view = (
             (data.max_length, data.truncation)
-            if data is not None and data.ngram_max_length and cfg.ngrams and num_classes
+            if data is not None and data.ngram_max_length and num_classes
             else None
         )
         H = cfg.hidden_size

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,7 +190,7 @@ def test_the_recurrent_path_reads_what_encode_keeps_when_the_ngram_path_reads_fu
 
     class Words:  # the two calls of a tokenizer that encode makes
         def encode_batch_fast(self, texts: list[str], add_special_tokens: bool) -> list[object]:
-            return [type("E", (), {"ids": [int(w) for w in t.split()]})() for t in texts]
+            return [SimpleNamespace(ids=[int(w) for w in t.split()]) for t in texts]
 
     max_length, lengths_of = 5, [12, 5, 9, 1, 6]
     generator = torch.Generator().manual_seed(1)

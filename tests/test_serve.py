@@ -67,7 +67,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model={"bidirectional": True, "pooling": "max"},
         train={"max_steps": 60, "eval_every": 0},
     )
-    write_yaml((tmp / "tiny.yaml"), cfg)
+    write_yaml(tmp / "tiny.yaml", cfg)
     result = runner.invoke(app, ["train", str(tmp / "tiny.yaml")])
     assert result.exit_code == 0, result.output
     return tmp / "run"
