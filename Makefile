@@ -44,6 +44,7 @@ lint: install
 	$(BIN)/ruff format --check seqtrain tests bench docs   # data/fetch.py is not formatted yet: left out
 	$(BIN)/mypy
 	$(BIN)/python docs/gen_config.py --check || { echo "docs/config.md is out of date: run $(BIN)/python docs/gen_config.py" >&2; exit 1; }
+	$(BIN)/python -m seqtrain.config --check || { echo "seqtrain/config_help.json is out of date: run $(BIN)/python -m seqtrain.config" >&2; exit 1; }
 
 bench: install data
 	$(BIN)/python -m bench.bench

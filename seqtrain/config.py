@@ -831,7 +831,11 @@ def check_resumable(cfg: Config) -> None:
 # python -m seqtrain.config: refresh the help snapshot after editing a field's docstring
 if __name__ == "__main__":
     import json
+    import sys
 
-    Path(__file__).with_name(HELP_SNAPSHOT).write_text(
-        json.dumps(help_snapshot(), indent=1, sort_keys=True) + "\n"
-    )
+    # `--check` (make lint) fails when the snapshot differs from the source instead of rewriting it
+    snapshot_path = Path(__file__).with_name(HELP_SNAPSHOT)
+    current = json.dumps(help_snapshot(), indent=1, sort_keys=True) + "\n"
+    if "--check" in sys.argv[1:]:
+        sys.exit(0 if snapshot_path.read_text() == current else 1)
+    snapshot_path.write_text(current)
