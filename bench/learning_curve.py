@@ -109,7 +109,8 @@ def record(point: dict[str, Any]) -> None:
 def label(point: dict[str, Any]) -> str:
     """A line's name with the overrides that set it apart (not the ones every curve run gets, nor those
     that define the line in LINES)."""
-    defining = set(LINES.get(point["line"], ("", []))[1])
+    line = point["line"]
+    defining = set(LINES[line][1]) if line in LINES else set()
     own = [
         o
         for o in point.get("overrides", [])
@@ -125,7 +126,7 @@ def label(point: dict[str, Any]) -> str:
             )
         )
     ]
-    return point["line"] + (f" ({', '.join(own)})" if own else "")
+    return line + (f" ({', '.join(own)})" if own else "")
 
 
 def render() -> None:

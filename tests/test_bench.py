@@ -377,3 +377,23 @@ def test_tune_bench_replay_cuts_each_curve_where_the_rule_would_have_pruned(tmp_
     rows = replay_rows([(0, "median", now), (0, "median-evals", before)])
     assert rows[0][2:] == ["1 of 5", "1,150 of 1,258", "9%", "kept ✓"]
     assert rows[1][5] == "-4.00 points ✗"
+
+
+def test_learning_curve_label_shows_only_the_overrides_that_set_a_point_apart() -> None:
+    from bench.learning_curve import VECTORS_RUN, label
+
+    # The line's own defining overrides and the ones every curve run gets are left out ...
+    wide = {
+        "line": "vectors+wide",
+        "overrides": [
+            f"model.init_from={VECTORS_RUN}",
+            "model.ngrams=2",
+            "train.epochs=4",
+            "model.dropout=0.5",
+        ],
+    }
+    assert label(wide) == "vectors+wide (model.dropout=0.5)"
+    # ... a line without a defining override (linear is not in LINES) keeps what it was given ...
+    assert label({"line": "linear", "overrides": ["model.ngrams=2"]}) == "linear (model.ngrams=2)"
+    # ... and a point with nothing of its own is the bare line name.
+    assert label({"line": "scratch", "overrides": ["output_dir=runs/x", "train.num_threads=1"]}) == "scratch"
