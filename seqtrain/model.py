@@ -41,7 +41,7 @@ def recurrent_view(
     ids: torch.Tensor, lengths: torch.Tensor, max_length: int, truncation: str, delta: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """data.ngram_max_length: ids (B, T) as the n-gram path reads them -> (B, min(T, max_length)) ids and
-    (B,) lengths of the tokens the recurrent path reads, cut as `encoding.encode` cuts at max_length
+    (B,) lengths of the tokens the recurrent path reads, cut as `encoding.truncate` cuts at max_length
     (head, tail or head+tail), and delta (B, T, E) cut the same way. Plain tensor ops on the shapes, so the
     ONNX export keeps dynamic batch and time sizes."""
     steps = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, T)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqtrain.encoding import CHARS_PER_TOKEN, UNK_ID, clip, pad, read_length
+from seqtrain.encoding import CHARS_PER_TOKEN, UNK_ID, clip, pad, read_length, truncate
 from seqtrain.errors import SeqtrainError
 
 if TYPE_CHECKING:
@@ -85,13 +85,7 @@ class Encoded:
 
 def kept_positions(n_tokens: int, max_length: int, truncation: str) -> list[int]:
     """Which token positions `encoding.encode` keeps (head, tail or head+tail truncation)."""
-    if n_tokens <= max_length:
-        return list(range(n_tokens))
-    if truncation == "head":
-        return list(range(max_length))
-    if truncation == "tail":
-        return list(range(n_tokens - max_length, n_tokens))
-    return list(range(max_length - max_length // 2)) + list(range(n_tokens - max_length // 2, n_tokens))
+    return truncate(list(range(n_tokens)), max_length, truncation)
 
 
 def encode_with_offsets(tokenizer: Tokenizer, texts: list[str], data: DataConfig) -> list[Encoded]:
