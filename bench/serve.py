@@ -445,15 +445,22 @@ def scrape(url: str) -> tuple[float, float]:
 
 
 def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 120) -> dict[str, Any]:
-    """Until /ready answers 200 (the server listens first and loads the model meanwhile); /info."""
+    """/info, once every worker answers it (the server listens first and each worker loads the model
+    meanwhile; a request on a new connection may reach any worker, so a worker still loading would
+    otherwise take part of the first load's connections, or answer this /info with a 503)."""
     import httpx
 
     deadline = time.monotonic() + seconds
+    ready: dict[int, dict[str, Any]] = {}  # pid -> that worker's /info
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                info: dict[str, Any] = httpx.get(url + "/info", timeout=5).json()
-                return info
+            answer = httpx.get(url + "/info", timeout=5)  # a new connection each time
+            if answer.status_code == 200:
+                info: dict[str, Any] = answer.json()
+                ready[info["pid"]] = info
+                if len(ready) >= int(info.get("workers") or 1):
+                    return info
+                continue
         except httpx.TransportError:
             pass
         time.sleep(0.1)
@@ -462,7 +469,8 @@ def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 120) -> d
 
 def start_server(target: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "seqtrain", "serve", str(target), "--port", "0"]
-    command += ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    command += ["--max-batch-size", str(args.max_batch_size)]
+    command += ["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else []
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--workers", str(args.workers)] if args.workers else []
     env = {**os.environ, "COLUMNS": "200"}
@@ -719,7 +727,7 @@ def main() -> None:
         "--client-processes", type=int, nargs="+", default=[1], help="each load once per number given"
     )
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--max-wait-ms", type=float, help="the server's --max-wait-ms (default: serve's)")
     parser.add_argument("--threads", type=int, help="the server's --threads (default: serve's)")
     parser.add_argument("--workers", type=int, help="the server's --workers (default: serve's)")
     parser.add_argument(
