@@ -460,7 +460,6 @@ def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 120) -> d
                 ready[info["pid"]] = info
                 if len(ready) >= int(info.get("workers") or 1):
                     return info
-                continue
         except httpx.TransportError:
             pass
         time.sleep(0.1)
